@@ -1,0 +1,158 @@
+"""The decoder forward pass as pure functions of (params, config, x), scanned over stacked layers.
+
+`x` is always the input embedding sequence (T, d) as the model consumes it (Gemma: already scaled by
+√d); that is the input space of every linear map eqlin builds. `detach` freezes every nonlinear
+coefficient (see `eqlin.blocks`) without changing any value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eqlin.blocks import attention, einsum, glu_mlp, rms_norm, rope_tables
+from eqlin.config import ModelConfig
+from eqlin.params import LayerParams, Params
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ForwardOutput:
+    """Result of `forward`.
+
+    hidden: (T, d) final-normed residual stream (what the unembedding reads).
+    logits: (T, V).
+    residuals: (L, T, d) residual stream after each layer (before the final norm), or None.
+    attn_outputs, mlp_outputs: (L, T, d) what each layer's attention / MLP branch adds to the
+        residual stream (after Gemma's post-norms), or None.
+    """
+
+    hidden: Array
+    logits: Array
+    residuals: Array | None = None
+    attn_outputs: Array | None = None
+    mlp_outputs: Array | None = None
+
+
+def embed(params: Params, config: ModelConfig, ids: Array) -> Array:
+    """Input embeddings (T, d) for token ids (T,): rows of the table times `embed_scale` (Gemma √d)."""
+    rows = params.embed[ids]
+    return rows * jnp.asarray(config.embed_scale, rows.dtype) if config.embed_scale != 1.0 else rows
+
+
+def _rope_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """RoPE angles in float64 for float64 models, float32 otherwise (never below float32)."""
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def _rope_stack(config: ModelConfig, length: int, dtype: jnp.dtype) -> tuple[Array, Array]:
+    """cos, sin tables for both RoPE specs, each (2, T, hd): index 0 full attention, 1 sliding."""
+    angle_dtype = _rope_dtype(dtype)
+    positions = jnp.arange(length)
+    tables = [
+        rope_tables(jnp.asarray(spec.inv_freq(config.head_dim), angle_dtype), positions, dtype)
+        for spec in (config.rope_full, config.rope_sliding)
+    ]
+    return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
+
+
+def decoder_layer(
+    h: Array,
+    p: LayerParams,
+    cos: Array,
+    sin: Array,
+    window: Array,
+    config: ModelConfig,
+    *,
+    detach: bool,
+) -> tuple[Array, Array, Array]:
+    """One decoder layer on the residual stream h (T, d), with one layer's slice of the weights.
+
+    Returns (h_out, attn_branch, mlp_branch), each (T, d): h_out = h + attn_branch + mlp_branch.
+    """
+    norm = functools.partial(rms_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
+
+    def maybe_norm(v: Array, w: Array | None) -> Array:
+        return v if w is None else norm(v, w)
+
+    a = maybe_norm(attention(maybe_norm(h, p.attn_in_norm), p, cos, sin, window, config, detach=detach),
+                   p.attn_out_norm)
+    h = h + a
+    m = maybe_norm(glu_mlp(maybe_norm(h, p.mlp_in_norm), p, config, detach=detach), p.mlp_out_norm)
+    return h + m, a, m
+
+
+def run_layers(
+    layers: LayerParams,
+    config: ModelConfig,
+    h: Array,
+    *,
+    detach: bool,
+    first_layer: int = 0,
+    collect: bool = False,
+) -> tuple[Array, tuple[Array, Array, Array] | None]:
+    """Run a stack of layers (leading axis l) on h (T, d) with `lax.scan`.
+
+    `first_layer` is the index of the stack's first layer in the model (it selects the per-layer
+    attention type, window and RoPE table). With `collect`, also returns (residuals, attn, mlp),
+    each (l, T, d).
+    """
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    cos_all, sin_all = _rope_stack(config, h.shape[0], h.dtype)
+    windows = jnp.asarray(config.layer_windows()[first_layer:first_layer + n])
+    rope_index = jnp.asarray(config.layer_rope_index()[first_layer:first_layer + n])
+
+    def step(h, xs):
+        p, window, r = xs
+        h, a, m = decoder_layer(h, p, cos_all[r], sin_all[r], window, config, detach=detach)
+        return h, ((h, a, m) if collect else None)
+
+    h, stacked = jax.lax.scan(step, h, (layers, windows, rope_index))
+    return h, stacked
+
+
+def final_norm(params: Params, config: ModelConfig, h: Array, *, detach: bool) -> Array:
+    """The model's final RMSNorm, over the last axis of h (..., d)."""
+    return rms_norm(h, params.final_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
+
+
+def unembed(params: Params, config: ModelConfig, hidden: Array) -> Array:
+    """Logits (..., V) from final-normed hidden states (..., d), with final softcapping if configured."""
+    logits = einsum("...d,vd->...v", hidden, params.unembedding)
+    if config.final_logit_softcapping is not None:
+        cap = config.final_logit_softcapping
+        logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+
+def final_hidden(params: Params, config: ModelConfig, x: Array, *, detach: bool = False) -> Array:
+    """Final-normed hidden states (T, d) for input embeddings x (T, d)."""
+    h, _ = run_layers(params.layers, config, x, detach=detach)
+    return final_norm(params, config, h, detach=detach)
+
+
+def forward(
+    params: Params, config: ModelConfig, x: Array, *, detach: bool = False, collect: bool = False
+) -> ForwardOutput:
+    """The decoder on input embeddings x (T, d): final hidden states, logits and, with `collect`,
+    every layer's residual stream and attention and MLP branch outputs (see ForwardOutput)."""
+    h, stacked = run_layers(params.layers, config, x, detach=detach, collect=collect)
+    hidden = final_norm(params, config, h, detach=detach)
+    extras = stacked if collect else (None, None, None)
+    return ForwardOutput(hidden, unembed(params, config, hidden), *extras)
+
+
+def layer_slice(layers: LayerParams, start: int, stop: int) -> LayerParams:
+    """Layers [start, stop) of a stacked LayerParams (a static slice)."""
+    return jax.tree_util.tree_map(lambda a: a[start:stop], layers)
+
+
+def num_params(params: Params) -> int:
+    """Total number of weights."""
+    return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(params)))

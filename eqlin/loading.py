@@ -1,0 +1,164 @@
+"""Loading HF checkpoints: resolve a folder or cached repo id, read config.json and safetensors
+(single file or sharded index), check every tensor name and shape, stack layers into `Params`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eqlin.config import ModelConfig
+from eqlin.errors import PrecisionError, WeightsError
+from eqlin.params import LayerParams, Params, expected_shapes
+from eqlin.safetensors_io import SafetensorsFile
+
+DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Where the text decoder's tensors live: text-only checkpoints, then multimodal ones (transformers 5, 4).
+_TEXT_PREFIXES = (("model.", "lm_head."), ("model.language_model.", "lm_head."),
+                  ("language_model.model.", "language_model.lm_head."))
+# Multimodal parts eqlin deliberately leaves out (the vision tower and its projector).
+_VISION_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.")
+_PROJ_NAMES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+               "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+               "down_proj": "mlp.down_proj", "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+
+
+def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
+    """The JAX dtype for a name; float64 requires x64 mode and is refused loudly without it."""
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if name == "float64" and not jax.config.jax_enable_x64:
+        raise PrecisionError(
+            "float64 needs JAX's x64 mode, which is off: call jax.config.update('jax_enable_x64', True) "
+            "at start-up (or set JAX_ENABLE_X64=1), or ask for dtype='float32'"
+        )
+    return jnp.dtype(DTYPES[name])
+
+
+def resolve_folder(source: str | Path, *, cache_dir: str | Path | None = None, download: bool = False) -> Path:
+    """A local checkpoint folder for `source`: the folder itself, or a repo id's snapshot in the local
+    HF cache. Nothing is downloaded unless `download=True` is passed explicitly."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise WeightsError(f"{source} is a file, not a checkpoint folder; pass the folder holding config.json")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(source), cache_dir=cache_dir, local_files_only=not download,
+                                      allow_patterns=["*.json", "*.safetensors"]))
+    except HFValidationError:
+        raise WeightsError(f"{source!r} is neither a folder nor a valid Hugging Face repo id") from None
+    except LocalEntryNotFoundError:
+        raise WeightsError(
+            f"{source!r} is not a folder and is not in the local Hugging Face cache; download it first "
+            f"(e.g. `hf download {source}`) or pass load(..., download=True)"
+        ) from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file, with a clear error if it is missing or corrupt."""
+    if not path.is_file():
+        raise WeightsError(f"missing {path.name} in {path.parent}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is not valid JSON ({e})") from None
+
+
+def open_weight_files(folder: Path) -> dict[str, SafetensorsFile]:
+    """Map every tensor name to the open safetensors file holding it (single file or sharded index)."""
+    if (folder / INDEX_FILE).is_file():
+        weight_map = read_json(folder / INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{folder / INDEX_FILE} has no weight_map")
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            raise WeightsError(f"{folder / INDEX_FILE} names shard files that are missing: {', '.join(missing)}")
+        shards = {f: SafetensorsFile(folder / f) for f in sorted(set(weight_map.values()))}
+        files = {}
+        for name, shard in weight_map.items():
+            if name not in shards[shard].header:
+                raise WeightsError(f"{folder / INDEX_FILE} puts {name!r} in {shard}, which does not hold it")
+            files[name] = shards[shard]
+        return files
+    if (folder / SINGLE_FILE).is_file():
+        f = SafetensorsFile(folder / SINGLE_FILE)
+        return dict.fromkeys(f.header, f)
+    raise WeightsError(
+        f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE} (pickled .bin checkpoints are "
+        "never loaded; convert them to safetensors)"
+    )
+
+
+def _text_prefixes(names: set[str]) -> tuple[str, str]:
+    for prefix, head in _TEXT_PREFIXES:
+        if f"{prefix}embed_tokens.weight" in names:
+            return prefix, head
+    raise WeightsError("missing tensor: no embed_tokens.weight under model., model.language_model. or "
+                       "language_model.model.")
+
+
+def expected_tensors(config: ModelConfig, norm_names: Mapping[str, str], prefix: str, head: str
+                     ) -> dict[str, tuple[str, int | None, tuple[int, ...]]]:
+    """HF tensor name -> (eqlin field, layer index or None, shape) for every tensor the config implies."""
+    d, V = config.hidden_size, config.vocab_size
+    out: dict[str, tuple[str, int | None, tuple[int, ...]]] = {
+        f"{prefix}embed_tokens.weight": ("embed", None, (V, d)),
+        f"{prefix}norm.weight": ("final_norm", None, (d,)),
+    }
+    if not config.tie_word_embeddings:
+        out[f"{head}weight"] = ("lm_head", None, (V, d))
+    hf_names = {**_PROJ_NAMES, **norm_names}
+    for field, shape in expected_shapes(config, tuple(norm_names)).items():
+        for i in range(config.num_layers):
+            out[f"{prefix}layers.{i}.{hf_names[field]}.weight"] = (field, i, shape)
+    return out
+
+
+def load_params(folder: Path, config: ModelConfig, norm_names: Mapping[str, str], dtype: jnp.dtype) -> Params:
+    """Read, check and stack every weight. One WeightsError lists all missing, unexpected and
+    mis-shaped tensors; biases are named as such (they break homogeneity)."""
+    files = open_weight_files(folder)
+    names = set(files)
+    prefix, head = _text_prefixes(names)
+    expected = expected_tensors(config, norm_names, prefix, head)
+    ignorable = {f"{head}weight"} if config.tie_word_embeddings else set()
+    unexpected = sorted(n for n in names - set(expected) - ignorable
+                        if not n.startswith(_VISION_PREFIXES) and not n.endswith("rotary_emb.inv_freq"))
+    biases = [n for n in unexpected if n.endswith(".bias")]
+    missing = sorted(set(expected) - names)
+    misshaped = [f"{n}: {files[n].header[n][1]} (expected {expected[n][2]})"
+                 for n in sorted(names & set(expected)) if files[n].header[n][1] != expected[n][2]]
+    if biases:
+        raise WeightsError(
+            f"checkpoint has biases on the linear path ({', '.join(biases[:5])}{' …' if len(biases) > 5 else ''}); "
+            "biases break the homogeneity f(x) = Σ_t J_t x_t, and eqlin supports bias-free checkpoints only"
+        )
+    if missing or unexpected or misshaped:
+        parts = [f"{label} ({len(items)}): {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+                 if items]
+        raise WeightsError(f"weights in {folder} do not match config.json: " + "; ".join(parts))
+
+    def read(name: str) -> np.ndarray:
+        return np.asarray(files[name].read(name), dtype=np.float64 if dtype == jnp.float64 else np.float32)
+
+    by_field: dict[str, list[np.ndarray]] = {}
+    top: dict[str, jax.Array] = {}
+    for name, (field, layer, _) in expected.items():
+        if layer is None:
+            top[field] = jnp.asarray(read(name), dtype)
+        else:
+            by_field.setdefault(field, [None] * config.num_layers)[layer] = read(name)
+    layers = LayerParams(**{f: jnp.asarray(np.stack(arrs), dtype) for f, arrs in by_field.items()})
+    return Params(embed=top["embed"], layers=layers, final_norm=top["final_norm"], lm_head=top.get("lm_head"))

@@ -1,0 +1,112 @@
+"""`Model`: a loaded checkpoint (config, params, tokenizer) with convenience methods over the pure
+functions in `eqlin.forward`, and `load`, the entry point."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eqlin import decoder as fwd
+from eqlin.config import ModelConfig
+from eqlin.errors import InputError
+from eqlin.families import config_from_hf, spec_for
+from eqlin.loading import load_params, read_json, resolve_dtype, resolve_folder
+from eqlin.params import Params
+from eqlin.tokenizer import Tokenizer
+
+Array = jax.Array
+
+forward_jit = jax.jit(fwd.forward, static_argnames=("config", "detach", "collect"))
+_embed_jit = jax.jit(fwd.embed, static_argnames=("config",))
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A loaded decoder. `params` is a pytree; `config` is static and hashable."""
+
+    config: ModelConfig
+    params: Params
+    tokenizer: Tokenizer | None
+    source: str
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.params.embed.dtype
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids (T,) with BOS as the tokenizer adds it."""
+        if self.tokenizer is None:
+            raise InputError(f"{self.source} has no tokenizer.json; pass token ids instead of text")
+        return self.check_ids(self.tokenizer.encode(text))
+
+    def decode(self, ids) -> str:
+        if self.tokenizer is None:
+            raise InputError(f"{self.source} has no tokenizer.json; cannot decode ids")
+        return self.tokenizer.decode(ids)
+
+    def token_strings(self, ids) -> list[str]:
+        """One string per id; `<id>` where there is no tokenizer."""
+        if self.tokenizer is None:
+            return [f"<{int(i)}>" for i in np.asarray(ids).reshape(-1)]
+        return self.tokenizer.token_strings(ids)
+
+    def check_ids(self, ids) -> np.ndarray:
+        """Validate token ids: a non-empty 1-D integer sequence, inside the vocabulary, no longer than
+        the model's maximum positions. Returns them as int32 (T,)."""
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) and arr.size:
+            raise InputError(f"token ids must be a 1-D integer sequence, got shape {arr.shape} dtype {arr.dtype}")
+        if arr.size == 0:
+            raise InputError("empty input: give at least one token")
+        bad = arr[(arr < 0) | (arr >= self.config.vocab_size)]
+        if bad.size:
+            raise InputError(
+                f"token ids outside the vocabulary [0, {self.config.vocab_size}): {sorted(set(bad.tolist()))[:10]}"
+            )
+        if arr.size > self.config.max_position_embeddings:
+            raise InputError(
+                f"input has {arr.size} tokens, more than the model's max_position_embeddings "
+                f"({self.config.max_position_embeddings}); shorten the text"
+            )
+        return arr.astype(np.int32)
+
+    def ids(self, inputs) -> np.ndarray:
+        """Token ids for text or ids, validated."""
+        return self.encode(inputs) if isinstance(inputs, str) else self.check_ids(inputs)
+
+    def embed(self, inputs) -> Array:
+        """Input embeddings (T, d) for text or ids: the input space of every linear map
+        (Gemma: table rows × √d)."""
+        return _embed_jit(self.params, self.config, jnp.asarray(self.ids(inputs)))
+
+    def forward(self, inputs, *, detach: bool = False, collect: bool = False) -> fwd.ForwardOutput:
+        """The ordinary (or detached) forward pass on text or ids; see `eqlin.forward.forward`."""
+        return forward_jit(self.params, self.config, self.embed(inputs), detach=detach, collect=collect)
+
+    def logits(self, inputs) -> Array:
+        """Logits (T, V) at every position."""
+        return self.forward(inputs).logits
+
+
+def load(
+    source: str | Path,
+    *,
+    dtype: str = "float64",
+    cache_dir: str | Path | None = None,
+    download: bool = False,
+) -> Model:
+    """Load a checkpoint: a local folder (config.json, model.safetensors or a sharded index,
+    tokenizer.json) or a repo id already in the local HF cache. Weights are cast to `dtype`
+    ("float64" needs JAX's x64 mode). Nothing is downloaded unless `download=True`."""
+    jdtype = resolve_dtype(dtype)
+    folder = resolve_folder(source, cache_dir=cache_dir, download=download)
+    hf = read_json(folder / "config.json")
+    spec = spec_for(hf)
+    config = config_from_hf(hf)
+    params = load_params(folder, config, spec.norm_names, jdtype)
+    tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
+    return Model(config=config, params=params, tokenizer=tokenizer, source=str(source))

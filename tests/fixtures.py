@@ -1,0 +1,223 @@
+"""Tiny random Hugging Face checkpoints written by transformers itself, for parity and exactness tests.
+
+`make_checkpoint(folder, variant)` writes `config.json`, a single `model.safetensors`, `tokenizer.json` and
+`tokenizer_config.json`. Weights are random (normal, std 0.2) and so are every RMSNorm weight
+(`1 + 0.3·randn`, Gemma's `(1 + w)` norms `0.3·randn`), so no norm is the identity.
+
+Tokenizers are word-level over a fixed English word list (whitespace pre-tokenizer). BOS follows the family:
+Llama, Mistral and Gemma add one through a `TemplateProcessing` post-processor; Qwen 3, Phi-3 (Phi-4-mini
+style) and OLMo 2 add none.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import torch
+import transformers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+
+VARIANTS: tuple[str, ...] = (
+    "llama_mha",
+    "llama_gqa",
+    "qwen3",
+    "gemma3",
+    "gemma3_multimodal",
+    "mistral",
+    "phi3",
+    "olmo2",
+)
+
+VOCAB_SIZE = 96
+MAX_POSITIONS = 64
+
+WORDS: tuple[str, ...] = tuple(
+    """
+    the The a A of and to in is was it that on for with as by at from out into over under
+    bridge Marin Golden Gate State San Francisco bay city river road north south east west
+    red blue green small large old new long short cold warm fog wind water light
+    cat dog bird fish tree house car boat ship train
+    he she they we you I
+    runs goes sees made built crossed opened
+    . , ! ?
+    """.split()
+)
+
+# Special tokens per tokenizer style, in id order from 0; the word list follows them.
+_LLAMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
+_GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>")
+
+
+def _gemma3_text_config(**ids: int) -> transformers.Gemma3TextConfig:
+    return transformers.Gemma3TextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=48,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=MAX_POSITIONS,
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=24,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+        },
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+        tie_word_embeddings=True,
+        **ids,
+    )
+
+
+def _spec(variant: str) -> tuple[type[transformers.PreTrainedModel], Any, tuple[str, ...], dict[str, Any]]:
+    """(model class, config, special tokens, tokenizer roles) of a variant."""
+    llama_ids = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+    llama_tok = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "add_bos": True}
+    if variant == "llama_mha":
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=MAX_POSITIONS,
+            rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+            tie_word_embeddings=True, **llama_ids,
+        )
+        return transformers.LlamaForCausalLM, config, _LLAMA_SPECIALS, llama_tok
+    if variant == "llama_gqa":
+        # head_dim 16, theta 5e5, original 48: wavelengths 6.3 (< 48/4: kept), 32.5 (between: smoothed),
+        # >= 168 (> 48/1: divided by 8), so all three llama3 regimes occur.
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+            rms_norm_eps=1e-5,
+            rope_parameters={
+                "rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 48,
+            },
+            tie_word_embeddings=False, **llama_ids,
+        )
+        return transformers.LlamaForCausalLM, config, _LLAMA_SPECIALS, llama_tok
+    if variant == "qwen3":
+        config = transformers.Qwen3Config(
+            vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_POSITIONS,
+            rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        )
+        qwen_tok = {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "add_bos": False}
+        return transformers.Qwen3ForCausalLM, config, _QWEN_SPECIALS, qwen_tok
+    gemma_ids = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+    if variant == "gemma3":
+        return transformers.Gemma3ForCausalLM, _gemma3_text_config(**gemma_ids), _GEMMA_SPECIALS, llama_tok
+    if variant == "gemma3_multimodal":
+        vision = transformers.SiglipVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=16, patch_size=8, vision_use_head=False,
+        )
+        config = transformers.Gemma3Config(
+            text_config=_gemma3_text_config(**gemma_ids).to_dict(), vision_config=vision.to_dict(),
+            mm_tokens_per_image=4, boi_token_index=4, eoi_token_index=5, image_token_index=6,
+            tie_word_embeddings=True, **gemma_ids,
+        )
+        return transformers.Gemma3ForConditionalGeneration, config, _GEMMA_SPECIALS, llama_tok
+    if variant == "mistral":
+        config = transformers.MistralConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+            rms_norm_eps=1e-5, sliding_window=4, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            tie_word_embeddings=False, **llama_ids,
+        )
+        return transformers.MistralForCausalLM, config, _LLAMA_SPECIALS, llama_tok
+    if variant == "phi3":
+        # Phi-4-mini style: fused qkv/gate_up, GQA, partial rotary 0.75, tied, no BOS.
+        config = transformers.Phi3Config(
+            vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+            original_max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.75},
+            tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        phi_tok = {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False}
+        return transformers.Phi3ForCausalLM, config, _QWEN_SPECIALS, phi_tok
+    if variant == "olmo2":
+        config = transformers.Olmo2Config(
+            vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=MAX_POSITIONS,
+            rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500_000.0},
+            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+        )
+        olmo_tok = {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|im_start|>", "add_bos": False}
+        return transformers.Olmo2ForCausalLM, config, _QWEN_SPECIALS, olmo_tok
+    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+
+
+@torch.no_grad()
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter deterministically: norms random around their identity, the rest N(0, 0.2²)."""
+    gen = torch.Generator().manual_seed(seed)
+    norm_weights = {}
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm"):
+            norm_weights[id(module.weight)] = 0.0 if name.startswith("Gemma") else 1.0
+        elif isinstance(module, torch.nn.LayerNorm):
+            norm_weights[id(module.weight)] = 1.0
+    for _, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+        if id(param) in norm_weights:
+            param.copy_(norm_weights[id(param)] + 0.3 * noise)
+        elif param.ndim >= 2:
+            param.copy_(0.2 * noise)
+        else:
+            param.copy_(0.02 * noise)
+
+
+def _write_tokenizer(folder: pathlib.Path, specials: tuple[str, ...], roles: dict[str, Any]) -> None:
+    vocab = {token: i for i, token in enumerate(specials + WORDS)}
+    assert len(vocab) <= VOCAB_SIZE
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    if roles["add_bos"]:
+        bos = roles["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, vocab[bos])]
+        )
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": roles["add_bos"],
+        "add_eos_token": False,
+        "bos_token": roles["bos"],
+        "eos_token": roles["eos"],
+        "pad_token": roles["pad"],
+        "unk_token": "<unk>",
+        "model_max_length": MAX_POSITIONS,
+        "clean_up_tokenization_spaces": False,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def make_checkpoint(
+    folder: pathlib.Path, variant: str, *, torch_dtype: torch.dtype = torch.float32, seed: int = 0
+) -> pathlib.Path:
+    """Write a tiny random `variant` checkpoint (weights stored in `torch_dtype`) plus tokenizer into `folder`."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_cls, config, specials, roles = _spec(variant)
+    model = model_cls(config)
+    _randomise(model, seed)
+    model.to(torch_dtype).save_pretrained(folder)
+    _write_tokenizer(folder, specials, roles)
+    return folder
+
+
+def load_torch_model(folder: pathlib.Path, *, torch_dtype: torch.dtype = torch.float64) -> transformers.PreTrainedModel:
+    """Load a checkpoint with the class named in its config, eager attention, in eval mode."""
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model_cls = getattr(transformers, config.architectures[0])
+    return model_cls.from_pretrained(folder, dtype=torch_dtype, attn_implementation="eager").eval()

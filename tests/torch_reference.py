@@ -1,0 +1,252 @@
+"""The PyTorch reference: a transformers model made float64-faithful, and detached, at run time and in memory.
+
+transformers computes RMSNorm, the RoPE tables (inv_freq and cos/sin) and softmax in float32 even for a
+float64 model, and keeps float32-rounded buffers (inv_freq, Gemma's embed_scale). Here the `forward` of the
+model's own RMSNorm, rotary-embedding, attention and MLP *instances* is replaced (no library function is
+touched) by the same math with every op at the model's dtype, and the buffers are recomputed in float64.
+
+Detached additionally stops the gradient through every nonlinear coefficient (DESIGN.md §1): the RMSNorm factor
+`rsqrt(mean(x²)+eps)` (all norms, q/k norms and the final norm included), the activated gate `act(gate(x))` of
+the GLU MLP, and the attention probabilities. The decoder is then linear in its input embeddings along the
+gradient path, so `final_hidden(x) = Σ_t J_t x_t`.
+
+Supported decoders: Llama, Mistral, Qwen 3, Gemma 3 (text, and the language model inside
+Gemma3ForConditionalGeneration), Phi-3 (fused qkv/gate_up, partial rotary), OLMo 2 (post-norm, q/k norm over the
+full projection width). The replaced forwards handle one sequence in a single pass (no incremental decoding);
+masks are built from positions `0..T-1` exactly as transformers' masking_utils defines them.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+import torch
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen3", "gemma3_text", "phi3", "olmo2"})
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The text decoder (embed_tokens, layers, norm, rotary_emb) of a causal LM or a Gemma 3 multimodal model."""
+    inner = model.model
+    return getattr(inner, "language_model", inner)
+
+
+def rope_inv_freq(config, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """float64 inverse frequencies `(rotary_dim/2,)` and the cos/sin scale, by transformers' RoPE formulas.
+
+    Covers rope_type "default", "linear" and "llama3" (and `partial_rotary_factor`); `layer_type` selects
+    Gemma 3's per-layer-type parameters.
+    """
+    params = config.rope_parameters[layer_type] if layer_type else config.rope_parameters
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    kind = params["rope_type"]
+    if kind == "linear":
+        inv_freq = inv_freq / params["factor"]
+    elif kind == "llama3":
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old_context = params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind != "default":
+        raise NotImplementedError(f"rope_type {kind!r} is not supported by the reference")
+    return inv_freq, 1.0
+
+
+def _rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`x · rsqrt(mean(x²)+eps) · (offset + w)` at x's dtype; the factor is detached when detaching."""
+    factor = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eqlin_eps)
+    if self.eqlin_detach:
+        factor = factor.detach()
+    return x * factor * (self.eqlin_offset + self.weight)
+
+
+def _rotary_forward(
+    self: nn.Module, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin `(B, T, rotary_dim)` computed in float64 from the float64 inv_freq, cast to x's dtype."""
+    prefix = f"{layer_type}_" if layer_type else ""
+    inv_freq = getattr(self, f"{prefix}inv_freq")
+    scale = getattr(self, f"{prefix}attention_scaling")
+    freqs = position_ids[..., None].to(torch.float64) * inv_freq.to(torch.float64)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first `rotary_dim` features of `x (B, H, T, head_dim)`; the rest pass through."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotary_dim = cos.shape[-1]
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat(((rot * cos) + (_rotate_half(rot) * sin), rest), dim=-1)
+
+
+def _allowed(length: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """`(T, T)` bool: causal `kv <= q`, and `kv > q - window` on sliding layers (masking_utils' definitions)."""
+    q = torch.arange(length, device=device)[:, None]
+    kv = torch.arange(length, device=device)[None, :]
+    allowed = kv <= q
+    if window is not None:
+        allowed &= kv > q - window
+    return allowed
+
+
+def _attention_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | dict | None = None,
+    past_key_values=None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention `(B, T, d) -> (B, T, d)` and probabilities `(B, H, T, T)`, at the input dtype.
+
+    transformers' `attention_mask` is ignored: the causal/sliding mask is rebuilt from positions.
+    """
+    batch, length, _ = hidden_states.shape
+    config, head_dim = self.config, self.head_dim
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    if hasattr(self, "qkv_proj"):  # Phi-3
+        q, k, v = self.qkv_proj(hidden_states).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
+    else:
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    qk_norm = hasattr(self, "q_norm")
+    full_width_norm = qk_norm and self.q_norm.weight.numel() != head_dim  # OLMo 2
+    if full_width_norm:
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = (t.view(batch, length, -1, head_dim) for t in (q, k, v))
+    if qk_norm and not full_width_norm:  # Qwen 3, Gemma 3: per head
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    cos, sin = position_embeddings
+    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+
+    if past_key_values is not None:
+        if past_key_values.get_seq_length(self.layer_idx) > 0:
+            raise NotImplementedError("the reference attention runs a single pass; incremental decoding is unsupported")
+        past_key_values.update(k, v, self.layer_idx)
+
+    groups = n_heads // n_kv
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+    softcap = getattr(self, "attn_logit_softcapping", None)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    window = self.sliding_window if hasattr(self, "sliding_window") else getattr(config, "sliding_window", None)
+    scores = scores.masked_fill(~_allowed(length, window, scores.device), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if self.eqlin_detach:
+        probs = probs.detach()
+    out = torch.matmul(probs, v).transpose(1, 2).reshape(batch, length, n_heads * head_dim)
+    return self.o_proj(out), probs
+
+
+def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """GLU MLP `down(act(gate(x)) ⊙ up(x))`; the activated gate is detached when detaching."""
+    if hasattr(self, "gate_up_proj"):  # Phi-3
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    else:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+    act = self.act_fn if hasattr(self, "act_fn") else self.activation_fn
+    activated = act(gate)
+    if self.eqlin_detach:
+        activated = activated.detach()
+    return self.down_proj(activated * up)
+
+
+def _set_rope_buffers(rotary: nn.Module) -> None:
+    """Replace the float32-computed inv_freq buffers by float64 ones (one set per layer type for Gemma 3)."""
+    layer_types = list(rotary.rope_type) if isinstance(rotary.rope_type, dict) else [None]
+    for layer_type in layer_types:
+        prefix = f"{layer_type}_" if layer_type else ""
+        inv_freq, scale = rope_inv_freq(rotary.config, layer_type)
+        device = getattr(rotary, f"{prefix}inv_freq").device
+        setattr(rotary, f"{prefix}inv_freq", inv_freq.to(device))
+        setattr(rotary, f"{prefix}original_inv_freq", inv_freq.clone().to(device))
+        setattr(rotary, f"{prefix}attention_scaling", scale)
+
+
+def _patch(model: nn.Module, detach: bool) -> nn.Module:
+    dec = decoder(model)
+    model_type = dec.config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} not supported; expected one of {sorted(SUPPORTED_MODEL_TYPES)}")
+    if getattr(dec.config, "use_bidirectional_attention", False):
+        raise NotImplementedError("bidirectional Gemma attention is not supported")
+    found = set()
+    for module in dec.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm"):
+            module.eqlin_eps = module.variance_epsilon if hasattr(module, "variance_epsilon") else module.eps
+            module.eqlin_offset = 1.0 if name.startswith("Gemma") else 0.0
+            module.forward = types.MethodType(_rms_norm_forward, module)
+            found.add("norm")
+        elif name.endswith("RotaryEmbedding"):
+            _set_rope_buffers(module)
+            module.forward = types.MethodType(_rotary_forward, module)
+            found.add("rotary")
+        elif name.endswith("Attention"):
+            module.forward = types.MethodType(_attention_forward, module)
+            found.add("attention")
+        elif name.endswith("MLP"):
+            module.forward = types.MethodType(_mlp_forward, module)
+            found.add("mlp")
+        else:
+            continue
+        module.eqlin_detach = detach
+    if found != {"norm", "rotary", "attention", "mlp"}:
+        raise RuntimeError(f"expected norm, rotary, attention and MLP modules in {type(dec).__name__}, found {found}")
+    embedding = dec.embed_tokens
+    if hasattr(embedding, "scalar_embed_scale"):  # Gemma: sqrt(d) exactly, not its float32 rounding
+        embedding.embed_scale = torch.tensor(embedding.scalar_embed_scale, dtype=torch.float64)
+    return model
+
+
+def make_float64_faithful(model: nn.Module) -> nn.Module:
+    """In place: every op at the model's own dtype, buffers exact in float64. Returns `model`."""
+    return _patch(model, detach=False)
+
+
+def make_detached(model: nn.Module) -> nn.Module:
+    """In place: float64-faithful, plus stop-gradient on every nonlinear coefficient. Returns `model`."""
+    return _patch(model, detach=True)
+
+
+def is_detached(model: nn.Module) -> bool:
+    return getattr(decoder(model).norm, "eqlin_detach", False)
+
+
+def embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Input embeddings `(T, d)` for `input_ids (T,)` as the decoder consumes them (Gemma: scaled by √d)."""
+    return decoder(model).embed_tokens(torch.as_tensor(input_ids).reshape(-1))
+
+
+def final_hidden(model: nn.Module, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """`(d,)`: the last position after the final norm, for `inputs_embeds (T, d)`."""
+    out = decoder(model)(inputs_embeds=inputs_embeds[None], use_cache=False)
+    return out.last_hidden_state[0, -1]
+
+
+def detached_jacobian(model: nn.Module, input_ids: torch.Tensor) -> np.ndarray:
+    """Detached Jacobian `(d, T, d)` of `final_hidden` w.r.t. the input embeddings, at the model's dtype.
+
+    `model` must have gone through `make_detached`; load it in float64 for exactness.
+    """
+    if not is_detached(model):
+        raise ValueError("call make_detached(model) first")
+    x = embed(model, input_ids).detach()
+    jac = torch.autograd.functional.jacobian(lambda e: final_hidden(model, e), x, vectorize=True)
+    return jac.numpy()
