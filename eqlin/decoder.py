@@ -51,7 +51,7 @@ def _rope_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def _rope_stack(config: ModelConfig, length: int, dtype: jnp.dtype) -> tuple[Array, Array]:
+def rope_stack(config: ModelConfig, length: int, dtype: jnp.dtype) -> tuple[Array, Array]:
     """cos, sin tables for both RoPE specs, each (2, T, hd): index 0 full attention, 1 sliding."""
     angle_dtype = _rope_dtype(dtype)
     positions = jnp.arange(length)
@@ -104,7 +104,7 @@ def run_layers(
     each (l, T, d).
     """
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    cos_all, sin_all = _rope_stack(config, h.shape[0], h.dtype)
+    cos_all, sin_all = rope_stack(config, h.shape[0], h.dtype)
     windows = jnp.asarray(config.layer_windows()[first_layer:first_layer + n])
     rope_index = jnp.asarray(config.layer_rope_index()[first_layer:first_layer + n])
 

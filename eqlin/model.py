@@ -100,10 +100,16 @@ def load(
     download: bool = False,
 ) -> Model:
     """Load a checkpoint: a local folder (config.json, model.safetensors or a sharded index,
-    tokenizer.json) or a repo id already in the local HF cache. Weights are cast to `dtype`
+    tokenizer.json), a repo id already in the local HF cache, or a .gguf file (dequantized once into
+    an eqlin-ready folder under the user cache, see `eqlin.gguf`). Weights are cast to `dtype`
     ("float64" needs JAX's x64 mode). Nothing is downloaded unless `download=True`."""
     jdtype = resolve_dtype(dtype)
-    folder = resolve_folder(source, cache_dir=cache_dir, download=download)
+    if str(source).endswith(".gguf"):
+        from eqlin.gguf import converted_folder
+
+        folder = converted_folder(Path(source))
+    else:
+        folder = resolve_folder(source, cache_dir=cache_dir, download=download)
     hf = read_json(folder / "config.json")
     spec = spec_for(hf)
     config = config_from_hf(hf)

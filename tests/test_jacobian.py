@@ -1,0 +1,151 @@
+"""Detached Jacobians reconstruct the output exactly (float64: <= 1e-13) for the final output and for every
+cumulative and single-layer map and part; they equal the PyTorch detached reference; the plain Jacobian
+does not reconstruct; jacrev, jacfwd and chunking agree; memory is estimated before anything is allocated."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import eqlin
+from eqlin.jacobian import (
+    detached_jacobian,
+    estimate_jacobian_bytes,
+    jacobian,
+    logit_map,
+    matrix_free_check,
+)
+from tests import torch_reference as ref
+from tests.conftest import CORE_VARIANTS, TEXT, relative
+from tests.fixtures import load_torch_model
+
+EXACT = 1e-13
+
+
+@pytest.mark.parametrize("variant", CORE_VARIANTS)
+def test_final_output_is_reconstructed_exactly_and_the_plain_jacobian_is_not(variant, loaded):
+    model = loaded(variant)
+    lin = detached_jacobian(model, TEXT)
+    T, d = len(model.encode(TEXT)), model.config.hidden_size
+    assert lin.jacobian.shape == (d, T, d) and lin.contributions.shape == (T, d)
+    assert float(lin.relative_error) <= EXACT
+    assert relative(lin.reconstruction, lin.output) <= EXACT
+    assert relative(lin.output, model.forward(TEXT).hidden[-1]) <= 1e-14
+    plain = jacobian(model, TEXT)
+    assert relative(plain.output, lin.output) <= 1e-14
+    assert float(plain.relative_error) >= 1e-3
+
+
+@pytest.mark.parametrize("variant", ["llama_mha", "llama_gqa", "qwen3", "gemma3"])
+@pytest.mark.parametrize("scope", ["cumulative", "single"])
+def test_every_layer_map_and_part_is_exact(variant, scope, loaded):
+    model = loaded(variant)
+    L, d, T = model.config.num_layers, model.config.hidden_size, len(model.encode(TEXT))
+    for part in ("residual", "attn", "mlp"):
+        lin = detached_jacobian(model, TEXT, layer="all", part=part, scope=scope)
+        assert lin.jacobian.shape == (L, d, T, d) and lin.layer == tuple(range(L))
+        assert float(jnp.max(lin.relative_error)) <= EXACT, (part, lin.relative_error)
+    plain = jacobian(model, TEXT, layer="all", scope=scope)
+    assert float(jnp.min(plain.relative_error)) >= 1e-3, plain.relative_error
+
+
+def test_layer_maps_read_the_right_activations(loaded):
+    model = loaded("gemma3")
+    out = model.forward(TEXT, collect=True)
+    ids = model.encode(TEXT)
+    last = eqlin.decoder.final_norm(model.params, model.config, out.residuals[:, -1], detach=False)
+    lin = detached_jacobian(model, ids, layer=[1, 3])
+    np.testing.assert_allclose(lin.output, last[jnp.array([1, 3])], rtol=1e-14)
+    np.testing.assert_allclose(lin.select(1).output, last[3], rtol=1e-14)
+    single = detached_jacobian(model, ids, layer=2, scope="single", part="attn")
+    np.testing.assert_allclose(single.inputs, out.residuals[1], rtol=1e-14)  # layer 2's input
+    np.testing.assert_allclose(
+        single.output, eqlin.decoder.final_norm(model.params, model.config, out.attn_outputs[2, -1], detach=False),
+        rtol=1e-14)
+    np.testing.assert_allclose(detached_jacobian(model, ids, layer=3).jacobian,
+                               detached_jacobian(model, ids).jacobian, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "qwen3", "gemma3", "gemma3_multimodal"])
+def test_equals_the_pytorch_detached_reference(variant, checkpoint, loaded):
+    model = loaded(variant)
+    ids = model.encode(TEXT)
+    torch_model = ref.make_detached(load_torch_model(checkpoint(variant)))
+    expected = ref.detached_jacobian(torch_model, torch.tensor(ids))
+    assert relative(detached_jacobian(model, ids).jacobian, expected) <= 1e-10
+
+
+def test_jacrev_jacfwd_and_chunks_agree(loaded):
+    model = loaded("qwen3")
+    rev = detached_jacobian(model, TEXT, mode="rev")
+    for other in (detached_jacobian(model, TEXT, mode="fwd"), detached_jacobian(model, TEXT, chunk=7),
+                  detached_jacobian(model, TEXT, mode="fwd", chunk=13)):
+        assert relative(other.jacobian, rev.jacobian) <= 1e-14
+    many = detached_jacobian(model, TEXT, layer="all", part="mlp", mode="rev", chunk=5)
+    assert relative(detached_jacobian(model, TEXT, layer="all", part="mlp", mode="fwd").jacobian,
+                    many.jacobian) <= 1e-14
+
+
+@pytest.mark.parametrize("layer, scope, part", [(None, "cumulative", "residual"), (1, "cumulative", "attn"),
+                                                (2, "single", "mlp")])
+def test_matrix_free_checks_match_the_dense_map(layer, scope, part, loaded):
+    model = loaded("gemma3")
+    check = matrix_free_check(model, TEXT, layer=layer, scope=scope, part=part)
+    assert float(check.homogeneity_error) <= EXACT and float(check.relative_error) <= EXACT
+    dense = detached_jacobian(model, TEXT, layer=layer, scope=scope, part=part)
+    np.testing.assert_allclose(check.contributions, dense.contributions, rtol=0, atol=1e-12)
+    plain = matrix_free_check(model, TEXT, layer=layer, scope=scope, part=part, detach=False)
+    assert float(plain.homogeneity_error) >= 1e-3
+
+
+def test_float32_reports_its_larger_error(checkpoint):
+    model = eqlin.load(checkpoint("gemma3"), dtype="float32")
+    lin = detached_jacobian(model, TEXT)
+    assert lin.jacobian.dtype == jnp.float32
+    assert 1e-9 < float(lin.relative_error) <= 1e-5  # float32-sized: honest, neither hidden nor exact
+
+
+def test_logit_map_reconstructs_the_predicted_logit(loaded):
+    model = loaded("llama_gqa")
+    lin = detached_jacobian(model, TEXT)
+    logits = model.logits(TEXT)[-1]
+    lm = logit_map(model, lin)
+    assert int(lm.token_ids[0]) == int(jnp.argmax(logits))
+    np.testing.assert_allclose(lm.logits, logits[lm.token_ids], rtol=1e-13)
+    assert float(lm.relative_error[0]) <= EXACT
+    chosen = logit_map(model, lin, [3, 5, 7])
+    assert chosen.jacobian.shape == (3, len(model.encode(TEXT)), model.config.hidden_size)
+    np.testing.assert_allclose(chosen.contributions.sum(0), logits[jnp.array([3, 5, 7])], rtol=1e-12)
+
+
+def test_absurd_length_is_refused_before_allocating(loaded):
+    model = loaded("gemma3")
+    roomy = dataclasses.replace(model, config=dataclasses.replace(model.config, max_position_embeddings=10**6))
+    with pytest.raises(eqlin.MemoryBudgetError, match=r"T=100000 needs about .* GiB .* use at most T=\d+ tokens"):
+        detached_jacobian(roomy, np.zeros(100_000, dtype=np.int32))
+
+
+def test_chunk_over_the_limit_names_one_that_fits(loaded):
+    model = loaded("gemma3")
+    T = len(model.encode(TEXT))
+    limit = estimate_jacobian_bytes(model.config, T, chunk=4)
+    with pytest.raises(eqlin.MemoryBudgetError, match=r"chunk=48 needs .* use chunk=4 or less"):
+        detached_jacobian(model, TEXT, chunk=48, memory_limit=limit)
+    auto = detached_jacobian(model, TEXT, memory_limit=limit)  # picks a chunk that fits
+    assert float(auto.relative_error) <= EXACT
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layer": 4}, r"layer \[4\] out of range: the model has layers 0..3"),
+    ({"layer": 1, "part": "ffn"}, "part must be one of"),
+    ({"scope": "single"}, "scope='single' needs a layer"),
+    ({"part": "attn"}, "part='attn' needs a layer"),
+    ({"mode": "sideways"}, "mode must be 'auto', 'rev' or 'fwd'"),
+])
+def test_bad_arguments(kwargs, message, loaded):
+    with pytest.raises(eqlin.InputError, match=message):
+        detached_jacobian(loaded("gemma3"), TEXT, **kwargs)

@@ -1,0 +1,189 @@
+"""Loading checkpoints: sharded indexes, bf16 upcast, the HF cache, multimodal Gemma 3, and every way a
+checkpoint can be wrong, each with a message that names the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import eqlin
+from eqlin.safetensors_io import SafetensorsFile, write_safetensors
+from tests.conftest import TEXT
+from tests.fixtures import make_checkpoint
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _tensors(folder) -> dict[str, np.ndarray]:
+    f = SafetensorsFile(folder / "model.safetensors")
+    return {name: np.array(f.read(name)) for name in f.header}
+
+
+def test_sharded_index_loads_the_same_model(checkpoint, loaded, tmp_path):
+    folder = _copy(checkpoint("qwen3"), tmp_path / "sharded")
+    tensors = _tensors(folder)
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, members in shards.items():
+        write_safetensors(folder / shard, {n: tensors[n] for n in members})
+    weight_map = {n: shard for shard, members in shards.items() for n in members}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ids = loaded("qwen3").encode(TEXT)
+    np.testing.assert_array_equal(eqlin.load(folder).logits(ids), loaded("qwen3").logits(ids))
+
+
+def test_bf16_checkpoint_is_upcast(tmp_path, loaded):
+    folder = make_checkpoint(tmp_path / "bf16", "gemma3", torch_dtype=torch.bfloat16)
+    header = SafetensorsFile(folder / "model.safetensors").header
+    assert {str(dtype) for dtype, _ in header.values()} == {"bfloat16"}
+    model = eqlin.load(folder)
+    assert model.dtype == jnp.float64
+    reference = loaded("gemma3")  # the same seed in float32: bf16 rounding only
+    expected = np.asarray(torch.tensor(np.asarray(reference.params.embed)).to(torch.bfloat16).double())
+    np.testing.assert_array_equal(model.params.embed, expected)
+
+
+def test_repo_id_from_local_hf_cache(checkpoint, loaded, tmp_path):
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--tiny-org--tiny-llama" / "snapshots" / "0123456789abcdef"
+    _copy(checkpoint("llama_mha"), snapshot)
+    (cache / "models--tiny-org--tiny-llama" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-llama" / "refs" / "main").write_text("0123456789abcdef")
+    model = eqlin.load("tiny-org/tiny-llama", cache_dir=cache)
+    ids = loaded("llama_mha").encode(TEXT)
+    np.testing.assert_array_equal(model.logits(ids), loaded("llama_mha").logits(ids))
+
+
+def test_repo_id_missing_from_cache_is_not_downloaded(tmp_path):
+    with pytest.raises(eqlin.WeightsError, match="not in the local Hugging Face cache.*download=True"):
+        eqlin.load("tiny-org/not-there", cache_dir=tmp_path)
+
+
+def test_multimodal_gemma3_loads_its_text_part(checkpoint, loaded):
+    """transformers 5.23 saves the text decoder under language_model.model.*; the vision tower is left out."""
+    tensors = _tensors(checkpoint("gemma3_multimodal"))
+    assert any(n.startswith("vision_tower.") for n in tensors)
+    model = loaded("gemma3_multimodal")
+    assert model.config.family == "gemma3"
+    np.testing.assert_array_equal(model.params.layers.q_proj[1],
+                                  tensors["language_model.model.layers.1.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(model.params.embed, tensors["language_model.model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("variant, family", [("llama_gqa", "llama"), ("qwen3", "qwen3"), ("gemma3", "gemma3")])
+def test_family_and_tied_embeddings(variant, family, loaded):
+    model = loaded(variant)
+    assert model.config.family == family
+    assert (model.params.lm_head is None) == model.config.tie_word_embeddings
+
+
+def test_missing_and_misshaped_tensors_are_listed_together(checkpoint, tmp_path):
+    folder = _copy(checkpoint("llama_mha"), tmp_path / "broken")
+    tensors = _tensors(folder)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors["model.layers.0.self_attn.q_proj.weight"][:-1]
+    tensors["model.extra.weight"] = np.zeros(3, np.float32)
+    write_safetensors(folder / "model.safetensors", tensors)
+    with pytest.raises(eqlin.WeightsError) as err:
+        eqlin.load(folder)
+    message = str(err.value)
+    assert "missing (1): model.layers.1.mlp.up_proj.weight" in message
+    assert "unexpected (1): model.extra.weight" in message
+    assert "model.layers.0.self_attn.q_proj.weight: (31, 32) (expected (32, 32))" in message
+
+
+def test_truncated_safetensors_file(checkpoint, tmp_path):
+    folder = _copy(checkpoint("llama_mha"), tmp_path / "truncated")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(eqlin.WeightsError, match="model.safetensors is truncated: tensor .* re-download"):
+        eqlin.load(folder)
+
+
+def test_garbage_safetensors_file(checkpoint, tmp_path):
+    folder = _copy(checkpoint("llama_mha"), tmp_path / "garbage")
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(eqlin.WeightsError, match="not a valid safetensors file"):
+        eqlin.load(folder)
+
+
+def test_no_weights_at_all(checkpoint, tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    shutil.copy(checkpoint("llama_mha") / "config.json", folder)
+    with pytest.raises(eqlin.WeightsError, match="no weights in .*model.safetensors or model.safetensors.index.json"):
+        eqlin.load(folder)
+
+
+def test_bias_tensors_are_refused(checkpoint, tmp_path):
+    folder = _copy(checkpoint("qwen3"), tmp_path / "biased")
+    tensors = _tensors(folder)
+    tensors["model.layers.0.self_attn.v_proj.bias"] = np.zeros(32, np.float32)
+    write_safetensors(folder / "model.safetensors", tensors)
+    with pytest.raises(eqlin.WeightsError, match=r"biases on the linear path \(model.layers.0.self_attn.v_proj.bias\)"):
+        eqlin.load(folder)
+
+
+def test_bias_flags_in_config_are_refused(checkpoint, tmp_path):
+    folder = _copy(checkpoint("llama_gqa"), tmp_path / "biased_config")
+    config = json.loads((folder / "config.json").read_text())
+    config["attention_bias"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(eqlin.ConfigError, match="attention_bias=true: biases on the linear path break"):
+        eqlin.load(folder)
+
+
+def test_unknown_model_type(checkpoint, tmp_path):
+    folder = _copy(checkpoint("llama_mha"), tmp_path / "gpt2")
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(eqlin.ConfigError, match="unsupported model_type 'gpt2'; eqlin supports: llama, qwen3"):
+        eqlin.load(folder)
+
+
+def test_unsupported_rope_type(checkpoint, tmp_path):
+    folder = _copy(checkpoint("llama_mha"), tmp_path / "yarn")
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(eqlin.ConfigError, match="unsupported RoPE type 'yarn'; supported: default, linear, llama3"):
+        eqlin.load(folder)
+
+
+def test_corrupt_config_json(checkpoint, tmp_path):
+    folder = _copy(checkpoint("llama_mha"), tmp_path / "badjson")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(eqlin.WeightsError, match="config.json is not valid JSON"):
+        eqlin.load(folder)
+
+
+def test_a_file_is_not_a_folder(checkpoint):
+    with pytest.raises(eqlin.WeightsError, match="is a file, not a checkpoint folder"):
+        eqlin.load(checkpoint("llama_mha") / "config.json")
+
+
+def test_float64_without_x64_is_refused(checkpoint):
+    code = (
+        "import eqlin, sys\n"
+        "try:\n"
+        f"    eqlin.load({str(checkpoint('llama_mha'))!r})\n"
+        "except eqlin.PrecisionError as e:\n"
+        "    print(e); sys.exit(0)\n"
+        "sys.exit(1)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"JAX_ENABLE_X64": "0", "PATH": ""}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "float64 needs JAX's x64 mode" in out.stdout and "jax_enable_x64" in out.stdout
+    assert jax.config.jax_enable_x64  # this process is untouched
