@@ -77,10 +77,13 @@ def attention(
     """
     T = x.shape[0]
     H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
-    q = einsum("td,ed->te", x, p.q_proj).reshape(T, H, hd)  # (T, H, hd)
-    k = einsum("td,ed->te", x, p.k_proj).reshape(T, K, hd)  # (T, K, hd)
+    q = einsum("td,ed->te", x, p.q_proj)  # (T, H·hd)
+    k = einsum("td,ed->te", x, p.k_proj)  # (T, K·hd)
     v = einsum("td,ed->te", x, p.v_proj).reshape(T, K, hd)  # (T, K, hd)
     norm = functools.partial(rms_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
+    if config.qk_norm == "full":
+        q, k = norm(q, p.q_norm), norm(k, p.k_norm)
+    q, k = q.reshape(T, H, hd), k.reshape(T, K, hd)  # (T, H, hd), (T, K, hd)
     if config.qk_norm == "head":
         q, k = norm(q, p.q_norm), norm(k, p.k_norm)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

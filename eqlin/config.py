@@ -15,8 +15,8 @@ import numpy as np
 
 from eqlin.errors import ConfigError
 
-Family = Literal["llama", "qwen3", "gemma3"]
-NormLayout = Literal["pre", "sandwich"]
+Family = Literal["llama", "qwen3", "gemma3", "mistral", "phi3", "olmo2"]
+NormLayout = Literal["pre", "sandwich", "post"]
 Activation = Literal["silu", "gelu_tanh"]
 
 FULL_ATTENTION = "full_attention"
@@ -64,9 +64,11 @@ class ModelConfig:
     """Everything the pure forward pass needs to know about one decoder.
 
     Norms: `norm_offset` is 1.0 for Gemma's `x·(1+w)` RMSNorm and 0.0 for `x·w`. `norm_layout` is
-    "pre" (Llama, Qwen: norm before attention and MLP) or "sandwich" (Gemma 3: also a norm on each
-    branch output before the residual add). `qk_norm` is "head" for per-head q/k RMSNorm over head_dim
-    (Qwen 3, Gemma 3) or None.
+    "pre" (Llama, Qwen, Mistral, Phi: norm before attention and MLP), "sandwich" (Gemma 3: also a norm
+    on each branch output before the residual add) or "post" (OLMo 2: only the branch-output norms).
+    `qk_norm` is "head" for per-head q/k RMSNorm over head_dim (Qwen 3, Gemma 3), "full" for RMSNorm
+    over the whole q/k projection before the head split (OLMo 2), or None. RoPE rotates the first
+    `rotary_dim` features of each head (Phi's partial rotary; None: all of head_dim).
     """
 
     family: Family
@@ -80,7 +82,7 @@ class ModelConfig:
     rms_norm_eps: float
     norm_offset: float
     norm_layout: NormLayout
-    qk_norm: Literal["head"] | None
+    qk_norm: Literal["head", "full"] | None
     activation: Activation
     embed_scale: float
     query_scale: float
@@ -94,6 +96,7 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    rotary_dim: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.layer_types) != self.num_layers:
@@ -112,6 +115,11 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_kv_heads})"
             )
+
+    @property
+    def rope_dim(self) -> int:
+        """Features of each head that RoPE rotates."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def q_size(self) -> int:

@@ -52,11 +52,11 @@ def _rope_dtype(dtype: jnp.dtype) -> jnp.dtype:
 
 
 def rope_stack(config: ModelConfig, length: int, dtype: jnp.dtype) -> tuple[Array, Array]:
-    """cos, sin tables for both RoPE specs, each (2, T, hd): index 0 full attention, 1 sliding."""
+    """cos, sin tables for both RoPE specs, each (2, T, rope_dim): index 0 full attention, 1 sliding."""
     angle_dtype = _rope_dtype(dtype)
     positions = jnp.arange(length)
     tables = [
-        rope_tables(jnp.asarray(spec.inv_freq(config.head_dim), angle_dtype), positions, dtype)
+        rope_tables(jnp.asarray(spec.inv_freq(config.rope_dim), angle_dtype), positions, dtype)
         for spec in (config.rope_full, config.rope_sliding)
     ]
     return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])

@@ -4,7 +4,7 @@
 tokenizer.json and tokenizer_config.json that the ordinary loader reads; `eqlin.load("x.gguf")` goes
 through it. Every tensor is dequantized with gguf-py (`gguf.quants.dequantize`, to float32), exactly as
 transformers' own GGUF loader does, so the weights are bit-identical to
-`AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`.
+`AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)`.
 
 llama.cpp conventions undone here (each mirrors its converter, convert_hf_to_gguf.py):
 - names: `token_embd`, `blk.{i}.attn_q`, ... map back to `model.embed_tokens`, `model.layers.{i}.self_attn.q_proj`;
@@ -124,7 +124,8 @@ def convert_gguf(path: Path, out: Path) -> Path:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(
-            f"{path.name}: GGUF architecture {arch!r} is not supported; eqlin converts {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{path.name}: GGUF architecture {arch!r} is not supported; "
+            f"eqlin converts {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     _check_dequantizable(reader, path)
     tensors = {t.name: t for t in reader.tensors}
@@ -309,9 +310,9 @@ def _llama3_rope(theta: float, head_dim: int, divisors: np.ndarray, path: Path) 
     3.x release uses low_freq_factor 1, high_freq_factor 4 and original context 8192 (only their ratios
     matter), with `factor` the largest divisor; the tensor is checked against them to float32 rounding.
     """
-    factor = float(divisors.max())
-    if factor == 1.0 and np.all(divisors == 1.0):
+    if np.all(divisors == 1.0):
         return {"rope_type": "default", "rope_theta": theta}
+    factor = float(divisors.max())
     rope = {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     spec = RopeSpec(theta=theta, kind="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -348,7 +349,7 @@ def _hf_weights(arch: str, tensors: dict[str, Any], hf_config: dict[str, Any], p
     """Every tensor dequantized to float32 under its HF name, llama.cpp's conventions undone."""
     spec = spec_for(hf_config)
     config = config_from_hf(hf_config)
-    expected = expected_tensors(config, spec.norm_names, "model.", "lm_head.")
+    expected = expected_tensors(config, spec, "model.", "lm_head.")
     names = {g: _hf_name(arch, g) for g in tensors if g != "rope_freqs.weight"}
     biases = sorted(g for g, h in names.items() if h is not None and h.endswith(".bias"))
     unknown = sorted(g for g, h in names.items() if h is None or (h not in expected and g not in biases))
@@ -427,7 +428,8 @@ def _tokenizer(arch: str, meta: dict[str, Any], path: Path) -> tuple[tokenizers.
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
     pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-    special = ([(bos, tokens.index(bos))] if add_bos else []) + ([(eos, tokens.index(eos))] if add_eos else [])
+    special = [(bos, meta["tokenizer.ggml.bos_token_id"])] if add_bos else []
+    special += [(eos, meta["tokenizer.ggml.eos_token_id"])] if add_eos else []
     tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
     tokenizer_config = {
         "tokenizer_class": "GemmaTokenizer" if kind == "llama" else "PreTrainedTokenizerFast",
@@ -481,7 +483,8 @@ def _byte_level_tokenizer(meta: dict[str, Any], path: Path) -> tuple[tokenizers.
     pre = meta.get("tokenizer.ggml.pre")
     if pre not in _BYTE_LEVEL_SPLITS:
         raise ConfigError(
-            f"{path.name}: byte-level pre-tokenizer {pre!r} is not supported; supported: {', '.join(_BYTE_LEVEL_SPLITS)}"
+            f"{path.name}: byte-level pre-tokenizer {pre!r} is not supported; "
+            f"supported: {', '.join(_BYTE_LEVEL_SPLITS)}"
         )
     if "tokenizer.ggml.merges" not in meta:
         raise WeightsError(f"{path.name}: a byte-level (gpt2) vocabulary without tokenizer.ggml.merges")

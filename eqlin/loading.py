@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ import numpy as np
 
 from eqlin.config import ModelConfig
 from eqlin.errors import PrecisionError, WeightsError
+from eqlin.families import FamilySpec
 from eqlin.params import LayerParams, Params, expected_shapes
 from eqlin.safetensors_io import SafetensorsFile
 
@@ -100,6 +101,12 @@ def open_weight_files(folder: Path) -> dict[str, SafetensorsFile]:
     )
 
 
+def _rows(config: ModelConfig, spec: FamilySpec, fields: tuple[str, ...]) -> list[int]:
+    """Rows each field takes in a (possibly fused) tensor."""
+    shapes = expected_shapes(config, tuple(spec.norm_names))
+    return [shapes[f][0] for f in fields]
+
+
 def _text_prefixes(names: set[str]) -> tuple[str, str]:
     for prefix, head in _TEXT_PREFIXES:
         if f"{prefix}embed_tokens.weight" in names:
@@ -108,30 +115,36 @@ def _text_prefixes(names: set[str]) -> tuple[str, str]:
                        "language_model.model.")
 
 
-def expected_tensors(config: ModelConfig, norm_names: Mapping[str, str], prefix: str, head: str
-                     ) -> dict[str, tuple[str, int | None, tuple[int, ...]]]:
-    """HF tensor name -> (eqlin field, layer index or None, shape) for every tensor the config implies."""
+def expected_tensors(config: ModelConfig, spec: FamilySpec, prefix: str, head: str
+                     ) -> dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...]]]:
+    """HF tensor name -> (eqlin fields, layer index or None, shape) for every tensor the config implies.
+    A fused tensor (Phi-3's qkv_proj) lists several fields, stacked by rows in that order."""
     d, V = config.hidden_size, config.vocab_size
-    out: dict[str, tuple[str, int | None, tuple[int, ...]]] = {
-        f"{prefix}embed_tokens.weight": ("embed", None, (V, d)),
-        f"{prefix}norm.weight": ("final_norm", None, (d,)),
+    out: dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...]]] = {
+        f"{prefix}embed_tokens.weight": (("embed",), None, (V, d)),
+        f"{prefix}norm.weight": (("final_norm",), None, (d,)),
     }
     if not config.tie_word_embeddings:
-        out[f"{head}weight"] = ("lm_head", None, (V, d))
-    hf_names = {**_PROJ_NAMES, **norm_names}
-    for field, shape in expected_shapes(config, tuple(norm_names)).items():
+        out[f"{head}weight"] = (("lm_head",), None, (V, d))
+    shapes = expected_shapes(config, tuple(spec.norm_names))
+    modules = {field: (_PROJ_NAMES | dict(spec.norm_names))[field] for field in shapes}
+    groups = dict(spec.fused)
+    fused_fields = {f for members in groups.values() for f in members}
+    groups.update({module: (field,) for field, module in modules.items() if field not in fused_fields})
+    for module, members in groups.items():
+        shape = (sum(shapes[f][0] for f in members), *shapes[members[0]][1:])
         for i in range(config.num_layers):
-            out[f"{prefix}layers.{i}.{hf_names[field]}.weight"] = (field, i, shape)
+            out[f"{prefix}layers.{i}.{module}.weight"] = (members, i, shape)
     return out
 
 
-def load_params(folder: Path, config: ModelConfig, norm_names: Mapping[str, str], dtype: jnp.dtype) -> Params:
+def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.dtype) -> Params:
     """Read, check and stack every weight. One WeightsError lists all missing, unexpected and
     mis-shaped tensors; biases are named as such (they break homogeneity)."""
     files = open_weight_files(folder)
     names = set(files)
     prefix, head = _text_prefixes(names)
-    expected = expected_tensors(config, norm_names, prefix, head)
+    expected = expected_tensors(config, spec, prefix, head)
     ignorable = {f"{head}weight"} if config.tie_word_embeddings else set()
     unexpected = sorted(n for n in names - set(expected) - ignorable
                         if not n.startswith(_VISION_PREFIXES) and not n.endswith("rotary_emb.inv_freq"))
@@ -155,10 +168,12 @@ def load_params(folder: Path, config: ModelConfig, norm_names: Mapping[str, str]
 
     by_field: dict[str, list[np.ndarray]] = {}
     top: dict[str, jax.Array] = {}
-    for name, (field, layer, _) in expected.items():
+    for name, (fields, layer, _) in expected.items():
         if layer is None:
-            top[field] = jnp.asarray(read(name), dtype)
-        else:
-            by_field.setdefault(field, [None] * config.num_layers)[layer] = read(name)
+            top[fields[0]] = jnp.asarray(read(name), dtype)
+            continue
+        rows = np.cumsum(_rows(config, spec, fields))[:-1]
+        for field, part in zip(fields, np.split(read(name), rows)):
+            by_field.setdefault(field, [None] * config.num_layers)[layer] = part
     layers = LayerParams(**{f: jnp.asarray(np.stack(arrs), dtype) for f, arrs in by_field.items()})
     return Params(embed=top["embed"], layers=layers, final_norm=top["final_norm"], lm_head=top.get("lm_head"))

@@ -113,6 +113,6 @@ def load(
     hf = read_json(folder / "config.json")
     spec = spec_for(hf)
     config = config_from_hf(hf)
-    params = load_params(folder, config, spec.norm_names, jdtype)
+    params = load_params(folder, config, spec, jdtype)
     tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
     return Model(config=config, params=params, tokenizer=tokenizer, source=str(source))

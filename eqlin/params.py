@@ -18,7 +18,8 @@ class LayerParams:
     """Weights of all decoder layers, stacked: every field has a leading axis of size L.
 
     Shapes (after the L axis): q_proj (H·hd, d), k_proj/v_proj (K·hd, d), o_proj (d, H·hd),
-    gate_proj/up_proj (F, d), down_proj (d, F), norms (d,), q_norm/k_norm (hd,).
+    gate_proj/up_proj (F, d), down_proj (d, F), norms (d,), q_norm/k_norm (hd,) per head or
+    (H·hd,)/(K·hd,) over the full projection (OLMo 2).
     A norm the family does not have is None.
     """
 
@@ -68,4 +69,6 @@ def expected_shapes(config: ModelConfig, norm_fields: tuple[str, ...]) -> dict[s
     shapes.update({name: (d,) for name in norm_fields})
     if config.qk_norm == "head":
         shapes.update(q_norm=(hd,), k_norm=(hd,))
+    elif config.qk_norm == "full":
+        shapes.update(q_norm=(config.q_size,), k_norm=(config.kv_size,))
     return shapes

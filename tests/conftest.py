@@ -21,6 +21,7 @@ import eqlin  # noqa: E402
 from tests.fixtures import make_checkpoint  # noqa: E402
 
 CORE_VARIANTS = ("llama_mha", "llama_gqa", "qwen3", "gemma3", "gemma3_multimodal")
+MORE_VARIANTS = ("mistral", "phi3", "olmo2")
 TEXT = "The bridge out of Marin is the Golden Gate"
 
 

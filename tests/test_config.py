@@ -72,3 +72,24 @@ def test_unsupported_options_are_named(change, message):
           "intermediate_size": 64, "vocab_size": 10, **change}
     with pytest.raises(eqlin.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_from_hf(hf)
+
+
+def test_phi3_partial_rotary_and_refused_longrope():
+    hf = {"model_type": "phi3", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+          "intermediate_size": 128, "vocab_size": 10, "rope_parameters": {"rope_type": "default",
+                                                                          "rope_theta": 1e4,
+                                                                          "partial_rotary_factor": 0.75}}
+    assert config_from_hf(hf).rope_dim == 12
+    hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0], "long_factor": [1.0]}
+    with pytest.raises(eqlin.ConfigError, match="unsupported RoPE type 'longrope'"):
+        config_from_hf(hf)
+
+
+def test_ministral_layer_types_and_olmo2_full_qk_norm():
+    base = {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 64,
+            "vocab_size": 10}
+    ministral = config_from_hf({**base, "model_type": "ministral", "sliding_window": 8,
+                                "layer_types": [SLIDING_ATTENTION, FULL_ATTENTION]})
+    np.testing.assert_array_equal(ministral.layer_windows(), [8, 0])
+    olmo = config_from_hf({**base, "model_type": "olmo2"})
+    assert olmo.qk_norm == "full" and olmo.norm_layout == "post"

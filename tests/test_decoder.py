@@ -13,7 +13,7 @@ import torch
 
 import eqlin
 from tests import torch_reference as ref
-from tests.conftest import CORE_VARIANTS, TEXT, relative
+from tests.conftest import CORE_VARIANTS, MORE_VARIANTS, TEXT, relative
 from tests.fixtures import load_torch_model
 
 LONG_TEXT = TEXT + " . the fog goes over the bay and the red bridge"  # > the 4-token sliding window
@@ -31,7 +31,7 @@ def _torch_run(folder, ids: np.ndarray, *, faithful: bool):
     return hidden[0], np.stack(hidden[1:-1]), out.logits[0].numpy()
 
 
-@pytest.mark.parametrize("variant", CORE_VARIANTS)
+@pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS)
 def test_logits_match_stock_transformers(variant, checkpoint, loaded):
     model = loaded(variant)
     ids = model.encode(LONG_TEXT)
@@ -39,7 +39,7 @@ def test_logits_match_stock_transformers(variant, checkpoint, loaded):
     assert relative(model.logits(ids), logits) < 2e-6  # stock computes norms, RoPE, softmax in float32
 
 
-@pytest.mark.parametrize("variant", CORE_VARIANTS)
+@pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS)
 def test_every_block_matches_float64_faithful_transformers(variant, checkpoint, loaded):
     model = loaded(variant)
     ids = model.encode(LONG_TEXT)
@@ -52,7 +52,7 @@ def test_every_block_matches_float64_faithful_transformers(variant, checkpoint, 
     assert relative(out.logits, logits) < 1e-12
 
 
-@pytest.mark.parametrize("variant", CORE_VARIANTS)
+@pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS)
 def test_detach_changes_no_value(variant, loaded):
     model = loaded(variant)
     ids = model.encode(LONG_TEXT)
@@ -68,9 +68,10 @@ def test_branches_add_up_to_the_residual_stream(loaded):
     np.testing.assert_allclose(before + out.attn_outputs + out.mlp_outputs, out.residuals, rtol=0, atol=1e-13)
 
 
-def test_sliding_window_is_applied(loaded):
+@pytest.mark.parametrize("variant", ["gemma3", "mistral"])
+def test_sliding_window_is_applied(variant, loaded):
     """With T longer than the window, removing the window changes the output (and stays causal)."""
-    model = loaded("gemma3")
+    model = loaded(variant)
     ids = model.encode(LONG_TEXT)
     assert len(ids) > model.config.sliding_window
     unwindowed = dataclasses.replace(model, config=dataclasses.replace(model.config, sliding_window=10_000))

@@ -20,13 +20,13 @@ from eqlin.jacobian import (
     matrix_free_check,
 )
 from tests import torch_reference as ref
-from tests.conftest import CORE_VARIANTS, TEXT, relative
+from tests.conftest import CORE_VARIANTS, MORE_VARIANTS, TEXT, relative
 from tests.fixtures import load_torch_model
 
 EXACT = 1e-13
 
 
-@pytest.mark.parametrize("variant", CORE_VARIANTS)
+@pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS)
 def test_final_output_is_reconstructed_exactly_and_the_plain_jacobian_is_not(variant, loaded):
     model = loaded(variant)
     lin = detached_jacobian(model, TEXT)
@@ -40,7 +40,7 @@ def test_final_output_is_reconstructed_exactly_and_the_plain_jacobian_is_not(var
     assert float(plain.relative_error) >= 1e-3
 
 
-@pytest.mark.parametrize("variant", ["llama_mha", "llama_gqa", "qwen3", "gemma3"])
+@pytest.mark.parametrize("variant", ["llama_mha", "llama_gqa", "qwen3", "gemma3", *MORE_VARIANTS])
 @pytest.mark.parametrize("scope", ["cumulative", "single"])
 def test_every_layer_map_and_part_is_exact(variant, scope, loaded):
     model = loaded(variant)
@@ -70,7 +70,7 @@ def test_layer_maps_read_the_right_activations(loaded):
                                detached_jacobian(model, ids).jacobian, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "qwen3", "gemma3", "gemma3_multimodal"])
+@pytest.mark.parametrize("variant", ["llama_gqa", "qwen3", "gemma3", "gemma3_multimodal", *MORE_VARIANTS])
 def test_equals_the_pytorch_detached_reference(variant, checkpoint, loaded):
     model = loaded(variant)
     ids = model.encode(TEXT)

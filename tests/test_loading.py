@@ -82,7 +82,8 @@ def test_multimodal_gemma3_loads_its_text_part(checkpoint, loaded):
     np.testing.assert_array_equal(model.params.embed, tensors["language_model.model.embed_tokens.weight"])
 
 
-@pytest.mark.parametrize("variant, family", [("llama_gqa", "llama"), ("qwen3", "qwen3"), ("gemma3", "gemma3")])
+@pytest.mark.parametrize("variant, family", [("llama_gqa", "llama"), ("qwen3", "qwen3"), ("gemma3", "gemma3"),
+                                             ("mistral", "mistral"), ("phi3", "phi3"), ("olmo2", "olmo2")])
 def test_family_and_tied_embeddings(variant, family, loaded):
     model = loaded(variant)
     assert model.config.family == family
@@ -187,3 +188,14 @@ def test_float64_without_x64_is_refused(checkpoint):
     assert out.returncode == 0, out.stderr
     assert "float64 needs JAX's x64 mode" in out.stdout and "jax_enable_x64" in out.stdout
     assert jax.config.jax_enable_x64  # this process is untouched
+
+
+def test_fused_phi3_projections_are_split_in_order(checkpoint, loaded):
+    """qkv_proj rows are q, k, v; gate_up_proj rows are gate then up (transformers' chunk order)."""
+    tensors = _tensors(checkpoint("phi3"))
+    model = loaded("phi3")
+    qkv = tensors["model.layers.1.self_attn.qkv_proj.weight"]
+    q, kv = model.config.q_size, model.config.kv_size
+    np.testing.assert_array_equal(model.params.layers.k_proj[1], qkv[q:q + kv])
+    gate_up = tensors["model.layers.0.mlp.gate_up_proj.weight"]
+    np.testing.assert_array_equal(model.params.layers.up_proj[0], gate_up[model.config.intermediate_size:])
