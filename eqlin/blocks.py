@@ -9,6 +9,9 @@ block's Jacobian is the frozen linear map A(x) and block(x) == J·x exactly (DES
   them, so v_proj and o_proj carry the linear path.
 
 With `detach=False` every block is the model's ordinary forward. Values are identical either way.
+Detached, the q, k and gate projections also read a frozen copy of their input: they only reach the
+output through the frozen coefficients, so this changes no derivative, but it keeps tangents and
+cotangents out of work that cannot contribute (no reliance on dead-code elimination).
 All matrix products use `precision=HIGHEST` so float32 on accelerators is not silently bf16.
 """
 
@@ -70,38 +73,42 @@ def attention(
     config: ModelConfig,
     *,
     detach: bool,
+    last_only: bool = False,
 ) -> Array:
-    """Causal GQA self-attention of one layer. x (T, d) -> (T, d).
+    """Causal GQA self-attention of one layer. x (T, d) -> (T, d), or (1, d) with `last_only`: the last
+    query alone (keys and values at every position), all a last-position readout needs.
 
     `p` holds one layer's slice of LayerParams; `window` is this layer's sliding window (0: none).
     """
     T = x.shape[0]
+    Q = 1 if last_only else T  # query positions T-Q..T-1
     H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
-    q = einsum("td,ed->te", x, p.q_proj)  # (T, H·hd)
-    k = einsum("td,ed->te", x, p.k_proj)  # (T, K·hd)
+    x_frozen = frozen(x, detach)  # q and k only feed the (frozen) probabilities
+    q = einsum("td,ed->te", x_frozen[T - Q:], p.q_proj)  # (Q, H·hd)
+    k = einsum("td,ed->te", x_frozen, p.k_proj)  # (T, K·hd)
     v = einsum("td,ed->te", x, p.v_proj).reshape(T, K, hd)  # (T, K, hd)
     norm = functools.partial(rms_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
     if config.qk_norm == "full":
         q, k = norm(q, p.q_norm), norm(k, p.k_norm)
-    q, k = q.reshape(T, H, hd), k.reshape(T, K, hd)  # (T, H, hd), (T, K, hd)
+    q, k = q.reshape(Q, H, hd), k.reshape(T, K, hd)  # (Q, H, hd), (T, K, hd)
     if config.qk_norm == "head":
         q, k = norm(q, p.q_norm), norm(k, p.k_norm)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, cos[T - Q:], sin[T - Q:]), apply_rope(k, cos, sin)
 
-    q = q.reshape(T, K, H // K, hd)  # (T, K, G, hd): G query heads share each kv head
-    scores = einsum("tkgh,skh->kgts", q, k) * config.query_scale  # (K, G, T, T)
+    q = q.reshape(Q, K, H // K, hd)  # (Q, K, G, hd): G query heads share each kv head
+    scores = einsum("tkgh,skh->kgts", q, k) * config.query_scale  # (K, G, Q, T)
     if config.attn_logit_softcapping is not None:
         cap = config.attn_logit_softcapping
         scores = jnp.tanh(scores / cap) * cap
-    scores = jnp.where(attention_mask(T, window), scores, jnp.finfo(scores.dtype).min)
-    probs = frozen(jax.nn.softmax(scores, axis=-1), detach)  # (K, G, T, T)
-    out = einsum("kgts,skh->tkgh", probs, v).reshape(T, H * hd)  # (T, H·hd)
+    scores = jnp.where(attention_mask(T, window)[T - Q:], scores, jnp.finfo(scores.dtype).min)
+    probs = frozen(jax.nn.softmax(scores, axis=-1), detach)  # (K, G, Q, T)
+    out = einsum("kgts,skh->tkgh", probs, v).reshape(Q, H * hd)  # (Q, H·hd)
     return einsum("te,de->td", out, p.o_proj)
 
 
 def glu_mlp(x: Array, p, config: ModelConfig, *, detach: bool) -> Array:
     """Gated MLP: down(act(gate(x)) ⊙ up(x)), SwiGLU or GeGLU (tanh GELU). x (T, d) -> (T, d)."""
-    pre = einsum("td,fd->tf", x, p.gate_proj)  # (T, F)
+    pre = einsum("td,fd->tf", frozen(x, detach), p.gate_proj)  # (T, F); only feeds the frozen gate
     gate = jax.nn.silu(pre) if config.activation == "silu" else jax.nn.gelu(pre, approximate=True)
     up = einsum("td,fd->tf", x, p.up_proj)  # (T, F)
     return einsum("tf,df->td", frozen(gate, detach) * up, p.down_proj)

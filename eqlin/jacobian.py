@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqlin.config import ModelConfig
-from eqlin.decoder import decoder_layer, embed, final_norm, layer_slice, rope_stack, run_layers
+from eqlin.decoder import (decoder_layer, embed, final_norm, layer_slice, rope_stack, run_layers,
+                           run_layers_last)
 from eqlin.errors import InputError, MemoryBudgetError
 from eqlin.model import Model
 from eqlin.params import Params
@@ -98,17 +99,17 @@ def cumulative_fn(params: Params, config: ModelConfig, layers: tuple[int, ...] |
     output `part` read through the final norm, (n, d). Runs only the layers needed."""
     if layers is None:
         def f(x: Array) -> Array:
-            h, _ = run_layers(params.layers, config, x, detach=detach)
-            return _read_out(params, config, h, detach)
+            h, _ = run_layers_last(params.layers, config, x, detach=detach)
+            return final_norm(params, config, h, detach=detach)
         return f
     top = max(layers) + 1
     index = jnp.asarray(layers)
 
     def f(x: Array) -> Array:
-        _, (res, attn, mlp) = run_layers(layer_slice(params.layers, 0, top), config, x, detach=detach,
-                                         collect=True)
-        picked = {"residual": res, "attn": attn, "mlp": mlp}[part][index]  # (n, T, d)
-        return _read_out(params, config, picked, detach)
+        _, (res, attn, mlp) = run_layers_last(layer_slice(params.layers, 0, top), config, x, detach=detach,
+                                              collect=True)
+        picked = {"residual": res, "attn": attn, "mlp": mlp}[part][index]  # (n, d)
+        return final_norm(params, config, picked, detach=detach)
     return f
 
 
@@ -119,7 +120,8 @@ def single_layer_fn(params: Params, config: ModelConfig, part: Part, detach: boo
     cos_all, sin_all = rope_stack(config, length, params.embed.dtype)
 
     def f(p, window: Array, rope_index: Array, h_in: Array) -> Array:
-        h, a, m = decoder_layer(h_in, p, cos_all[rope_index], sin_all[rope_index], window, config, detach=detach)
+        h, a, m = decoder_layer(h_in, p, cos_all[rope_index], sin_all[rope_index], window, config, detach=detach,
+                                last_only=True)  # each (1, d)
         return _read_out(params, config, {"residual": h, "attn": a, "mlp": m}[part], detach)
     return f
 
@@ -368,8 +370,8 @@ def logit_map(model: Model, lin: Linearization, token_ids=None) -> LogitMap:
 # Matrix-free checks: never build J (for long inputs).
 
 
-def _target(params: Params, config: ModelConfig, x: Array, layer: int | None, part: Part, scope: Scope,
-            detach: bool) -> tuple[Callable[[Array], Array], Array]:
+def target_map(params: Params, config: ModelConfig, x: Array, layer: int | None, part: Part, scope: Scope,
+               detach: bool) -> tuple[Callable[[Array], Array], Array]:
     """(f, v) with f: (T, d) -> (d,) the map selected by one layer (or None) and v its input at x."""
     if scope == "cumulative":
         f = cumulative_fn(params, config, None if layer is None else (layer,), part, detach)
@@ -414,7 +416,7 @@ def matrix_free_check(model: Model, inputs, *, layer: int | None = None, part: P
 @functools.partial(jax.jit, static_argnames=("config", "layer", "part", "scope", "detach"))
 def _matrix_free(params: Params, config: ModelConfig, x: Array, *, layer: int | None, part: Part,
                  scope: Scope, detach: bool) -> MatrixFreeCheck:
-    f, x = _target(params, config, x, layer, part, scope, detach)
+    f, x = target_map(params, config, x, layer, part, scope, detach)
     y, jvp = jax.linearize(f, x)
     masks = jnp.eye(x.shape[0], dtype=x.dtype)[:, :, None] * x[None]  # (T, T, d): row t is e_t ⊙ x
     rows = jax.lax.map(jvp, masks)  # (T, d)

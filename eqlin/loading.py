@@ -51,6 +51,9 @@ def resolve_folder(source: str | Path, *, cache_dir: str | Path | None = None, d
         return path
     if path.exists():
         raise WeightsError(f"{source} is a file, not a checkpoint folder; pass the folder holding config.json")
+    if path.is_absolute() or str(source).startswith((".", "~")):
+        raise WeightsError(f"{source} does not exist; pass a checkpoint folder, a .gguf file or a repo id that is "
+                           "in the local Hugging Face cache")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
@@ -107,7 +110,7 @@ def _rows(config: ModelConfig, spec: FamilySpec, fields: tuple[str, ...]) -> lis
     return [shapes[f][0] for f in fields]
 
 
-def _text_prefixes(names: set[str]) -> tuple[str, str]:
+def text_prefixes(names: set[str]) -> tuple[str, str]:
     for prefix, head in _TEXT_PREFIXES:
         if f"{prefix}embed_tokens.weight" in names:
             return prefix, head
@@ -143,7 +146,7 @@ def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.
     mis-shaped tensors; biases are named as such (they break homogeneity)."""
     files = open_weight_files(folder)
     names = set(files)
-    prefix, head = _text_prefixes(names)
+    prefix, head = text_prefixes(names)
     expected = expected_tensors(config, spec, prefix, head)
     ignorable = {f"{head}weight"} if config.tie_word_embeddings else set()
     unexpected = sorted(n for n in names - set(expected) - ignorable

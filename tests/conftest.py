@@ -55,3 +55,14 @@ def relative(a, b) -> float:
     """‖a − b‖ / ‖b‖."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="session")
+def tiny_report(checkpoint, tmp_path_factory):
+    """(exit code, output folder) of `eqlin analyze` on the tiny Gemma 3 with every layer map."""
+    from eqlin.cli import main
+
+    out = tmp_path_factory.mktemp("report")
+    code = main(["analyze", TEXT, "--model", str(checkpoint("gemma3")), "--out", str(out), "--layers", "all",
+                 "--top-k", "3", "-q", "--no-compile-cache"])
+    return code, out
