@@ -1,6 +1,7 @@
 """The `eqlin` command line.
 
     eqlin analyze TEXT      the main job: the exact linear map of the next-token prediction, taken apart
+    eqlin steer             insert a concept into unrelated text with its detached Jacobian (sweep + control)
     eqlin info MODEL        architecture, sizes and the memory a Jacobian needs
     eqlin convert SRC DST   a GGUF file or HF folder -> an eqlin-ready safetensors folder
 
@@ -49,6 +50,27 @@ def _parser() -> argparse.ArgumentParser:
                          help="output folder for report.json, figures and report.html (default: ./eqlin-report)")
     analyze.add_argument("--json", action="store_true", help="print report.json to stdout instead of a summary")
 
+    steer = sub.add_parser(
+        "steer", help="insert a concept into unrelated text with the concept's detached Jacobian",
+        description="Steer the greedy continuation of --text towards --concept: J_c, the detached Jacobian from "
+                    "the concept's input embeddings to the residual stream entering layer l, turns the text's "
+                    "embeddings into a vector added to that same residual stream (see eqlin.steering). Sweeps "
+                    "layers x strengths beside a random operator of the same Frobenius norm; writes "
+                    "steering.json and steering.png into --out (atomically).")
+    steer.add_argument("--concept", required=True, help='the concept prompt, e.g. "The bridge out of Marin is the Golden"')
+    steer.add_argument("--text", required=True, help='the unrelated text to continue, e.g. "Here is a painting of the"')
+    _model_args(steer)
+    steer.add_argument("--layers", default="auto",
+                       help="layers to inject into (the residual stream entering each): 'auto', 'all' or "
+                            "comma-separated 0-based indices (default: auto)")
+    steer.add_argument("--strengths", default="0.5,1,2", metavar="LIST",
+                       help="comma-separated strengths λ; the vector's norm is λ/2 · ‖h_k‖ (default: 0.5,1,2)")
+    steer.add_argument("--max-new-tokens", type=int, default=24, metavar="N", help="greedy tokens to generate (default: 24)")
+    steer.add_argument("--seed", type=int, default=0, help="seed of the random control operator (default: 0)")
+    steer.add_argument("--out", type=Path, default=Path("eqlin-steering"), metavar="DIR",
+                       help="output folder for steering.json and steering.png (default: ./eqlin-steering)")
+    steer.add_argument("--json", action="store_true", help="print steering.json to stdout instead of a summary")
+
     info = sub.add_parser("info", help="architecture, sizes and Jacobian memory of a model",
                           description="Show a model's architecture, sizes, dtype and the memory a full "
                                       "detached Jacobian needs at --tokens tokens.")
@@ -62,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                                          "config.json, model.safetensors (float32) and tokenizer files.")
     convert.add_argument("src", metavar="SRC", help="a .gguf file, a checkpoint folder or an HF cache repo id")
     convert.add_argument("dst", type=Path, metavar="DST", help="the output folder (must not exist or be empty)")
-    for p in (analyze, info, convert):
+    for p in (analyze, steer, info, convert):
         p.add_argument("--no-compile-cache", action="store_true",
                        help="do not use JAX's persistent compilation cache (default: in the eqlin cache folder)")
         p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -123,6 +145,36 @@ def _analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _steer(args: argparse.Namespace) -> int:
+    from eqlin.analysis import parse_layers
+    from eqlin.errors import InputError
+    from eqlin.outputs import ensure_writable_dir
+    from eqlin.steering import steering_sweep, summary, write_sweep
+
+    if not args.concept.strip() or not args.text.strip():
+        raise InputError("empty --concept or --text: give both, e.g. --concept \"The bridge out of Marin is the "
+                         "Golden\" --text \"Here is a painting of the\"")
+    try:
+        strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"--strengths must be comma-separated numbers, got {args.strengths!r}") from None
+    if not strengths:
+        raise InputError("--strengths is empty: give at least one strength, e.g. 0.5,1,2")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    out = ensure_writable_dir(args.out)
+    _setup_jax(args, args.dtype)
+    model = _load(args.model, args.dtype, args.quiet)
+    layers = parse_layers(args.layers, model.config.num_layers)
+    if not layers:
+        raise InputError("--layers none: give at least one layer to inject into")
+    table = steering_sweep(model, args.concept, args.text, layers=layers, strengths=strengths,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed, quiet=args.quiet)
+    write_sweep(table, out)
+    print(json.dumps(table, indent=2, ensure_ascii=False) if args.json else summary(table, out))
+    return EXIT_OK
+
+
 def _info(args: argparse.Namespace) -> int:
     from eqlin.jacobian import estimate_jacobian_bytes
     from eqlin.decoder import num_params
@@ -163,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        code = {"analyze": _analyze, "info": _info, "convert": _convert}[args.command](args)
+        code = {"analyze": _analyze, "steer": _steer, "info": _info, "convert": _convert}[args.command](args)
     except EqlinError as e:
         print(f"eqlin: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,0 +1,237 @@
+"""Spectra: dense SVDs are the SVDs of J_t and of the token-combined map, sign-aligned with y; matrix-free
+top-k (Lanczos, randomized) equals the dense top-k on tiny models and on an operator with a known
+spectrum; decoding returns the known tokens of constructed maps; effective dimensions match closed forms;
+results survive a JSON round trip; long-input top_singular reports progress."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqlin
+from eqlin.jacobian import Linearization, detached_jacobian
+from eqlin.spectral import (
+    decode_spectrum,
+    effective_dimension,
+    matrix_free_svd,
+    norm_analysis,
+    spectrum,
+    top_singular,
+)
+from tests.conftest import TEXT
+
+K = 4  # one k for the tiny models: one compiled Lanczos shape
+
+
+@pytest.fixture(scope="module")
+def model(loaded) -> eqlin.Model:
+    return loaded("gemma3")
+
+
+@pytest.fixture(scope="module")
+def lin(model) -> Linearization:
+    return detached_jacobian(model, TEXT)
+
+
+def subspace_cosines(A, B) -> np.ndarray:
+    """Cosines of the principal angles between the column spans of A and B (orthonormal columns)."""
+    return np.linalg.svd(np.asarray(A).T @ np.asarray(B), compute_uv=False)
+
+
+def fake_linearization(J: np.ndarray, y: np.ndarray) -> Linearization:
+    """A Linearization around a given J (d_out, T, d_in) and output y, for constructed cases."""
+    T, d_out = J.shape[1], J.shape[0]
+    zeros = jnp.zeros((T, d_out))
+    return Linearization(jnp.asarray(J), jnp.zeros((T, J.shape[2])), jnp.asarray(y), zeros, jnp.asarray(0.0),
+                         jnp.arange(T))
+
+
+def test_dense_spectra_are_the_svds_of_each_token_and_of_the_combined_map(lin):
+    J = np.asarray(lin.jacobian)
+    d, T, _ = J.shape
+    per = spectrum(lin)
+    assert per.singular_values.shape == (T, d) and per.U.shape == per.V.shape == (T, d, d)
+    for t in (0, T - 1):
+        np.testing.assert_allclose(per.singular_values[t], np.linalg.svd(J[:, t], compute_uv=False), rtol=1e-12)
+        rebuilt = np.einsum("ok,k,ik->oi", per.U[t], per.singular_values[t], per.V[t])
+        np.testing.assert_allclose(rebuilt, J[:, t], atol=1e-12)
+    combined = spectrum(lin, K, per_token=False)
+    assert combined.singular_values.shape == (K,) and combined.U.shape == (d, K) and combined.V.shape == (T, d, K)
+    np.testing.assert_allclose(combined.singular_values, np.linalg.svd(J.reshape(d, -1), compute_uv=False)[:K],
+                               rtol=1e-12)
+    np.testing.assert_allclose(np.einsum("otd,tdk->ok", J, combined.V), combined.U * combined.singular_values,
+                               atol=1e-12)  # J v = σ u, with V[t] token t's block
+    assert np.all(np.einsum("ok,o->k", combined.U, lin.output) >= 0)  # aligned with y
+    assert np.all(np.einsum("tok,o->tk", per.U, lin.output) >= 0)
+    np.testing.assert_allclose(combined.frobenius_sq, np.sum(J**2), rtol=1e-12)
+    assert float(combined.relative_error) <= 1e-13 and combined.method == "dense" and combined.layer is None
+
+
+def test_a_multi_layer_spectrum_is_the_stack_of_its_layers(model):
+    many = detached_jacobian(model, TEXT, layer=[1, 3], part="attn")
+    stacked = spectrum(many, K, per_token=False)
+    assert stacked.singular_values.shape == (2, K) and stacked.effective.stable_rank.shape == (2,)
+    one = spectrum(many.select(1), K, per_token=False)
+    picked = stacked.select(1)
+    assert picked.layer == one.layer == 3 and picked.part == "attn"
+    np.testing.assert_allclose(picked.singular_values, one.singular_values, rtol=1e-12)
+    np.testing.assert_allclose(np.abs(picked.U.T @ one.U), np.eye(K), atol=1e-8)
+    np.testing.assert_allclose(picked.effective.stable_rank, one.effective.stable_rank, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layer, scope, part, method", [
+    (None, "cumulative", "residual", "lanczos"),
+    (2, "single", "mlp", "lanczos"),
+    (1, "cumulative", "attn", "randomized"),
+])
+def test_matrix_free_top_k_equals_the_dense_top_k(layer, scope, part, method, model):
+    dense = spectrum(detached_jacobian(model, TEXT, layer=layer, scope=scope, part=part), K, per_token=False)
+    # Randomized with the full output dimension as its sample is exact; Lanczos at its default steps.
+    steps = model.config.hidden_size if method == "randomized" else None
+    free = top_singular(model, TEXT, K, layer=layer, scope=scope, part=part, method=method, steps=steps)
+    np.testing.assert_allclose(free.singular_values, dense.singular_values, rtol=1e-8)
+    assert np.all(np.abs(subspace_cosines(dense.U, free.U) - 1) <= 1e-6)
+    assert np.all(np.abs(subspace_cosines(dense.V.reshape(-1, K), free.V.reshape(-1, K)) - 1) <= 1e-6)
+    np.testing.assert_allclose(free.U, dense.U, atol=1e-6)  # both aligned with y: same signs
+    np.testing.assert_allclose(free.output, dense.output, rtol=1e-13)
+    assert float(free.relative_error) <= 1e-13
+    assert (free.layer, free.scope, free.part, free.method, free.per_token) == (layer, scope, part, method, False)
+    assert free.frobenius_sq is None and free.effective is None
+
+
+def _matvec(A: jax.Array, v: jax.Array) -> jax.Array:
+    return A @ v.reshape(-1)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "randomized"])
+def test_matrix_free_svd_recovers_a_known_decaying_spectrum(method):
+    d_out, shape, k = 40, (6, 20), 5
+    rng = np.random.default_rng(0)
+    U = np.linalg.qr(rng.normal(size=(d_out, d_out)))[0]
+    V = np.linalg.qr(rng.normal(size=(120, d_out)))[0]
+    s = 3 * 0.7 ** np.arange(d_out)
+    A = jnp.asarray(U * s @ V.T)
+    got_s, got_U, got_V = matrix_free_svd(jax.tree_util.Partial(_matvec, A), jnp.zeros(shape), k, method=method)
+    assert got_U.shape == (d_out, k) and got_V.shape == (*shape, k)
+    np.testing.assert_allclose(got_s, s[:k], rtol=1e-8)
+    assert np.all(np.abs(subspace_cosines(U[:, :k], got_U) - 1) <= 1e-6)
+    assert np.all(np.abs(subspace_cosines(V[:, :k], got_V.reshape(-1, k)) - 1) <= 1e-6)
+
+
+def _known_tokens(model) -> tuple[int, np.ndarray, int, np.ndarray]:
+    """(j, u, i, v): u the unit unembedding row of the largest norm (so W_U u peaks at j), v the input
+    embedding of token i as the model consumes it (Gemma: × √d, which does not change cosines)."""
+    W = np.asarray(model.params.unembedding)
+    j = int(np.argmax(np.linalg.norm(W, axis=1)))
+    i = 17
+    return j, W[j] / np.linalg.norm(W[j]), i, np.asarray(model.embed([i])[0])
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_decoding_a_rank_one_map_returns_its_tokens_and_sign_alignment_flips_back(per_token, model):
+    j, u, i, v = _known_tokens(model)
+    T = 3
+    J = np.einsum("o,t,i->oti", u, np.arange(1.0, T + 1), v)  # J_t = t·u vᵀ
+    spec = decode_spectrum(model, spectrum(fake_linearization(J, 2 * u), 1, per_token=per_token), top=3)
+    left, right = spec.left_tokens, spec.right_tokens
+    assert left.ids.shape == ((T, 1, 3) if per_token else (1, 3)) and right.ids.shape == (T, 1, 3)
+    assert np.all(left.ids[..., 0, 0] == j) and np.all(right.ids[:, 0, 0] == i)
+    np.testing.assert_allclose(right.scores[:, 0, 0], 1, rtol=1e-12)  # cosine of v with its own row
+    assert left.tokens == np.array(model.token_strings(left.ids.reshape(-1)), dtype=object).reshape(
+        left.ids.shape).tolist()
+    np.testing.assert_allclose(spec.U[..., 0], np.broadcast_to(u, spec.U[..., 0].shape), atol=1e-12)
+    # With y = −u the SVD's arbitrary sign is flipped to u·y >= 0: (−u, −v), decoded accordingly.
+    flipped = decode_spectrum(model, spectrum(fake_linearization(J, -u), 1, per_token=per_token), top=3)
+    np.testing.assert_allclose(flipped.U[..., 0], np.broadcast_to(-u, spec.U[..., 0].shape), atol=1e-12)
+    np.testing.assert_allclose(flipped.V, -spec.V, atol=1e-12)
+    anti = int(np.argmax(-np.asarray(model.params.unembedding) @ u))
+    assert np.all(flipped.left_tokens.ids[..., 0, 0] == anti) and anti != j
+
+
+def test_norm_analysis_finds_and_decodes_the_largest_column_and_row(model):
+    j, u, i, v = _known_tokens(model)
+    d, c, r = model.config.hidden_size, 5, 11
+    J = np.zeros((d, 2, d))
+    J[:, 0, c] = 3 * u  # token 0: one nonzero column, the unembedding direction of j
+    J[r, 1, :] = 3 * v  # token 1: one nonzero row, the embedding of i
+    result = norm_analysis(model, fake_linearization(J, u), count=2, top=3)
+    assert result.columns.shape == result.rows.shape == (2, 2) and result.column_tokens.ids.shape == (2, 2, 3)
+    assert int(result.columns[0, 0]) == c and int(result.column_tokens.ids[0, 0, 0]) == j
+    assert int(result.rows[1, 0]) == r and int(result.row_tokens.ids[1, 0, 0]) == i
+    np.testing.assert_allclose(result.column_norms[0, c], 3, rtol=1e-12)
+    np.testing.assert_allclose(result.row_norms[1, r], 3 * np.linalg.norm(v), rtol=1e-12)
+    json.loads(json.dumps(result.to_dict()))
+
+
+@pytest.mark.parametrize("s, stable, participation, r90, r99", [
+    (np.ones(5), 5, 5, 5, 5),  # identity
+    (np.ones(10), 10, 10, 9, 10),  # 9 of 10 hold exactly 90 %
+    ([2.0, 0, 0, 0], 1, 1, 1, 1),  # rank 1
+    ([3.0, 2, 1], 14 / 9, 14**2 / 98, 2, 3),  # σ² = 9, 4, 1: 9 < 12.6 <= 13, 13 < 13.86 <= 14
+    (np.zeros(3), 0, 0, 0, 0),  # the zero map
+])
+def test_effective_dimension_closed_forms(s, stable, participation, r90, r99):
+    e = effective_dimension(jnp.asarray(s, dtype=jnp.float64))
+    np.testing.assert_allclose([e.stable_rank, e.participation_ratio], [stable, participation], rtol=1e-14)
+    assert (int(e.rank_90), int(e.rank_99)) == (r90, r99)
+
+
+def test_effective_dimension_of_spectra_per_token():
+    d, T = 6, 2
+    J = np.stack([np.eye(d), np.diag([3.0, 2, 1, 0, 0, 0])], axis=1)  # (d, T, d)
+    e = spectrum(fake_linearization(J, np.ones(d))).effective
+    np.testing.assert_allclose(e.stable_rank, [d, 14 / 9], rtol=1e-12)
+    np.testing.assert_allclose(e.participation_ratio, [d, 2], rtol=1e-12)
+    assert e.rank_90.tolist() == [6, 2] and e.rank_99.tolist() == [6, 3]
+
+
+def test_spectra_survive_a_json_round_trip(model, lin):
+    spec = decode_spectrum(model, spectrum(lin, 2), top=2)
+    data = json.loads(spec.to_json())
+    assert data == json.loads(json.dumps(spec.to_dict()))
+    assert set(data) == {"map", "input_ids", "k", "singular_values", "relative_error", "output_norm",
+                         "frobenius_sq", "effective_dimension", "left_tokens", "right_tokens"}
+    assert data["map"] == {"layer": None, "part": "residual", "scope": "cumulative", "detach": True,
+                           "per_token": True, "method": "dense"}
+    T = len(model.encode(TEXT))
+    assert data["input_ids"] == model.encode(TEXT).tolist() and data["k"] == 2
+    assert np.shape(data["singular_values"]) == (T, 2) and data["relative_error"] <= 1e-13
+    assert np.shape(data["left_tokens"]["ids"]) == (T, 2, 2)
+    assert isinstance(data["left_tokens"]["tokens"][0][0][0], str)
+    assert set(data["effective_dimension"]) == {"stable_rank", "participation_ratio", "rank_90", "rank_99"}
+    assert len(data["effective_dimension"]["rank_90"]) == T
+
+
+def test_top_singular_at_moderate_length_reports_progress_and_matches_dense(model):
+    ids = np.random.default_rng(1).integers(7, model.config.vocab_size, size=60)
+    calls = []
+    free = top_singular(model, ids, K, block=8, progress=lambda done, total: calls.append((done, total)))
+    steps = 2 * K + 20
+    assert calls == [(min(2 * s, 2 * steps), 2 * steps) for s in range(8, steps + 8, 8)]
+    assert free.V.shape == (60, model.config.hidden_size, K)
+    dense = spectrum(detached_jacobian(model, ids), K, per_token=False)
+    np.testing.assert_allclose(free.singular_values, dense.singular_values, rtol=1e-8)
+    data = json.loads(decode_spectrum(model, free, top=2).to_json())
+    assert data["map"]["method"] == "lanczos" and data["effective_dimension"] is None
+    assert np.shape(data["right_tokens"]["ids"]) == (60, K, 2)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, lin: spectrum(lin, 0), r"k must be an integer in 1\.\.48"),
+    (lambda m, lin: spectrum(lin, 49), r"k must be an integer in 1\.\.48 \(the rank bound of J_t\)"),
+    (lambda m, lin: top_singular(m, TEXT, 100), r"k must be an integer in 1\.\.48"),
+    (lambda m, lin: top_singular(m, TEXT, 3, steps=2), r"steps must be an integer in 3\.\.48"),
+    (lambda m, lin: top_singular(m, TEXT, 3, method="power"), "method must be one of"),
+    (lambda m, lin: top_singular(m, TEXT, 3, layer=[1, 2]), "one layer"),
+    (lambda m, lin: top_singular(m, TEXT, 3, layer=9), r"layer \[9\] out of range"),
+    (lambda m, lin: top_singular(m, TEXT, 3, part="attn"), "part='attn' needs a layer"),
+    (lambda m, lin: decode_spectrum(m, spectrum(lin, 1), top=0), r"top must be an integer in 1\.\.96"),
+    (lambda m, lin: spectrum(lin, 2).select(0), "several layers"),
+])
+def test_bad_arguments(call, message, model, lin):
+    with pytest.raises(eqlin.InputError, match=message):
+        call(model, lin)

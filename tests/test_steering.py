@@ -1,0 +1,161 @@
+"""Concept steering: where the map comes from and where it goes in (checked against hand-written forwards),
+strength 0 is the unsteered run, the bucketed generation equals naive recompute, bad input, the CLI, and
+once on the embedded Gemma 3 270M: the concept lifts its token above the baseline and a random control."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqlin
+from eqlin.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from eqlin.decoder import embed, final_norm, forward, layer_slice, run_layers, unembed
+from eqlin.steering import bucket, concept_maps, generate, steer, steering_sweep
+
+CONCEPT = "The bridge out of Marin is the Golden"
+TEXT = "the cat sees the red boat on the old bridge and the"  # longer than the concept (T_c = 9)
+
+
+def hand_directions(J: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """S_k / ‖S_k‖ with S_k = Σ_{j≤k} J[:, j mod T_c, :] x_j, written as a loop."""
+    S, out = np.zeros(J.shape[0]), []
+    for k in range(x.shape[0]):
+        S = S + J[:, k % J.shape[1], :] @ x[k]
+        n = np.linalg.norm(S)
+        out.append(S / n if n > 0 else 0 * S)
+    return np.stack(out)
+
+
+def hand_logits(model: eqlin.Model, ids: np.ndarray, J: np.ndarray, layer: int, strength: float) -> np.ndarray:
+    """run_layers(first `layer` layers) + v + run_layers(the rest) + final norm + unembed, last position."""
+    p, c = model.params, model.config
+    x = embed(p, c, jnp.asarray(ids))
+    h = run_layers(layer_slice(p.layers, 0, layer), c, x, detach=False)[0] if layer else x
+    h = h + strength / 2 * jnp.linalg.norm(h, axis=-1, keepdims=True) * hand_directions(J, np.asarray(x))
+    h, _ = run_layers(layer_slice(p.layers, layer, c.num_layers), c, h, detach=False, first_layer=layer)
+    return np.asarray(unembed(p, c, final_norm(p, c, h[-1], detach=False)))
+
+
+def concept_map(model: eqlin.Model, layer: int) -> np.ndarray:
+    """J_c (d, T_c, d) of CONCEPT at `layer`."""
+    x = embed(model.params, model.config, jnp.asarray(model.encode(CONCEPT)))
+    return np.asarray(concept_maps(model.params, model.config, x, layers=(layer,))[0][0])
+
+
+def test_concept_map_is_the_stream_entering_the_layer(loaded):
+    model = loaded("gemma3")
+    p, c = model.params, model.config
+    x = embed(p, c, jnp.asarray(model.encode(CONCEPT)))
+    J, h = concept_maps(p, c, x, layers=(0, 2, 3))
+    assert J.shape == (3, c.hidden_size, x.shape[0], c.hidden_size)
+    np.testing.assert_array_equal(J[0, :, -1], np.eye(c.hidden_size))  # layer 0: identity on the last embedding
+    np.testing.assert_array_equal(J[0, :, :-1], 0)
+    for i, l in enumerate((0, 2, 3)):  # h: raw residual entering layer l (output of l-1, no final norm)
+        want = run_layers(layer_slice(p.layers, 0, l), c, x, detach=False)[0][-1] if l else x[-1]
+        np.testing.assert_allclose(h[i], want, rtol=1e-13, atol=1e-13)
+        recon = jnp.einsum("ots,ts->o", J[i], x)
+        assert float(jnp.linalg.norm(recon - h[i]) / jnp.linalg.norm(h[i])) <= 1e-13
+
+
+@pytest.mark.parametrize("variant, layer", [("gemma3", 0), ("gemma3", 2), ("gemma3", 3), ("qwen3", 1),
+                                            ("mistral", 1), ("phi3", 1), ("olmo2", 1)])
+def test_injection_equals_hand_written_forward(loaded, variant, layer):
+    """One step of the KV-cached generation (every family's attention details) against the hand-written
+    forward with the vector added to the residual stream entering `layer`."""
+    model = loaded(variant)
+    J = concept_map(model, layer)
+    ids = model.encode(TEXT)
+    buf = np.zeros(bucket(len(ids) + 1), np.int32)
+    buf[:len(ids)] = ids
+    _, logits = generate(model.params, model.config, jnp.asarray(buf), jnp.int32(len(ids)), jnp.asarray(J),
+                         jnp.int32(layer), jnp.asarray(3.0), max_new_tokens=1)
+    got = logits[0]  # one step of the KV-cached, steered generation
+    want = hand_logits(model, ids, J, layer, 3.0)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert np.abs(want - hand_logits(model, ids, J, layer, 0.0)).max() > 1e-3  # the injection does something
+
+
+def test_strength_zero_is_the_unsteered_greedy_run(loaded):
+    model = loaded("llama_gqa")
+    r = steer(model, CONCEPT, TEXT, layer=1, strength=0.0, max_new_tokens=5)
+    np.testing.assert_array_equal(r.steered_ids, r.baseline_ids)
+    np.testing.assert_array_equal(r.steered_logits, r.baseline_logits)
+    assert r.logprob_lift == 0.0
+    ids = list(model.encode(TEXT))  # naive unsteered greedy decoding with the plain forward
+    for step in range(5):
+        logits = np.asarray(forward(model.params, model.config, embed(model.params, model.config,
+                                                                      jnp.asarray(ids))).logits[-1])
+        np.testing.assert_allclose(r.baseline_logits[step], logits, rtol=1e-12, atol=1e-12)
+        ids.append(int(np.argmax(logits)))
+    np.testing.assert_array_equal(r.baseline_ids, ids[-5:])
+
+
+def test_cached_generation_equals_naive_recompute(loaded):
+    model = loaded("gemma3")
+    layer, strength, n = 2, 4.0, 6
+    r = steer(model, CONCEPT, TEXT, layer=layer, strength=strength, max_new_tokens=n)
+    J = concept_map(model, layer)
+    ids = list(model.encode(TEXT))
+    for step in range(n):  # full recompute on the unpadded sequence, one length at a time
+        logits = hand_logits(model, np.asarray(ids), J, layer, strength)
+        np.testing.assert_allclose(r.steered_logits[step], logits, rtol=1e-12, atol=1e-12)
+        ids.append(int(np.argmax(logits)))
+    np.testing.assert_array_equal(r.steered_ids, ids[-n:])
+    assert r.steered_text == model.decode(ids[-n:]) and r.map_relative_error <= 1e-13
+    lp = jax.nn.log_softmax(jnp.asarray(r.steered_logits))[:, r.concept_tokens]
+    np.testing.assert_allclose(r.steered_logprobs, lp)
+    assert r.concept_tokens.tolist() == model.encode(CONCEPT)[-1:].tolist()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(concept=" ", text=TEXT, layer=0), "empty concept"),
+    (dict(concept=CONCEPT, text="", layer=0), "empty text"),
+    (dict(concept=CONCEPT, text=TEXT, layer=4), r"layer \[4\] out of range.*0\.\.3"),
+    (dict(concept=CONCEPT, text=TEXT, layer=-1), r"layer \[-1\] out of range"),
+    (dict(concept=CONCEPT, text=TEXT, layer=0, max_new_tokens=-2), "max_new_tokens must be at least 1, got -2"),
+    (dict(concept=CONCEPT, text=TEXT, layer=0, max_new_tokens=100), "more than the model's max_position"),
+    (dict(concept=CONCEPT, text=TEXT, layer=0, concept_tokens=[10**6]), "outside the vocabulary"),
+])
+def test_bad_input(loaded, kwargs, message):
+    with pytest.raises(eqlin.InputError, match=message):
+        steer(loaded("gemma3"), strength=1.0, **kwargs)
+
+
+def test_sweep_and_cli(checkpoint, tmp_path, capsys):
+    out = tmp_path / "steer"
+
+    def cli(concept=CONCEPT, layers="0,2", max_new="4", *extra):
+        return main(["steer", "--concept", concept, "--text", TEXT, "--model", str(checkpoint("gemma3")),
+                     "--layers", layers, "--strengths", "1,4", "--max-new-tokens", max_new, "--out", str(out), "-q",
+                     "--no-compile-cache", *extra])
+
+    assert cli(CONCEPT, "0,2", "4", "--json") == EXIT_OK
+    table = json.loads(capsys.readouterr().out)
+    assert table == json.loads((out / "steering.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["steering.json", "steering.png"]
+    assert table["layers"] == [0, 2] and table["strengths"] == [1.0, 4.0]
+    assert np.shape(table["lift"]) == np.shape(table["control_lift"]) == (2, 2) and len(table["cells"]) == 4
+    assert table["concept_tokens"][0]["text"] == "Golden" and max(table["map_relative_error"]) <= 1e-13
+    assert cli(" ") == EXIT_BAD_INPUT
+    assert "empty --concept" in capsys.readouterr().err
+    assert cli(CONCEPT, "0", "-1") == EXIT_BAD_INPUT
+    assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
+    assert cli(CONCEPT, "9") == EXIT_BAD_INPUT
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_concept_lifts_its_token_on_the_embedded_model():
+    """Gemma 3 270M (float32 for speed): some (layer, strength) lifts log p(" Golden") above the baseline
+    and above the random control of the same Frobenius norm."""
+    from eqlin.gguf import default_model_path
+
+    model = eqlin.load(default_model_path(), dtype="float32")
+    table = steering_sweep(model, CONCEPT, "Here is a painting of the", layers=[6], strengths=[0.5, 1.0],
+                           max_new_tokens=8)
+    assert [t["text"] for t in table["concept_tokens"]] == [" Golden"]
+    assert any(c["lift"] > 0 and c["lift"] > c["control_lift"] for c in table["cells"]), table["cells"]
+    assert max(table["map_relative_error"]) <= 1e-5
