@@ -73,35 +73,36 @@ def attention(
     config: ModelConfig,
     *,
     detach: bool,
-    last_only: bool = False,
+    queries: int | None = None,
 ) -> Array:
-    """Causal GQA self-attention of one layer. x (T, d) -> (T, d), or (1, d) with `last_only`: the last
-    query alone (keys and values at every position), all a last-position readout needs.
+    """Causal GQA self-attention of one layer. x (T, d) -> (Q, d): the outputs at the last Q = `queries`
+    positions (default all T; keys and values always at every position).
 
     `p` holds one layer's slice of LayerParams; `window` is this layer's sliding window (0: none).
     """
     T = x.shape[0]
-    Q = 1 if last_only else T  # query positions T-Q..T-1
+    Q = queries or T  # query positions T-Q..T-1
     H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
     x_frozen = frozen(x, detach)  # q and k only feed the (frozen) probabilities
-    q = einsum("td,ed->te", x_frozen[T - Q:], p.q_proj)  # (Q, H·hd)
+    q = einsum("td,ed->te", x_frozen, p.q_proj)  # (T, H·hd)
     k = einsum("td,ed->te", x_frozen, p.k_proj)  # (T, K·hd)
     v = einsum("td,ed->te", x, p.v_proj).reshape(T, K, hd)  # (T, K, hd)
     norm = functools.partial(rms_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
     if config.qk_norm == "full":
         q, k = norm(q, p.q_norm), norm(k, p.k_norm)
-    q, k = q.reshape(Q, H, hd), k.reshape(T, K, hd)  # (Q, H, hd), (T, K, hd)
+    q, k = q.reshape(T, H, hd), k.reshape(T, K, hd)  # (T, H, hd), (T, K, hd)
     if config.qk_norm == "head":
         q, k = norm(q, p.q_norm), norm(k, p.k_norm)
-    q, k = apply_rope(q, cos[T - Q:], sin[T - Q:]), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    q = q.reshape(Q, K, H // K, hd)  # (Q, K, G, hd): G query heads share each kv head
-    scores = einsum("tkgh,skh->kgts", q, k) * config.query_scale  # (K, G, Q, T)
+    q = q.reshape(T, K, H // K, hd)  # (T, K, G, hd): G query heads share each kv head
+    scores = einsum("tkgh,skh->kgts", q, k) * config.query_scale  # (K, G, T, T)
     if config.attn_logit_softcapping is not None:
         cap = config.attn_logit_softcapping
         scores = jnp.tanh(scores / cap) * cap
-    scores = jnp.where(attention_mask(T, window)[T - Q:], scores, jnp.finfo(scores.dtype).min)
-    probs = frozen(jax.nn.softmax(scores, axis=-1), detach)  # (K, G, Q, T)
+    scores = jnp.where(attention_mask(T, window), scores, jnp.finfo(scores.dtype).min)
+    # The probabilities carry no cotangent: computing them for every query costs no backward work.
+    probs = frozen(jax.nn.softmax(scores, axis=-1), detach)[:, :, T - Q:]  # (K, G, Q, T)
     out = einsum("kgts,skh->tkgh", probs, v).reshape(Q, H * hd)  # (Q, H·hd)
     return einsum("te,de->td", out, p.o_proj)
 

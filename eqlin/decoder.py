@@ -19,6 +19,9 @@ from eqlin.config import ModelConfig
 from eqlin.params import LayerParams, Params
 
 Array = jax.Array
+# Rows a last-position readout keeps in its last layer: 2, not 1, because XLA CPU's matrix-vector kernel
+# sums in another order than its matrix-matrix one; two rows give the full forward's last row bit for bit.
+LAST_ROWS = 2
 
 
 @jax.tree_util.register_dataclass
@@ -71,19 +74,22 @@ def decoder_layer(
     config: ModelConfig,
     *,
     detach: bool,
+    queries: int | None = None,
 ) -> tuple[Array, Array, Array]:
     """One decoder layer on the residual stream h (T, d), with one layer's slice of the weights.
 
-    Returns (h_out, attn_branch, mlp_branch), each (T, d): h_out = h + attn_branch + mlp_branch.
+    Returns (h_out, attn_branch, mlp_branch), each (Q, d): h_out = h + attn_branch + mlp_branch at the
+    last Q = `queries` positions (default all T). Fewer queries skip the other positions' attention
+    outputs and MLPs, all of which a readout of the last Q positions cannot see.
     """
     norm = functools.partial(rms_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
 
     def maybe_norm(v: Array, w: Array | None) -> Array:
         return v if w is None else norm(v, w)
 
-    a = maybe_norm(attention(maybe_norm(h, p.attn_in_norm), p, cos, sin, window, config, detach=detach),
-                   p.attn_out_norm)
-    h = h + a
+    a = maybe_norm(attention(maybe_norm(h, p.attn_in_norm), p, cos, sin, window, config, detach=detach,
+                             queries=queries), p.attn_out_norm)
+    h = h[h.shape[0] - (queries or h.shape[0]):] + a
     m = maybe_norm(glu_mlp(maybe_norm(h, p.mlp_in_norm), p, config, detach=detach), p.mlp_out_norm)
     return h + m, a, m
 
@@ -115,6 +121,30 @@ def run_layers(
 
     h, stacked = jax.lax.scan(step, h, (layers, windows, rope_index))
     return h, stacked
+
+
+def run_layers_last(
+    layers: LayerParams,
+    config: ModelConfig,
+    h: Array,
+    *,
+    detach: bool,
+    collect: bool = False,
+) -> tuple[Array, tuple[Array, Array, Array] | None]:
+    """The residual stream at the last position after a stack of layers (leading axis l >= 1, the model's
+    first l layers) on h (T, d): (d,). The last layer computes only the last `LAST_ROWS` queries and MLP
+    rows, so cotangents of a last-position readout skip work that cannot reach them. With `collect`,
+    also every layer's (residual, attn, mlp) at the last position, each (l, d)."""
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    h, stacked = run_layers(layer_slice(layers, 0, n - 1), config, h, detach=detach, collect=collect)
+    cos_all, sin_all = rope_stack(config, h.shape[0], h.dtype)
+    r, window = config.layer_rope_index()[n - 1], config.layer_windows()[n - 1]
+    p = jax.tree_util.tree_map(lambda a: a[n - 1], layers)
+    last = decoder_layer(h, p, cos_all[r], sin_all[r], jnp.asarray(window), config, detach=detach,
+                         queries=min(LAST_ROWS, h.shape[0]))  # each (Q, d)
+    if not collect:
+        return last[0][-1], None
+    return last[0][-1], tuple(jnp.concatenate([s[:, -1], l[-1:]]) for s, l in zip(stacked, last))
 
 
 def final_norm(params: Params, config: ModelConfig, h: Array, *, detach: bool) -> Array:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqlin.config import ModelConfig
-from eqlin.decoder import (decoder_layer, embed, final_norm, layer_slice, rope_stack, run_layers,
+from eqlin.decoder import (LAST_ROWS, decoder_layer, embed, final_norm, layer_slice, rope_stack, run_layers,
                            run_layers_last)
 from eqlin.errors import InputError, MemoryBudgetError
 from eqlin.model import Model
@@ -121,7 +121,7 @@ def single_layer_fn(params: Params, config: ModelConfig, part: Part, detach: boo
 
     def f(p, window: Array, rope_index: Array, h_in: Array) -> Array:
         h, a, m = decoder_layer(h_in, p, cos_all[rope_index], sin_all[rope_index], window, config, detach=detach,
-                                last_only=True)  # each (1, d)
+                                queries=min(LAST_ROWS, h_in.shape[0]))  # each (Q, d)
         return _read_out(params, config, {"residual": h, "attn": a, "mlp": m}[part], detach)
     return f
 

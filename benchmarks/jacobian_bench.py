@@ -1,0 +1,255 @@
+"""eqlin's detached Jacobian vs the PyTorch reference approach, in one process and one run.
+
+For each model, dtype and length T: eqlin's full J (compile time, run time), the PyTorch approach
+(`torch.autograd.functional.jacobian(vectorize=True)`, reverse mode, on transformers' model made
+detached at run time by `tests.torch_reference.make_detached`: same weights, input and dtype), achieved
+GFLOP/s and the fraction of the work floor, peak memory, and torch time / eqlin time. Optionally the
+batched throughput (`eqlin.batch`) and the warm-cache end-to-end CLI (`eqlin analyze --layers none`).
+
+Work floor: reverse mode pushes d cotangents through T positions of the linear path only (v, o, up,
+down; q, k and gate are frozen): flops = 2 · N_linear · T · d, N_linear = L · d · (kv + q + 2F). The
+floor's seconds use a same-dtype GEMM rate (1024×d @ d×F, best of 5) measured just before each case.
+Peak memory: resident set size sampled every 2 ms during the call, above the level before it.
+
+    python benchmarks/jacobian_bench.py                         # embedded + tiny, T = 8 32, f64 + f32
+    python benchmarks/jacobian_bench.py --models embedded --lengths 128 512 --dtypes float64
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import eqlin  # noqa: E402
+import eqlin.gguf  # noqa: E402
+from eqlin.batch import detached_jacobians  # noqa: E402
+from eqlin.jacobian import _linearize, _resolve_chunk, memory_limit_bytes  # noqa: E402
+from tests import torch_reference as ref  # noqa: E402
+from tests.fixtures import load_torch_model, make_checkpoint  # noqa: E402
+
+TEXT = ("The Golden Gate Bridge is a suspension bridge spanning the Golden Gate, the strait connecting San "
+        "Francisco Bay and the Pacific Ocean. It links San Francisco to Marin County, carrying both U.S. Route "
+        "101 and California State Route 1 across the strait. The bridge was completed in 1937. ") * 8
+RESULTS = Path(__file__).parent / "results"
+
+
+class PeakRSS:
+    """Context manager: the peak resident set size above the level at entry, in bytes (`.peak`)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak_abs = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak_abs = max(self.peak_abs, _rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak_abs, _rss()) - self.base
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def gemm_gflops(dtype: str, d: int, F: int) -> float:
+    """Best-of-5 rate of a (1024, d) @ (d, F) product at `dtype`, GFLOP/s."""
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal(s), dtype) for s in ((1024, d), (d, F)))
+    mm = jax.jit(lambda a, b: jnp.dot(a, b, precision="highest"))
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 1024 * d * F / best / 1e9
+
+
+def best_of(call, budget_s: float = 2.0):
+    """(seconds, result) of the fastest of repeated calls: one call if it takes over `budget_s`, else
+    up to 5 within about that budget (tiny cases are too short for one timing)."""
+    best, result, spent = float("inf"), None, 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        result = call()
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+        if spent > budget_s:
+            break
+    return best, result
+
+
+def floor_flops(config: eqlin.ModelConfig, T: int) -> float:
+    """2 · N_linear · T · d (module docstring)."""
+    n_linear = config.num_layers * config.hidden_size * (config.kv_size + config.q_size + 2 * config.intermediate_size)
+    return 2.0 * n_linear * T * config.hidden_size
+
+
+def prompt_ids(model: eqlin.Model, T: int) -> np.ndarray:
+    """T token ids: the benchmark text's, or (no tokenizer / too short) a fixed pseudo-random sequence."""
+    ids = np.asarray(model.tokenizer.encode(TEXT), np.int32)[:T] if model.tokenizer else np.zeros(0, np.int32)
+    if len(ids) < T or (ids >= model.config.vocab_size).any():
+        ids = np.random.default_rng(T).integers(3, model.config.vocab_size, T).astype(np.int32)
+    return ids
+
+
+def eqlin_case(model: eqlin.Model, ids: np.ndarray) -> dict:
+    """Compile and run eqlin's final-output detached J once each; seconds, peak bytes, relative error."""
+    T = len(ids)
+    chunk = _resolve_chunk(model.config, T, 1, "rev", None, model.dtype.itemsize, memory_limit_bytes())
+    x = model.embed(ids)
+    kw = dict(layers=None, part="residual", scope="cumulative", detach=True, mode="rev", chunk=chunk)
+    start = time.perf_counter()
+    compiled = _linearize.lower(model.params, model.config, x, **kw).compile()
+    compile_s = time.perf_counter() - start
+    with PeakRSS() as mem:
+        run_s, out = best_of(lambda: jax.block_until_ready(compiled(model.params, x)))
+    return {"compile_s": compile_s, "run_s": run_s, "first_call_s": compile_s + run_s, "peak_bytes": mem.peak,
+            "relative_error": float(out[4]), "chunk": chunk, "jacobian": np.asarray(out[0])}
+
+
+def torch_case(folder: Path, ids: np.ndarray, dtype: str) -> dict:
+    """The reference approach on transformers' model made detached at run time."""
+    torch.set_num_threads(os.cpu_count())
+    model = ref.make_detached(load_torch_model(folder, torch_dtype=getattr(torch, dtype)))
+    with torch.no_grad():
+        ref.detached_jacobian(model, torch.tensor(ids[:2]))  # warm-up (allocator, kernels)
+    with PeakRSS() as mem:
+        seconds, J = best_of(lambda: ref.detached_jacobian(model, torch.tensor(ids)))
+    return {"run_s": seconds, "peak_bytes": mem.peak, "jacobian": J}
+
+
+def batch_case(model: eqlin.Model, T: int, B: int, single_s: float) -> dict:
+    """Throughput of `eqlin.batch` on B ragged prompts (lengths T, T−1, ...), second call, beside
+    `single_s`, one unbatched prompt of length T."""
+    prompts = [prompt_ids(model, T)[: max(2, T - b)] for b in range(B)]
+    detached_jacobians(model, prompts).jacobian.block_until_ready()
+    seconds, out = best_of(lambda: jax.block_until_ready(detached_jacobians(model, prompts)))
+    return {"B": B, "T_max": T, "seconds": seconds, "prompts_per_s": B / seconds,
+            "unbatched_prompts_per_s": 1 / single_s, "max_relative_error": float(jnp.max(out.relative_error))}
+
+
+def cli_case(text: str) -> dict:
+    """End-to-end `eqlin analyze TEXT --layers none` on the embedded model, cache warmed by a first run."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "eqlin.cli", "analyze", text, "--layers", "none", "--out", out, "-q"]
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+    return {"text": text, "cold_s": times[0], "warm_cache_s": times[1]}
+
+
+def models(names: list[str], dtype: str, tmp: Path) -> dict[str, tuple[eqlin.Model, Path]]:
+    """name -> (eqlin model, the HF-style folder transformers loads)."""
+    found = {}
+    for name in names:
+        if name == "embedded":
+            folder = eqlin.gguf.converted_folder(eqlin.gguf.default_model_path())
+        else:
+            folder = tmp / "tiny"
+            if not (folder / "config.json").exists():
+                folder.mkdir(exist_ok=True)
+                make_checkpoint(folder, "gemma3")
+        found[name] = (eqlin.load(folder, dtype=dtype), folder)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=["embedded", "tiny"], default=["embedded", "tiny"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8, 32], help="T values (128, 512: opt-in)")
+    parser.add_argument("--dtypes", nargs="+", choices=["float64", "float32"], default=["float64", "float32"])
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--batch", type=int, default=4, metavar="B", help="prompts in the batch case (0: skip)")
+    parser.add_argument("--batch-models", nargs="+", choices=["embedded", "tiny"], default=["tiny"],
+                        help="models that run the batch case (default: tiny; embedded is minutes on 2 cores)")
+    parser.add_argument("--cli", action="store_true", help="also time the end-to-end CLI (warm cache)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default: results/<UTC time>.json)")
+    args = parser.parse_args()
+    transformers.utils.logging.disable_progress_bar()
+
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "jax": jax.__version__, "torch": torch.__version__, "load_average_start": os.getloadavg()}
+    rows, batches = [], []
+    print(f"{'model':>8} {'dtype':>7} {'T':>4} {'eqlin s':>8} {'compile':>8} {'GFLOP/s':>8} {'floor':>6} "
+          f"{'MiB':>6} {'torch s':>8} {'MiB':>6} {'ratio':>6} {'|ΔJ|':>8} {'load':>5}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in args.dtypes:
+            for name, (model, folder) in models(args.models, dtype, Path(tmp)).items():
+                cfg = model.config
+                for T in args.lengths:
+                    ids = prompt_ids(model, T)
+                    gemm = gemm_gflops(dtype, cfg.hidden_size, cfg.intermediate_size)
+                    flops = floor_flops(cfg, T)
+                    e = eqlin_case(model, ids)
+                    row = {"model": name, "dtype": dtype, "T": T, "gemm_gflops": gemm, "floor_flops": flops,
+                           "floor_s": flops / gemm / 1e9, "eqlin": {k: v for k, v in e.items() if k != "jacobian"}}
+                    row["eqlin"]["gflops"] = flops / e["run_s"] / 1e9
+                    row["eqlin"]["fraction_of_floor"] = row["floor_s"] / e["run_s"]
+                    if not args.no_torch:
+                        t = torch_case(folder, ids, dtype)
+                        row["torch"] = {"run_s": t["run_s"], "peak_bytes": t["peak_bytes"],
+                                        "gflops": flops / t["run_s"] / 1e9}
+                        row["torch_over_eqlin"] = t["run_s"] / e["run_s"]
+                        row["relative_difference"] = float(np.linalg.norm(t["jacobian"] - e["jacobian"])
+                                                           / np.linalg.norm(t["jacobian"]))
+                    row["load_average"] = os.getloadavg()[0]
+                    rows.append(row)
+                    tr = row.get("torch", {})
+                    print(f"{name:>8} {dtype:>7} {T:>4} {e['run_s']:>8.2f} {e['compile_s']:>8.2f} "
+                          f"{row['eqlin']['gflops']:>8.1f} {row['eqlin']['fraction_of_floor']:>6.2f} "
+                          f"{e['peak_bytes'] / 2**20:>6.0f} {tr.get('run_s', float('nan')):>8.2f} "
+                          f"{tr.get('peak_bytes', float('nan')) / 2**20:>6.0f} "
+                          f"{row.get('torch_over_eqlin', float('nan')):>6.2f} "
+                          f"{row.get('relative_difference', float('nan')):>8.1e} {row['load_average']:>5.2f}", flush=True)
+                if args.batch and name in args.batch_models:
+                    first = next(r for r in rows if r["model"] == name and r["dtype"] == dtype)
+                    b = batch_case(model, first["T"], args.batch, first["eqlin"]["run_s"])
+                    b.update(model=name, dtype=dtype, load_average=os.getloadavg()[0])
+                    batches.append(b)
+                    print(f"batch {name} {dtype}: {b['B']} ragged prompts, T_max {b['T_max']}: {b['seconds']:.2f} s, "
+                          f"{b['prompts_per_s']:.2f} prompts/s (unbatched {b['unbatched_prompts_per_s']:.2f}), max error {b['max_relative_error']:.1e}", flush=True)
+    result = {"meta": meta, "jacobian": rows, "batch": batches}
+    if args.cli:
+        result["cli"] = cli_case("The bridge out of Marin is the")
+        print(f"cli: cold {result['cli']['cold_s']:.1f} s, warm cache {result['cli']['warm_cache_s']:.1f} s")
+    result["meta"]["load_average_end"] = os.getloadavg()
+    out = args.out or RESULTS / f"{meta['date'].replace(':', '')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Detached Jacobians of many prompts at once, vmapped over a batch axis B.
+
+Prompts of equal length T go through the single-prompt map unchanged (`cumulative_fn`, last-layer
+shortcut included). Ragged prompts are right-padded to T_max with zero embeddings and read at their
+own last position n_b − 1: under the causal mask that query sees keys s <= n_b − 1 only, so every key
+beyond the prompt is masked from the readout, the padding never reaches y_b, and J_b[:, s, :] = 0
+exactly for s >= n_b. Per prompt, y_b = Σ_{t<n_b} J_b[:, t, :] x_b[t] as in `detached_jacobian`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eqlin.config import ModelConfig
+from eqlin.decoder import embed, final_norm, run_layers
+from eqlin.errors import InputError
+from eqlin.jacobian import _finish, _resolve_chunk, cumulative_fn, jacobian_of, memory_limit_bytes
+from eqlin.model import Model
+from eqlin.params import Params
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BatchLinearization:
+    """Detached maps of B prompts, padded to T = max length.
+
+    jacobian: (B, d, T, d), zero at padded positions; inputs: x (B, T, d), zero at padded positions;
+    output: y (B, d); contributions: (B, T, d) rows J_t x_t; relative_error: (B,);
+    lengths: n_b (B,); ids: (B, T) token ids, padded with 0.
+    """
+
+    jacobian: Array
+    inputs: Array
+    output: Array
+    contributions: Array
+    relative_error: Array
+    lengths: Array
+    ids: Array
+
+    def prompt(self, b: int) -> tuple[Array, Array]:
+        """(J_b (d, n_b, d), x_b (n_b, d)): prompt b's map and inputs without padding."""
+        n = int(self.lengths[b])
+        return self.jacobian[b, :, :n], self.inputs[b, :n]
+
+
+def _ragged_fn(params: Params, config: ModelConfig, length: Array):
+    """x (T, d) -> y (d,): the final output read at position `length` − 1 (a traced index)."""
+    def f(x: Array) -> Array:
+        h, _ = run_layers(params.layers, config, x, detach=True)
+        return final_norm(params, config, h[length - 1], detach=True)
+    return f
+
+
+@functools.partial(jax.jit, static_argnames=("config", "ragged", "chunk"))
+def _batched(params: Params, config: ModelConfig, x: Array, lengths: Array, *, ragged: bool,
+             chunk: int | None) -> tuple[Array, Array, Array, Array]:
+    """vmap over prompts: (J (B, d, T, d), y (B, d), contributions (B, T, d), relative_error (B,))."""
+    def one(x_b: Array, n_b: Array):
+        f = _ragged_fn(params, config, n_b) if ragged else cumulative_fn(params, config, None, "residual", True)
+        y, J = jacobian_of(f, x_b, mode="rev", chunk=chunk)
+        return (J, y, *_finish(y, J, x_b))
+
+    return jax.vmap(one)(x, lengths)
+
+
+def detached_jacobians(model: Model, prompts: Sequence, *, chunk: int | None = None,
+                       memory_limit: int | None = None) -> BatchLinearization:
+    """Detached Jacobians of the final output for each of `prompts` (texts or id sequences), in one
+    vmapped computation. Equal lengths use the single-prompt map; ragged ones are padded (module docstring).
+    `chunk`: cotangents per pass per prompt (None: the largest that fits `memory_limit` / B)."""
+    if not len(prompts):
+        raise InputError("no prompts given")
+    ids = [model.ids(p) for p in prompts]
+    lengths = np.array([len(i) for i in ids], dtype=np.int32)
+    T, B = int(lengths.max()), len(ids)
+    padded = np.zeros((B, T), dtype=np.int32)
+    for b, row in enumerate(ids):
+        padded[b, :len(row)] = row
+    limit = (memory_limit or memory_limit_bytes()) // B
+    chunk = _resolve_chunk(model.config, T, 1, "rev", chunk, model.dtype.itemsize, limit)
+    x = jax.vmap(lambda i: embed(model.params, model.config, i))(jnp.asarray(padded))
+    x = x * (jnp.arange(T)[None, :, None] < jnp.asarray(lengths)[:, None, None])  # zero the padding
+    ragged = bool((lengths != T).any())
+    J, y, contributions, err = _batched(model.params, model.config, x, jnp.asarray(lengths), ragged=ragged,
+                                        chunk=chunk)
+    return BatchLinearization(J, x, y, contributions, err, jnp.asarray(lengths), jnp.asarray(padded))
