@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eqlin  # noqa: E402
 import eqlin.gguf  # noqa: E402
 from eqlin.batch import detached_jacobians  # noqa: E402
-from eqlin.jacobian import _linearize, _resolve_chunk, memory_limit_bytes  # noqa: E402
+from eqlin.linear_maps import _linearize, _resolve_chunk, memory_limit_bytes  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 from tests.fixtures import load_torch_model, make_checkpoint  # noqa: E402
 

@@ -35,7 +35,7 @@ def run_case(case: str, length: int, k: int) -> dict:
 
     import eqlin
     import eqlin.gguf
-    from eqlin.jacobian import detached_jacobian
+    from eqlin.linear_maps import detached_jacobian
     from eqlin.spectral import spectrum, top_singular
 
     model = eqlin.load(eqlin.gguf.default_model_path())

@@ -1,18 +1,34 @@
 """eqlin: exact equivalent linear maps of LLM decoders (detached Jacobians), in pure JAX.
 
-Start with `eqlin.load(folder_or_repo_id)`; the pure forward is `eqlin.forward(params, config, x)`.
+Start with `eqlin.load(folder_or_repo_id_or_gguf)`, then `eqlin.detached_jacobian(model, text)`.
+The pure forward is `eqlin.forward(params, config, x, detach=...)`.
 """
 
+from eqlin.batch import BatchLinearization, detached_jacobians
 from eqlin.config import ModelConfig, RopeSpec
-from eqlin.errors import ConfigError, EqlinError, InputError, MemoryBudgetError, PrecisionError, WeightsError
 from eqlin.decoder import ForwardOutput, embed, final_hidden, forward
+from eqlin.errors import ConfigError, EqlinError, InputError, MemoryBudgetError, PrecisionError, WeightsError
+from eqlin.linear_maps import (
+    Linearization,
+    LogitMap,
+    MatrixFreeCheck,
+    detached_jacobian,
+    estimate_jacobian_bytes,
+    jacobian,
+    logit_map,
+    matrix_free_check,
+)
 from eqlin.model import Model, load
 from eqlin.params import LayerParams, Params
+from eqlin.sharding import basis_mesh, detached_jacobian_sharded
 from eqlin.spectral import Spectrum, decode_spectrum, effective_dimension, norm_analysis, spectrum, top_singular
+from eqlin.steering import SteeringResult, steer, steering_sweep
 
 __all__ = [
-    "ConfigError", "EqlinError", "ForwardOutput", "InputError", "LayerParams", "MemoryBudgetError", "Model",
-    "ModelConfig", "Params", "PrecisionError", "RopeSpec", "WeightsError", "embed", "final_hidden", "forward",
-    "load",
-    "Spectrum", "decode_spectrum", "effective_dimension", "norm_analysis", "spectrum", "top_singular",
+    "BatchLinearization", "ConfigError", "EqlinError", "ForwardOutput", "InputError", "LayerParams", "Linearization",
+    "LogitMap", "MatrixFreeCheck", "MemoryBudgetError", "Model", "ModelConfig", "Params", "PrecisionError",
+    "RopeSpec", "Spectrum", "SteeringResult", "WeightsError", "basis_mesh", "decode_spectrum", "detached_jacobian",
+    "detached_jacobian_sharded", "detached_jacobians", "effective_dimension", "embed", "estimate_jacobian_bytes",
+    "final_hidden", "forward", "jacobian", "load", "logit_map", "matrix_free_check", "norm_analysis", "spectrum",
+    "steer", "steering_sweep", "top_singular",
 ]

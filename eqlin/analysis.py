@@ -40,7 +40,7 @@ import numpy as np
 
 from eqlin.decoder import num_params
 from eqlin.errors import InputError
-from eqlin.jacobian import PARTS, detached_jacobian, jacobian, logit_map, matrix_free_check
+from eqlin.linear_maps import PARTS, detached_jacobian, jacobian, logit_map, matrix_free_check
 from eqlin.model import Model
 from eqlin.progress import stage, steps
 from eqlin.spectral import decode_spectrum, spectrum

@@ -20,7 +20,7 @@ import numpy as np
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed, final_norm, run_layers
 from eqlin.errors import InputError
-from eqlin.jacobian import _finish, _resolve_chunk, cumulative_fn, jacobian_of, memory_limit_bytes
+from eqlin.linear_maps import _finish, _resolve_chunk, cumulative_fn, jacobian_of, memory_limit_bytes
 from eqlin.model import Model
 from eqlin.params import Params
 

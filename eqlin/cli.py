@@ -176,7 +176,7 @@ def _steer(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from eqlin.jacobian import estimate_jacobian_bytes
+    from eqlin.linear_maps import estimate_jacobian_bytes
     from eqlin.decoder import num_params
 
     _setup_jax(args, args.dtype)

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
-from eqlin.jacobian import Linearization, _finish, cumulative_fn
+from eqlin.linear_maps import Linearization, _finish, cumulative_fn
 from eqlin.model import Model
 from eqlin.params import Params
 

@@ -32,7 +32,7 @@ import numpy as np
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
 from eqlin.errors import InputError
-from eqlin.jacobian import PARTS, SCOPES, Linearization, Part, Scope, _layers_arg, relative_error, target_map
+from eqlin.linear_maps import PARTS, SCOPES, Linearization, Part, Scope, _layers_arg, relative_error, target_map
 from eqlin.model import Model
 from eqlin.params import Params
 

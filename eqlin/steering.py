@@ -43,7 +43,7 @@ from eqlin.config import ModelConfig
 from eqlin.blocks import apply_rope, einsum, glu_mlp, rms_norm
 from eqlin.decoder import embed, final_norm, layer_slice, rope_stack, run_layers, unembed
 from eqlin.errors import InputError
-from eqlin.jacobian import jacobian_of, relative_error
+from eqlin.linear_maps import jacobian_of, relative_error
 from eqlin.model import Model
 from eqlin.params import Params
 from eqlin.progress import stage, steps

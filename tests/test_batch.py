@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from eqlin.batch import detached_jacobians
-from eqlin.jacobian import detached_jacobian
+from eqlin.linear_maps import detached_jacobian
 from tests.conftest import TEXT, relative
 
 EXACT = 1e-13

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     jax.config.update("jax_enable_x64", True)
     import numpy as np
     import eqlin
-    from eqlin.jacobian import detached_jacobian
+    from eqlin.linear_maps import detached_jacobian
     from eqlin.sharding import basis_mesh, detached_jacobian_sharded
 
     model = eqlin.load(sys.argv[1])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import eqlin
-from eqlin.jacobian import Linearization, detached_jacobian
+from eqlin.linear_maps import Linearization, detached_jacobian
 from eqlin.spectral import (
     decode_spectrum,
     effective_dimension,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import eqlin
-from eqlin.jacobian import (
+from eqlin.linear_maps import (
     detached_jacobian,
     estimate_jacobian_bytes,
     jacobian,
