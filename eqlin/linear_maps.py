@@ -130,18 +130,21 @@ def single_layer_fn(params: Params, config: ModelConfig, part: Part, detach: boo
 # Jacobian of a function R^(T×d) -> R^(...×d_out), linearized once, basis pushed through in chunks.
 
 
+def pull_back_rows(vjp: Callable[[Array], tuple[Array]], y: Array, indices: Array, chunk: int | None) -> Array:
+    """Rows J[i] = vjpᵀ(e_i) for the flat output indices (n,), `chunk` at a time (None: all): (n, *x.shape)."""
+    def row(i: Array) -> Array:
+        return vjp(jax.nn.one_hot(i, y.size, dtype=y.dtype).reshape(y.shape))[0]
+
+    return jax.lax.map(row, indices, batch_size=chunk or indices.shape[0])
+
+
 def jacobian_of(f: Callable[[Array], Array], x: Array, *, mode: Literal["rev", "fwd"], chunk: int | None
                 ) -> tuple[Array, Array]:
     """(y, J) with J of shape y.shape + x.shape. `chunk` basis vectors go through the linearized map at
     a time (None: all at once)."""
     if mode == "rev":
         y, vjp = jax.vjp(f, x)
-        m = y.size
-
-        def row(i: Array) -> Array:
-            return vjp(jax.nn.one_hot(i, m, dtype=y.dtype).reshape(y.shape))[0]
-
-        rows = jax.lax.map(row, jnp.arange(m), batch_size=chunk or m)  # (m, T, d)
+        rows = pull_back_rows(vjp, y, jnp.arange(y.size), chunk)  # (m, T, d)
         return y, rows.reshape(y.shape + x.shape)
     y, jvp = jax.linearize(f, x)
     n = x.size

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
-from eqlin.linear_maps import Linearization, _finish, cumulative_fn
+from eqlin.linear_maps import Linearization, _finish, cumulative_fn, pull_back_rows
 from eqlin.model import Model
 from eqlin.params import Params
 
@@ -42,11 +42,7 @@ def _sharded_rows(params: Params, config: ModelConfig, x: Array, *, mesh: Mesh, 
                        check_vma=False)  # y is replicated; cotangents vary over the basis axis
     def rows(p: Params, x: Array, i: Array) -> tuple[Array, Array]:  # i: this device's basis indices
         y, vjp = jax.vjp(cumulative_fn(p, config, None, "residual", True), x)
-
-        def pull(k: Array) -> Array:  # row k of J, (T, d)
-            return vjp(jax.nn.one_hot(k, d, dtype=y.dtype))[0]
-
-        return y, jax.lax.map(pull, i, batch_size=chunk or i.shape[0])  # (d/n, T, d)
+        return y, pull_back_rows(vjp, y, i, chunk)  # (d/n, T, d)
 
     y, J = rows(params, x, index)
     J = jax.lax.with_sharding_constraint(J[:d], NamedSharding(mesh, P(AXIS)))
