@@ -57,11 +57,56 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
-def attention_mask(length: int, window: Array) -> Array:
-    """Boolean (T, T) mask: key s visible from query t iff s <= t and (window == 0 or t - s < window)."""
-    t = jnp.arange(length)[:, None]
-    s = jnp.arange(length)[None, :]
+def visible(t: Array, s: Array, window: Array) -> Array:
+    """Boolean mask, broadcast over query positions t and key positions s: key s is visible from query t
+    iff s <= t and (window == 0 or t - s < window)."""
     return (s <= t) & ((window == 0) | (t - s < window))
+
+
+def attention_mask(length: int, window: Array) -> Array:
+    """Boolean (T, T) causal (and sliding-window) mask: `visible` for every query and key position."""
+    positions = jnp.arange(length)
+    return visible(positions[:, None], positions[None, :], window)
+
+
+def project_qkv(x: Array, p, cos: Array, sin: Array, config: ModelConfig, *, detach: bool
+                ) -> tuple[Array, Array, Array]:
+    """q (T, H, hd), k (T, K, hd) after q/k norm and RoPE, and v (T, K, hd), from x (T, d).
+
+    q and k read a frozen copy of x: they only reach the output through the (frozen) probabilities."""
+    T = x.shape[0]
+    H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    x_frozen = frozen(x, detach)
+    q = einsum("td,ed->te", x_frozen, p.q_proj)  # (T, H·hd)
+    k = einsum("td,ed->te", x_frozen, p.k_proj)  # (T, K·hd)
+    v = einsum("td,ed->te", x, p.v_proj).reshape(T, K, hd)  # (T, K, hd)
+    norm = functools.partial(rms_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
+    if config.qk_norm == "full":
+        q, k = norm(q, p.q_norm), norm(k, p.k_norm)
+    q, k = q.reshape(T, H, hd), k.reshape(T, K, hd)
+    if config.qk_norm == "head":
+        q, k = norm(q, p.q_norm), norm(k, p.k_norm)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attention_probs(q: Array, k: Array, mask: Array, config: ModelConfig) -> Array:
+    """Softmax probabilities (K, G, Tq, S) of queries q (Tq, H, hd) over keys k (S, K, hd) where `mask`
+    (Tq, S) is True; G = H / K query heads share each kv head. Logit softcap as configured."""
+    Tq, H, hd = q.shape
+    K = k.shape[1]
+    scores = einsum("tkgh,skh->kgts", q.reshape(Tq, K, H // K, hd), k) * config.query_scale
+    if config.attn_logit_softcapping is not None:
+        cap = config.attn_logit_softcapping
+        scores = jnp.tanh(scores / cap) * cap
+    return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(scores.dtype).min), axis=-1)
+
+
+def attend(probs: Array, v: Array, o_proj: Array) -> Array:
+    """Σ_s probs · v_s per head, heads concatenated, through o_proj: probs (K, G, Q, S), v (S, K, hd),
+    o_proj (d, H·hd) -> (Q, d)."""
+    Q = probs.shape[2]
+    out = einsum("kgts,skh->tkgh", probs, v).reshape(Q, -1)  # (Q, H·hd)
+    return einsum("te,de->td", out, o_proj)
 
 
 def attention(
@@ -81,30 +126,10 @@ def attention(
     `p` holds one layer's slice of LayerParams; `window` is this layer's sliding window (0: none).
     """
     T = x.shape[0]
-    Q = queries or T  # query positions T-Q..T-1
-    H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
-    x_frozen = frozen(x, detach)  # q and k only feed the (frozen) probabilities
-    q = einsum("td,ed->te", x_frozen, p.q_proj)  # (T, H·hd)
-    k = einsum("td,ed->te", x_frozen, p.k_proj)  # (T, K·hd)
-    v = einsum("td,ed->te", x, p.v_proj).reshape(T, K, hd)  # (T, K, hd)
-    norm = functools.partial(rms_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
-    if config.qk_norm == "full":
-        q, k = norm(q, p.q_norm), norm(k, p.k_norm)
-    q, k = q.reshape(T, H, hd), k.reshape(T, K, hd)  # (T, H, hd), (T, K, hd)
-    if config.qk_norm == "head":
-        q, k = norm(q, p.q_norm), norm(k, p.k_norm)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-    q = q.reshape(T, K, H // K, hd)  # (T, K, G, hd): G query heads share each kv head
-    scores = einsum("tkgh,skh->kgts", q, k) * config.query_scale  # (K, G, T, T)
-    if config.attn_logit_softcapping is not None:
-        cap = config.attn_logit_softcapping
-        scores = jnp.tanh(scores / cap) * cap
-    scores = jnp.where(attention_mask(T, window), scores, jnp.finfo(scores.dtype).min)
+    q, k, v = project_qkv(x, p, cos, sin, config, detach=detach)
     # The probabilities carry no cotangent: computing them for every query costs no backward work.
-    probs = frozen(jax.nn.softmax(scores, axis=-1), detach)[:, :, T - Q:]  # (K, G, Q, T)
-    out = einsum("kgts,skh->tkgh", probs, v).reshape(Q, H * hd)  # (Q, H·hd)
-    return einsum("te,de->td", out, p.o_proj)
+    probs = frozen(attention_probs(q, k, attention_mask(T, window), config), detach)
+    return attend(probs[:, :, T - (queries or T):], v, p.o_proj)
 
 
 def glu_mlp(x: Array, p, config: ModelConfig, *, detach: bool) -> Array:

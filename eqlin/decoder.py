@@ -8,7 +8,6 @@ coefficient (see `eqlin.blocks`) without changing any value.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +64,13 @@ def rope_stack(config: ModelConfig, length: int, dtype: jnp.dtype) -> tuple[Arra
     return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
 
 
+def optional_norm(v: Array, weight: Array | None, config: ModelConfig, *, detach: bool) -> Array:
+    """RMSNorm of v with `weight`, or v itself where the family has no such norm (weight None)."""
+    if weight is None:
+        return v
+    return rms_norm(v, weight, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
+
+
 def decoder_layer(
     h: Array,
     p: LayerParams,
@@ -82,15 +88,19 @@ def decoder_layer(
     last Q = `queries` positions (default all T). Fewer queries skip the other positions' attention
     outputs and MLPs, all of which a readout of the last Q positions cannot see.
     """
-    norm = functools.partial(rms_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
+    attn = attention(optional_norm(h, p.attn_in_norm, config, detach=detach), p, cos, sin, window, config,
+                     detach=detach, queries=queries)
+    return layer_tail(h[h.shape[0] - (queries or h.shape[0]):], attn, p, config, detach=detach)
 
-    def maybe_norm(v: Array, w: Array | None) -> Array:
-        return v if w is None else norm(v, w)
 
-    a = maybe_norm(attention(maybe_norm(h, p.attn_in_norm), p, cos, sin, window, config, detach=detach,
-                             queries=queries), p.attn_out_norm)
-    h = h[h.shape[0] - (queries or h.shape[0]):] + a
-    m = maybe_norm(glu_mlp(maybe_norm(h, p.mlp_in_norm), p, config, detach=detach), p.mlp_out_norm)
+def layer_tail(h: Array, attn: Array, p: LayerParams, config: ModelConfig, *, detach: bool
+               ) -> tuple[Array, Array, Array]:
+    """A layer after its attention: h (Q, d) residual rows, attn (Q, d) attention output (o_proj applied)
+    -> (h_out, attn_branch, mlp_branch), with the family's post-norms (sandwich/post layouts)."""
+    a = optional_norm(attn, p.attn_out_norm, config, detach=detach)
+    h = h + a
+    m = optional_norm(glu_mlp(optional_norm(h, p.mlp_in_norm, config, detach=detach), p, config, detach=detach),
+                      p.mlp_out_norm, config, detach=detach)
     return h + m, a, m
 
 

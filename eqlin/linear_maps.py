@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqlin.config import ModelConfig
-from eqlin.blocks import apply_rope, einsum, glu_mlp, rms_norm
-from eqlin.decoder import embed, final_norm, layer_slice, rope_stack, run_layers, unembed
+from eqlin.blocks import attend, attention_probs, einsum, project_qkv, visible
+from eqlin.decoder import embed, final_norm, layer_slice, layer_tail, optional_norm, rope_stack, run_layers, unembed
 from eqlin.errors import InputError
 from eqlin.linear_maps import jacobian_of, relative_error
 from eqlin.model import Model
@@ -89,39 +89,16 @@ def cached_layer(h: Array, p, keys: Array, values: Array, pos: Array, cos: Array
                  config: ModelConfig) -> tuple[Array, Array, Array]:
     """`eqlin.decoder.decoder_layer` for the one token at position `pos`, its keys and values written into
     the layer's cache. h (d,); keys, values (B, K, hd) hold positions < pos; cos, sin (r,) at pos.
-    Returns (h_out (d,), keys, values). The attention is `eqlin.blocks.attention`'s row `pos` (same q/k
-    norms, RoPE, GQA grouping, softcap and window mask) against cached keys; norms and MLP are the shared
-    blocks. tests/test_steering.py checks it against the full forward for every family."""
-    H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
-    norm = functools.partial(rms_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=False)
-
-    def maybe_norm(v: Array, w: Array | None) -> Array:
-        return v if w is None else norm(v, w)
-
-    x = maybe_norm(h, p.attn_in_norm)[None]  # (1, d)
-    q = einsum("td,ed->te", x, p.q_proj)  # (1, H·hd)
-    k = einsum("td,ed->te", x, p.k_proj)  # (1, K·hd)
-    v = einsum("td,ed->te", x, p.v_proj).reshape(K, hd)
-    if config.qk_norm == "full":
-        q, k = norm(q, p.q_norm), norm(k, p.k_norm)
-    q, k = q.reshape(1, H, hd), k.reshape(1, K, hd)
-    if config.qk_norm == "head":
-        q, k = norm(q, p.q_norm), norm(k, p.k_norm)
-    q, k = apply_rope(q, cos[None], sin[None]), apply_rope(k, cos[None], sin[None])
+    Returns (h_out (d,), keys, values). The same blocks as the full forward (projections, q/k norms,
+    RoPE, probabilities, layer tail), with row `pos` of the mask against the cached keys."""
+    x = optional_norm(h, p.attn_in_norm, config, detach=False)[None]  # (1, d)
+    q, k, v = project_qkv(x, p, cos[None], sin[None], config, detach=False)  # (1, H, hd), (1, K, hd) ×2
     keys = jax.lax.dynamic_update_index_in_dim(keys, k[0], pos, 0)  # (B, K, hd)
-    values = jax.lax.dynamic_update_index_in_dim(values, v, pos, 0)
-    scores = einsum("kgh,skh->kgs", q.reshape(K, H // K, hd), keys) * config.query_scale  # (K, G, B)
-    if config.attn_logit_softcapping is not None:
-        cap = config.attn_logit_softcapping
-        scores = jnp.tanh(scores / cap) * cap
-    s = jnp.arange(keys.shape[0])
-    visible = (s <= pos) & ((window == 0) | (pos - s < window))  # the row `pos` of attention_mask
-    probs = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(scores.dtype).min), axis=-1)
-    out = einsum("kgs,skh->kgh", probs, values).reshape(1, H * hd)
-    a = maybe_norm(einsum("te,de->td", out, p.o_proj), p.attn_out_norm)  # (1, d)
-    h = h[None] + a
-    m = maybe_norm(glu_mlp(maybe_norm(h, p.mlp_in_norm), p, config, detach=False), p.mlp_out_norm)
-    return (h + m)[0], keys, values
+    values = jax.lax.dynamic_update_index_in_dim(values, v[0], pos, 0)
+    mask = visible(pos, jnp.arange(keys.shape[0]), window)[None]  # (1, B): row `pos` of attention_mask
+    attn = attend(attention_probs(q, keys, mask, config), values, p.o_proj)  # (1, d)
+    h_out, _, _ = layer_tail(h[None], attn, p, config, detach=False)
+    return h_out[0], keys, values
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))

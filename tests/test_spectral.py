@@ -181,7 +181,7 @@ def test_effective_dimension_closed_forms(s, stable, participation, r90, r99):
 
 
 def test_effective_dimension_of_spectra_per_token():
-    d, T = 6, 2
+    d = 6
     J = np.stack([np.eye(d), np.diag([3.0, 2, 1, 0, 0, 0])], axis=1)  # (d, T, d)
     e = spectrum(fake_linearization(J, np.ones(d))).effective
     np.testing.assert_allclose(e.stable_rank, [d, 14 / 9], rtol=1e-12)
