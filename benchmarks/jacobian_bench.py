@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -44,6 +43,7 @@ import eqlin  # noqa: E402
 import eqlin.gguf  # noqa: E402
 from eqlin.batch import detached_jacobians  # noqa: E402
 from eqlin.linear_maps import _linearize, _resolve_chunk, memory_limit_bytes  # noqa: E402
+from eqlin.outputs import write_json_atomic  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 from tests.fixtures import load_torch_model, make_checkpoint  # noqa: E402
 
@@ -202,6 +202,15 @@ def main() -> None:
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "jax": jax.__version__, "torch": torch.__version__, "load_average_start": os.getloadavg()}
     rows, batches = [], []
+    result = {"meta": meta, "jacobian": rows, "batch": batches}
+    out = args.out or RESULTS / f"{meta['date'].replace(':', '')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        """Rewrite the JSON after every measurement: a crash or ^C later keeps what was measured."""
+        result["meta"]["load_average_end"] = os.getloadavg()
+        write_json_atomic(out, result)
+
     print(f"{'model':>8} {'dtype':>7} {'T':>4} {'eqlin s':>8} {'compile':>8} {'GFLOP/s':>8} {'floor':>6} "
           f"{'MiB':>6} {'torch s':>8} {'MiB':>6} {'ratio':>6} {'|ΔJ|':>8} {'load':>5}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,6 +226,9 @@ def main() -> None:
                            "floor_s": flops / gemm / 1e9, "eqlin": {k: v for k, v in e.items() if k != "jacobian"}}
                     row["eqlin"]["gflops"] = flops / e["run_s"] / 1e9
                     row["eqlin"]["fraction_of_floor"] = row["floor_s"] / e["run_s"]
+                    row["load_average"] = os.getloadavg()[0]
+                    rows.append(row)
+                    save()
                     if not args.no_torch:
                         t = torch_case(folder, ids, dtype)
                         row["torch"] = {"run_s": t["run_s"], "peak_bytes": t["peak_bytes"],
@@ -224,8 +236,8 @@ def main() -> None:
                         row["torch_over_eqlin"] = t["run_s"] / e["run_s"]
                         row["relative_difference"] = float(np.linalg.norm(t["jacobian"] - e["jacobian"])
                                                            / np.linalg.norm(t["jacobian"]))
-                    row["load_average"] = os.getloadavg()[0]
-                    rows.append(row)
+                        row["load_average"] = os.getloadavg()[0]
+                        save()
                     tr = row.get("torch", {})
                     print(f"{name:>8} {dtype:>7} {T:>4} {e['run_s']:>8.2f} {e['compile_s']:>8.2f} "
                           f"{row['eqlin']['gflops']:>8.1f} {row['eqlin']['fraction_of_floor']:>6.2f} "
@@ -238,16 +250,13 @@ def main() -> None:
                     b = batch_case(model, first["T"], args.batch, first["eqlin"]["run_s"])
                     b.update(model=name, dtype=dtype, load_average=os.getloadavg()[0])
                     batches.append(b)
+                    save()
                     print(f"batch {name} {dtype}: {b['B']} ragged prompts, T_max {b['T_max']}: {b['seconds']:.2f} s, "
                           f"{b['prompts_per_s']:.2f} prompts/s (unbatched {b['unbatched_prompts_per_s']:.2f}), max error {b['max_relative_error']:.1e}", flush=True)
-    result = {"meta": meta, "jacobian": rows, "batch": batches}
     if args.cli:
         result["cli"] = cli_case("The bridge out of Marin is the")
         print(f"cli: cold {result['cli']['cold_s']:.1f} s, warm cache {result['cli']['warm_cache_s']:.1f} s")
-    result["meta"]["load_average_end"] = os.getloadavg()
-    out = args.out or RESULTS / f"{meta['date'].replace(':', '')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    save()
     print(f"wrote {out}")
 
 

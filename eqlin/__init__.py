@@ -20,7 +20,7 @@ from eqlin.linear_maps import (
 )
 from eqlin.model import Model, load
 from eqlin.params import LayerParams, Params
-from eqlin.sharding import basis_mesh, detached_jacobian_sharded
+from eqlin.sharding import basis_mesh, detached_jacobian_sharded, device_mesh
 from eqlin.spectral import Spectrum, decode_spectrum, effective_dimension, norm_analysis, spectrum, top_singular
 from eqlin.steering import SteeringResult, steer, steering_sweep
 
@@ -28,7 +28,7 @@ __all__ = [
     "BatchLinearization", "ConfigError", "EqlinError", "ForwardOutput", "InputError", "LayerParams", "Linearization",
     "LogitMap", "MatrixFreeCheck", "MemoryBudgetError", "Model", "ModelConfig", "Params", "PrecisionError",
     "RopeSpec", "Spectrum", "SteeringResult", "WeightsError", "basis_mesh", "decode_spectrum", "detached_jacobian",
-    "detached_jacobian_sharded", "detached_jacobians", "effective_dimension", "embed", "estimate_jacobian_bytes",
+    "detached_jacobian_sharded", "detached_jacobians", "device_mesh", "effective_dimension", "embed", "estimate_jacobian_bytes",
     "final_hidden", "forward", "jacobian", "load", "logit_map", "matrix_free_check", "norm_analysis", "spectrum",
     "steer", "steering_sweep", "top_singular",
 ]

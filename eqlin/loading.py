@@ -10,11 +10,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from eqlin.config import ModelConfig
 from eqlin.errors import PrecisionError, WeightsError
 from eqlin.families import FamilySpec
-from eqlin.params import LayerParams, Params, expected_shapes
+from eqlin.params import LayerParams, Params, expected_shapes, param_shardings
 from eqlin.safetensors_io import SafetensorsFile
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -141,9 +142,11 @@ def expected_tensors(config: ModelConfig, spec: FamilySpec, prefix: str, head: s
     return out
 
 
-def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.dtype) -> Params:
+def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.dtype, *, mesh: Mesh | None = None
+                ) -> Params:
     """Read, check and stack every weight. One WeightsError lists all missing, unexpected and
-    mis-shaped tensors; biases are named as such (they break homogeneity)."""
+    mis-shaped tensors; biases are named as such (they break homogeneity). With `mesh`, weights are
+    placed tensor-parallel over its "model" axis (`eqlin.params.partition_specs`), never whole on one device."""
     files = open_weight_files(folder)
     names = set(files)
     prefix, head = text_prefixes(names)
@@ -170,13 +173,15 @@ def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.
         return np.asarray(files[name].read(name), dtype=np.float64 if dtype == jnp.float64 else np.float32)
 
     by_field: dict[str, list[np.ndarray]] = {}
-    top: dict[str, jax.Array] = {}
+    top: dict[str, np.ndarray] = {}
     for name, (fields, layer, _) in expected.items():
         if layer is None:
-            top[fields[0]] = jnp.asarray(read(name), dtype)
+            top[fields[0]] = read(name).astype(dtype, copy=False)
             continue
         rows = np.cumsum(_rows(config, spec, fields))[:-1]
         for field, part in zip(fields, np.split(read(name), rows)):
             by_field.setdefault(field, [None] * config.num_layers)[layer] = part
-    layers = LayerParams(**{f: jnp.asarray(np.stack(arrs), dtype) for f, arrs in by_field.items()})
-    return Params(embed=top["embed"], layers=layers, final_norm=top["final_norm"], lm_head=top.get("lm_head"))
+    layers = LayerParams(**{f: np.stack(arrs).astype(dtype, copy=False) for f, arrs in by_field.items()})
+    host = Params(embed=top["embed"], layers=layers, final_norm=top["final_norm"], lm_head=top.get("lm_head"))
+    # Host arrays go straight to their devices: with a mesh, each device receives only its own shards.
+    return jax.device_put(host, None if mesh is None else param_shardings(host, config, mesh))

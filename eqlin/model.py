@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from eqlin import decoder as fwd
 from eqlin.config import ModelConfig
@@ -98,11 +99,14 @@ def load(
     dtype: str = "float64",
     cache_dir: str | Path | None = None,
     download: bool = False,
+    mesh: Mesh | None = None,
 ) -> Model:
     """Load a checkpoint: a local folder (config.json, model.safetensors or a sharded index,
     tokenizer.json), a repo id already in the local HF cache, or a .gguf file (dequantized once into
     an eqlin-ready folder under the user cache, see `eqlin.gguf`). Weights are cast to `dtype`
-    ("float64" needs JAX's x64 mode). Nothing is downloaded unless `download=True`."""
+    ("float64" needs JAX's x64 mode). Nothing is downloaded unless `download=True`. With a `mesh`
+    (`eqlin.sharding.device_mesh(model=n)`), the weights are split tensor-parallel over its "model" axis
+    as they load, for models whose weights do not fit one device."""
     jdtype = resolve_dtype(dtype)
     if str(source).endswith(".gguf"):
         from eqlin.gguf import converted_folder
@@ -113,6 +117,6 @@ def load(
     hf = read_json(folder / "config.json")
     spec = spec_for(hf)
     config = config_from_hf(hf)
-    params = load_params(folder, config, spec, jdtype)
+    params = load_params(folder, config, spec, jdtype, mesh=mesh)
     tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
     return Model(config=config, params=params, tokenizer=tokenizer, source=str(source))

@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eqlin.config import ModelConfig
 
 Array = jax.Array
+MODEL_AXIS = "model"  # the mesh axis that tensor-parallel weights are split over
 
 
 @jax.tree_util.register_dataclass
@@ -72,3 +74,35 @@ def expected_shapes(config: ModelConfig, norm_fields: tuple[str, ...]) -> dict[s
     elif config.qk_norm == "full":
         shapes.update(q_norm=(config.q_size,), k_norm=(config.kv_size,))
     return shapes
+
+
+def partition_specs(params: Params, config: ModelConfig, n_model: int) -> Params:
+    """Tensor-parallel layout (Megatron style) over a mesh axis "model" of size `n_model`, as a Params
+    tree of PartitionSpecs (None where `params` has None).
+
+    Column-parallel: q_proj by query heads, k/v_proj by kv heads, gate/up_proj by rows of F; row-parallel:
+    o_proj and down_proj on their input axis, so each device's heads and F-slice stay local and one
+    all-reduce per block joins them. The embedding and lm_head split the vocabulary. A weight whose split
+    axis does not divide by `n_model` (e.g. one kv head over 2 devices) is replicated; norms are replicated.
+    """
+    def split(ok: bool, axis: int, ndim: int) -> P:
+        return P(*(MODEL_AXIS if i == axis else None for i in range(ndim))) if ok and n_model > 1 else P()
+
+    heads = config.num_heads % n_model == 0
+    kv = config.num_kv_heads % n_model == 0
+    ff = config.intermediate_size % n_model == 0
+    vocab = config.vocab_size % n_model == 0
+    replicated = jax.tree_util.tree_map(lambda _: P(), params)
+    layers = dataclasses.replace(
+        replicated.layers,
+        q_proj=split(heads, 1, 3), k_proj=split(kv, 1, 3), v_proj=split(kv, 1, 3), o_proj=split(heads, 2, 3),
+        gate_proj=split(ff, 1, 3), up_proj=split(ff, 1, 3), down_proj=split(ff, 2, 3),
+    )
+    return dataclasses.replace(replicated, layers=layers, embed=split(vocab, 0, 2),
+                               lm_head=None if params.lm_head is None else split(vocab, 0, 2))
+
+
+def param_shardings(params: Params, config: ModelConfig, mesh: Mesh) -> Params:
+    """`partition_specs` as NamedShardings on `mesh` (axis "model" if it has one, else all replicated)."""
+    specs = partition_specs(params, config, dict(mesh.shape).get(MODEL_AXIS, 1))
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs)

@@ -1,10 +1,19 @@
-"""Detached Jacobians over several devices: the cotangent (basis) axis sharded, the weights replicated.
+"""Detached Jacobians over several devices: a 2-D mesh ("basis", "model").
 
-Reverse mode pushes the d basis vectors e_i of the output through one linearization; the rows
-J[i] = vjp(e_i) are independent, so a `Mesh` axis ("basis") splits them: device k linearizes the model
-once (cheap: one forward) and pulls back its own d / n basis vectors, in chunks of `chunk`. The rows
-come back sharded on that axis and are identical to one device's (same ops per row). Multi-host: call
-`jax.distributed.initialize()` first on every host, then pass a mesh over `jax.devices()` (docs/scaling.md).
+- "basis": reverse mode pushes the d basis vectors e_i of the output through one linearization; the
+  rows J[i] = vjp(e_i) are independent, so this axis splits them. Each basis group linearizes the model
+  once (one forward) and pulls back its own d / n_basis rows, `chunk` at a time. With weights
+  replicated ("model" of size 1) the rows are bit-identical to one device's (same ops per row).
+- "model": tensor parallelism for weights that do not fit one device. The weights are split Megatron
+  style (`eqlin.params.partition_specs`); inside each basis group XLA's SPMD partitioner runs the
+  heads and the F-slice of the MLP locally and joins them with one all-reduce per block, in the
+  forward and in every cotangent pass. Results equal one device's up to the reduction order
+  (float64 rounding).
+
+`jax.vjp` does not carry shardings by itself: the weights are constrained to their layout inside the
+jitted function, and the basis axis is manual (`jax.shard_map` over "basis" only, "model" left to
+the partitioner). Multi-host: call `jax.distributed.initialize()` first on every host, then build the
+mesh over `jax.devices()` (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -18,29 +27,40 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
+from eqlin.errors import InputError
 from eqlin.linear_maps import Linearization, _finish, cumulative_fn, pull_back_rows
 from eqlin.model import Model
-from eqlin.params import Params
+from eqlin.params import MODEL_AXIS, Params, param_shardings
 
 Array = jax.Array
 AXIS = "basis"
 
 
+def device_mesh(devices: list | None = None, *, model: int = 1) -> Mesh:
+    """A (n / model, model) mesh with axes ("basis", "model") over `devices` (default: all, every
+    host's included). Devices that share a "basis" index hold one tensor-parallel copy of the weights."""
+    devs = np.asarray(devices if devices is not None else jax.devices())
+    if model < 1 or devs.size % model:
+        raise InputError(f"model={model} must be a positive divisor of the {devs.size} devices")
+    return Mesh(devs.reshape(devs.size // model, model), (AXIS, MODEL_AXIS))
+
+
 def basis_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D mesh named "basis" over `devices` (default: all, every host's included)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (AXIS,))
+    """`device_mesh` with the weights replicated: every device is its own basis group."""
+    return device_mesh(devices, model=1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh", "chunk"))
 def _sharded_rows(params: Params, config: ModelConfig, x: Array, *, mesh: Mesh, chunk: int | None
                   ) -> tuple[Array, Array]:
     """(y (d,), J (d, T, d) with rows sharded over the mesh's basis axis)."""
+    params = jax.lax.with_sharding_constraint(params, param_shardings(params, config, mesh))
     d, n = config.hidden_size, mesh.shape[AXIS]
     index = jnp.arange(-(-d // n) * n) % d  # padded to a multiple of n with repeats, dropped below
 
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P(AXIS)), out_specs=(P(), P(AXIS)),
-                       check_vma=False)  # y is replicated; cotangents vary over the basis axis
-    def rows(p: Params, x: Array, i: Array) -> tuple[Array, Array]:  # i: this device's basis indices
+                       axis_names={AXIS}, check_vma=False)  # y is the same in every basis group
+    def rows(p: Params, x: Array, i: Array) -> tuple[Array, Array]:  # i: this group's basis indices
         y, vjp = jax.vjp(cumulative_fn(p, config, None, "residual", True), x)
         return y, pull_back_rows(vjp, y, i, chunk)  # (d/n, T, d)
 
@@ -51,13 +71,18 @@ def _sharded_rows(params: Params, config: ModelConfig, x: Array, *, mesh: Mesh, 
 
 def detached_jacobian_sharded(model: Model, inputs, *, mesh: Mesh | None = None, chunk: int | None = None
                               ) -> Linearization:
-    """`detached_jacobian(model, inputs)` (final output) with the d cotangents split over `mesh`'s
-    "basis" axis (default: every device). Weights are replicated on each device. J (d, T, d) comes
-    back sharded on its first axis; `chunk` bounds the cotangents per pass on each device."""
+    """`detached_jacobian(model, inputs)` (final output) on `mesh` (default: `basis_mesh()`, every device).
+
+    The d cotangents split over the "basis" axis; the weights split over the "model" axis (load the
+    model with `eqlin.load(..., mesh=mesh)` so they are never whole on one device). J (d, T, d) comes
+    back sharded on its first axis; `chunk` bounds the cotangents per pass in each basis group.
+    """
     mesh = mesh or basis_mesh()
-    params = jax.device_put(model.params, NamedSharding(mesh, P()))
+    if set(mesh.axis_names) != {AXIS, MODEL_AXIS}:
+        raise InputError(f"mesh axes must be ('basis', 'model'), got {mesh.axis_names}; build it with device_mesh()")
+    params = jax.device_put(model.params, param_shardings(model.params, model.config, mesh))
     ids = model.ids(inputs)
-    x = jax.device_put(embed(model.params, model.config, jnp.asarray(ids)), NamedSharding(mesh, P()))
+    x = jax.device_put(embed(params, model.config, jnp.asarray(ids)), NamedSharding(mesh, P()))
     y, J = _sharded_rows(params, model.config, x, mesh=mesh, chunk=chunk)
     contributions, err = _finish(y, J, x)
     return Linearization(J, x, y, contributions, err, jnp.asarray(ids))

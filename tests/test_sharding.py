@@ -1,5 +1,6 @@
-"""The basis-sharded Jacobian on 8 (forced host) devices equals the one-device Jacobian. The device count
-must be set before JAX starts, so the check runs in a subprocess."""
+"""Jacobians on 8 (forced host) devices equal the one-device Jacobian: basis-sharded with replicated
+weights bit for bit, tensor-parallel weights to float64 rounding. The device count must be set before
+JAX starts, so each check runs in a subprocess."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 from tests.conftest import TEXT
 
@@ -18,27 +21,59 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     import eqlin
     from eqlin.linear_maps import detached_jacobian
-    from eqlin.sharding import basis_mesh, detached_jacobian_sharded
+    from eqlin.sharding import _sharded_rows, device_mesh, detached_jacobian_sharded
 
-    model = eqlin.load(sys.argv[1])
-    one = detached_jacobian(model, sys.argv[2], chunk=3)
-    many = detached_jacobian_sharded(model, sys.argv[2], mesh=basis_mesh(), chunk=3)
-    diff = np.asarray(many.jacobian) - np.asarray(one.jacobian)
+    folder, text, n_model = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    one = detached_jacobian(eqlin.load(folder), text, chunk=3)
+    mesh = device_mesh(model=n_model)
+    model = eqlin.load(folder, mesh=mesh)  # weights placed shard by shard as they load
+    many = detached_jacobian_sharded(model, text, mesh=mesh, chunk=3)
+    compiled = _sharded_rows.lower(model.params, model.config, many.inputs, mesh=mesh, chunk=3).compile()
+    hlo = compiled.as_text()
+    leaves = jax.tree_util.tree_leaves(model.params)
+    up = model.params.layers.up_proj
     print(json.dumps({
         "devices": len(jax.devices()),
         "shards": len(many.jacobian.sharding.device_set),
-        "max_abs_diff": float(np.max(np.abs(diff))),
+        "row_blocks": len({str(s.index) for s in many.jacobian.addressable_shards}),
+        "max_abs_diff": float(np.max(np.abs(np.asarray(many.jacobian) - np.asarray(one.jacobian)))),
+        "max_abs": float(np.max(np.abs(np.asarray(one.jacobian)))),
         "relative_error": float(many.relative_error),
+        "up_shard_rows": up.addressable_shards[0].data.shape[1], "up_rows": up.shape[1],
+        "param_bytes": sum(a.nbytes for a in leaves),
+        "param_bytes_per_device": sum(a.addressable_shards[0].data.nbytes for a in leaves),
+        "argument_bytes_per_device": compiled.memory_analysis().argument_size_in_bytes,
+        "all_gathers": hlo.count(" all-gather(") + hlo.count(" all-gather-start("),
+        "all_reduces": hlo.count(" all-reduce(") + hlo.count(" all-reduce-start("),
     }))
 """)
 
 
-def test_basis_sharded_jacobian_equals_one_device(checkpoint):
+def run_on_8_devices(folder, n_model: int) -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(checkpoint("gemma3")), TEXT], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), TEXT, str(n_model)], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["devices"] == 8 and result["shards"] == 8
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_basis_sharded_jacobian_equals_one_device(checkpoint):
+    result = run_on_8_devices(checkpoint("gemma3"), 1)
+    assert result["devices"] == 8 and result["shards"] == 8 and result["row_blocks"] == 8
     assert result["max_abs_diff"] == 0.0, result  # the same ops per row: identical, not merely close
     assert result["relative_error"] <= 1e-13
+    assert result["all_reduces"] == 0 and result["param_bytes_per_device"] == result["param_bytes"]
+
+
+@pytest.mark.parametrize("variant, n_model", [("gemma3", 4), ("olmo2", 2)])
+def test_tensor_parallel_jacobian_equals_one_device(checkpoint, variant, n_model):
+    """Weights split over n_model devices (OLMo 2's full-width q/k norm then reduces across them), the
+    basis over the other 8 / n_model: J matches one device to rounding, and no weight is ever gathered."""
+    result = run_on_8_devices(checkpoint(variant), n_model)
+    assert result["shards"] == 8 and result["row_blocks"] == 8 // n_model, result  # a row block per basis group
+    assert result["max_abs_diff"] <= 1e-13 * result["max_abs"], result
+    assert result["relative_error"] <= 1e-13
+    assert result["up_shard_rows"] * n_model == result["up_rows"]
+    assert result["param_bytes_per_device"] < 0.75 * result["param_bytes"], result
+    assert result["argument_bytes_per_device"] < 0.75 * result["param_bytes"], result
+    assert result["all_gathers"] == 0 and result["all_reduces"] > 0, result
