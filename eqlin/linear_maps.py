@@ -221,6 +221,15 @@ def estimate_jacobian_bytes(config: ModelConfig, length: int, *, n_maps: int = 1
     return itemsize * (outputs * inputs + n_maps * L * act + in_flight * (act + inputs + outputs))
 
 
+def largest_fitting(cost: Callable[[int], int], most: int, limit: int) -> int:
+    """The largest chunk c in [1, most] with cost(c) <= limit (cost increasing; 1 if none fits)."""
+    lo, hi = 1, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= limit else (lo, mid - 1)
+    return lo
+
+
 def _resolve_chunk(config: ModelConfig, length: int, n_maps: int, mode: str, chunk: int | None, itemsize: int,
                    limit: int) -> int | None:
     """The chunk to use: as asked if it fits, else (asked None) the largest that fits; refuse otherwise."""
@@ -244,10 +253,7 @@ def _resolve_chunk(config: ModelConfig, length: int, n_maps: int, mode: str, chu
             "layers, or the matrix-free methods (they never build J); the limit is set by memory_limit or "
             "EQLIN_MEMORY_LIMIT_GB"
         )
-    lo, hi = 1, per_map_width
-    while lo < hi:  # largest chunk that fits
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if cost(mid) <= limit else (lo, mid - 1)
+    lo = largest_fitting(cost, per_map_width, limit)
     if chunk is not None:
         raise MemoryBudgetError(
             f"chunk={chunk} needs about {cost(chunk) / 2**30:.1f} GiB, over the {limit / 2**30:.1f} GiB limit; "

@@ -27,8 +27,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
-from eqlin.errors import InputError
-from eqlin.linear_maps import Linearization, _finish, cumulative_fn, pull_back_rows
+from eqlin.errors import InputError, MemoryBudgetError
+from eqlin.linear_maps import (Linearization, _activation_elems, _finish, cumulative_fn, largest_fitting,
+                               memory_limit_bytes, pull_back_rows)
 from eqlin.model import Model
 from eqlin.params import MODEL_AXIS, Params, param_shardings
 
@@ -69,19 +70,67 @@ def _sharded_rows(params: Params, config: ModelConfig, x: Array, *, mesh: Mesh, 
     return y, J
 
 
-def detached_jacobian_sharded(model: Model, inputs, *, mesh: Mesh | None = None, chunk: int | None = None
-                              ) -> Linearization:
+def device_memory_limit(device: jax.Device) -> int:
+    """Bytes one device may use: its allocator's limit where it reports one (GPU, TPU), else (CPU devices
+    share the host's RAM) `memory_limit_bytes()` split evenly over this host's devices."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return memory_limit_bytes() // len(jax.local_devices())
+
+
+def sharded_jacobian_bytes(config: ModelConfig, length: int, mesh: Mesh, *, chunk: int | None, itemsize: int,
+                           param_bytes: int) -> int:
+    """Peak bytes on one device (an upper estimate): its weights (`param_bytes`), its block of J's rows,
+    the stored linearization and `chunk` cotangents in flight (activations counted unsplit)."""
+    d, L = config.hidden_size, config.num_layers
+    rows = -(-d // mesh.shape[AXIS])
+    in_flight = min(chunk or rows, rows)
+    act = _activation_elems(config, length)
+    return param_bytes + itemsize * (rows * length * d + L * act + in_flight * (act + length * d + d))
+
+
+def _resolve_sharded_chunk(config: ModelConfig, length: int, mesh: Mesh, chunk: int | None, itemsize: int,
+                           param_bytes: int, limit: int) -> int | None:
+    """`chunk` if it fits one device's `limit`; None (all of a group's rows at once) or the largest chunk
+    that fits when none is asked; MemoryBudgetError naming the fix otherwise."""
+    def cost(c: int | None) -> int:
+        return sharded_jacobian_bytes(config, length, mesh, chunk=c, itemsize=itemsize, param_bytes=param_bytes)
+
+    gib = 2**30
+    if cost(1) > limit:
+        raise MemoryBudgetError(
+            f"a sharded Jacobian at T={length} needs about {cost(1) / gib:.1f} GiB per device even one basis vector "
+            f"at a time, over the {limit / gib:.1f} GiB per-device limit; add devices to the \"basis\" axis "
+            "(J's rows) or the \"model\" axis (the weights), or use fewer tokens"
+        )
+    if cost(chunk) <= limit:
+        return chunk
+    fit = largest_fitting(cost, -(-config.hidden_size // mesh.shape[AXIS]), limit)
+    if chunk is not None:
+        raise MemoryBudgetError(f"chunk={chunk} needs about {cost(chunk) / gib:.1f} GiB per device, over the "
+                                f"{limit / gib:.1f} GiB limit; use chunk={fit} or less")
+    return fit
+
+
+def detached_jacobian_sharded(model: Model, inputs, *, mesh: Mesh | None = None, chunk: int | None = None,
+                              memory_limit: int | None = None) -> Linearization:
     """`detached_jacobian(model, inputs)` (final output) on `mesh` (default: `basis_mesh()`, every device).
 
     The d cotangents split over the "basis" axis; the weights split over the "model" axis (load the
     model with `eqlin.load(..., mesh=mesh)` so they are never whole on one device). J (d, T, d) comes
-    back sharded on its first axis; `chunk` bounds the cotangents per pass in each basis group.
+    back sharded on its first axis; `chunk` bounds the cotangents per pass in each basis group (None:
+    the largest that fits `memory_limit` bytes per device, default `device_memory_limit`), checked
+    before anything is allocated.
     """
     mesh = mesh or basis_mesh()
     if set(mesh.axis_names) != {AXIS, MODEL_AXIS}:
         raise InputError(f"mesh axes must be ('basis', 'model'), got {mesh.axis_names}; build it with device_mesh()")
     params = jax.device_put(model.params, param_shardings(model.params, model.config, mesh))
     ids = model.ids(inputs)
+    param_bytes = sum(a.addressable_shards[0].data.nbytes for a in jax.tree_util.tree_leaves(params))
+    chunk = _resolve_sharded_chunk(model.config, len(ids), mesh, chunk, model.dtype.itemsize, param_bytes,
+                                   memory_limit or device_memory_limit(mesh.devices.flat[0]))
     x = jax.device_put(embed(params, model.config, jnp.asarray(ids)), NamedSharding(mesh, P()))
     y, J = _sharded_rows(params, model.config, x, mesh=mesh, chunk=chunk)
     contributions, err = _finish(y, J, x)

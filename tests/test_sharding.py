@@ -10,8 +10,13 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import numpy as np
 import pytest
 
+from eqlin.errors import MemoryBudgetError
+from eqlin.linear_maps import detached_jacobian
+from eqlin.sharding import detached_jacobian_sharded, device_mesh, sharded_jacobian_bytes
 from tests.conftest import TEXT
 
 SCRIPT = textwrap.dedent("""
@@ -77,3 +82,23 @@ def test_tensor_parallel_jacobian_equals_one_device(checkpoint, variant, n_model
     assert result["param_bytes_per_device"] < 0.75 * result["param_bytes"], result
     assert result["argument_bytes_per_device"] < 0.75 * result["param_bytes"], result
     assert result["all_gathers"] == 0 and result["all_reduces"] > 0, result
+
+
+def test_sharded_jacobian_checks_memory_before_allocating(loaded):
+    """On this process's one device: refuse when one basis vector does not fit, name the chunk that does,
+    and pick it when no chunk is given."""
+    model = loaded("gemma3")
+    mesh = device_mesh()
+    T = len(model.ids(TEXT))
+    param_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(model.params))
+
+    def cost(chunk: int) -> int:
+        return sharded_jacobian_bytes(model.config, T, mesh, chunk=chunk, itemsize=8, param_bytes=param_bytes)
+
+    with pytest.raises(MemoryBudgetError, match="even one basis vector"):
+        detached_jacobian_sharded(model, TEXT, mesh=mesh, memory_limit=cost(1) - 1)
+    with pytest.raises(MemoryBudgetError, match="use chunk=5 or less"):
+        detached_jacobian_sharded(model, TEXT, mesh=mesh, chunk=6, memory_limit=cost(5))
+    auto = detached_jacobian_sharded(model, TEXT, mesh=mesh, memory_limit=cost(5))
+    assert np.array_equal(np.asarray(auto.jacobian), np.asarray(detached_jacobian(model, TEXT, chunk=5).jacobian))
+    assert auto.relative_error <= 1e-13
