@@ -6,8 +6,8 @@
   replicated ("model" of size 1) the rows are bit-identical to one device's (same ops per row).
 - "model": tensor parallelism for weights that do not fit one device. The weights are split Megatron
   style (`eqlin.params.partition_specs`); inside each basis group XLA's SPMD partitioner runs the
-  heads and the F-slice of the MLP locally and joins them with one all-reduce per block, in the
-  forward and in every cotangent pass. Results equal one device's up to the reduction order
+  heads and the F-slice of the MLP locally and joins the row-parallel products with all-reduces, in
+  the forward and in every cotangent pass. Results equal one device's up to the reduction order
   (float64 rounding).
 
 `jax.vjp` does not carry shardings by itself: the weights are constrained to their layout inside the
