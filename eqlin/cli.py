@@ -121,10 +121,21 @@ def _load(source: str | None, dtype: str, quiet: bool):
         return eqlin.load(source if source is not None else default_model_path(), dtype=dtype)
 
 
-def _analyze(args: argparse.Namespace) -> int:
-    from eqlin.analysis import analyze, parse_layers
-    from eqlin.errors import InputError
+def _prepare(args: argparse.Namespace):
+    """Set-up shared by analyze and steer, after their own argument checks: a writable --out, JAX
+    configured, the model loaded, --layers parsed. Returns (out folder, model, layers)."""
+    from eqlin.analysis import parse_layers
     from eqlin.outputs import ensure_writable_dir
+
+    out = ensure_writable_dir(args.out)
+    _setup_jax(args, args.dtype)
+    model = _load(args.model, args.dtype, args.quiet)
+    return out, model, parse_layers(args.layers, model.config.num_layers)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from eqlin.analysis import analyze
+    from eqlin.errors import InputError
     from eqlin.report import summary, write_report
 
     if not args.text.strip():
@@ -132,10 +143,7 @@ def _analyze(args: argparse.Namespace) -> int:
                          f"{DEFAULT_TEXT_HELP}")
     if args.top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {args.top_k}")
-    out = ensure_writable_dir(args.out)
-    _setup_jax(args, args.dtype)
-    model = _load(args.model, args.dtype, args.quiet)
-    layers = parse_layers(args.layers, model.config.num_layers)
+    out, model, layers = _prepare(args)
     result = analyze(model, args.text, layers=layers, top_k=args.top_k, quiet=args.quiet)
     write_report(result, out, quiet=args.quiet)
     if args.json:
@@ -146,9 +154,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _steer(args: argparse.Namespace) -> int:
-    from eqlin.analysis import parse_layers
     from eqlin.errors import InputError
-    from eqlin.outputs import ensure_writable_dir
     from eqlin.steering import steering_sweep, summary, write_sweep
 
     if not args.concept.strip() or not args.text.strip():
@@ -162,10 +168,7 @@ def _steer(args: argparse.Namespace) -> int:
         raise InputError("--strengths is empty: give at least one strength, e.g. 0.5,1,2")
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    out = ensure_writable_dir(args.out)
-    _setup_jax(args, args.dtype)
-    model = _load(args.model, args.dtype, args.quiet)
-    layers = parse_layers(args.layers, model.config.num_layers)
+    out, model, layers = _prepare(args)
     if not layers:
         raise InputError("--layers none: give at least one layer to inject into")
     table = steering_sweep(model, args.concept, args.text, layers=layers, strengths=strengths,

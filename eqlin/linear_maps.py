@@ -230,40 +230,43 @@ def largest_fitting(cost: Callable[[int], int], most: int, limit: int) -> int:
     return lo
 
 
+def choose_chunk(cost: Callable[[int | None], int], chunk: int | None, most: int, limit: int, *,
+                 nothing_fits: Callable[[], str], per: str = "", of: str = "") -> int | None:
+    """The chunk to use under `limit` bytes, given `cost(chunk)` (increasing; None: all `most` at once):
+    `chunk` as asked if it fits; with none asked, None if everything fits at once, else the largest that
+    fits. MemoryBudgetError when even a chunk of 1 does not fit (message `nothing_fits()`) or the asked
+    chunk does not (naming the largest that does); `per` and `of` qualify that message."""
+    if cost(1) > limit:
+        raise MemoryBudgetError(nothing_fits())
+    if cost(chunk) <= limit:
+        return chunk
+    fit = largest_fitting(cost, most, limit)
+    if chunk is not None:
+        raise MemoryBudgetError(f"chunk={chunk} needs about {cost(chunk) / 2**30:.1f} GiB{per}, over the "
+                                f"{limit / 2**30:.1f} GiB limit; use chunk={fit} or less{of}")
+    return fit
+
+
 def _resolve_chunk(config: ModelConfig, length: int, n_maps: int, mode: str, chunk: int | None, itemsize: int,
                    limit: int) -> int | None:
     """The chunk to use: as asked if it fits, else (asked None) the largest that fits; refuse otherwise."""
     def cost(c: int | None) -> int:
         return estimate_jacobian_bytes(config, length, n_maps=n_maps, mode=mode, chunk=c, itemsize=itemsize)
 
-    width = n_maps * config.hidden_size if mode == "rev" else length * config.hidden_size
-    per_map_width = config.hidden_size if mode == "rev" else length * config.hidden_size
-    if chunk is None and cost(None) <= limit:
-        return None
-    if chunk is not None and cost(chunk) <= limit:
-        return chunk
-    if cost(1) > limit:
+    def nothing_fits() -> str:
         fit = length
         while fit > 1 and estimate_jacobian_bytes(config, fit, n_maps=n_maps, mode=mode, chunk=1,
                                                   itemsize=itemsize) > limit:
             fit //= 2
-        raise MemoryBudgetError(
-            f"a Jacobian of {n_maps} map(s) at T={length} needs about {cost(1) / 2**30:.1f} GiB even one basis "
-            f"vector at a time, over the {limit / 2**30:.1f} GiB limit; use at most T={fit} tokens, fewer "
-            "layers, or the matrix-free methods (they never build J); the limit is set by memory_limit or "
-            "EQLIN_MEMORY_LIMIT_GB"
-        )
-    lo = largest_fitting(cost, per_map_width, limit)
-    if chunk is not None:
-        raise MemoryBudgetError(
-            f"chunk={chunk} needs about {cost(chunk) / 2**30:.1f} GiB, over the {limit / 2**30:.1f} GiB limit; "
-            f"use chunk={lo} or less (of {width} basis vectors)"
-        )
-    return lo
+        return (f"a Jacobian of {n_maps} map(s) at T={length} needs about {cost(1) / 2**30:.1f} GiB even one basis "
+                f"vector at a time, over the {limit / 2**30:.1f} GiB limit; use at most T={fit} tokens, fewer "
+                "layers, or the matrix-free methods (they never build J); the limit is set by memory_limit or "
+                "EQLIN_MEMORY_LIMIT_GB")
 
-
-# --------------------------------------------------------------------------------------------------
-# Public API.
+    width = n_maps * config.hidden_size if mode == "rev" else length * config.hidden_size
+    per_map_width = config.hidden_size if mode == "rev" else length * config.hidden_size
+    return choose_chunk(cost, chunk, per_map_width, limit, nothing_fits=nothing_fits,
+                        of=f" (of {width} basis vectors)")
 
 
 def _layers_arg(config: ModelConfig, layer) -> tuple[int, ...] | None:
@@ -280,21 +283,31 @@ def _layers_arg(config: ModelConfig, layer) -> tuple[int, ...] | None:
     return tuple(int(l) for l in listed)
 
 
+def resolve_selection(config: ModelConfig, layer, part: Part, scope: Scope, *, one_layer: str | None = None
+                      ) -> tuple[int, ...] | None:
+    """Check a (layer, part, scope) selection and return its layers (None: the final output).
+    `one_layer` names a caller that takes one layer (an int) or None."""
+    if part not in PARTS:
+        raise InputError(f"part must be one of {PARTS}, got {part!r}")
+    if scope not in SCOPES:
+        raise InputError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if one_layer and layer is not None and not isinstance(layer, (int, np.integer)):
+        raise InputError(f"{one_layer} takes one layer (an int) or None, got {layer!r}")
+    layers = _layers_arg(config, layer)
+    if scope == "single" and layers is None:
+        raise InputError("scope='single' needs a layer" + ("" if one_layer else " (an int, a list or 'all')"))
+    if layers is None and part != "residual":
+        raise InputError(f"part={part!r} needs a layer; the final output (layer=None) is the residual stream")
+    return layers
+
+
 def linearize(model: Model, inputs, *, detach: bool, layer=None, part: Part = "residual",
               scope: Scope = "cumulative", mode: Mode = "auto", chunk: int | None = None,
               memory_limit: int | None = None) -> Linearization:
     """The Jacobian J = ∂f/∂x of the map selected by (layer, part, scope) at `inputs` (text or ids),
     with (`detach=True`) or without the nonlinear coefficients frozen. See the module docstring."""
-    if part not in PARTS:
-        raise InputError(f"part must be one of {PARTS}, got {part!r}")
-    if scope not in SCOPES:
-        raise InputError(f"scope must be one of {SCOPES}, got {scope!r}")
     config = model.config
-    layers = _layers_arg(config, layer)
-    if scope == "single" and layers is None:
-        raise InputError("scope='single' needs a layer (an int, a list or 'all')")
-    if layers is None and part != "residual":
-        raise InputError(f"part={part!r} needs a layer; the final output (layer=None) is the residual stream")
+    layers = resolve_selection(config, layer, part, scope)
     ids = model.ids(inputs)
     length, n_maps = len(ids), 1 if layers is None else len(layers)
     if mode == "auto":  # reverse pushes n·d cotangents, forward T·d tangents (per map in single scope)
@@ -414,10 +427,8 @@ class MatrixFreeCheck:
 def matrix_free_check(model: Model, inputs, *, layer: int | None = None, part: Part = "residual",
                       scope: Scope = "cumulative", detach: bool = True) -> MatrixFreeCheck:
     """Check y = J x and per-token contributions with T + 1 Jacobian-vector products, never forming J."""
-    if layer is not None:
-        (layer,) = _layers_arg(model.config, layer)
-    if scope == "single" and layer is None:
-        raise InputError("scope='single' needs a layer")
+    layers = resolve_selection(model.config, layer, part, scope, one_layer="matrix_free_check")
+    layer = None if layers is None else layers[0]
     x = embed(model.params, model.config, jnp.asarray(model.ids(inputs)))
     return _matrix_free(model.params, model.config, x, layer=layer, part=part, scope=scope, detach=detach)
 

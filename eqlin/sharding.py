@@ -27,8 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
-from eqlin.errors import InputError, MemoryBudgetError
-from eqlin.linear_maps import (Linearization, _activation_elems, _finish, cumulative_fn, largest_fitting,
+from eqlin.errors import InputError
+from eqlin.linear_maps import (Linearization, _activation_elems, _finish, choose_chunk, cumulative_fn,
                                memory_limit_bytes, pull_back_rows)
 from eqlin.model import Model
 from eqlin.params import MODEL_AXIS, Params, param_shardings
@@ -92,25 +92,17 @@ def sharded_jacobian_bytes(config: ModelConfig, length: int, mesh: Mesh, *, chun
 
 def _resolve_sharded_chunk(config: ModelConfig, length: int, mesh: Mesh, chunk: int | None, itemsize: int,
                            param_bytes: int, limit: int) -> int | None:
-    """`chunk` if it fits one device's `limit`; None (all of a group's rows at once) or the largest chunk
-    that fits when none is asked; MemoryBudgetError naming the fix otherwise."""
+    """`choose_chunk` against one device's `limit`: None means all of a basis group's rows at once."""
     def cost(c: int | None) -> int:
         return sharded_jacobian_bytes(config, length, mesh, chunk=c, itemsize=itemsize, param_bytes=param_bytes)
 
-    gib = 2**30
-    if cost(1) > limit:
-        raise MemoryBudgetError(
-            f"a sharded Jacobian at T={length} needs about {cost(1) / gib:.1f} GiB per device even one basis vector "
-            f"at a time, over the {limit / gib:.1f} GiB per-device limit; add devices to the \"basis\" axis "
-            "(J's rows) or the \"model\" axis (the weights), or use fewer tokens"
-        )
-    if cost(chunk) <= limit:
-        return chunk
-    fit = largest_fitting(cost, -(-config.hidden_size // mesh.shape[AXIS]), limit)
-    if chunk is not None:
-        raise MemoryBudgetError(f"chunk={chunk} needs about {cost(chunk) / gib:.1f} GiB per device, over the "
-                                f"{limit / gib:.1f} GiB limit; use chunk={fit} or less")
-    return fit
+    def nothing_fits() -> str:
+        return (f"a sharded Jacobian at T={length} needs about {cost(1) / 2**30:.1f} GiB per device even one basis "
+                f"vector at a time, over the {limit / 2**30:.1f} GiB per-device limit; add devices to the "
+                "\"basis\" axis (J's rows) or the \"model\" axis (the weights), or use fewer tokens")
+
+    return choose_chunk(cost, chunk, -(-config.hidden_size // mesh.shape[AXIS]), limit,
+                        nothing_fits=nothing_fits, per=" per device")
 
 
 def detached_jacobian_sharded(model: Model, inputs, *, mesh: Mesh | None = None, chunk: int | None = None,

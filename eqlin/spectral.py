@@ -32,7 +32,7 @@ import numpy as np
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
 from eqlin.errors import InputError
-from eqlin.linear_maps import PARTS, SCOPES, Linearization, Part, Scope, _layers_arg, relative_error, target_map
+from eqlin.linear_maps import Linearization, Part, Scope, relative_error, resolve_selection, target_map
 from eqlin.model import Model
 from eqlin.params import Params
 
@@ -503,18 +503,8 @@ def top_singular(model: Model, inputs, k: int, *, layer: int | None = None, part
     Returns a token-combined Spectrum (per_token False, frobenius_sq and effective None), sign-aligned
     with y.
     """
-    if part not in PARTS:
-        raise InputError(f"part must be one of {PARTS}, got {part!r}")
-    if scope not in SCOPES:
-        raise InputError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if layer is not None and not isinstance(layer, (int, np.integer)):
-        raise InputError(f"top_singular takes one layer (an int) or None, got {layer!r}")
-    if layer is not None:
-        (layer,) = _layers_arg(model.config, layer)
-    if scope == "single" and layer is None:
-        raise InputError("scope='single' needs a layer")
-    if layer is None and part != "residual":
-        raise InputError(f"part={part!r} needs a layer; the final output (layer=None) is the residual stream")
+    layers = resolve_selection(model.config, layer, part, scope, one_layer="top_singular")
+    layer = None if layers is None else layers[0]
     ids = model.ids(inputs)
     x = embed(model.params, model.config, jnp.asarray(ids))
     y, jvp, x_in, err = _linearized(model.params, model.config, x, layer=layer, part=part, scope=scope,

@@ -149,3 +149,15 @@ def test_chunk_over_the_limit_names_one_that_fits(loaded):
 def test_bad_arguments(kwargs, message, loaded):
     with pytest.raises(eqlin.InputError, match=message):
         detached_jacobian(loaded("gemma3"), TEXT, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layer": [1, 2]}, "matrix_free_check takes one layer"),
+    ({"layer": 1, "part": "ffn"}, "part must be one of"),
+    ({"scope": "single"}, r"scope='single' needs a layer$"),
+    ({"part": "attn"}, "part='attn' needs a layer"),
+])
+def test_matrix_free_check_bad_arguments(kwargs, message, loaded):
+    """The same selection checks as detached_jacobian (`resolve_selection`), for a one-layer caller."""
+    with pytest.raises(eqlin.InputError, match=message):
+        matrix_free_check(loaded("gemma3"), TEXT, **kwargs)
