@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eqlin  # noqa: E402
 import eqlin.gguf  # noqa: E402
 from eqlin.batch import detached_jacobians  # noqa: E402
-from eqlin.linear_maps import _linearize, _resolve_chunk, memory_limit_bytes  # noqa: E402
+from eqlin.linear_maps import _linearize  # noqa: E402
+from eqlin.memory import memory_limit_bytes, resolve_chunk  # noqa: E402
 from eqlin.outputs import write_json_atomic  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
 from tests.fixtures import load_torch_model, make_checkpoint  # noqa: E402
@@ -123,7 +124,7 @@ def prompt_ids(model: eqlin.Model, T: int) -> np.ndarray:
 def eqlin_case(model: eqlin.Model, ids: np.ndarray) -> dict:
     """Compile and run eqlin's final-output detached J once each; seconds, peak bytes, relative error."""
     T = len(ids)
-    chunk = _resolve_chunk(model.config, T, 1, "rev", None, model.dtype.itemsize, memory_limit_bytes())
+    chunk = resolve_chunk(model.config, T, 1, "rev", None, model.dtype.itemsize, memory_limit_bytes())
     x = model.embed(ids)
     kw = dict(layers=None, part="residual", scope="cumulative", detach=True, mode="rev", chunk=chunk)
     start = time.perf_counter()

@@ -13,11 +13,11 @@ from eqlin.linear_maps import (
     LogitMap,
     MatrixFreeCheck,
     detached_jacobian,
-    estimate_jacobian_bytes,
     jacobian,
     logit_map,
     matrix_free_check,
 )
+from eqlin.memory import estimate_jacobian_bytes
 from eqlin.model import Model, load
 from eqlin.params import LayerParams, Params
 from eqlin.sharding import basis_mesh, detached_jacobian_sharded, device_mesh

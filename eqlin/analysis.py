@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqlin.decoder import num_params
-from eqlin.errors import InputError
-from eqlin.linear_maps import PARTS, detached_jacobian, jacobian, logit_map, matrix_free_check
+from eqlin.linear_maps import detached_jacobian, jacobian, logit_map, matrix_free_check
 from eqlin.model import Model
 from eqlin.progress import stage, steps
+from eqlin.selection import PARTS
 from eqlin.spectral import decode_spectrum, spectrum
 
 SCHEMA = "eqlin.report/1"
@@ -59,25 +59,6 @@ class Analysis:
     plain_reconstruction: np.ndarray
     jacobian: np.ndarray
     singular_values: np.ndarray
-
-
-def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """'auto' (three evenly spaced layers ending at the last), 'all', 'none' or comma-separated indices."""
-    spec = spec.strip().lower()
-    if spec == "none":
-        return ()
-    if spec == "all":
-        return tuple(range(num_layers))
-    if spec == "auto":
-        return tuple(sorted({max(0, round(num_layers * i / 3) - 1) for i in (1, 2, 3)}))
-    try:
-        layers = tuple(sorted({int(p) for p in spec.split(",") if p.strip()}))
-    except ValueError:
-        raise InputError(f"--layers must be 'auto', 'all', 'none' or comma-separated integers, got {spec!r}") from None
-    bad = [l for l in layers if not 0 <= l < num_layers]
-    if bad or not layers:
-        raise InputError(f"--layers {spec!r} out of range: the model has layers 0..{num_layers - 1}")
-    return layers
 
 
 def _f(a) -> float:

@@ -20,7 +20,8 @@ import numpy as np
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed, final_norm, run_layers
 from eqlin.errors import InputError
-from eqlin.linear_maps import _finish, _resolve_chunk, cumulative_fn, jacobian_of, memory_limit_bytes
+from eqlin.linear_maps import cumulative_fn, finish, jacobian_of
+from eqlin.memory import memory_limit_bytes, resolve_chunk
 from eqlin.model import Model
 from eqlin.params import Params
 
@@ -66,7 +67,7 @@ def _batched(params: Params, config: ModelConfig, x: Array, lengths: Array, *, r
     def one(x_b: Array, n_b: Array):
         f = _ragged_fn(params, config, n_b) if ragged else cumulative_fn(params, config, None, "residual", True)
         y, J = jacobian_of(f, x_b, mode="rev", chunk=chunk)
-        return (J, y, *_finish(y, J, x_b))
+        return (J, y, *finish(y, J, x_b))
 
     return jax.vmap(one)(x, lengths)
 
@@ -85,7 +86,7 @@ def detached_jacobians(model: Model, prompts: Sequence, *, chunk: int | None = N
     for b, row in enumerate(ids):
         padded[b, :len(row)] = row
     limit = (memory_limit or memory_limit_bytes()) // B
-    chunk = _resolve_chunk(model.config, T, 1, "rev", chunk, model.dtype.itemsize, limit)
+    chunk = resolve_chunk(model.config, T, 1, "rev", chunk, model.dtype.itemsize, limit)
     x = jax.vmap(lambda i: embed(model.params, model.config, i))(jnp.asarray(padded))
     x = x * (jnp.arange(T)[None, :, None] < jnp.asarray(lengths)[:, None, None])  # zero the padding
     ragged = bool((lengths != T).any())

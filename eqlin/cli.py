@@ -124,7 +124,7 @@ def _load(source: str | None, dtype: str, quiet: bool):
 def _prepare(args: argparse.Namespace):
     """Set-up shared by analyze and steer, after their own argument checks: a writable --out, JAX
     configured, the model loaded, --layers parsed. Returns (out folder, model, layers)."""
-    from eqlin.analysis import parse_layers
+    from eqlin.selection import parse_layers
     from eqlin.outputs import ensure_writable_dir
 
     out = ensure_writable_dir(args.out)
@@ -179,7 +179,7 @@ def _steer(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from eqlin.linear_maps import estimate_jacobian_bytes
+    from eqlin.memory import estimate_jacobian_bytes
     from eqlin.decoder import num_params
 
     _setup_jax(args, args.dtype)

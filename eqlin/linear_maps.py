@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Callable, Literal
 
 import jax
@@ -28,16 +27,14 @@ import numpy as np
 from eqlin.config import ModelConfig
 from eqlin.decoder import (LAST_ROWS, decoder_layer, embed, final_norm, layer_slice, rope_stack, run_layers,
                            run_layers_last)
-from eqlin.errors import InputError, MemoryBudgetError
+from eqlin.errors import InputError
+from eqlin.memory import memory_limit_bytes, resolve_chunk
 from eqlin.model import Model
 from eqlin.params import Params
+from eqlin.selection import Part, Scope, resolve_selection
 
 Array = jax.Array
-Part = Literal["residual", "attn", "mlp"]
-Scope = Literal["cumulative", "single"]
 Mode = Literal["auto", "rev", "fwd"]
-PARTS = ("residual", "attn", "mlp")
-SCOPES = ("cumulative", "single")
 
 
 @jax.tree_util.register_dataclass
@@ -157,7 +154,7 @@ def jacobian_of(f: Callable[[Array], Array], x: Array, *, mode: Literal["rev", "
     return y, jnp.moveaxis(cols, 0, -1).reshape(y.shape + x.shape)
 
 
-def _finish(y: Array, J: Array, x: Array) -> tuple[Array, Array]:
+def finish(y: Array, J: Array, x: Array) -> tuple[Array, Array]:
     """contributions (..., T, d_out) = J_t x_t and the relative reconstruction error."""
     contributions = jnp.einsum("...otd,...td->...to", J, x, precision=jax.lax.Precision.HIGHEST)
     return contributions, relative_error(y, contributions.sum(axis=-2))
@@ -169,7 +166,7 @@ def _linearize(params: Params, config: ModelConfig, x: Array, *, layers: tuple[i
     """The jitted core of `detached_jacobian`: returns (J, inputs, y, contributions, relative_error)."""
     if scope == "cumulative":
         y, J = jacobian_of(cumulative_fn(params, config, layers, part, detach), x, mode=mode, chunk=chunk)
-        contributions, err = _finish(y, J, x[None] if layers is not None else x)
+        contributions, err = finish(y, J, x[None] if layers is not None else x)
         return J, x, y, contributions, err
     # Single scope: each layer's own input, then one vmapped Jacobian over the selected layers.
     index = jnp.asarray(layers)
@@ -186,119 +183,8 @@ def _linearize(params: Params, config: ModelConfig, x: Array, *, layers: tuple[i
         return jacobian_of(lambda v: f(p, w, r, v), h, mode=mode, chunk=chunk)
 
     y, J = jax.vmap(one)(selected, windows, ropes, h_in)
-    contributions, err = _finish(y, J, h_in)
+    contributions, err = finish(y, J, h_in)
     return J, h_in, y, contributions, err
-
-
-# --------------------------------------------------------------------------------------------------
-# Memory: estimate before allocating.
-
-
-def memory_limit_bytes() -> int:
-    """Default budget: $EQLIN_MEMORY_LIMIT_GB if set, else 80 % of physical memory."""
-    if os.environ.get("EQLIN_MEMORY_LIMIT_GB"):
-        return int(float(os.environ["EQLIN_MEMORY_LIMIT_GB"]) * 2**30)
-    return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
-def _activation_elems(config: ModelConfig, length: int) -> int:
-    """Elements of one layer's activations for one input vector (a generous upper estimate)."""
-    d, F = config.hidden_size, config.intermediate_size
-    qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-    return length * (8 * d + 3 * F + 3 * qkv + 2 * config.num_heads * length)
-
-
-def estimate_jacobian_bytes(config: ModelConfig, length: int, *, n_maps: int = 1, mode: str = "rev",
-                            chunk: int | None = None, itemsize: int = 8) -> int:
-    """Peak bytes of a Jacobian computation: the result (n·d·T·d), the stored linearization (every
-    layer's activations once per map) and `chunk` basis vectors in flight through one layer."""
-    d, L = config.hidden_size, config.num_layers
-    outputs = n_maps * d
-    inputs = length * d
-    width = outputs if mode == "rev" else inputs
-    in_flight = min(chunk or width, width) * n_maps
-    act = _activation_elems(config, length)
-    return itemsize * (outputs * inputs + n_maps * L * act + in_flight * (act + inputs + outputs))
-
-
-def largest_fitting(cost: Callable[[int], int], most: int, limit: int) -> int:
-    """The largest chunk c in [1, most] with cost(c) <= limit (cost increasing; 1 if none fits)."""
-    lo, hi = 1, most
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if cost(mid) <= limit else (lo, mid - 1)
-    return lo
-
-
-def choose_chunk(cost: Callable[[int | None], int], chunk: int | None, most: int, limit: int, *,
-                 nothing_fits: Callable[[], str], per: str = "", of: str = "") -> int | None:
-    """The chunk to use under `limit` bytes, given `cost(chunk)` (increasing; None: all `most` at once):
-    `chunk` as asked if it fits; with none asked, None if everything fits at once, else the largest that
-    fits. MemoryBudgetError when even a chunk of 1 does not fit (message `nothing_fits()`) or the asked
-    chunk does not (naming the largest that does); `per` and `of` qualify that message."""
-    if cost(1) > limit:
-        raise MemoryBudgetError(nothing_fits())
-    if cost(chunk) <= limit:
-        return chunk
-    fit = largest_fitting(cost, most, limit)
-    if chunk is not None:
-        raise MemoryBudgetError(f"chunk={chunk} needs about {cost(chunk) / 2**30:.1f} GiB{per}, over the "
-                                f"{limit / 2**30:.1f} GiB limit; use chunk={fit} or less{of}")
-    return fit
-
-
-def _resolve_chunk(config: ModelConfig, length: int, n_maps: int, mode: str, chunk: int | None, itemsize: int,
-                   limit: int) -> int | None:
-    """The chunk to use: as asked if it fits, else (asked None) the largest that fits; refuse otherwise."""
-    def cost(c: int | None) -> int:
-        return estimate_jacobian_bytes(config, length, n_maps=n_maps, mode=mode, chunk=c, itemsize=itemsize)
-
-    def nothing_fits() -> str:
-        fit = length
-        while fit > 1 and estimate_jacobian_bytes(config, fit, n_maps=n_maps, mode=mode, chunk=1,
-                                                  itemsize=itemsize) > limit:
-            fit //= 2
-        return (f"a Jacobian of {n_maps} map(s) at T={length} needs about {cost(1) / 2**30:.1f} GiB even one basis "
-                f"vector at a time, over the {limit / 2**30:.1f} GiB limit; use at most T={fit} tokens, fewer "
-                "layers, or the matrix-free methods (they never build J); the limit is set by memory_limit or "
-                "EQLIN_MEMORY_LIMIT_GB")
-
-    width = n_maps * config.hidden_size if mode == "rev" else length * config.hidden_size
-    per_map_width = config.hidden_size if mode == "rev" else length * config.hidden_size
-    return choose_chunk(cost, chunk, per_map_width, limit, nothing_fits=nothing_fits,
-                        of=f" (of {width} basis vectors)")
-
-
-def _layers_arg(config: ModelConfig, layer) -> tuple[int, ...] | None:
-    if layer is None:
-        return None
-    if isinstance(layer, str):
-        if layer != "all":
-            raise InputError(f"layer must be an int, a list of ints, 'all' or None, got {layer!r}")
-        return tuple(range(config.num_layers))
-    listed = (layer,) if isinstance(layer, (int, np.integer)) else tuple(layer)
-    bad = [l for l in listed if not 0 <= int(l) < config.num_layers]
-    if bad or not listed:
-        raise InputError(f"layer {bad or listed} out of range: the model has layers 0..{config.num_layers - 1}")
-    return tuple(int(l) for l in listed)
-
-
-def resolve_selection(config: ModelConfig, layer, part: Part, scope: Scope, *, one_layer: str | None = None
-                      ) -> tuple[int, ...] | None:
-    """Check a (layer, part, scope) selection and return its layers (None: the final output).
-    `one_layer` names a caller that takes one layer (an int) or None."""
-    if part not in PARTS:
-        raise InputError(f"part must be one of {PARTS}, got {part!r}")
-    if scope not in SCOPES:
-        raise InputError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if one_layer and layer is not None and not isinstance(layer, (int, np.integer)):
-        raise InputError(f"{one_layer} takes one layer (an int) or None, got {layer!r}")
-    layers = _layers_arg(config, layer)
-    if scope == "single" and layers is None:
-        raise InputError("scope='single' needs a layer" + ("" if one_layer else " (an int, a list or 'all')"))
-    if layers is None and part != "residual":
-        raise InputError(f"part={part!r} needs a layer; the final output (layer=None) is the residual stream")
-    return layers
 
 
 def linearize(model: Model, inputs, *, detach: bool, layer=None, part: Part = "residual",
@@ -314,7 +200,7 @@ def linearize(model: Model, inputs, *, detach: bool, layer=None, part: Part = "r
         mode = "rev" if scope == "single" or n_maps <= length else "fwd"
     if mode not in ("rev", "fwd"):
         raise InputError(f"mode must be 'auto', 'rev' or 'fwd', got {mode!r}")
-    chunk = _resolve_chunk(config, length, n_maps, mode, chunk, model.dtype.itemsize,
+    chunk = resolve_chunk(config, length, n_maps, mode, chunk, model.dtype.itemsize,
                            memory_limit or memory_limit_bytes())
     x = embed(model.params, config, jnp.asarray(ids))
     J, xs, y, contributions, err = _linearize(model.params, config, x, layers=layers, part=part, scope=scope,

@@ -28,8 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
 from eqlin.errors import InputError
-from eqlin.linear_maps import (Linearization, _activation_elems, _finish, choose_chunk, cumulative_fn,
-                               memory_limit_bytes, pull_back_rows)
+from eqlin.linear_maps import Linearization, cumulative_fn, finish, pull_back_rows
+from eqlin.memory import activation_elems, choose_chunk, memory_limit_bytes
 from eqlin.model import Model
 from eqlin.params import MODEL_AXIS, Params, param_shardings
 
@@ -86,7 +86,7 @@ def sharded_jacobian_bytes(config: ModelConfig, length: int, mesh: Mesh, *, chun
     d, L = config.hidden_size, config.num_layers
     rows = -(-d // mesh.shape[AXIS])
     in_flight = min(chunk or rows, rows)
-    act = _activation_elems(config, length)
+    act = activation_elems(config, length)
     return param_bytes + itemsize * (rows * length * d + L * act + in_flight * (act + length * d + d))
 
 
@@ -125,5 +125,5 @@ def detached_jacobian_sharded(model: Model, inputs, *, mesh: Mesh | None = None,
                                    memory_limit or device_memory_limit(mesh.devices.flat[0]))
     x = jax.device_put(embed(params, model.config, jnp.asarray(ids)), NamedSharding(mesh, P()))
     y, J = _sharded_rows(params, model.config, x, mesh=mesh, chunk=chunk)
-    contributions, err = _finish(y, J, x)
+    contributions, err = finish(y, J, x)
     return Linearization(J, x, y, contributions, err, jnp.asarray(ids))

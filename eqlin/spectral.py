@@ -32,9 +32,10 @@ import numpy as np
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
 from eqlin.errors import InputError
-from eqlin.linear_maps import Linearization, Part, Scope, relative_error, resolve_selection, target_map
+from eqlin.linear_maps import Linearization, relative_error, target_map
 from eqlin.model import Model
 from eqlin.params import Params
+from eqlin.selection import Part, Scope, resolve_selection
 
 Array = jax.Array
 Method = Literal["lanczos", "randomized"]

@@ -14,11 +14,11 @@ import torch
 import eqlin
 from eqlin.linear_maps import (
     detached_jacobian,
-    estimate_jacobian_bytes,
     jacobian,
     logit_map,
     matrix_free_check,
 )
+from eqlin.memory import estimate_jacobian_bytes
 from tests import torch_reference as ref
 from tests.conftest import CORE_VARIANTS, MORE_VARIANTS, TEXT, relative
 from tests.fixtures import load_torch_model
