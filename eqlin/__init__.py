@@ -17,6 +17,7 @@ from eqlin.linear_maps import (
     logit_map,
     matrix_free_check,
 )
+from eqlin.layer_story import LayerSpectra, MapSpectra, layer_spectra
 from eqlin.memory import estimate_jacobian_bytes
 from eqlin.model import Model, load
 from eqlin.params import LayerParams, Params
@@ -25,10 +26,11 @@ from eqlin.spectral import Spectrum, decode_spectrum, effective_dimension, norm_
 from eqlin.steering import SteeringResult, steer, steering_sweep
 
 __all__ = [
-    "BatchLinearization", "ConfigError", "EqlinError", "ForwardOutput", "InputError", "LayerParams", "Linearization",
+    "BatchLinearization", "ConfigError", "EqlinError", "ForwardOutput", "InputError", "LayerParams", "LayerSpectra",
+    "Linearization", "MapSpectra",
     "LogitMap", "MatrixFreeCheck", "MemoryBudgetError", "Model", "ModelConfig", "Params", "PrecisionError",
     "RopeSpec", "Spectrum", "SteeringResult", "WeightsError", "basis_mesh", "decode_spectrum", "detached_jacobian",
     "detached_jacobian_sharded", "detached_jacobians", "device_mesh", "effective_dimension", "embed", "estimate_jacobian_bytes",
-    "final_hidden", "forward", "jacobian", "load", "logit_map", "matrix_free_check", "norm_analysis", "spectrum",
+    "final_hidden", "forward", "jacobian", "layer_spectra", "load", "logit_map", "matrix_free_check", "norm_analysis", "spectrum",
     "steer", "steering_sweep", "top_singular",
 ]

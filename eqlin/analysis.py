@@ -23,7 +23,21 @@ report.json:
                         singular vectors, nearest input embeddings)}]
     layer_maps        {layers: [l…], scope: "cumulative", input → each layer's output read through the final
                         norm; residual / attn / mlp: {stable_rank, participation_ratio, rank_90, rank_99,
-                        relative_error}, one value per layer} (empty layers: not computed)
+                        relative_error}, one value per layer} (empty layers: not computed); the cumulative
+                        half of "layers", kept for readers of earlier reports
+    layers            [{layer: l, cumulative: P, single: P}] one entry per analysed layer, ascending (empty:
+                        none analysed; see `eqlin.layer_story`). cumulative: input embeddings → layer l's
+                        output; single: the residual stream entering layer l → its output; every output at the
+                        last position through the final norm. P = {residual: M, attn: M, mlp: M}, where
+                        M = {relative_error ‖y − Σ_t J_t x_t‖/‖y‖, stable_rank, participation_ratio, rank_90,
+                        rank_99, singular_values (top_k, descending), top_tokens (u_1 through the
+                        unembedding, top_k strings, best first), singular_vector_tokens (the same for
+                        u_1 … u_k), next_token_rank and next_token_probability (the model's next token in
+                        the logit lens of the map's output y: 0 = on top), u1_next_token_rank (the next
+                        token's rank in u_1's unembedding scores: 0 = u_1 decodes to it)}
+    layer_analysis    {layers, tap ("post" or "pre": attention / MLP branches read after or before the
+                        family's branch post-norms), tap_meaning, engines {scope: "fwd" or "rev"},
+                        max_relative_error over every layer map}
     timings_s         seconds per stage
 """
 
@@ -39,10 +53,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqlin.decoder import num_params
+from eqlin.layer_story import Engine, LayerSpectra, layer_spectra
 from eqlin.linear_maps import detached_jacobian, jacobian, logit_map, matrix_free_check
 from eqlin.model import Model
-from eqlin.progress import stage, steps
-from eqlin.selection import PARTS
+from eqlin.progress import stage
+from eqlin.selection import Tap, evenly_spaced
 from eqlin.spectral import decode_spectrum, spectrum
 
 SCHEMA = "eqlin.report/1"
@@ -59,15 +74,33 @@ class Analysis:
     plain_reconstruction: np.ndarray
     jacobian: np.ndarray
     singular_values: np.ndarray
+    layer_spectra: LayerSpectra | None = None
+
+
+TAP_MEANING = {
+    "post": "attention and MLP branches are read after the family's branch post-norms (exactly what each adds to "
+            "the residual stream; Gemma's post_attention_layernorm / post_feedforward_layernorm, OLMo 2's "
+            "post-norms; other families have none)",
+    "pre": "attention and MLP branches are read before the family's branch post-norms (o_proj and down_proj "
+           "outputs, as the paper's code reads Gemma; the same as post where a family has no post-norms)",
+}
+AUTO_ALL_LAYERS_UP_TO = 16  # tokens: 'auto' analyses every layer up to this length, else six of them
+
+
+def auto_layers(num_layers: int, length: int) -> tuple[int, ...]:
+    """What --layers auto means at `length` tokens: every layer up to `AUTO_ALL_LAYERS_UP_TO` tokens (the
+    forward engine's cost grows as T²), else six evenly spaced layers ending at the last."""
+    return tuple(range(num_layers)) if length <= AUTO_ALL_LAYERS_UP_TO else evenly_spaced(num_layers, 6)
 
 
 def _f(a) -> float:
     return float(np.asarray(a))
 
 
-def analyze(model: Model, text: str, *, layers: tuple[int, ...] = (), top_k: int = 5, quiet: bool = True
-            ) -> Analysis:
-    """Everything `eqlin analyze` reports, for the next-token prediction after `text`."""
+def analyze(model: Model, text: str, *, layers: tuple[int, ...] = (), top_k: int = 5, tap: Tap = "post",
+            engine: Engine = "auto", quiet: bool = True) -> Analysis:
+    """Everything `eqlin analyze` reports, for the next-token prediction after `text`: the final map,
+    and for each of `layers` the six layer maps (`eqlin.layer_story`, branches read at `tap`)."""
     timings: dict[str, float] = {}
     ids = model.encode(text)
     strings = model.token_strings(ids)
@@ -94,17 +127,13 @@ def analyze(model: Model, text: str, *, layers: tuple[int, ...] = (), top_k: int
     with timed("spectra and decoding"):
         spec = decode_spectrum(model, spectrum(lin, k), top=k)
 
+    story = None
     layer_maps: dict[str, Any] = {"layers": list(layers), "scope": "cumulative"}
     if layers:
-        with steps("layer maps", len(PARTS), quiet) as bar:
-            start = time.perf_counter()
-            for part in PARTS:
-                maps = detached_jacobian(model, ids, layer=list(layers), part=part)
-                combined = spectrum(maps, per_token=False)
-                layer_maps[part] = {**combined.effective.to_dict(),
-                                    "relative_error": np.asarray(maps.relative_error).tolist()}
-                bar.update()
-            timings["layer maps"] = round(time.perf_counter() - start, 3)
+        with timed("layer maps (both scopes, three parts)"):
+            story = layer_spectra(model, ids, layers=list(layers), k=k, top=k, tap=tap, engine=engine, quiet=quiet)
+        for part, maps in story.maps["cumulative"].items():
+            layer_maps[part] = {**maps.effective.to_dict(), "relative_error": maps.relative_error.tolist()}
 
     per_token = []
     for t, token in enumerate(strings):
@@ -138,7 +167,12 @@ def analyze(model: Model, text: str, *, layers: tuple[int, ...] = (), top_k: int
                   "relative_error": _f(lm.relative_error[0])},
         "per_token": per_token,
         "layer_maps": layer_maps,
+        "layers": story.to_list() if story else [],
+        "layer_analysis": {"layers": list(layers), "tap": tap, "tap_meaning": TAP_MEANING[tap],
+                           "engines": story.engines if story else {},
+                           "max_relative_error": story.max_relative_error if story else None},
         "timings_s": timings,
     }
     return Analysis(report, np.asarray(lin.output), np.asarray(lin.reconstruction),
-                    np.asarray(plain.reconstruction), np.asarray(lin.jacobian), np.asarray(spec.singular_values))
+                    np.asarray(plain.reconstruction), np.asarray(lin.jacobian), np.asarray(spec.singular_values),
+                    story)

@@ -13,6 +13,17 @@ Detached, the q, k and gate projections also read a frozen copy of their input: 
 output through the frozen coefficients, so this changes no derivative, but it keeps tangents and
 cotangents out of work that cannot contribute (no reliance on dead-code elimination).
 All matrix products use `precision=HIGHEST` so float32 on accelerators is not silently bf16.
+
+The folded MLP. With the activated gate g_t frozen, the MLP at position t is the linear map
+    m_t = D · diag(g_t) · U · x_t = M_t x_t,    U = up_proj (F, d), D = down_proj (d, F).
+Pushing m tangents (or cotangents) through U and D costs 4·m·d·F flops per position; forming M_t costs
+2·d²·F once and applying it 2·m·d², so folding pays when m·(2F − d) > d·F (`eqlin.memory.fold_pays`):
+m > 380 for Gemma 3 270M (d = 640, F = 2048); the full detached J pushes m = d cotangents, the
+all-layer forward pass m = T·d tangents. `folded_mlp` has the unfolded product's value bit for bit;
+only its derivative differs: a `jax.custom_jvp` whose tangent is M_t · dx_t with M_t formed from the
+primals, so `jax.linearize` / `jax.vjp` form it once per linearization (stored with it: T·d² numbers
+per layer), never once per chunk of basis vectors, and reverse mode is JAX's transpose of the rule,
+M_tᵀ · ct_t. A derivative with respect to the gate or the weights falls back to the unfolded rule.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from eqlin.config import ModelConfig
 
@@ -132,9 +144,45 @@ def attention(
     return attend(probs[:, :, T - (queries or T):], v, p.o_proj)
 
 
-def glu_mlp(x: Array, p, config: ModelConfig, *, detach: bool) -> Array:
-    """Gated MLP: down(act(gate(x)) ⊙ up(x)), SwiGLU or GeGLU (tanh GELU). x (T, d) -> (T, d)."""
+def mlp_product(x: Array, gate: Array, up: Array, down: Array) -> Array:
+    """down(gate ⊙ up(x)): x (T, d), gate (T, F), up (F, d), down (d, F) -> (T, d)."""
+    return einsum("tf,df->td", gate * einsum("td,fd->tf", x, up), down)
+
+
+def fold_matrices(gate: Array, up: Array, down: Array) -> Array:
+    """M_t = D · diag(g_t) · U for every position, (T, d, d): one (T·d, F) @ (F, d) product."""
+    scaled = down[None] * gate[:, None, :]  # (T, d, F): D · diag(g_t)
+    return einsum("tdf,fe->tde", scaled, up)
+
+
+@jax.custom_jvp
+def folded_mlp(x: Array, gate: Array, up: Array, down: Array) -> Array:
+    """`mlp_product` whose tangent in x applies the folded M_t (module docstring)."""
+    return mlp_product(x, gate, up, down)
+
+
+def _folded_jvp(primals: tuple[Array, ...], tangents: tuple) -> tuple[Array, Array]:
+    x, gate, up, down = primals
+    dx = tangents[0]
+    if any(type(t) is not SymbolicZero for t in tangents[1:]):  # gate or weights perturbed: no fold
+        dense = tuple(jnp.zeros(p.shape, p.dtype) if type(t) is SymbolicZero else t for p, t in zip(primals, tangents))
+        return jax.jvp(mlp_product, primals, dense)
+    y = mlp_product(x, gate, up, down)
+    if type(dx) is SymbolicZero:
+        return y, jnp.zeros_like(y)
+    return y, einsum("tde,te->td", fold_matrices(gate, up, down), dx)
+
+
+folded_mlp.defjvp(_folded_jvp, symbolic_zeros=True)
+
+
+def glu_mlp(x: Array, p, config: ModelConfig, *, detach: bool, fold: bool = False) -> Array:
+    """Gated MLP: down(act(gate(x)) ⊙ up(x)), SwiGLU or GeGLU (tanh GELU). x (T, d) -> (T, d).
+
+    `fold` (with `detach`): the same value, differentiated through one folded matrix per position
+    (`eqlin.fold`), cheaper when many vectors share one linearization."""
     pre = einsum("td,fd->tf", frozen(x, detach), p.gate_proj)  # (T, F); only feeds the frozen gate
-    gate = jax.nn.silu(pre) if config.activation == "silu" else jax.nn.gelu(pre, approximate=True)
-    up = einsum("td,fd->tf", x, p.up_proj)  # (T, F)
-    return einsum("tf,df->td", frozen(gate, detach) * up, p.down_proj)
+    gate = frozen(jax.nn.silu(pre) if config.activation == "silu" else jax.nn.gelu(pre, approximate=True), detach)
+    if fold and detach:
+        return folded_mlp(x, gate, p.up_proj, p.down_proj)
+    return mlp_product(x, gate, p.up_proj, p.down_proj)

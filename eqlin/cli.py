@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_TEXT_HELP = 'e.g. "The bridge out of Marin is the"'
@@ -42,8 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("text", metavar="TEXT", help=f"the input text, {DEFAULT_TEXT_HELP}")
     _model_args(analyze)
     analyze.add_argument("--layers", default="auto",
-                         help="layer maps to measure: 'auto' (a few evenly spaced layers, the last included), "
+                         help="layers whose maps to take apart (both scopes, three parts each): 'auto' (every "
+                              "layer for inputs up to 16 tokens, else six evenly spaced ones, the last included), "
                               "'all', 'none', or comma-separated 0-based indices (default: auto)")
+    analyze.add_argument("--branch-tap", choices=("post", "pre"), default="post",
+                         help="read attention and MLP branch outputs after the family's branch post-norms (post: "
+                              "what each adds to the residual stream) or before them (pre: as the paper's code "
+                              "reads Gemma); families without post-norms give the same either way (default: post)")
+    analyze.add_argument("--layer-engine", choices=("auto", "fwd", "rev"), default="auto",
+                         help="how the cumulative layer maps are computed: one forward-mode pass for all of them "
+                              "(fwd), one reverse pass per map (rev), or the one with fewer flops (default: auto)")
     analyze.add_argument("--top-k", type=int, default=5, metavar="K",
                          help="singular values per token and decoded tokens per singular vector (default: 5)")
     analyze.add_argument("--out", type=Path, default=Path("eqlin-report"), metavar="DIR",
@@ -121,20 +129,21 @@ def _load(source: str | None, dtype: str, quiet: bool):
         return eqlin.load(source if source is not None else default_model_path(), dtype=dtype)
 
 
-def _prepare(args: argparse.Namespace):
+def _prepare(args: argparse.Namespace, auto: Callable | None = None):
     """Set-up shared by analyze and steer, after their own argument checks: a writable --out, JAX
-    configured, the model loaded, --layers parsed. Returns (out folder, model, layers)."""
+    configured, the model loaded, --layers parsed ('auto' as `auto(model)` decides, if given). Returns
+    (out folder, model, layers)."""
     from eqlin.selection import parse_layers
     from eqlin.outputs import ensure_writable_dir
 
     out = ensure_writable_dir(args.out)
     _setup_jax(args, args.dtype)
     model = _load(args.model, args.dtype, args.quiet)
-    return out, model, parse_layers(args.layers, model.config.num_layers)
+    return out, model, parse_layers(args.layers, model.config.num_layers, auto(model) if auto else None)
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from eqlin.analysis import analyze
+    from eqlin.analysis import analyze, auto_layers
     from eqlin.errors import InputError
     from eqlin.report import summary, write_report
 
@@ -143,8 +152,9 @@ def _analyze(args: argparse.Namespace) -> int:
                          f"{DEFAULT_TEXT_HELP}")
     if args.top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {args.top_k}")
-    out, model, layers = _prepare(args)
-    result = analyze(model, args.text, layers=layers, top_k=args.top_k, quiet=args.quiet)
+    out, model, layers = _prepare(args, auto=lambda m: auto_layers(m.config.num_layers, len(m.encode(args.text))))
+    result = analyze(model, args.text, layers=layers, top_k=args.top_k, tap=args.branch_tap,
+                     engine=args.layer_engine, quiet=args.quiet)
     write_report(result, out, quiet=args.quiet)
     if args.json:
         print(json.dumps(result.report, indent=2, ensure_ascii=False))

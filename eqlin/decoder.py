@@ -81,27 +81,34 @@ def decoder_layer(
     *,
     detach: bool,
     queries: int | None = None,
+    fold: bool = False,
+    tap: str = "post",
 ) -> tuple[Array, Array, Array]:
     """One decoder layer on the residual stream h (T, d), with one layer's slice of the weights.
 
-    Returns (h_out, attn_branch, mlp_branch), each (Q, d): h_out = h + attn_branch + mlp_branch at the
-    last Q = `queries` positions (default all T). Fewer queries skip the other positions' attention
-    outputs and MLPs, all of which a readout of the last Q positions cannot see.
+    Returns (h_out, attn_branch, mlp_branch), each (Q, d), at the last Q = `queries` positions (default
+    all T). Fewer queries skip the other positions' attention outputs and MLPs, all of which a readout
+    of the last Q positions cannot see. `fold` and `tap`: see `layer_tail`.
     """
     attn = attention(optional_norm(h, p.attn_in_norm, config, detach=detach), p, cos, sin, window, config,
                      detach=detach, queries=queries)
-    return layer_tail(h[h.shape[0] - (queries or h.shape[0]):], attn, p, config, detach=detach)
+    return layer_tail(h[h.shape[0] - (queries or h.shape[0]):], attn, p, config, detach=detach, fold=fold, tap=tap)
 
 
-def layer_tail(h: Array, attn: Array, p: LayerParams, config: ModelConfig, *, detach: bool
-               ) -> tuple[Array, Array, Array]:
+def layer_tail(h: Array, attn: Array, p: LayerParams, config: ModelConfig, *, detach: bool, fold: bool = False,
+               tap: str = "post") -> tuple[Array, Array, Array]:
     """A layer after its attention: h (Q, d) residual rows, attn (Q, d) attention output (o_proj applied)
-    -> (h_out, attn_branch, mlp_branch), with the family's post-norms (sandwich/post layouts)."""
+    -> (h_out, attn_branch, mlp_branch), with the family's post-norms (sandwich/post layouts).
+
+    The branches are tapped after their post-norms (`tap="post"`: exactly what each adds to the residual
+    stream, h_out = h + attn_branch + mlp_branch) or before them (`"pre"`: the attention's o_proj output
+    and the MLP's down_proj output, as the paper's code reads Gemma); the two agree where the family has
+    no post-norms. `fold`: the MLP's derivative through one matrix per position (`blocks.glu_mlp`)."""
     a = optional_norm(attn, p.attn_out_norm, config, detach=detach)
     h = h + a
-    m = optional_norm(glu_mlp(optional_norm(h, p.mlp_in_norm, config, detach=detach), p, config, detach=detach),
-                      p.mlp_out_norm, config, detach=detach)
-    return h + m, a, m
+    m_pre = glu_mlp(optional_norm(h, p.mlp_in_norm, config, detach=detach), p, config, detach=detach, fold=fold)
+    m = optional_norm(m_pre, p.mlp_out_norm, config, detach=detach)
+    return (h + m, a, m) if tap == "post" else (h + m, attn, m_pre)
 
 
 def run_layers(
@@ -112,12 +119,17 @@ def run_layers(
     detach: bool,
     first_layer: int = 0,
     collect: bool = False,
+    fold: bool = False,
+    tap: str = "post",
+    stop: Array | None = None,
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
     """Run a stack of layers (leading axis l) on h (T, d) with `lax.scan`.
 
     `first_layer` is the index of the stack's first layer in the model (it selects the per-layer
     attention type, window and RoPE table). With `collect`, also returns (residuals, attn, mlp),
-    each (l, T, d).
+    each (l, T, d). `fold`, `tap`: see `layer_tail`. `stop` (a traced int): stack layers from index
+    `stop` on are skipped (`lax.cond`: no work forward or backward; their branches read 0), so one
+    compilation serves every depth.
     """
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     cos_all, sin_all = rope_stack(config, h.shape[0], h.dtype)
@@ -125,11 +137,18 @@ def run_layers(
     rope_index = jnp.asarray(config.layer_rope_index()[first_layer:first_layer + n])
 
     def step(h, xs):
-        p, window, r = xs
-        h, a, m = decoder_layer(h, p, cos_all[r], sin_all[r], window, config, detach=detach)
+        p, window, r, i = xs
+
+        def layer(h: Array) -> tuple[Array, Array, Array]:
+            return decoder_layer(h, p, cos_all[r], sin_all[r], window, config, detach=detach, fold=fold, tap=tap)
+
+        if stop is None:
+            h, a, m = layer(h)
+        else:
+            h, a, m = jax.lax.cond(i < stop, layer, lambda h: (h, jnp.zeros_like(h), jnp.zeros_like(h)), h)
         return h, ((h, a, m) if collect else None)
 
-    h, stacked = jax.lax.scan(step, h, (layers, windows, rope_index))
+    h, stacked = jax.lax.scan(step, h, (layers, windows, rope_index, jnp.arange(n)))
     return h, stacked
 
 
@@ -140,21 +159,34 @@ def run_layers_last(
     *,
     detach: bool,
     collect: bool = False,
+    fold: bool = False,
+    tap: str = "post",
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
     """The residual stream at the last position after a stack of layers (leading axis l >= 1, the model's
     first l layers) on h (T, d): (d,). The last layer computes only the last `LAST_ROWS` queries and MLP
     rows, so cotangents of a last-position readout skip work that cannot reach them. With `collect`,
-    also every layer's (residual, attn, mlp) at the last position, each (l, d)."""
+    also every layer's (residual, attn, mlp) at the last position, each (l, d). `fold`, `tap`: see
+    `layer_tail`."""
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    h, stacked = run_layers(layer_slice(layers, 0, n - 1), config, h, detach=detach, collect=collect)
+    h, stacked = run_layers(layer_slice(layers, 0, n - 1), config, h, detach=detach, collect=collect, fold=fold,
+                            tap=tap)
     cos_all, sin_all = rope_stack(config, h.shape[0], h.dtype)
     r, window = config.layer_rope_index()[n - 1], config.layer_windows()[n - 1]
     p = jax.tree_util.tree_map(lambda a: a[n - 1], layers)
     last = decoder_layer(h, p, cos_all[r], sin_all[r], jnp.asarray(window), config, detach=detach,
-                         queries=min(LAST_ROWS, h.shape[0]))  # each (Q, d)
+                         queries=min(LAST_ROWS, h.shape[0]), fold=fold, tap=tap)  # each (Q, d)
     if not collect:
         return last[0][-1], None
     return last[0][-1], tuple(jnp.concatenate([s[:, -1], l[-1:]]) for s, l in zip(stacked, last))
+
+
+def streams_entering(params: Params, config: ModelConfig, x: Array, top: int, *, detach: bool) -> Array:
+    """The residual streams entering layers 0 … top−1 for input embeddings x (T, d): (top, T, d), where
+    stream[0] = x and stream[i] is layer i−1's output (no final norm)."""
+    if top == 1:
+        return x[None]
+    _, (res, _, _) = run_layers(layer_slice(params.layers, 0, top - 1), config, x, detach=detach, collect=True)
+    return jnp.concatenate([x[None], res])
 
 
 def final_norm(params: Params, config: ModelConfig, h: Array, *, detach: bool) -> Array:

@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqlin.config import ModelConfig
-from eqlin.decoder import (LAST_ROWS, decoder_layer, embed, final_norm, layer_slice, rope_stack, run_layers,
-                           run_layers_last)
+from eqlin.decoder import (LAST_ROWS, decoder_layer, embed, final_norm, layer_slice, rope_stack, run_layers_last,
+                           streams_entering)
 from eqlin.errors import InputError
-from eqlin.memory import memory_limit_bytes, resolve_chunk
+from eqlin.memory import estimate_jacobian_bytes, fold_pays, memory_limit_bytes, resolve_chunk
 from eqlin.model import Model
 from eqlin.params import Params
-from eqlin.selection import Part, Scope, resolve_selection
+from eqlin.selection import PARTS, Part, Scope, Tap, check_tap, resolve_selection
 
 Array = jax.Array
 Mode = Literal["auto", "rev", "fwd"]
@@ -62,6 +62,7 @@ class Linearization:
     part: str = dataclasses.field(metadata=dict(static=True), default="residual")
     scope: str = dataclasses.field(metadata=dict(static=True), default="cumulative")
     detach: bool = dataclasses.field(metadata=dict(static=True), default=True)
+    tap: str = dataclasses.field(metadata=dict(static=True), default="post")
 
     @property
     def reconstruction(self) -> Array:
@@ -90,36 +91,43 @@ def _read_out(params: Params, config: ModelConfig, v: Array, detach: bool) -> Ar
     return final_norm(params, config, v[..., -1, :], detach=detach)
 
 
-def cumulative_fn(params: Params, config: ModelConfig, layers: tuple[int, ...] | None, part: Part,
-                  detach: bool) -> Callable[[Array], Array]:
-    """x (T, d) -> y: the final output (d,) when `layers` is None, else each listed layer's
-    output `part` read through the final norm, (n, d). Runs only the layers needed."""
+def cumulative_fn(params: Params, config: ModelConfig, layers: tuple[int, ...] | None, part: Part | tuple[Part, ...],
+                  detach: bool, *, fold: bool = False, tap: Tap = "post") -> Callable[[Array], Array]:
+    """x (T, d) -> y: the final output (d,) when `layers` is None, else each listed layer's output `part`
+    read through the final norm, (n, d), or (P, n, d) for a tuple of P parts. Runs only the layers
+    needed. `fold`, `tap`: see `eqlin.decoder.layer_tail`."""
     if layers is None:
         def f(x: Array) -> Array:
-            h, _ = run_layers_last(params.layers, config, x, detach=detach)
+            h, _ = run_layers_last(params.layers, config, x, detach=detach, fold=fold)
             return final_norm(params, config, h, detach=detach)
         return f
     top = max(layers) + 1
     index = jnp.asarray(layers)
 
     def f(x: Array) -> Array:
-        _, (res, attn, mlp) = run_layers_last(layer_slice(params.layers, 0, top), config, x, detach=detach,
-                                              collect=True)
-        picked = {"residual": res, "attn": attn, "mlp": mlp}[part][index]  # (n, d)
+        _, outputs = run_layers_last(layer_slice(params.layers, 0, top), config, x, detach=detach, collect=True,
+                                     fold=fold, tap=tap)
+        picked = _parts(outputs, part)[..., index, :]  # (n, d) or (P, n, d)
         return final_norm(params, config, picked, detach=detach)
     return f
 
 
-def single_layer_fn(params: Params, config: ModelConfig, part: Part, detach: bool, length: int
-                    ) -> Callable[..., Array]:
+def _parts(outputs: tuple[Array, Array, Array], part: Part | tuple[Part, ...]) -> Array:
+    """One part of (residual, attn, mlp) outputs, or a tuple of parts stacked on a leading axis."""
+    by_name = dict(zip(PARTS, outputs))
+    return by_name[part] if isinstance(part, str) else jnp.stack([by_name[p] for p in part])
+
+
+def single_layer_fn(params: Params, config: ModelConfig, part: Part | tuple[Part, ...], detach: bool, length: int,
+                    *, fold: bool = False, tap: Tap = "post") -> Callable[..., Array]:
     """(layer weights, window, rope index, h_in (T, d)) -> that layer's `part` output at the last
-    position through the final norm, (d,). Linear in h_in once detached."""
+    position through the final norm, (d,) (or (P, d) for a tuple of parts). Linear in h_in once detached."""
     cos_all, sin_all = rope_stack(config, length, params.embed.dtype)
 
     def f(p, window: Array, rope_index: Array, h_in: Array) -> Array:
-        h, a, m = decoder_layer(h_in, p, cos_all[rope_index], sin_all[rope_index], window, config, detach=detach,
-                                queries=min(LAST_ROWS, h_in.shape[0]))  # each (Q, d)
-        return _read_out(params, config, {"residual": h, "attn": a, "mlp": m}[part], detach)
+        outputs = decoder_layer(h_in, p, cos_all[rope_index], sin_all[rope_index], window, config, detach=detach,
+                                queries=min(LAST_ROWS, h_in.shape[0]), fold=fold, tap=tap)  # each (Q, d)
+        return _read_out(params, config, _parts(outputs, part), detach)
     return f
 
 
@@ -160,21 +168,21 @@ def finish(y: Array, J: Array, x: Array) -> tuple[Array, Array]:
     return contributions, relative_error(y, contributions.sum(axis=-2))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layers", "part", "scope", "detach", "mode", "chunk"))
+@functools.partial(jax.jit, static_argnames=("config", "layers", "part", "scope", "detach", "mode", "chunk", "fold",
+                                             "tap"))
 def _linearize(params: Params, config: ModelConfig, x: Array, *, layers: tuple[int, ...] | None, part: Part,
-               scope: Scope, detach: bool, mode: str, chunk: int | None) -> tuple[Array, ...]:
+               scope: Scope, detach: bool, mode: str, chunk: int | None, fold: bool = False, tap: Tap = "post"
+               ) -> tuple[Array, ...]:
     """The jitted core of `detached_jacobian`: returns (J, inputs, y, contributions, relative_error)."""
     if scope == "cumulative":
-        y, J = jacobian_of(cumulative_fn(params, config, layers, part, detach), x, mode=mode, chunk=chunk)
+        f = cumulative_fn(params, config, layers, part, detach, fold=fold, tap=tap)
+        y, J = jacobian_of(f, x, mode=mode, chunk=chunk)
         contributions, err = finish(y, J, x[None] if layers is not None else x)
         return J, x, y, contributions, err
     # Single scope: each layer's own input, then one vmapped Jacobian over the selected layers.
     index = jnp.asarray(layers)
-    _, (res, _, _) = run_layers(layer_slice(params.layers, 0, max(layers) + 1), config, x, detach=detach,
-                                collect=True)
-    stream = jnp.concatenate([x[None], res])  # (l+1, T, d): stream[i] enters layer i
-    h_in = stream[index]  # (n, T, d)
-    f = single_layer_fn(params, config, part, detach, x.shape[0])
+    h_in = streams_entering(params, config, x, max(layers) + 1, detach=detach)[index]  # (n, T, d)
+    f = single_layer_fn(params, config, part, detach, x.shape[0], fold=fold, tap=tap)
     selected = jax.tree_util.tree_map(lambda a: a[index], params.layers)
     windows = jnp.asarray(config.layer_windows())[index]
     ropes = jnp.asarray(config.layer_rope_index())[index]
@@ -187,53 +195,79 @@ def _linearize(params: Params, config: ModelConfig, x: Array, *, layers: tuple[i
     return J, h_in, y, contributions, err
 
 
+def plan_fold(config: ModelConfig, fold: bool | str, *, detach: bool, vectors: int, fits: Callable[[bool], bool]
+              ) -> bool:
+    """Whether to differentiate through the folded MLP: `fold` as asked (True/False), or with "auto" when
+    the `vectors` pushed through one linearization make it pay (`fold_pays`) and its stored matrices fit
+    (`fits(True)`). Only a detached map folds."""
+    if fold not in (True, False, "auto"):
+        raise InputError(f"fold must be True, False or 'auto', got {fold!r}")
+    if fold == "auto":
+        return detach and fold_pays(config, vectors) and fits(True)
+    return bool(fold) and detach
+
+
 def linearize(model: Model, inputs, *, detach: bool, layer=None, part: Part = "residual",
               scope: Scope = "cumulative", mode: Mode = "auto", chunk: int | None = None,
-              memory_limit: int | None = None) -> Linearization:
+              memory_limit: int | None = None, fold: bool | str = "auto", tap: Tap = "post") -> Linearization:
     """The Jacobian J = ∂f/∂x of the map selected by (layer, part, scope) at `inputs` (text or ids),
     with (`detach=True`) or without the nonlinear coefficients frozen. See the module docstring."""
     config = model.config
     layers = resolve_selection(config, layer, part, scope)
+    check_tap(tap)
     ids = model.ids(inputs)
     length, n_maps = len(ids), 1 if layers is None else len(layers)
     if mode == "auto":  # reverse pushes n·d cotangents, forward T·d tangents (per map in single scope)
         mode = "rev" if scope == "single" or n_maps <= length else "fwd"
     if mode not in ("rev", "fwd"):
         raise InputError(f"mode must be 'auto', 'rev' or 'fwd', got {mode!r}")
-    chunk = resolve_chunk(config, length, n_maps, mode, chunk, model.dtype.itemsize,
-                           memory_limit or memory_limit_bytes())
+    limit, itemsize = memory_limit or memory_limit_bytes(), model.dtype.itemsize
+
+    def fits(folded: bool) -> bool:
+        return estimate_jacobian_bytes(config, length, n_maps=n_maps, mode=mode, chunk=1, itemsize=itemsize,
+                                       fold=folded) <= limit
+
+    vectors = config.hidden_size * (n_maps if mode == "rev" and scope == "cumulative" else 1)
+    fold = plan_fold(config, fold, detach=detach, vectors=vectors if mode == "rev" else length * config.hidden_size,
+                     fits=fits)
+    chunk = resolve_chunk(config, length, n_maps, mode, chunk, itemsize, limit, fold=fold)
     x = embed(model.params, config, jnp.asarray(ids))
     J, xs, y, contributions, err = _linearize(model.params, config, x, layers=layers, part=part, scope=scope,
-                                              detach=detach, mode=mode, chunk=chunk)
+                                              detach=detach, mode=mode, chunk=chunk, fold=fold, tap=tap)
     layer_meta = layers if isinstance(layer, (str, list, tuple)) else (None if layers is None else layers[0])
     if not isinstance(layer_meta, tuple) and layers is not None:  # one layer: drop the stacking axis
         J, y, contributions, err = J[0], y[0], contributions[0], err[0]
         xs = xs[0] if scope == "single" else xs
     return Linearization(J, xs, y, contributions, err, jnp.asarray(ids), layer=layer_meta, part=part,
-                         scope=scope, detach=detach)
+                         scope=scope, detach=detach, tap=tap)
 
 
 def detached_jacobian(model: Model, inputs, *, layer=None, part: Part = "residual", scope: Scope = "cumulative",
-                      mode: Mode = "auto", chunk: int | None = None, memory_limit: int | None = None
-                      ) -> Linearization:
+                      mode: Mode = "auto", chunk: int | None = None, memory_limit: int | None = None,
+                      fold: bool | str = "auto", tap: Tap = "post") -> Linearization:
     """The detached Jacobian: the exact linear map y = Σ_t J_t x_t of the model at `inputs`.
 
     layer: None (final output), an int, a list of ints or "all" (maps stacked on a leading axis).
     part: "residual", "attn" or "mlp" (with a layer). scope: "cumulative" or "single".
+    tap: where an "attn"/"mlp" part is read: "post" (after the family's branch post-norms, what the branch
+    adds to the residual stream) or "pre" (before them; the paper's code reads Gemma there).
     mode: "rev" (jacrev), "fwd" (jacfwd) or "auto". chunk: basis vectors per pass (None: the largest
     that fits `memory_limit` bytes, default 80 % of RAM or $EQLIN_MEMORY_LIMIT_GB).
+    fold: differentiate the MLP through one folded matrix per position (`eqlin.blocks`): True, False or
+    "auto" (when it saves flops and its T·d² numbers per layer fit the memory limit). J is the same
+    map either way (to float64 rounding).
     """
     return linearize(model, inputs, detach=True, layer=layer, part=part, scope=scope, mode=mode, chunk=chunk,
-                     memory_limit=memory_limit)
+                     memory_limit=memory_limit, fold=fold, tap=tap)
 
 
 def jacobian(model: Model, inputs, *, detach: bool = False, layer=None, part: Part = "residual",
              scope: Scope = "cumulative", mode: Mode = "auto", chunk: int | None = None,
-             memory_limit: int | None = None) -> Linearization:
+             memory_limit: int | None = None, tap: Tap = "post") -> Linearization:
     """The plain autograd Jacobian of the same function (detach=False by default). Its relative_error
     shows that, unlike the detached one, it does not reconstruct the output."""
     return linearize(model, inputs, detach=detach, layer=layer, part=part, scope=scope, mode=mode, chunk=chunk,
-                     memory_limit=memory_limit)
+                     memory_limit=memory_limit, tap=tap)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,9 +318,7 @@ def target_map(params: Params, config: ModelConfig, x: Array, layer: int | None,
     if scope == "cumulative":
         f = cumulative_fn(params, config, None if layer is None else (layer,), part, detach)
         return (f if layer is None else (lambda v: f(v)[0])), x
-    h_in = x
-    if layer > 0:
-        h_in, _ = run_layers(layer_slice(params.layers, 0, layer), config, x, detach=detach)
+    h_in = streams_entering(params, config, x, layer + 1, detach=detach)[layer]
     g = single_layer_fn(params, config, part, detach, x.shape[0])
     p = jax.tree_util.tree_map(lambda a: a[layer], params.layers)
     w, r = config.layer_windows()[layer], config.layer_rope_index()[layer]

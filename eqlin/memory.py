@@ -29,16 +29,30 @@ def activation_elems(config: ModelConfig, length: int) -> int:
 
 
 def estimate_jacobian_bytes(config: ModelConfig, length: int, *, n_maps: int = 1, mode: str = "rev",
-                            chunk: int | None = None, itemsize: int = 8) -> int:
+                            chunk: int | None = None, itemsize: int = 8, fold: bool = False) -> int:
     """Peak bytes of a Jacobian computation: the result (n·d·T·d), the stored linearization (every
-    layer's activations once per map) and `chunk` basis vectors in flight through one layer."""
+    layer's activations once per map, with `fold` also the folded MLP's T·d² per layer) and `chunk`
+    basis vectors in flight through one layer."""
     d, L = config.hidden_size, config.num_layers
     outputs = n_maps * d
     inputs = length * d
     width = outputs if mode == "rev" else inputs
     in_flight = min(chunk or width, width) * n_maps
     act = activation_elems(config, length)
-    return itemsize * (outputs * inputs + n_maps * L * act + in_flight * (act + inputs + outputs))
+    stored = n_maps * L * act + (fold_elems(config, length) if fold else 0)
+    return itemsize * (outputs * inputs + stored + in_flight * (act + inputs + outputs))
+
+
+def fold_pays(config: ModelConfig, vectors: int) -> bool:
+    """Whether the folded MLP (`eqlin.blocks.folded_mlp`) saves flops when `vectors` tangents or
+    cotangents share one linearization: 2·d²·F + 2·m·d² < 4·m·d·F, i.e. m·(2F − d) > d·F."""
+    d, F = config.hidden_size, config.intermediate_size
+    return vectors * (2 * F - d) > d * F
+
+
+def fold_elems(config: ModelConfig, length: int, layers: int | None = None) -> int:
+    """Elements of the stored fold: T·d² per layer (`layers`, default all of the model's)."""
+    return (config.num_layers if layers is None else layers) * length * config.hidden_size ** 2
 
 
 def largest_fitting(cost: Callable[[int], int], most: int, limit: int) -> int:
@@ -68,16 +82,17 @@ def choose_chunk(cost: Callable[[int | None], int], chunk: int | None, most: int
 
 
 def resolve_chunk(config: ModelConfig, length: int, n_maps: int, mode: str, chunk: int | None, itemsize: int,
-                  limit: int) -> int | None:
+                  limit: int, *, fold: bool = False) -> int | None:
     """The chunk for `estimate_jacobian_bytes`'s computation: as asked if it fits, else (asked None) the
     largest that fits; refuse otherwise, naming a length that would fit."""
     def cost(c: int | None) -> int:
-        return estimate_jacobian_bytes(config, length, n_maps=n_maps, mode=mode, chunk=c, itemsize=itemsize)
+        return estimate_jacobian_bytes(config, length, n_maps=n_maps, mode=mode, chunk=c, itemsize=itemsize,
+                                       fold=fold)
 
     def nothing_fits() -> str:
         fit = length
         while fit > 1 and estimate_jacobian_bytes(config, fit, n_maps=n_maps, mode=mode, chunk=1,
-                                                  itemsize=itemsize) > limit:
+                                                  itemsize=itemsize, fold=fold) > limit:
             fit //= 2
         return (f"a Jacobian of {n_maps} map(s) at T={length} needs about {cost(1) / 2**30:.1f} GiB even one basis "
                 f"vector at a time, over the {limit / 2**30:.1f} GiB limit; use at most T={fit} tokens, fewer "

@@ -19,25 +19,30 @@ FIGURES = {
     "reconstruction.png": "Reconstruction of the output y: detached vs plain Jacobian",
     "jacobian.png": "The detached Jacobian [J_1 … J_T] (d × T·d)",
     "spectra.png": "Singular values of each J_t, with the top left singular vector decoded",
-    "layers.png": "Effective dimension (stable rank) of the cumulative layer maps",
+    "emergence.png": "Where the prediction emerges: u_1 of every layer map decoded through the unembedding",
+    "dimensionality.png": "Effective dimension of every layer map, both scopes and three parts",
 }
+PART_COLORS = {"residual": "tab:blue", "attn": "tab:orange", "mlp": "tab:green"}
+SCOPE_STYLES = {"cumulative": ("-", "o"), "single": ("--", "s")}
 
 
-def _png(draw: Callable[[Any], None], size: tuple[float, float]) -> bytes:
-    import matplotlib
+def render_png(draw: Callable[[Any], None], size: tuple[float, float]) -> bytes:
+    """PNG bytes of a figure drawn by `draw(fig)` on a fresh matplotlib `Figure` (no pyplot state, no
+    backend switch)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=size, dpi=110)
+    draw(fig)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
-    fig = plt.figure(figsize=size, dpi=110)
-    try:
-        draw(fig)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
-        plt.close(fig)
+
+def _short(token: str, width: int = 12) -> str:
+    """A token as a printable literal (whitespace visible), cut to `width` characters."""
+    text = repr(token)[1:-1] or "∅"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _reconstruction(result: Analysis):
@@ -94,28 +99,75 @@ def _spectra(result: Analysis):
     return draw
 
 
-def _layers(result: Analysis):
-    maps = result.report["layer_maps"]
+def _emergence(result: Analysis):
+    story = result.layer_spectra
+    next_text = result.report["next_token"]["text"]
+    columns = [(scope, part) for scope in story.maps for part in story.maps[scope]]
 
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
-        for part, style in (("residual", "-o"), ("attn", "--s"), ("mlp", ":^")):
-            ax.plot(maps["layers"], maps[part]["stable_rank"], style, label=f"{part}: stable rank")
-            ax.plot(maps["layers"], maps[part]["participation_ratio"], style, alpha=0.4,
-                    label=f"{part}: participation ratio")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("effective dimension")
-        ax.legend(fontsize=7)
+        n = len(story.layers)
+        ranks = np.array([[story.maps[s][p].u1_next_token_rank[i] for s, p in columns] for i in range(n)])
+        image = ax.imshow(np.log10(1 + ranks), cmap="viridis_r", aspect="auto", origin="lower",
+                          vmin=0, vmax=max(1.0, float(np.log10(1 + ranks.max()))))
+        for i in range(n):
+            for j, (scope, part) in enumerate(columns):
+                hit = ranks[i, j] == 0
+                ax.text(j, i, _short(story.maps[scope][part].top_tokens[i][0][0]), ha="center", va="center",
+                        fontsize=7, fontweight="bold" if hit else "normal",
+                        color="black" if np.log10(1 + ranks[i, j]) < 0.5 * image.norm.vmax else "white")
+                if hit:
+                    ax.add_patch(_box(j, i))
+        ax.set_xticks(range(len(columns)), [f"{scope}\n{part}" for scope, part in columns], fontsize=8)
+        ax.set_yticks(range(n), [str(l) for l in story.layers], fontsize=7)
+        ax.set_xlabel("map (scope, part)")
+        ax.set_ylabel("layer")
+        ax.set_title(f"Top token of u_1 for each layer map; boxed: u_1 decodes to the next token {next_text!r}",
+                     fontsize=9)
+        bar = fig.colorbar(image, ax=ax, fraction=0.04)
+        bar.set_label(f"rank of {_short(next_text)!r} among u_1's tokens\n(log10(1 + rank); 0: on top)", fontsize=8)
+    return draw
+
+
+def _box(x: float, y: float):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5)
+
+
+def _dimensionality(result: Analysis):
+    story = result.layer_spectra
+    layers = np.array(story.layers)
+    contiguous = bool(np.all(np.diff(layers) == 1))
+
+    def draw(fig):
+        for k, (measure, label) in enumerate([("stable_rank", "stable rank ‖J‖_F² / σ_1²"),
+                                              ("participation_ratio", "participation ratio (Σσ²)² / Σσ⁴")]):
+            ax = fig.add_subplot(1, 2, k + 1)
+            for scope, parts in story.maps.items():
+                line, marker = SCOPE_STYLES[scope]
+                for part, maps in parts.items():
+                    ax.plot(layers, getattr(maps.effective, measure), linestyle=line if contiguous else "none",
+                            marker=marker, ms=4, lw=1, color=PART_COLORS[part], label=f"{scope} · {part}")
+            ax.set_xticks(layers if len(layers) <= 12 else layers[::max(1, len(layers) // 9)])
+            ax.set_xlabel("layer")
+            ax.set_ylabel(label)
+            ax.set_title(label.split(" ‖")[0].split(" (")[0].capitalize() + " of each layer map", fontsize=10)
+            ax.grid(alpha=0.3)
+            if k == 0:
+                ax.legend(fontsize=7, ncol=2)
     return draw
 
 
 def figures(result: Analysis) -> dict[str, bytes]:
-    """PNG bytes by file name (the layer figure only when layer maps were computed)."""
-    out = {"reconstruction.png": _png(_reconstruction(result), (9, 4)),
-           "jacobian.png": _png(_jacobian(result), (10, 4.5)),
-           "spectra.png": _png(_spectra(result), (8, 4.5))}
-    if result.report["layer_maps"]["layers"]:
-        out["layers.png"] = _png(_layers(result), (8, 4.5))
+    """PNG bytes by file name (the layer figures only when layer maps were computed)."""
+    out = {"reconstruction.png": render_png(_reconstruction(result), (9, 4)),
+           "jacobian.png": render_png(_jacobian(result), (10, 4.5)),
+           "spectra.png": render_png(_spectra(result), (8, 4.5))}
+    if result.layer_spectra is not None:
+        n = len(result.layer_spectra.layers)
+        out["emergence.png"] = render_png(_emergence(result), (10, 0.32 * n + 1.8))
+        out["dimensionality.png"] = render_png(_dimensionality(result), (12, 4.5))
     return out
 
 
@@ -134,12 +186,7 @@ def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
           ", ".join(f"{s:.3g}" for s in p["singular_values"]), f"{p['effective_dimension']['stable_rank']:.2f}",
           " ".join(repr(t) for t in p["left_tokens"][0]), " ".join(repr(t) for t in p["right_tokens"][0])]
          for p in report["per_token"]])
-    maps = report["layer_maps"]
-    layer_table = _table(
-        ["layer"] + [f"{part} stable rank" for part in ("residual", "attn", "mlp")] + ["max relative error"],
-        [[l] + [f"{maps[part]['stable_rank'][i]:.2f}" for part in ("residual", "attn", "mlp")]
-         + [f"{max(maps[part]['relative_error'][i] for part in ('residual', 'attn', 'mlp')):.1e}"]
-         for i, l in enumerate(maps["layers"])]) if maps["layers"] else "<p>No layer maps were computed.</p>"
+    layer_section = _layer_section(report)
     images = "".join(
         f"<figure><img alt=\"{html.escape(FIGURES[name])}\" src=\"data:image/png;base64,"
         f"{base64.b64encode(data).decode()}\"><figcaption>{html.escape(FIGURES[name])}</figcaption></figure>"
@@ -162,10 +209,39 @@ figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{color:#555}}</style></h
 <p>Input: <code>{html.escape(report['text'])}</code></p>
 {_table(["", ""], summary_rows)}
 <h2>Per input token: J_t</h2>{per_token}
-<h2>Layer maps (input embeddings → layer output, read through the final norm)</h2>{layer_table}
+<h2>The layer story: every layer's maps</h2>{layer_section}
 <h2>Figures</h2>{images}
 </body></html>
 """
+
+
+def _layer_section(report: dict[str, Any]) -> str:
+    """The layer story's explanation and table (or a note that no layer was analysed)."""
+    rows = report["layers"]
+    if not rows:
+        return "<p>No layer maps were computed (<code>--layers none</code>).</p>"
+    info, nt = report["layer_analysis"], report["next_token"]
+    scopes = [s for s in ("cumulative", "single") if s in rows[0]]
+    parts = ("residual", "attn", "mlp")
+    header = (["layer"] + [f"SR {s[:3]}. {p}" for s in scopes for p in parts]
+              + [f"u₁ → {s[:3]}. {p}" for s in scopes[:1] for p in parts] + ["lens rank", "lens p", "max error"])
+    body = [[r["layer"]] + [f"{r[s][p]['stable_rank']:.2f}" for s in scopes for p in parts]
+            + [repr(r[s][p]["top_tokens"][0]) + (" ✓" if r[s][p]["u1_next_token_rank"] == 0 else "")
+               for s in scopes[:1] for p in parts]
+            + [r[scopes[0]]["residual"]["next_token_rank"], f"{r[scopes[0]]['residual']['next_token_probability']:.3g}",
+               f"{max(r[s][p]['relative_error'] for s in scopes for p in parts):.1e}"]
+            for r in rows]
+    return f"""<p>For each analysed layer l, six exact linear maps y = Σ_t J_t x_t, each output read at the last
+position through the final norm so that it decodes through the unembedding. <b>cumulative</b>: from the input
+embeddings to layer l's output; <b>single</b>: from the residual stream entering layer l (every position) to
+its output. <b>residual</b>: the stream after layer l; <b>attn</b>, <b>mlp</b>: that branch's output alone
+({html.escape(info['tap_meaning'])}). Largest relative reconstruction error over all of them:
+{info['max_relative_error']:.1e}; engines: {html.escape(', '.join(f'{k} {v}' for k, v in info['engines'].items()))}.</p>
+<p>Columns: <b>SR</b> stable rank ‖J‖_F² / σ₁² (cum. = cumulative, sin. = single); <b>u₁ →</b> the token the
+map's top left singular vector u₁ decodes to (✓: the model's next token {html.escape(repr(nt['text']))});
+<b>lens rank</b>, <b>lens p</b>: the next token's rank (0 = top) and probability in the logit lens of the
+residual stream after layer l; <b>max error</b>: the largest reconstruction error of the layer's maps.</p>
+{_table(header, body)}"""
 
 
 def write_report(result: Analysis, out: Path, *, quiet: bool = True) -> list[Path]:
@@ -179,6 +255,25 @@ def write_report(result: Analysis, out: Path, *, quiet: bool = True) -> list[Pat
         write_json_atomic(out / "report.json", result.report)
         write_bytes_atomic(out / "report.html", render_html(result.report, pngs).encode())
     return written + [out / "report.json", out / "report.html"]
+
+
+def _layer_lines(report: dict[str, Any]) -> list[str]:
+    """The layer story as a compact terminal table."""
+    info, nt, rows = report["layer_analysis"], report["next_token"], report["layers"]
+    scopes = [s for s in ("cumulative", "single") if s in rows[0]]
+    parts = ("residual", "attn", "mlp")
+    lines = [f"layer maps: {len(rows)} layers x {len(scopes)} scopes x 3 parts, max relative error "
+             f"{info['max_relative_error']:.1e}; branches read {info['tap']} their post-norms",
+             "  stable rank (" + " | ".join(scopes) + f"), u_1's top token (cumulative; * = {nt['text']!r}), "
+             f"rank of {nt['text']!r} in the logit lens of the stream",
+             "  layer " + " | ".join(" ".join(f"{p[:5]:>6}" for p in parts) for _ in scopes)
+             + "   " + " ".join(f"{p:<13}" for p in parts) + " lens"]
+    for r in rows:
+        ranks = " | ".join(" ".join(f"{r[s][p]['stable_rank']:>6.2f}" for p in parts) for s in scopes)
+        tokens = " ".join(f"{_short(r[scopes[0]][p]['top_tokens'][0], 11) + ('*' if r[scopes[0]][p]['u1_next_token_rank'] == 0 else ''):<13}"
+                          for p in parts)
+        lines.append(f"  {r['layer']:>5} {ranks}   {tokens} {r[scopes[0]]['residual']['next_token_rank']:>4}")
+    return lines
 
 
 def summary(report: dict[str, Any], out: Path) -> str:
@@ -197,12 +292,7 @@ def summary(report: dict[str, Any], out: Path) -> str:
         pairs = ", ".join(f"{s:.3g} [{u[0]!r} / {v[0]!r}]"
                           for s, u, v in zip(p["singular_values"], p["left_tokens"], p["right_tokens"]))
         lines.append(f"  {p['position']:>3} {p['token']!r:>14}  {pairs}")
-    maps = report["layer_maps"]
-    if maps["layers"]:
-        lines += ["", "effective dimension (stable rank) of the cumulative layer maps:",
-                  "  layer  residual      attn       mlp"]
-        for i, l in enumerate(maps["layers"]):
-            lines.append(f"  {l:>5} " + " ".join(f"{maps[part]['stable_rank'][i]:>9.2f}"
-                                                  for part in ("residual", "attn", "mlp")))
+    if report["layers"]:
+        lines += [""] + _layer_lines(report)
     lines += ["", f"report: {out / 'report.html'} (and report.json, figures)"]
     return "\n".join(lines)

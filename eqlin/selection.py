@@ -3,7 +3,8 @@ or analyses a layer map, and the CLI's `--layers` syntax on top of it.
 
 - layer: None (the final output), an int, a sequence of ints or "all";
 - part: "residual" (the stream after the layer), "attn" or "mlp" (that branch's output alone);
-- scope: "cumulative" (input embeddings → layer output) or "single" (layer input → layer output).
+- scope: "cumulative" (input embeddings → layer output) or "single" (layer input → layer output);
+- tap: where an attn/mlp branch is read, "post" or "pre" its post-norm (`eqlin.decoder.layer_tail`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from eqlin.errors import InputError
 
 Part = Literal["residual", "attn", "mlp"]
 Scope = Literal["cumulative", "single"]
+Tap = Literal["post", "pre"]
 PARTS: tuple[Part, ...] = ("residual", "attn", "mlp")
 SCOPES: tuple[Scope, ...] = ("cumulative", "single")
+TAPS: tuple[Tap, ...] = ("post", "pre")
 
 
 def resolve_layers(config: ModelConfig, layer) -> tuple[int, ...] | None:
@@ -35,6 +38,12 @@ def resolve_layers(config: ModelConfig, layer) -> tuple[int, ...] | None:
     if bad or not listed:
         raise InputError(f"layer {bad or listed} out of range: the model has layers 0..{config.num_layers - 1}")
     return tuple(int(l) for l in listed)
+
+
+def check_tap(tap: str) -> None:
+    """Branch outputs are tapped "post" (after the family's branch post-norms) or "pre" (before them)."""
+    if tap not in TAPS:
+        raise InputError(f"tap must be one of {TAPS} (branch outputs after or before their post-norms), got {tap!r}")
 
 
 def resolve_selection(config: ModelConfig, layer, part: Part, scope: Scope, *, one_layer: str | None = None
@@ -55,16 +64,21 @@ def resolve_selection(config: ModelConfig, layer, part: Part, scope: Scope, *, o
     return layers
 
 
-def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """The CLI's --layers: 'auto' (three evenly spaced layers ending at the last), 'all', 'none' or
-    comma-separated indices."""
+def evenly_spaced(num_layers: int, count: int) -> tuple[int, ...]:
+    """At most `count` layers, evenly spaced, ending at the last one."""
+    return tuple(sorted({max(0, round(num_layers * i / count) - 1) for i in range(1, count + 1)}))
+
+
+def parse_layers(spec: str, num_layers: int, auto: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The CLI's --layers: 'auto' (the caller's `auto` choice; default three evenly spaced layers ending
+    at the last), 'all', 'none' or comma-separated indices."""
     spec = spec.strip().lower()
     if spec == "none":
         return ()
     if spec == "all":
         return tuple(range(num_layers))
     if spec == "auto":
-        return tuple(sorted({max(0, round(num_layers * i / 3) - 1) for i in (1, 2, 3)}))
+        return evenly_spaced(num_layers, 3) if auto is None else auto
     try:
         layers = tuple(sorted({int(p) for p in spec.split(",") if p.strip()}))
     except ValueError:

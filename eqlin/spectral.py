@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import jax
 import jax.numpy as jnp
@@ -222,7 +222,7 @@ def effective_dimension(singular_values: Array) -> EffectiveDimension:
 # Dense spectra.
 
 
-def _check_int(name: str, value, low: int, high: int | None, why: str) -> int:
+def check_int(name: str, value, low: int, high: int | None, why: str) -> int:
     """`value` as an int in low..high (no upper bound for None), else an InputError saying why."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
             high is not None and value > high):
@@ -231,7 +231,7 @@ def _check_int(name: str, value, low: int, high: int | None, why: str) -> int:
     return int(value)
 
 
-def _align(U: Array, V: Array, y: Array) -> tuple[Array, Array]:
+def align_signs(U: Array, V: Array, y: Array) -> tuple[Array, Array]:
     """Flip the pairs (U[..., :, i], V[..., :, i]) so that uᵢ·y >= 0. U (..., d_out, k), y (..., d_out)."""
     sign = jnp.where(jnp.einsum("...ok,...o->...k", U, y, precision=HIGHEST) < 0, -1, 1).astype(U.dtype)
     return U * sign[..., None, :], V * sign[..., None, :]
@@ -247,7 +247,7 @@ def _dense(J: Array, y: Array, *, k: int, per_token: bool) -> tuple[Array, ...]:
         M = J.reshape(*J.shape[:-3], d_out, T * d_in)
     U, s, Vh = jnp.linalg.svd(M, full_matrices=False)  # batched over layers and tokens (≡ vmap)
     effective = effective_dimension(s)
-    U, V = _align(U[..., :k], jnp.swapaxes(Vh, -1, -2)[..., :k], y)
+    U, V = align_signs(U[..., :k], jnp.swapaxes(Vh, -1, -2)[..., :k], y)
     if not per_token:
         V = V.reshape(*V.shape[:-2], T, d_in, k)
     return s[..., :k], U, V, jnp.square(s).sum(-1), effective
@@ -260,7 +260,7 @@ def spectrum(lin: Linearization, k: int | None = None, *, per_token: bool = True
     `Spectrum.select`). Computed in lin's dtype; shapes in `Spectrum`'s docstring."""
     d_out, T, d_in = lin.jacobian.shape[-3:]
     full = min(d_out, d_in) if per_token else min(d_out, T * d_in)
-    k = full if k is None else _check_int(
+    k = full if k is None else check_int(
         "k", k, 1, full, "the rank bound of " + ("J_t" if per_token else "the token-combined map"))
     s, U, V, fro, effective = _dense(lin.jacobian, lin.output, k=k, per_token=per_token)
     return Spectrum(s, U, V, lin.output, lin.relative_error, lin.ids, fro, effective, per_token, "dense",
@@ -271,69 +271,59 @@ def spectrum(lin: Linearization, k: int | None = None, *, per_token: bool = True
 # Decoding into tokens.
 
 
-def _batch(vocab: int, itemsize: int) -> int:
-    return max(1, _SCORE_BYTES // (vocab * itemsize))
+@functools.partial(jax.jit, static_argnames=("space",))
+def _scores(table: Array, vectors: Array, *, space: str) -> Array:
+    """(N, V) scores of vectors (N, d) against the rows of `table` (V, d): W v (output space) or cosines
+    (input space)."""
+    scores = jnp.einsum("vd,nd->nv", table, vectors, precision=HIGHEST)
+    if space == "output":
+        return scores
+    tiny = jnp.finfo(table.dtype).tiny
+    rows = jnp.maximum(jnp.linalg.norm(table, axis=-1), tiny)
+    return scores / rows[None, :] / jnp.maximum(jnp.linalg.norm(vectors, axis=-1), tiny)[:, None]
 
 
-def _top_k(scores: Array, top: int) -> tuple[Array, Array]:
-    """Like `jax.lax.top_k` over the last axis (largest first, ties by lower index), by `top` masked
-    argmax passes: XLA's CPU TopK sorts, about 30× slower over a 262k-token vocabulary."""
-    index = jnp.arange(scores.shape[-1])
-
-    def body(previous, _):
-        v_prev, i_prev = (a[..., None] for a in previous)
-        below = (scores < v_prev) | ((scores == v_prev) & (index > i_prev))  # after `previous` in the order
-        masked = jnp.where(below, scores, -jnp.inf)
-        i = jnp.argmax(masked, axis=-1).astype(jnp.int32)
-        v = jnp.take_along_axis(masked, i[..., None], axis=-1)[..., 0]
-        return (v, i), (v, i)
-
-    start = (jnp.full(scores.shape[:-1], jnp.inf, scores.dtype), jnp.full(scores.shape[:-1], -1, jnp.int32))
-    _, (values, ids) = jax.lax.scan(body, start, None, length=top)
-    return jnp.moveaxis(values, 0, -1), jnp.moveaxis(ids, 0, -1)
+def token_scores(model: Model, vectors: Array, space: Literal["output", "input"]) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, scores) for vectors (N, d) in batches of rows, each scores (b, V) on the host: through the
+    unembedding (output space) or cosines with the input embeddings (input space); at most
+    `_SCORE_BYTES` of scores at a time."""
+    table = model.params.unembedding if space == "output" else model.params.embed
+    batch = max(1, _SCORE_BYTES // (table.shape[0] * table.dtype.itemsize))
+    vectors = vectors.astype(table.dtype)
+    for start in range(0, vectors.shape[0], batch):
+        yield start, np.asarray(_scores(table, vectors[start:start + batch], space=space))
 
 
-@functools.partial(jax.jit, static_argnames=("top", "batch"))
-def _unembed_top(W: Array, vectors: Array, *, top: int, batch: int) -> tuple[Array, Array]:
-    """Largest unembedding scores W v, (N, top), for vectors (N, d)."""
-    def scores(v):
-        return jnp.einsum("vd,d->v", W, v, precision=HIGHEST)
-
-    return jax.lax.map(lambda v: _top_k(scores(v), top), vectors, batch_size=batch)
-
-
-@functools.partial(jax.jit, static_argnames=("top", "batch"))
-def _nearest_top(E: Array, vectors: Array, *, top: int, batch: int) -> tuple[Array, Array]:
-    """Largest cosines between vectors (N, d) and the rows of E (V, d), (N, top)."""
-    tiny = jnp.finfo(E.dtype).tiny
-    inv_norms = 1 / jnp.maximum(jnp.linalg.norm(E, axis=-1), tiny)
-
-    def cosines(v):
-        return jnp.einsum("vd,d->v", E, v, precision=HIGHEST) * inv_norms / jnp.maximum(jnp.linalg.norm(v), tiny)
-
-    return jax.lax.map(lambda v: _top_k(cosines(v), top), vectors, batch_size=batch)
+def top_of_rows(scores: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `top` largest entries of each row of scores (N, V), best first, ties by lower index:
+    (values, ids), each (N, top). A partial selection (O(V) per row), then a sort of the few candidates."""
+    kth = np.partition(scores, -top, axis=-1)[:, -top]
+    ids = np.empty((scores.shape[0], top), np.int64)
+    for row, (s, bound) in enumerate(zip(scores, kth)):
+        candidates = np.flatnonzero(s >= bound)
+        ids[row] = candidates[np.lexsort((candidates, -s[candidates]))][:top]
+    return np.take_along_axis(scores, ids, axis=-1), ids
 
 
-def _matches(model: Model, vectors: Array, top: int, space: Literal["output", "input"]) -> TokenMatches:
+def match_tokens(model: Model, vectors: Array, top: int, space: Literal["output", "input"]) -> TokenMatches:
     """Top tokens for vectors (..., d): through the unembedding (output space) or by cosine nearest
     input embeddings (input space)."""
-    table = model.params.unembedding if space == "output" else model.params.embed
-    vocab = table.shape[0]
-    top = _check_int("top", top, 1, vocab, "the vocabulary size")
+    vocab = model.params.embed.shape[0] if space == "input" else model.params.unembedding.shape[0]
+    top = check_int("top", top, 1, vocab, "the vocabulary size")
     flat = vectors.reshape(-1, vectors.shape[-1])
-    fn = _unembed_top if space == "output" else _nearest_top
-    scores, ids = fn(table, flat.astype(table.dtype), top=top, batch=_batch(vocab, table.dtype.itemsize))
+    found = [top_of_rows(scores, top) for _, scores in token_scores(model, flat, space)]
     shape = vectors.shape[:-1] + (top,)
-    ids = np.asarray(ids).reshape(shape)
+    values = np.concatenate([v for v, _ in found]).reshape(shape)
+    ids = np.concatenate([i for _, i in found]).reshape(shape)
     strings = np.array(model.token_strings(ids.reshape(-1)), dtype=object).reshape(shape).tolist()
-    return TokenMatches(ids, np.asarray(scores).reshape(shape), strings)
+    return TokenMatches(ids, values, strings)
 
 
 def decode_spectrum(model: Model, spec: Spectrum, top: int = 5) -> Spectrum:
     """`spec` with left_tokens (each u through the unembedding) and right_tokens (each token's block of
     v by cosine nearest input embeddings) filled in, `top` tokens each; shapes in `Spectrum`."""
-    left = _matches(model, jnp.swapaxes(spec.U, -1, -2), top, "output")  # (..., k, d_out)
-    right = _matches(model, jnp.swapaxes(spec.V, -1, -2), top, "input")  # (..., T, k, d_in)
+    left = match_tokens(model, jnp.swapaxes(spec.U, -1, -2), top, "output")  # (..., k, d_out)
+    right = match_tokens(model, jnp.swapaxes(spec.V, -1, -2), top, "input")  # (..., T, k, d_in)
     return dataclasses.replace(spec, left_tokens=left, right_tokens=right)
 
 
@@ -341,14 +331,14 @@ def norm_analysis(model: Model, lin: Linearization, count: int = 5, top: int = 5
     """Column and row norms of every J_t; the `count` largest columns decoded through the unembedding
     and the `count` largest rows by cosine nearest input embeddings, `top` tokens each."""
     J = jnp.moveaxis(lin.jacobian, -2, -3)  # (..., T, d_out, d_in)
-    count = _check_int("count", count, 1, min(J.shape[-2:]), "at most the columns and rows of J_t")
+    count = check_int("count", count, 1, min(J.shape[-2:]), "at most the columns and rows of J_t")
     col_norms, row_norms = jnp.linalg.norm(J, axis=-2), jnp.linalg.norm(J, axis=-1)
     _, cols = jax.lax.top_k(col_norms, count)  # (..., T, c)
     _, rows = jax.lax.top_k(row_norms, count)
     col_vectors = jnp.take_along_axis(jnp.swapaxes(J, -1, -2), cols[..., None], axis=-2)  # (..., T, c, d_out)
     row_vectors = jnp.take_along_axis(J, rows[..., None], axis=-2)  # (..., T, c, d_in)
-    return NormAnalysis(col_norms, cols, _matches(model, col_vectors, top, "output"),
-                        row_norms, rows, _matches(model, row_vectors, top, "input"))
+    return NormAnalysis(col_norms, cols, match_tokens(model, col_vectors, top, "output"),
+                        row_norms, rows, match_tokens(model, row_vectors, top, "input"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,11 +436,11 @@ def matrix_free_svd(jvp: Callable[[Array], Array], x: Array, k: int, *, method: 
     shape, n = tuple(x.shape), int(x.size)
     d_out = int(jax.eval_shape(jvp, x).shape[0])
     full = min(d_out, n)
-    k = _check_int("k", k, 1, full, f"the rank bound of a {d_out} × {n} map")
-    steps = min(full, 2 * k + 20) if steps is None else _check_int("steps", steps, k, full,
+    k = check_int("k", k, 1, full, f"the rank bound of a {d_out} × {n} map")
+    steps = min(full, 2 * k + 20) if steps is None else check_int("steps", steps, k, full,
                                                                      "at least k, at most min(d_out, n)")
-    block = _check_int("block", block, 1, None, "Lanczos steps per compiled call")
-    power_iterations = _check_int("power_iterations", power_iterations, 0, None, "randomized SVD")
+    block = check_int("block", block, 1, None, "Lanczos steps per compiled call")
+    power_iterations = check_int("power_iterations", power_iterations, 0, None, "randomized SVD")
     key = jax.random.key(seed)
     report = progress or (lambda done, total: None)
     if method == "lanczos":
@@ -512,5 +502,5 @@ def top_singular(model: Model, inputs, k: int, *, layer: int | None = None, part
                                     detach=detach)
     s, U, V = matrix_free_svd(jvp, x_in, k, method=method, steps=steps, power_iterations=power_iterations,
                               block=block, seed=seed, progress=progress)
-    U, V = _align(U, V, y)
+    U, V = align_signs(U, V, y)
     return Spectrum(s, U, V, y, err, jnp.asarray(ids), None, None, False, method, layer, part, scope, detach)

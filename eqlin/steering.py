@@ -41,7 +41,7 @@ import numpy as np
 
 from eqlin.config import ModelConfig
 from eqlin.blocks import attend, attention_probs, einsum, project_qkv, visible
-from eqlin.decoder import embed, final_norm, layer_slice, layer_tail, optional_norm, rope_stack, run_layers, unembed
+from eqlin.decoder import embed, final_norm, layer_tail, optional_norm, rope_stack, streams_entering, unembed
 from eqlin.errors import InputError
 from eqlin.linear_maps import jacobian_of, relative_error
 from eqlin.model import Model
@@ -68,14 +68,10 @@ def concept_maps(params: Params, config: ModelConfig, x: Array, *, layers: tuple
 
     Returns (J, h): J (n, d, T_c, d) and h (n, d), the residual streams themselves (h = Σ_t J_t x_t).
     """
-    top = max(layers)
     index = jnp.asarray(layers)
 
-    def streams(v: Array) -> Array:  # (n, d): stream[i] is what enters layer i, at the last position
-        if top == 0:
-            return v[None, -1][index]
-        _, (res, _, _) = run_layers(layer_slice(params.layers, 0, top), config, v, detach=True, collect=True)
-        return jnp.concatenate([v[None], res])[index, -1]
+    def streams(v: Array) -> Array:  # (n, d): what enters each listed layer, at the last position
+        return streams_entering(params, config, v, max(layers) + 1, detach=True)[index, -1]
 
     h, J = jacobian_of(streams, x, mode="rev", chunk=chunk)
     return J, h
@@ -317,7 +313,7 @@ def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[in
 def heatmap_png(table: dict[str, Any]) -> bytes:
     """Two heat maps side by side (steered lift, random-control lift) on one colour scale, set by the
     steered lifts (control values beyond it saturate; every cell is annotated)."""
-    from eqlin.report import _png
+    from eqlin.report import render_png
 
     lift, control = np.asarray(table["lift"]), np.asarray(table["control_lift"])
     lim = float(np.abs(lift).max()) or 1.0
@@ -339,7 +335,7 @@ def heatmap_png(table: dict[str, Any]) -> bytes:
         tokens = " ".join(repr(t["text"]) for t in table["concept_tokens"])
         fig.suptitle(f"steering {table['text']!r} with {table['concept']!r}: lift of {tokens}", fontsize=9)
 
-    return _png(draw, (10, 0.6 * len(table["layers"]) + 2.5))
+    return render_png(draw, (10, 0.6 * len(table["layers"]) + 2.5))
 
 
 def write_sweep(table: dict[str, Any], out: Path) -> list[Path]:

@@ -16,14 +16,15 @@ from eqlin.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from tests.conftest import TEXT
 
 REPORT_KEYS = {"schema", "next_token", "relative_error", "plain_relative_error", "model", "dtype", "tokens",
-               "per_token", "layer_maps", "homogeneity_error", "logit", "top_predictions", "timings_s", "text"}
+               "per_token", "layer_maps", "homogeneity_error", "logit", "top_predictions", "timings_s", "text",
+               "layers", "layer_analysis"}
 
 
 def test_analyze_on_a_tiny_model(tiny_report, capsys):
     code, out = tiny_report
     assert code == EXIT_OK
-    assert sorted(p.name for p in out.iterdir()) == ["jacobian.png", "layers.png", "reconstruction.png",
-                                                     "report.html", "report.json", "spectra.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["dimensionality.png", "emergence.png", "jacobian.png",
+                                                     "reconstruction.png", "report.html", "report.json", "spectra.png"]
     report = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(report) and report["schema"] == SCHEMA
     assert report["dtype"] == "float64" and report["model"]["family"] == "gemma3"
@@ -36,6 +37,21 @@ def test_analyze_on_a_tiny_model(tiny_report, capsys):
     assert maps["layers"] == [0, 1, 2, 3]
     for part in ("residual", "attn", "mlp"):
         assert len(maps[part]["stable_rank"]) == 4 and max(maps[part]["relative_error"]) <= 1e-13
+    assert [row["layer"] for row in report["layers"]] == [0, 1, 2, 3]
+    for row in report["layers"]:
+        for scope in ("cumulative", "single"):
+            for part in ("residual", "attn", "mlp"):
+                entry = row[scope][part]
+                assert entry["relative_error"] <= 1e-13 and len(entry["singular_values"]) == 3
+                assert len(entry["top_tokens"]) == 3 and entry["next_token_rank"] >= 0
+        assert row["cumulative"]["residual"]["stable_rank"] == maps["residual"]["stable_rank"][row["layer"]]
+    first = report["layers"][0]  # layer 0's input is x itself: both scopes are the same maps
+    for part in ("residual", "attn", "mlp"):
+        one, other = first["single"][part], first["cumulative"][part]
+        assert one["top_tokens"] == other["top_tokens"]
+        assert one["stable_rank"] == pytest.approx(other["stable_rank"], rel=1e-12)
+    info = report["layer_analysis"]
+    assert info["tap"] == "post" and info["engines"]["single"] == "rev" and info["max_relative_error"] <= 1e-13
     total = sum(p["logit_contribution"] for p in report["per_token"])
     assert abs(total - report["logit"]["value"]) <= 1e-12 * abs(report["logit"]["value"])
 

@@ -26,7 +26,7 @@ def test_report_is_self_contained(tiny_report):
     _, out = tiny_report
     page = (out / "report.html").read_text()
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page)
-    assert page.count("data:image/png;base64,") == 4
+    assert page.count("data:image/png;base64,") == 5
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium package is not installed")
@@ -43,4 +43,4 @@ def test_report_opens_in_headless_chromium(tiny_report, tmp_path):
     match = re.search(r"data-check=\"([^\"]*)\"", run.stdout)
     assert match, run.stderr[-2000:]
     check = json.loads(match.group(1).replace("&quot;", '"'))
-    assert check == {"images": 4, "loaded": 4, "errors": []}
+    assert check == {"images": 5, "loaded": 5, "errors": []}
