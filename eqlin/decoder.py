@@ -118,7 +118,7 @@ def run_layers(
     *,
     detach: bool,
     first_layer: int = 0,
-    collect: bool = False,
+    collect: bool | str = False,
     fold: bool = False,
     tap: str = "post",
     stop: Array | None = None,
@@ -127,7 +127,9 @@ def run_layers(
 
     `first_layer` is the index of the stack's first layer in the model (it selects the per-layer
     attention type, window and RoPE table). With `collect`, also returns (residuals, attn, mlp),
-    each (l, T, d). `fold`, `tap`: see `layer_tail`. `stop` (a traced int): stack layers from index
+    each (l, T, d), or only their last positions, each (l, d), with `collect="last"` (what a
+    last-position readout needs: far less to carry per tangent or cotangent). `fold`, `tap`: see
+    `layer_tail`. `stop` (a traced int): stack layers from index
     `stop` on are skipped (`lax.cond`: no work forward or backward; their branches read 0), so one
     compilation serves every depth.
     """
@@ -146,6 +148,8 @@ def run_layers(
             h, a, m = layer(h)
         else:
             h, a, m = jax.lax.cond(i < stop, layer, lambda h: (h, jnp.zeros_like(h), jnp.zeros_like(h)), h)
+        if collect == "last":
+            return h, (h[-1], a[-1], m[-1])
         return h, ((h, a, m) if collect else None)
 
     h, stacked = jax.lax.scan(step, h, (layers, windows, rope_index, jnp.arange(n)))
@@ -168,8 +172,8 @@ def run_layers_last(
     also every layer's (residual, attn, mlp) at the last position, each (l, d). `fold`, `tap`: see
     `layer_tail`."""
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    h, stacked = run_layers(layer_slice(layers, 0, n - 1), config, h, detach=detach, collect=collect, fold=fold,
-                            tap=tap)
+    h, stacked = run_layers(layer_slice(layers, 0, n - 1), config, h, detach=detach, collect=collect and "last",
+                            fold=fold, tap=tap)
     cos_all, sin_all = rope_stack(config, h.shape[0], h.dtype)
     r, window = config.layer_rope_index()[n - 1], config.layer_windows()[n - 1]
     p = jax.tree_util.tree_map(lambda a: a[n - 1], layers)
@@ -177,7 +181,7 @@ def run_layers_last(
                          queries=min(LAST_ROWS, h.shape[0]), fold=fold, tap=tap)  # each (Q, d)
     if not collect:
         return last[0][-1], None
-    return last[0][-1], tuple(jnp.concatenate([s[:, -1], l[-1:]]) for s, l in zip(stacked, last))
+    return last[0][-1], tuple(jnp.concatenate([s, l[-1:]]) for s, l in zip(stacked, last))
 
 
 def streams_entering(params: Params, config: ModelConfig, x: Array, top: int, *, detach: bool) -> Array:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Callable, Literal, Sequence
 
 import jax
@@ -46,7 +47,7 @@ from eqlin.model import Model
 from eqlin.params import Params
 from eqlin.progress import steps
 from eqlin.selection import PARTS, SCOPES, Scope, Tap, check_tap, resolve_layers
-from eqlin.spectral import EffectiveDimension, align_signs, check_int, effective_dimension, token_scores, top_of_rows
+from eqlin.spectral import EffectiveDimension, align_signs, check_int, effective_dimension, score_summary
 
 Array = jax.Array
 Engine = Literal["auto", "fwd", "rev"]
@@ -107,7 +108,8 @@ class LayerSpectra:
 
     ids (T,): the input; next_token: the model's greedy next token id at the last position;
     tap: where attention/MLP branches were read ("post" or "pre" their post-norms);
-    engines: {scope: the engine used, "fwd" or "rev" (cumulative), "rev" (single)}.
+    engines: {scope: the engine used, "fwd" or "rev" (cumulative), "rev" (single)};
+    timings_s: seconds spent on each scope's maps and on the spectra and decoding.
     """
 
     layers: tuple[int, ...]
@@ -116,6 +118,7 @@ class LayerSpectra:
     next_token: int
     tap: str
     engines: dict[str, str]
+    timings_s: dict[str, float]
 
     def to_list(self) -> list[dict[str, Any]]:
         """[{"layer": l, scope: {part: MapSpectra.entry}}] in layer order: report.json's "layers"."""
@@ -154,11 +157,16 @@ def layer_map_flops(config: ModelConfig, length: int, layers: Sequence[int], par
     return {"fwd": float(fwd), "rev": float(rev)}
 
 
+# Vectors in flight are counted this many times over: XLA held 1.6× the counted tangent activations of
+# the forward engine (86.4 GiB where 54.7 were counted; Gemma 3 270M, T = 32, float64, an H100).
+IN_FLIGHT_MARGIN = 2
+
+
 def _fwd_bytes(config: ModelConfig, length: int, n_maps: int, chunk: int, itemsize: int, fold: bool) -> int:
     """Peak of the forward engine: linearization (+ fold), Gram matrices, `chunk` tangents in flight."""
     d, act = config.hidden_size, activation_elems(config, length)
     stored = config.num_layers * act + (fold_elems(config, length) if fold else 0)
-    return itemsize * (stored + n_maps * d * d + chunk * (act + length * d + n_maps * d))
+    return itemsize * (stored + n_maps * d * d + IN_FLIGHT_MARGIN * chunk * (act + length * d + n_maps * d))
 
 
 def _rev_bytes(config: ModelConfig, length: int, rows: int, chunk: int, itemsize: int, fold: bool) -> int:
@@ -166,7 +174,7 @@ def _rev_bytes(config: ModelConfig, length: int, rows: int, chunk: int, itemsize
     (T·d each), `chunk` cotangents in flight."""
     d, act = config.hidden_size, activation_elems(config, length)
     stored = config.num_layers * act + (fold_elems(config, length) if fold else 0)
-    return itemsize * (stored + rows * (length * d + d) + chunk * (act + length * d))
+    return itemsize * (stored + rows * (length * d + d) + IN_FLIGHT_MARGIN * chunk * (act + length * d))
 
 
 def _chunk(cost: Callable[[int], int], most: int, limit: int, what: str) -> int:
@@ -210,9 +218,9 @@ def _reverse_map(params: Params, config: ModelConfig, x: Array, layer: Array, pa
                  fold: bool, chunk: int) -> tuple[Array, Array, Array]:
     """One cumulative map (traced layer and part index) by d cotangents through layers 0..layer."""
     def f(v: Array) -> Array:
-        _, outputs = run_layers(layer_slice(params.layers, 0, depth), config, v, detach=True, collect=True,
+        _, outputs = run_layers(layer_slice(params.layers, 0, depth), config, v, detach=True, collect="last",
                                 fold=fold, tap=tap, stop=layer + 1)
-        picked = jnp.stack(outputs)[part, layer, -1]  # (d,)
+        picked = jnp.stack(outputs)[part, layer]  # (d,)
         return final_norm(params, config, picked, detach=True)
 
     y, vjp = jax.vjp(f, x)
@@ -265,20 +273,11 @@ def _summaries(model: Model, reduced: dict[str, tuple[Array, Array, Array]], nex
     U = jnp.stack([out[scope][1] for scope in reduced])  # (S, P, n, d, k)
     vectors = jnp.concatenate([jnp.moveaxis(U, -1, -2).reshape(-1, y.shape[-1]), y.reshape(-1, y.shape[-1])])
     n_u = U.size // y.shape[-1]
-    ids = np.empty((len(vectors), top), np.int64)  # each vector's top tokens
-    ranks = np.empty(len(vectors), np.int64)  # the next token's rank among its scores
-    target, lse = np.empty(len(vectors)), np.empty(len(vectors))  # its score; log Σ exp(scores)
-    for start, scores in token_scores(model, vectors, "output"):
-        rows = slice(start, start + len(scores))
-        ids[rows] = top_of_rows(scores, top)[1]
-        target[rows] = scores[:, next_token]
-        ranks[rows] = (scores > target[rows, None]).sum(-1)
-        peak = scores.max(-1)
-        lse[rows] = peak + np.log(np.exp(scores - peak[:, None]).sum(-1))
-    u_ids = ids[:n_u].reshape(*U.shape[:3], k, top)  # (S, P, n, k, top)
-    u1_rank = ranks[:n_u].reshape(*U.shape[:3], k)[..., 0]
-    lens_rank = ranks[n_u:].reshape(y.shape[:2])
-    lens_p = np.exp(target[n_u:] - lse[n_u:]).reshape(y.shape[:2])
+    found = score_summary(model, vectors, "output", top, target=next_token)
+    u_ids = found.ids[:n_u].reshape(*U.shape[:3], k, top)  # (S, P, n, k, top)
+    u1_rank = found.target_rank[:n_u].reshape(*U.shape[:3], k)[..., 0]
+    lens_rank = found.target_rank[n_u:].reshape(y.shape[:2])
+    lens_p = np.exp(found.target_score[n_u:] - found.log_partition[n_u:]).reshape(y.shape[:2])
     strings = np.array(model.token_strings(u_ids.reshape(-1)), dtype=object).reshape(u_ids.shape).tolist()
     maps = {}
     for i, scope in enumerate(reduced):
@@ -324,17 +323,21 @@ def layer_spectra(model: Model, inputs, *, layers="all", scopes: Sequence[Scope]
     x = embed(model.params, config, jnp.asarray(ids))
     next_token = int(jnp.argmax(model.logits(ids)[-1]))
 
-    reduced, engines = {}, {}
-    if "cumulative" in scopes:
-        if engine == "auto":
-            flops = layer_map_flops(config, T, picked, len(PARTS))
-            engine = "fwd" if flops["fwd"] <= flops["rev"] else "rev"
-        run = _cumulative_fwd if engine == "fwd" else _cumulative_rev
-        reduced["cumulative"], engines["cumulative"] = run(model, x, picked, tap, limit, quiet), engine
-    if "single" in scopes:
-        reduced["single"], engines["single"] = _single(model, x, picked, tap, limit, quiet), "rev"
+    reduced, engines, timings = {}, {}, {}
+    if "cumulative" in scopes and engine == "auto":
+        flops = layer_map_flops(config, T, picked, len(PARTS))
+        engine = "fwd" if flops["fwd"] <= flops["rev"] else "rev"
+    runs = {"cumulative": (_cumulative_fwd if engine == "fwd" else _cumulative_rev, engine), "single": (_single, "rev")}
+    for scope in SCOPES:
+        if scope in scopes:
+            start = time.perf_counter()
+            run, engines[scope] = runs[scope]
+            reduced[scope] = jax.block_until_ready(run(model, x, picked, tap, limit, quiet))
+            timings[scope] = time.perf_counter() - start
+    start = time.perf_counter()
     maps = _summaries(model, reduced, next_token, k, top)
-    return LayerSpectra(picked, maps, np.asarray(ids), next_token, tap, engines)
+    timings["spectra"] = time.perf_counter() - start
+    return LayerSpectra(picked, maps, np.asarray(ids), next_token, tap, engines, timings)
 
 
 def _cumulative_fwd(model: Model, x: Array, layers: tuple[int, ...], tap: Tap, limit: int, quiet: bool

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -271,8 +271,23 @@ def spectrum(lin: Linearization, k: int | None = None, *, per_token: bool = True
 # Decoding into tokens.
 
 
-@functools.partial(jax.jit, static_argnames=("space",))
-def _scores(table: Array, vectors: Array, *, space: str) -> Array:
+@dataclasses.dataclass(frozen=True)
+class ScoreSummary:
+    """Scores of N vectors against every token, summarised (host arrays).
+
+    values, ids (N, top): the best tokens, best first, ties by lower id; target_score (N,): the score of
+    one chosen target token; target_rank (N,): how many tokens score above it; log_partition (N,):
+    log Σ_v exp(score_v), so that exp(target_score − log_partition) is the target's softmax probability.
+    """
+
+    values: np.ndarray
+    ids: np.ndarray
+    target_score: np.ndarray
+    target_rank: np.ndarray
+    log_partition: np.ndarray
+
+
+def _scores(table: Array, vectors: Array, space: str) -> Array:
     """(N, V) scores of vectors (N, d) against the rows of `table` (V, d): W v (output space) or cosines
     (input space)."""
     scores = jnp.einsum("vd,nd->nv", table, vectors, precision=HIGHEST)
@@ -283,15 +298,15 @@ def _scores(table: Array, vectors: Array, *, space: str) -> Array:
     return scores / rows[None, :] / jnp.maximum(jnp.linalg.norm(vectors, axis=-1), tiny)[:, None]
 
 
-def token_scores(model: Model, vectors: Array, space: Literal["output", "input"]) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, scores) for vectors (N, d) in batches of rows, each scores (b, V) on the host: through the
-    unembedding (output space) or cosines with the input embeddings (input space); at most
-    `_SCORE_BYTES` of scores at a time."""
-    table = model.params.unembedding if space == "output" else model.params.embed
-    batch = max(1, _SCORE_BYTES // (table.shape[0] * table.dtype.itemsize))
-    vectors = vectors.astype(table.dtype)
-    for start in range(0, vectors.shape[0], batch):
-        yield start, np.asarray(_scores(table, vectors[start:start + batch], space=space))
+@functools.partial(jax.jit, static_argnames=("space", "top"))
+def _summarise(table: Array, vectors: Array, target: Array, *, space: str, top: int | None) -> tuple[Array, ...]:
+    """(scores or top-k values and ids, target score, target rank, log-partition) for one batch; with
+    `top` None the scores themselves come back for a selection on the host (XLA's CPU TopK sorts the
+    whole vocabulary, far slower than a partial selection)."""
+    scores = _scores(table, vectors, space)
+    target_score = scores[:, target]
+    stats = (target_score, (scores > target_score[:, None]).sum(-1), jax.scipy.special.logsumexp(scores, axis=-1))
+    return ((scores,) if top is None else tuple(jax.lax.top_k(scores, top))) + stats
 
 
 def top_of_rows(scores: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -305,16 +320,30 @@ def top_of_rows(scores: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(scores, ids, axis=-1), ids
 
 
+def score_summary(model: Model, vectors: Array, space: Literal["output", "input"], top: int, target: int = 0
+                  ) -> ScoreSummary:
+    """`ScoreSummary` of vectors (N, d) through the unembedding (output space) or by cosines with the
+    input embeddings (input space), in batches of at most `_SCORE_BYTES` of scores. The best tokens are
+    selected on the device (`lax.top_k`) on accelerators, on the host on CPUs."""
+    table = model.params.unembedding if space == "output" else model.params.embed
+    on_cpu = next(iter(table.devices())).platform == "cpu"
+    batch = max(1, _SCORE_BYTES // (table.shape[0] * table.dtype.itemsize))
+    vectors, parts = vectors.astype(table.dtype), []
+    for start in range(0, vectors.shape[0], batch):
+        out = [np.asarray(a) for a in _summarise(table, vectors[start:start + batch], jnp.asarray(target),
+                                                 space=space, top=None if on_cpu else top)]
+        parts.append((*top_of_rows(out[0], top), *out[1:]) if on_cpu else out)
+    return ScoreSummary(*(np.concatenate(column) for column in zip(*parts)))
+
+
 def match_tokens(model: Model, vectors: Array, top: int, space: Literal["output", "input"]) -> TokenMatches:
     """Top tokens for vectors (..., d): through the unembedding (output space) or by cosine nearest
     input embeddings (input space)."""
     vocab = model.params.embed.shape[0] if space == "input" else model.params.unembedding.shape[0]
     top = check_int("top", top, 1, vocab, "the vocabulary size")
-    flat = vectors.reshape(-1, vectors.shape[-1])
-    found = [top_of_rows(scores, top) for _, scores in token_scores(model, flat, space)]
+    found = score_summary(model, vectors.reshape(-1, vectors.shape[-1]), space, top)
     shape = vectors.shape[:-1] + (top,)
-    values = np.concatenate([v for v, _ in found]).reshape(shape)
-    ids = np.concatenate([i for _, i in found]).reshape(shape)
+    values, ids = found.values.reshape(shape), found.ids.reshape(shape)
     strings = np.array(model.token_strings(ids.reshape(-1)), dtype=object).reshape(shape).tolist()
     return TokenMatches(ids, values, strings)
 
