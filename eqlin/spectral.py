@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqlin.checks import check_int
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
 from eqlin.errors import InputError
@@ -222,15 +223,6 @@ def effective_dimension(singular_values: Array) -> EffectiveDimension:
 # Dense spectra.
 
 
-def _check_int(name: str, value, low: int, high: int | None, why: str) -> int:
-    """`value` as an int in low..high (no upper bound for None), else an InputError saying why."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
-            high is not None and value > high):
-        bounds = f"in {low}..{high}" if high is not None else f">= {low}"
-        raise InputError(f"{name} must be an integer {bounds} ({why}), got {value!r}")
-    return int(value)
-
-
 def _align(U: Array, V: Array, y: Array) -> tuple[Array, Array]:
     """Flip the pairs (U[..., :, i], V[..., :, i]) so that uᵢ·y >= 0. U (..., d_out, k), y (..., d_out)."""
     sign = jnp.where(jnp.einsum("...ok,...o->...k", U, y, precision=HIGHEST) < 0, -1, 1).astype(U.dtype)
@@ -260,7 +252,7 @@ def spectrum(lin: Linearization, k: int | None = None, *, per_token: bool = True
     `Spectrum.select`). Computed in lin's dtype; shapes in `Spectrum`'s docstring."""
     d_out, T, d_in = lin.jacobian.shape[-3:]
     full = min(d_out, d_in) if per_token else min(d_out, T * d_in)
-    k = full if k is None else _check_int(
+    k = full if k is None else check_int(
         "k", k, 1, full, "the rank bound of " + ("J_t" if per_token else "the token-combined map"))
     s, U, V, fro, effective = _dense(lin.jacobian, lin.output, k=k, per_token=per_token)
     return Spectrum(s, U, V, lin.output, lin.relative_error, lin.ids, fro, effective, per_token, "dense",
@@ -319,7 +311,7 @@ def _matches(model: Model, vectors: Array, top: int, space: Literal["output", "i
     input embeddings (input space)."""
     table = model.params.unembedding if space == "output" else model.params.embed
     vocab = table.shape[0]
-    top = _check_int("top", top, 1, vocab, "the vocabulary size")
+    top = check_int("top", top, 1, vocab, "the vocabulary size")
     flat = vectors.reshape(-1, vectors.shape[-1])
     fn = _unembed_top if space == "output" else _nearest_top
     scores, ids = fn(table, flat.astype(table.dtype), top=top, batch=_batch(vocab, table.dtype.itemsize))
@@ -341,7 +333,7 @@ def norm_analysis(model: Model, lin: Linearization, count: int = 5, top: int = 5
     """Column and row norms of every J_t; the `count` largest columns decoded through the unembedding
     and the `count` largest rows by cosine nearest input embeddings, `top` tokens each."""
     J = jnp.moveaxis(lin.jacobian, -2, -3)  # (..., T, d_out, d_in)
-    count = _check_int("count", count, 1, min(J.shape[-2:]), "at most the columns and rows of J_t")
+    count = check_int("count", count, 1, min(J.shape[-2:]), "at most the columns and rows of J_t")
     col_norms, row_norms = jnp.linalg.norm(J, axis=-2), jnp.linalg.norm(J, axis=-1)
     _, cols = jax.lax.top_k(col_norms, count)  # (..., T, c)
     _, rows = jax.lax.top_k(row_norms, count)
@@ -446,11 +438,11 @@ def matrix_free_svd(jvp: Callable[[Array], Array], x: Array, k: int, *, method: 
     shape, n = tuple(x.shape), int(x.size)
     d_out = int(jax.eval_shape(jvp, x).shape[0])
     full = min(d_out, n)
-    k = _check_int("k", k, 1, full, f"the rank bound of a {d_out} × {n} map")
-    steps = min(full, 2 * k + 20) if steps is None else _check_int("steps", steps, k, full,
+    k = check_int("k", k, 1, full, f"the rank bound of a {d_out} × {n} map")
+    steps = min(full, 2 * k + 20) if steps is None else check_int("steps", steps, k, full,
                                                                      "at least k, at most min(d_out, n)")
-    block = _check_int("block", block, 1, None, "Lanczos steps per compiled call")
-    power_iterations = _check_int("power_iterations", power_iterations, 0, None, "randomized SVD")
+    block = check_int("block", block, 1, None, "Lanczos steps per compiled call")
+    power_iterations = check_int("power_iterations", power_iterations, 0, None, "randomized SVD")
     key = jax.random.key(seed)
     report = progress or (lambda done, total: None)
     if method == "lanczos":
