@@ -52,8 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="layer maps to measure: 'auto' (a few evenly spaced layers, the last included), "
                               "'all', 'none', or comma-separated 0-based indices (default: auto)")
     analyze.add_argument("--top-k", type=int, default=5, metavar="K",
-                         help=f"singular values per token and decoded tokens per singular vector, at most "
-                              f"{MAX_TOP_K} (default: 5)")
+                         help="singular values per token and decoded tokens per singular vector (default: 5)")
     analyze.add_argument("--out", type=Path, default=Path("eqlin-report"), metavar="DIR",
                          help="output folder for report.json, figures and report.html (default: ./eqlin-report)")
     analyze.add_argument("--json", action="store_true", help="print report.json to stdout instead of a summary")
