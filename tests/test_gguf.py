@@ -487,6 +487,7 @@ def test_an_unwritable_cache_is_exit_2(tiny_llama, tmp_path, capsys, monkeypatch
     assert "cannot write the converted model into the cache folder" in err and "set EQLIN_CACHE_DIR" in err
 
 
-def test_an_uppercase_extension_is_a_gguf_file(tiny_llama, tmp_path):
+def test_an_uppercase_extension_is_a_gguf_file(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("EQLIN_CACHE_DIR", str(tmp_path / "cache"))
     path = _write_gguf(tiny_llama, "llama", tmp_path / "M.GGUF")
     assert eqlin.load(path, dtype="float32").config.family == "llama"
