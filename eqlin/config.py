@@ -3,16 +3,22 @@
 The config is static under `jax.jit` (it is hashable), so everything in it is Python scalars and
 tuples. Per-layer choices (attention type, RoPE table, window) are exposed as NumPy arrays that the
 forward pass scans over together with the stacked layer weights.
+
+Reading config.json is strict: every value is type- and range-checked (`config_int`, `config_float`, ...),
+and `check_keys` refuses any key a family neither handles nor knowingly ignores, so that no option that
+changes the computation is ever dropped silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Any, Literal, Mapping
 
 import numpy as np
 
+from eqlin.checks import check_int, check_real
 from eqlin.errors import ConfigError
 
 Family = Literal["llama", "qwen3", "gemma3", "mistral", "phi3", "olmo2"]
@@ -22,6 +28,10 @@ Activation = Literal["silu", "gelu_tanh"]
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+MAX_SIZE = 2**31 - 1  # sizes, windows and ids live in int32 arrays
+MAX_LAYERS = 10_000
+FIX = "fix that value in config.json"
+_REQUIRED = object()  # sentinel default of the config readers: the key must be present
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +109,22 @@ class ModelConfig:
     rotary_dim: int | None = None
 
     def __post_init__(self) -> None:
+        sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                 "intermediate_size": self.intermediate_size, "num_heads": self.num_heads,
+                 "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                 "max_position_embeddings": self.max_position_embeddings}
+        bad = {k: v for k, v in sizes.items() if not 1 <= v <= MAX_SIZE}
+        if bad:
+            raise ConfigError(f"sizes must be in 1..{MAX_SIZE}, got {bad}; fix config.json")
+        scales = {"rms_norm_eps": self.rms_norm_eps, "embed_scale": self.embed_scale, "query_scale": self.query_scale,
+                  "final_logit_softcapping": self.final_logit_softcapping,
+                  "attn_logit_softcapping": self.attn_logit_softcapping}
+        bad = {k: v for k, v in scales.items() if v is not None and not (math.isfinite(v) and v > 0)}
+        if bad:
+            raise ConfigError(f"{bad} must be finite and positive; fix config.json")
+        if not 2 <= self.rope_dim <= self.head_dim or self.rope_dim % 2:
+            raise ConfigError(f"RoPE rotates {self.rope_dim} features of each head, which must be even and in "
+                              f"2..head_dim ({self.head_dim}); fix partial_rotary_factor or head_dim in config.json")
         if len(self.layer_types) != self.num_layers:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_layers}"
@@ -108,6 +134,8 @@ class ModelConfig:
             raise ConfigError(
                 f"unsupported layer types {sorted(unknown)}; supported: {FULL_ATTENTION}, {SLIDING_ATTENTION}"
             )
+        if self.sliding_window is not None and not 1 <= self.sliding_window <= MAX_SIZE:
+            raise ConfigError(f"sliding_window must be in 1..{MAX_SIZE} or null, got {self.sliding_window}")
         if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
             raise ConfigError("layer_types has sliding_attention layers but sliding_window is not set")
         if self.num_heads % self.num_kv_heads:
@@ -140,49 +168,192 @@ class ModelConfig:
         return np.array([int(t == SLIDING_ATTENTION) for t in self.layer_types], dtype=np.int32)
 
 
+# --------------------------------------------------------------------------------------------------
+# Reading HF config.json values: every value is type- and range-checked, and every key is accounted for.
+
+# Keys of transformers' configs that never change a decoder's forward pass at inference: bookkeeping,
+# generation settings, training-only dropout and initialisation, token ids eqlin does not use.
+BOOKKEEPING_KEYS = frozenset({
+    "_name_or_path", "_attn_implementation", "architectures", "auto_map", "transformers_version", "torch_dtype",
+    "dtype", "use_cache", "cache_implementation", "initializer_range", "attention_dropout", "pad_token_id",
+    "sep_token_id", "decoder_start_token_id", "output_attentions", "output_hidden_states", "return_dict",
+    "return_dict_in_generate", "output_scores", "torchscript", "use_bfloat16", "tf_legacy_loss",
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "tie_encoder_decoder", "id2label", "label2id", "problem_type", "finetuning_task",
+    "task_specific_params", "tokenizer_class", "prefix", "max_length", "min_length", "do_sample", "early_stopping",
+    "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+})
+# Keys eqlin supports only at transformers' default value, for every family.
+DEFAULT_ONLY_KEYS: Mapping[str, Any] = MappingProxyType({"pruned_heads": {}})
+# The RoPE parameters each supported type takes (transformers' required and optional keys).
+_ROPE_KEYS = MappingProxyType({
+    "default": frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"}),
+    "linear": frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor"}),
+    "llama3": frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "low_freq_factor",
+                         "high_freq_factor", "original_max_position_embeddings"}),
+})
+
+
+def _show(value: Any) -> str:
+    """A short JSON-like rendering of a config value for messages."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _value(hf: dict[str, Any], key: str, default: Any) -> Any:
+    if key in hf:
+        return hf[key]
+    if default is _REQUIRED:
+        raise ConfigError(f"config.json lacks {key!r}; add it (transformers requires it for this model type)")
+    return default
+
+
+def config_int(hf: dict[str, Any], key: str, default: Any = _REQUIRED, *, low: int = 1, high: int = MAX_SIZE,
+               optional: bool = False) -> int | None:
+    """The integer `hf[key]` in low..high (`default` when absent; None allowed if `optional`)."""
+    value = _value(hf, key, default)
+    if value is None and optional:
+        return None
+    return check_int(f"config.json {key!r}", value, low, high, FIX, error=ConfigError)
+
+
+def config_float(hf: dict[str, Any], key: str, default: Any = _REQUIRED, *, optional: bool = False) -> float | None:
+    """The finite number `hf[key]` > 0 (`default` when absent; None allowed if `optional`)."""
+    value = _value(hf, key, default)
+    if value is None and optional:
+        return None
+    return check_real(f"config.json {key!r}", value, FIX, positive=True, error=ConfigError)
+
+
+def config_bool(hf: dict[str, Any], key: str, default: bool) -> bool:
+    """The boolean `hf[key]` (`default` when absent); 0, 1 and strings are refused."""
+    value = hf.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.json {key!r} must be true or false, got {_show(value)}; {FIX}")
+    return value
+
+
+def config_object(hf: dict[str, Any], key: str, where: str = "") -> dict[str, Any] | None:
+    """The JSON object `hf[key]` (inside `where`, for messages), or None when absent or null."""
+    value = hf.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"config.json {where + '.' if where else ''}{key!r} must be a JSON object {{...}} or "
+                          f"null, got {_show(value)}; {FIX}")
+    return value
+
+
+def config_layer_types(hf: dict[str, Any]) -> tuple[str, ...] | None:
+    """`layer_types` as a tuple of strings, or None when absent or null (the family's default pattern)."""
+    value = hf.get("layer_types")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise ConfigError(f"config.json 'layer_types' must be a list of strings such as {FULL_ATTENTION!r}, got "
+                          f"{_show(value)}; {FIX}")
+    return tuple(value)
+
+
+def check_keys(hf: dict[str, Any], family: str, handled: frozenset[str], ignored: frozenset[str] = frozenset(),
+               defaults: Mapping[str, Any] | None = None) -> None:
+    """Refuse keys eqlin neither handles nor knowingly ignores for `family`, and keys it supports only at
+    transformers' default (`defaults`, plus DEFAULT_ONLY_KEYS) set to anything else: a key that changes
+    the computation must never be dropped silently."""
+    defaults = {**DEFAULT_ONLY_KEYS, **(defaults or {})}
+    known = handled | ignored | BOOKKEEPING_KEYS | set(defaults)
+    unknown = sorted(k for k in hf if k not in known)
+    changed = sorted(k for k, v in defaults.items() if k in hf and not _same(hf[k], v))
+    problems = []
+    if unknown:
+        problems.append(f"keys eqlin does not know for {family}: "
+                        + ", ".join(f"{k}={_show(hf[k])}" for k in unknown[:8]) + (" …" if len(unknown) > 8 else "")
+                        + " (remove each from config.json only if you know it leaves the computation unchanged)")
+    if changed:
+        problems.append("options eqlin supports only at transformers' default: "
+                        + ", ".join(f"{k}={_show(hf[k])} (default {_show(defaults[k])})" for k in changed))
+    if problems:
+        raise ConfigError(f"config.json has {'; and '.join(problems)}; eqlin refuses rather than compute a "
+                          "different model")
+
+
+def _same(value: Any, default: Any) -> bool:
+    return type(value) is type(default) and value == default
+
+
 def rope_specs_from_hf(hf: dict[str, Any], *, default_theta: float, local_theta: float | None = None) -> tuple[
     RopeSpec, RopeSpec
 ]:
     """(full, sliding) RopeSpecs from an HF config, old format (rope_theta, rope_scaling,
     rope_local_base_freq) or transformers 5 format (rope_parameters, flat or nested by layer type)."""
-    params = hf.get("rope_parameters")
+    params = config_object(hf, "rope_parameters")
     if params and (FULL_ATTENTION in params or SLIDING_ATTENTION in params):
-        full = _rope_spec(params.get(FULL_ATTENTION) or {}, default_theta, hf)
-        sliding = _rope_spec(params.get(SLIDING_ATTENTION) or {}, local_theta or default_theta, hf)
+        extra = sorted(set(params) - {FULL_ATTENTION, SLIDING_ATTENTION})
+        if extra:
+            raise ConfigError(f"config.json 'rope_parameters' is nested by layer type but also has {extra}; "
+                              f"keep only {FULL_ATTENTION!r} and {SLIDING_ATTENTION!r}")
+        full = _rope_spec(config_object(params, FULL_ATTENTION, "rope_parameters") or {}, default_theta, hf)
+        sliding = _rope_spec(config_object(params, SLIDING_ATTENTION, "rope_parameters") or {},
+                             local_theta or default_theta, hf)
         return full, sliding
     merged = dict(params or {})
-    merged.update(hf.get("rope_scaling") or {})
+    merged.update(config_object(hf, "rope_scaling") or {})
     merged.setdefault("rope_theta", hf.get("rope_theta", default_theta))
     full = _rope_spec(merged, default_theta, hf)
     if local_theta is None:
         return full, full
-    return full, RopeSpec(theta=float(hf.get("rope_local_base_freq", local_theta)))
+    return full, RopeSpec(theta=config_float(hf, "rope_local_base_freq", local_theta))
 
 
 def _rope_spec(p: dict[str, Any], default_theta: float, hf: dict[str, Any]) -> RopeSpec:
     kind = p.get("rope_type", p.get("type", "default"))
-    if kind not in SUPPORTED_ROPE_TYPES:
+    if not isinstance(kind, str) or kind not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"unsupported RoPE type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    theta = float(p.get("rope_theta", default_theta))
+    unknown = sorted(set(p) - _ROPE_KEYS[kind])
+    if unknown:
+        raise ConfigError(f"RoPE parameters of type {kind!r} do not take {', '.join(unknown)}; eqlin does not know "
+                          "what they change, so it refuses this config")
+
+    def number(key: str, default: Any = _REQUIRED) -> float:
+        if key not in p and default is _REQUIRED:
+            raise ConfigError(f"RoPE parameters of type {kind!r} need {key!r} (e.g. Llama 3.1 uses factor 8.0, "
+                              "low_freq_factor 1.0, high_freq_factor 4.0); add it to config.json")
+        return check_real(f"RoPE parameter {key!r}", p.get(key, default), FIX, positive=True, error=ConfigError)
+
+    theta = number("rope_theta", default_theta)
     if kind == "default":
         return RopeSpec(theta=theta)
     if kind == "linear":
-        return RopeSpec(theta=theta, kind=kind, factor=float(p["factor"]))
-    return RopeSpec(
-        theta=theta,
-        kind=kind,
-        factor=float(p["factor"]),
-        low_freq_factor=float(p["low_freq_factor"]),
-        high_freq_factor=float(p["high_freq_factor"]),
-        original_max_position_embeddings=int(
-            p.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
-        ),
-    )
+        return RopeSpec(theta=theta, kind=kind, factor=number("factor"))
+    low, high = number("low_freq_factor"), number("high_freq_factor")
+    if high <= low:
+        raise ConfigError(f"RoPE high_freq_factor ({high}) must be greater than low_freq_factor ({low}); {FIX}")
+    original = p.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    return RopeSpec(theta=theta, kind=kind, factor=number("factor"), low_freq_factor=low, high_freq_factor=high,
+                    original_max_position_embeddings=check_int(
+                        "RoPE parameter 'original_max_position_embeddings'", original, 1, MAX_SIZE, FIX,
+                        error=ConfigError))
+
+
+def rotary_fraction(hf: dict[str, Any]) -> float:
+    """`partial_rotary_factor` (the fraction of head_dim RoPE rotates) from rope_parameters (flat or per layer
+    type) or the top level; 1.0 where absent."""
+    params = config_object(hf, "rope_parameters") or {}
+    nested = [v for k, v in params.items() if k in (FULL_ATTENTION, SLIDING_ATTENTION) and isinstance(v, dict)]
+    values = {check_real("partial_rotary_factor", v["partial_rotary_factor"], FIX, positive=True, error=ConfigError)
+              for v in [params, *nested, hf] if "partial_rotary_factor" in v}
+    if len(values) > 1:
+        raise ConfigError(f"config.json gives different partial_rotary_factor values {sorted(values)}; {FIX}")
+    fraction = values.pop() if values else 1.0
+    if fraction > 1:
+        raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {fraction}; {FIX}")
+    return fraction
 
 
 def refuse_biases(hf: dict[str, Any], keys: tuple[str, ...] = ("attention_bias", "mlp_bias")) -> None:
     """Biases on the linear path break homogeneity (f(x) = Σ_t J_t x_t); refuse them early."""
-    on = [k for k in keys if hf.get(k)]
+    on = [k for k in keys if config_bool(hf, k, False)]
     if on:
         raise ConfigError(
             f"config sets {', '.join(f'{k}=true' for k in on)}: biases on the linear path break the "
@@ -194,13 +365,15 @@ def refuse_biases(hf: dict[str, Any], keys: tuple[str, ...] = ("attention_bias",
 def activation_from_hf(hf: dict[str, Any], key: str, supported: dict[str, Activation]) -> Activation:
     """Map the HF activation name under `key` to eqlin's, or refuse it naming the supported ones."""
     name = hf.get(key, next(iter(supported)))
-    if name not in supported:
-        raise ConfigError(f"unsupported {key} {name!r}; supported: {', '.join(supported)}")
+    if not isinstance(name, str) or name not in supported:
+        raise ConfigError(f"unsupported {key} {_show(name)}; supported: {', '.join(supported)}")
     return supported[name]
 
 
-def single_token_id(value: Any) -> int | None:
-    """HF configs give eos_token_id as an int or a list; keep the first."""
-    if isinstance(value, (list, tuple)):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
+def single_token_id(hf: dict[str, Any], key: str, default: Any = None) -> int | None:
+    """A special token id: HF configs give eos_token_id as an int or a list; keep the first."""
+    value = hf.get(key, default)
+    if isinstance(value, list):
+        ids = [check_int(f"config.json {key!r} entries", v, 0, MAX_SIZE, FIX, error=ConfigError) for v in value]
+        return ids[0] if ids else None
+    return None if value is None else check_int(f"config.json {key!r}", value, 0, MAX_SIZE, FIX, error=ConfigError)

@@ -1,19 +1,25 @@
 """`eqlin convert`: a GGUF file or an HF checkpoint -> one eqlin-ready folder (config.json, a single
-float32 model.safetensors with HF names, tokenizer files), written atomically."""
+float32 model.safetensors with HF names, tokenizer files), written atomically.
+
+The source goes through exactly the checks of loading (`eqlin.model.read_config`, `check_tensors`, the
+tokenizer, finite weights), so a converted folder never analyses as another model than its source."""
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from eqlin.errors import InputError
-from eqlin.families import config_from_hf, spec_for
-from eqlin.loading import text_prefixes, expected_tensors, open_weight_files, read_json, resolve_folder
+from eqlin.errors import InputError, OutputError
+from eqlin.loading import check_tensors, open_weight_files, read_finite
+from eqlin.model import checkpoint_folder, read_config
+from eqlin.outputs import check_parent_writable, clean_temps, fsync_dir, remove, temp_path
 from eqlin.progress import stage
 from eqlin.safetensors_io import write_safetensors
+from eqlin.tokenizer import Tokenizer
 
 _SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
                "special_tokens_map.json")
@@ -22,40 +28,45 @@ _SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "genera
 def convert(src: str | Path, dst: Path, *, quiet: bool = False) -> Path:
     """Write `src` as an eqlin-ready folder at `dst` (which must not exist or be empty); returns dst."""
     dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    if dst.is_symlink() or dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise InputError(f"{dst} exists and is not an empty folder; choose a new destination")
+    check_parent_writable(dst, "choose another destination")
     with stage(f"convert {src}", quiet):
-        if str(src).endswith(".gguf"):
-            from eqlin.gguf import converted_folder
-
-            folder = converted_folder(Path(src))
-        else:
-            folder = resolve_folder(src)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
+        folder = checkpoint_folder(src)
+        spec, config = read_config(folder)
+        if (folder / "tokenizer.json").is_file():
+            Tokenizer.from_folder(folder)
+        files = open_weight_files(folder)
+        tensors = read_finite(files, check_tensors(files, config, spec, folder), np.float32)
+        tmp = temp_path(dst)
         try:
-            _write_folder(folder, tmp)
-            if dst.exists():
-                dst.rmdir()
-            tmp.rename(dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            clean_temps(dst.parent)
+            tmp.mkdir()
+            write_safetensors(tmp / "model.safetensors", tensors)
+            for name in _SIDE_FILES:
+                if (folder / name).is_file():
+                    shutil.copyfile(folder / name, tmp / name)
+                    with open(tmp / name, "rb") as f:
+                        os.fsync(f.fileno())
+            fsync_dir(tmp)
+            _publish(tmp, dst)
+        except OSError as e:
+            raise OutputError(f"cannot write {dst}: {e.strerror or e}; nothing was left there; free space on that "
+                              "disk or choose another destination") from None
+        finally:
+            remove(tmp)
     return dst
 
 
-def _write_folder(folder: Path, out: Path) -> None:
-    """The text decoder's tensors as float32 in one file, plus config and tokenizer files."""
-    hf = read_json(folder / "config.json")
-    spec, config = spec_for(hf), config_from_hf(hf)
-    files = open_weight_files(folder)
-    prefix, head = text_prefixes(set(files))
-    names = expected_tensors(config, spec, prefix, head)
-    missing = sorted(set(names) - set(files))
-    if missing:
-        raise InputError(f"{folder} lacks tensors {missing[:5]}; it is not a complete checkpoint")
-    write_safetensors(out / "model.safetensors",
-                      {n: np.asarray(files[n].read(n), dtype=np.float32) for n in names})
-    for name in _SIDE_FILES:
-        if (folder / name).is_file():
-            shutil.copy2(folder / name, out / name)
+def _publish(tmp: Path, dst: Path) -> None:
+    """Rename the finished `tmp` to `dst` (absent or empty: atomic); refuse if another process filled
+    `dst` meanwhile (a second `eqlin convert` to the same folder)."""
+    try:
+        os.rename(tmp, dst)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise InputError(f"{dst} was filled by another process (another eqlin convert?) while converting; "
+                             "it was left as that process wrote it; choose a new destination") from None
+        raise
+    fsync_dir(dst.parent)

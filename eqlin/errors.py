@@ -1,22 +1,23 @@
-"""Errors eqlin raises for bad input. Each message names what is wrong and how to fix it."""
+"""Errors eqlin raises for bad input or a bad environment. Each message names what is wrong and how to
+fix it; the CLI turns every one of them into exit code 2."""
 
 from __future__ import annotations
 
 
 class EqlinError(ValueError):
-    """Base class: bad input or an unsupported model, detected before any heavy work."""
+    """Base class: bad input, an unsupported model or an unusable environment."""
 
 
 class ConfigError(EqlinError):
-    """config.json describes an architecture or option eqlin does not support."""
+    """config.json describes an architecture or option eqlin does not support, or holds invalid values."""
 
 
 class WeightsError(EqlinError):
-    """Weight files are missing, corrupt, or do not match the config."""
+    """Weight or tokenizer files are missing, corrupt, or do not match the config."""
 
 
 class InputError(EqlinError):
-    """Text, token ids or arrays given to a model are unusable (empty, too long, out of vocabulary)."""
+    """Arguments are unusable: text, token ids, layers, sizes, numbers out of range."""
 
 
 class PrecisionError(EqlinError):
@@ -25,3 +26,11 @@ class PrecisionError(EqlinError):
 
 class MemoryBudgetError(EqlinError):
     """A computation would need more memory than allowed; the message names a size that fits."""
+
+
+class OutputError(InputError):
+    """An output or cache folder cannot be written (permissions, a full disk, taken by another process)."""
+
+
+class NonFiniteError(EqlinError):
+    """A result holds NaN or infinity (an overflow, usually in float32); nothing was written."""

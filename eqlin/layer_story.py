@@ -42,12 +42,13 @@ from eqlin.config import ModelConfig
 from eqlin.decoder import embed, final_norm, layer_slice, run_layers, streams_entering
 from eqlin.errors import InputError
 from eqlin.linear_maps import cumulative_fn, plan_fold, pull_back_rows, relative_error, single_layer_fn
-from eqlin.memory import activation_elems, choose_chunk, fold_elems, fold_pays, memory_limit_bytes
+from eqlin.memory import activation_elems, choose_chunk, fold_elems, fold_pays, format_bytes, memory_limit_bytes
 from eqlin.model import Model
 from eqlin.params import Params
 from eqlin.progress import steps
 from eqlin.selection import PARTS, SCOPES, Scope, Tap, check_tap, resolve_layers
-from eqlin.spectral import EffectiveDimension, align_signs, check_int, effective_dimension, score_summary
+from eqlin.checks import check_int
+from eqlin.spectral import EffectiveDimension, align_signs, effective_dimension, score_summary
 
 Array = jax.Array
 Engine = Literal["auto", "fwd", "rev"]
@@ -180,8 +181,8 @@ def _rev_bytes(config: ModelConfig, length: int, rows: int, chunk: int, itemsize
 def _chunk(cost: Callable[[int], int], most: int, limit: int, what: str) -> int:
     """The largest chunk in 1..most whose `cost` fits `limit`, or a MemoryBudgetError naming the need."""
     def nothing_fits() -> str:
-        return (f"the {what} needs about {cost(1) / 2**30:.2f} GiB even one basis vector at a time, over the "
-                f"{limit / 2**30:.2f} GiB limit; use fewer tokens or fewer layers, or raise memory_limit / "
+        return (f"the {what} needs about {format_bytes(cost(1))} even one basis vector at a time, over the "
+                f"{format_bytes(limit)} limit; use fewer tokens or fewer layers, or raise memory_limit / "
                 "EQLIN_MEMORY_LIMIT_GB")
 
     return choose_chunk(lambda c: cost(most if c is None else c), None, most, limit, nothing_fits=nothing_fits) or most
@@ -319,7 +320,7 @@ def layer_spectra(model: Model, inputs, *, layers="all", scopes: Sequence[Scope]
     top = check_int("top", top, 1, config.vocab_size, "the vocabulary size")
     ids = model.ids(inputs)
     T = len(ids)
-    limit = memory_limit or memory_limit_bytes()
+    limit = memory_limit_bytes(memory_limit)
     x = embed(model.params, config, jnp.asarray(ids))
     next_token = int(jnp.argmax(model.logits(ids)[-1]))
 

@@ -31,7 +31,7 @@ from eqlin.errors import InputError
 from eqlin.memory import estimate_jacobian_bytes, fold_pays, memory_limit_bytes, resolve_chunk
 from eqlin.model import Model
 from eqlin.params import Params
-from eqlin.selection import PARTS, Part, Scope, Tap, check_tap, resolve_selection
+from eqlin.selection import PARTS, Part, Scope, Tap, check_tap, resolve_selection, single_layer
 
 Array = jax.Array
 Mode = Literal["auto", "rev", "fwd"]
@@ -221,7 +221,7 @@ def linearize(model: Model, inputs, *, detach: bool, layer=None, part: Part = "r
         mode = "rev" if scope == "single" or n_maps <= length else "fwd"
     if mode not in ("rev", "fwd"):
         raise InputError(f"mode must be 'auto', 'rev' or 'fwd', got {mode!r}")
-    limit, itemsize = memory_limit or memory_limit_bytes(), model.dtype.itemsize
+    limit, itemsize = memory_limit_bytes(memory_limit), model.dtype.itemsize
 
     def fits(folded: bool) -> bool:
         return estimate_jacobian_bytes(config, length, n_maps=n_maps, mode=mode, chunk=1, itemsize=itemsize,
@@ -234,7 +234,7 @@ def linearize(model: Model, inputs, *, detach: bool, layer=None, part: Part = "r
     x = embed(model.params, config, jnp.asarray(ids))
     J, xs, y, contributions, err = _linearize(model.params, config, x, layers=layers, part=part, scope=scope,
                                               detach=detach, mode=mode, chunk=chunk, fold=fold, tap=tap)
-    layer_meta = layers if isinstance(layer, (str, list, tuple)) else (None if layers is None else layers[0])
+    layer_meta = layers[0] if layers is not None and single_layer(layer) else layers
     if not isinstance(layer_meta, tuple) and layers is not None:  # one layer: drop the stacking axis
         J, y, contributions, err = J[0], y[0], contributions[0], err[0]
         xs = xs[0] if scope == "single" else xs

@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from eqlin.config import ModelConfig
-from eqlin.errors import PrecisionError, WeightsError
+from eqlin.errors import InputError, PrecisionError, WeightsError
 from eqlin.families import FamilySpec
 from eqlin.params import LayerParams, Params, expected_shapes, param_shardings
 from eqlin.safetensors_io import SafetensorsFile
@@ -33,15 +33,30 @@ _PROJ_NAMES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_pr
 
 def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
     """The JAX dtype for a name; float64 requires x64 mode and is refused loudly without it."""
-    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    try:
+        name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    except TypeError:
+        name = None
     if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise InputError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if name == "float64" and not jax.config.jax_enable_x64:
         raise PrecisionError(
             "float64 needs JAX's x64 mode, which is off: call jax.config.update('jax_enable_x64', True) "
             "at start-up (or set JAX_ENABLE_X64=1), or ask for dtype='float32'"
         )
     return jnp.dtype(DTYPES[name])
+
+
+def is_gguf(source: str | Path) -> bool:
+    """Whether `source` names a GGUF file: a `.gguf` name in any letter case, or a file with GGUF's magic."""
+    path = Path(source).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def resolve_folder(source: str | Path, *, cache_dir: str | Path | None = None, download: bool = False) -> Path:
@@ -51,7 +66,8 @@ def resolve_folder(source: str | Path, *, cache_dir: str | Path | None = None, d
     if path.is_dir():
         return path
     if path.exists():
-        raise WeightsError(f"{source} is a file, not a checkpoint folder; pass the folder holding config.json")
+        raise WeightsError(f"{source} is a file, not a checkpoint folder; pass the folder holding config.json "
+                           "(or a .gguf file)")
     if path.is_absolute() or str(source).startswith((".", "~")):
         raise WeightsError(f"{source} does not exist; pass a checkpoint folder, a .gguf file or a repo id that is "
                            "in the local Hugging Face cache")
@@ -65,35 +81,51 @@ def resolve_folder(source: str | Path, *, cache_dir: str | Path | None = None, d
         raise WeightsError(f"{source!r} is neither a folder nor a valid Hugging Face repo id") from None
     except LocalEntryNotFoundError:
         raise WeightsError(
-            f"{source!r} is not a folder and is not in the local Hugging Face cache; download it first "
-            f"(e.g. `hf download {source}`) or pass load(..., download=True)"
+            f"{source!r} is not a folder and is not in the local Hugging Face cache; download it first with "
+            f"`hf download {source}`, or pass a checkpoint folder"
         ) from None
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file, with a clear error if it is missing or corrupt."""
+    """A JSON file holding an object, with a clear error if it is missing, unreadable or malformed."""
     if not path.is_file():
         raise WeightsError(f"missing {path.name} in {path.parent}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path} is not valid JSON ({e})") from None
+        data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise WeightsError(f"cannot read {path}: {e.strerror or e}") from None
+    except RecursionError:
+        raise WeightsError(f"{path} is nested too deeply to be a checkpoint file; replace it") from None
+    except ValueError as e:  # JSON syntax, UTF-8, oversized numbers
+        raise WeightsError(f"{path} is not valid JSON ({e}); replace it") from None
+    if not isinstance(data, dict):
+        kind = "null" if data is None else "a list" if isinstance(data, list) else f"the value {data!r:.40}"
+        raise WeightsError(f"{path} must hold a JSON object {{...}}, got {kind}; replace it")
+    return data
 
 
 def open_weight_files(folder: Path) -> dict[str, SafetensorsFile]:
     """Map every tensor name to the open safetensors file holding it (single file or sharded index)."""
-    if (folder / INDEX_FILE).is_file():
-        weight_map = read_json(folder / INDEX_FILE).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise WeightsError(f"{folder / INDEX_FILE} has no weight_map")
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise WeightsError(f"{index} needs a weight_map object mapping tensor names to shard file names, got "
+                               f"{type(weight_map).__name__}; replace the index")
+        root = folder.resolve()
+        outside = sorted({f for f in weight_map.values()
+                          if Path(f).is_absolute() or root not in (root / f).resolve().parents})
+        if outside:
+            raise WeightsError(f"{index} names shard files outside its folder: {', '.join(outside[:5])}; shards "
+                               "must be files in the checkpoint folder")
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
-            raise WeightsError(f"{folder / INDEX_FILE} names shard files that are missing: {', '.join(missing)}")
+            raise WeightsError(f"{index} names shard files that are missing: {', '.join(missing)}")
         shards = {f: SafetensorsFile(folder / f) for f in sorted(set(weight_map.values()))}
         files = {}
         for name, shard in weight_map.items():
             if name not in shards[shard].header:
-                raise WeightsError(f"{folder / INDEX_FILE} puts {name!r} in {shard}, which does not hold it")
+                raise WeightsError(f"{index} puts {name!r} in {shard}, which does not hold it")
             files[name] = shards[shard]
         return files
     if (folder / SINGLE_FILE).is_file():
@@ -142,12 +174,11 @@ def expected_tensors(config: ModelConfig, spec: FamilySpec, prefix: str, head: s
     return out
 
 
-def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.dtype, *, mesh: Mesh | None = None
-                ) -> Params:
-    """Read, check and stack every weight. One WeightsError lists all missing, unexpected and
-    mis-shaped tensors; biases are named as such (they break homogeneity). With `mesh`, weights are
-    placed tensor-parallel over its "model" axis (`eqlin.params.partition_specs`), never whole on one device."""
-    files = open_weight_files(folder)
+def check_tensors(files: dict[str, SafetensorsFile], config: ModelConfig, spec: FamilySpec, folder: Path
+                  ) -> dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...]]]:
+    """Every check of the checkpoint's tensors against its config, shared by loading and `eqlin convert`:
+    one WeightsError lists all missing, unexpected, mis-shaped and non-float tensors; biases are named as
+    such (they break homogeneity). Returns `expected_tensors` for the checkpoint's name prefix."""
     names = set(files)
     prefix, head = text_prefixes(names)
     expected = expected_tensors(config, spec, prefix, head)
@@ -158,28 +189,57 @@ def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.
     missing = sorted(set(expected) - names)
     misshaped = [f"{n}: {files[n].header[n][1]} (expected {expected[n][2]})"
                  for n in sorted(names & set(expected)) if files[n].header[n][1] != expected[n][2]]
+    not_float = [f"{n}: {files[n].header[n][0]}" for n in sorted(names & set(expected))
+                 if files[n].header[n][0].kind != "f" and files[n].header[n][0] != jnp.bfloat16]
     if biases:
         raise WeightsError(
             f"checkpoint has biases on the linear path ({', '.join(biases[:5])}{' …' if len(biases) > 5 else ''}); "
             "biases break the homogeneity f(x) = Σ_t J_t x_t, and eqlin supports bias-free checkpoints only"
         )
-    if missing or unexpected or misshaped:
+    if missing or unexpected or misshaped or not_float:
         parts = [f"{label} ({len(items)}): {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped),
+                                      ("not floating point (quantized checkpoints are not supported)", not_float))
                  if items]
         raise WeightsError(f"weights in {folder} do not match config.json: " + "; ".join(parts))
+    return expected
 
-    def read(name: str) -> np.ndarray:
-        return np.asarray(files[name].read(name), dtype=np.float64 if dtype == jnp.float64 else np.float32)
+
+def read_finite(files: dict[str, SafetensorsFile], names, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """The tensors `names` as host arrays of `dtype`; a WeightsError names every one holding NaN or ±inf
+    (after the cast: float64 values beyond float32's range overflow)."""
+    arrays, bad = {}, []
+    for name in names:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflows are found and reported right here
+            a = np.asarray(files[name].read(name), dtype=dtype)
+            finite = np.isfinite(a.sum()) or np.isfinite(a).all()  # the sum is the fast path
+        if not finite:
+            bad.append(name)
+        arrays[name] = a
+    if bad:
+        raise WeightsError(f"tensors hold NaN or infinite values (as {np.dtype(dtype).name}): "
+                           f"{', '.join(bad[:8])}{' …' if len(bad) > 8 else ''}; the checkpoint is corrupt (or "
+                           "out of this dtype's range): replace it")
+    return arrays
+
+
+def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.dtype, *, mesh: Mesh | None = None
+                ) -> Params:
+    """Read, check (`check_tensors`, `read_finite`) and stack every weight. With `mesh`, weights are placed
+    tensor-parallel over its "model" axis (`eqlin.params.partition_specs`), never whole on one device."""
+    files = open_weight_files(folder)
+    expected = check_tensors(files, config, spec, folder)
+    host_dtype = np.float64 if dtype == jnp.float64 else np.float32
+    arrays = read_finite(files, expected, host_dtype)
 
     by_field: dict[str, list[np.ndarray]] = {}
     top: dict[str, np.ndarray] = {}
     for name, (fields, layer, _) in expected.items():
         if layer is None:
-            top[fields[0]] = read(name).astype(dtype, copy=False)
+            top[fields[0]] = arrays[name].astype(dtype, copy=False)
             continue
         rows = np.cumsum(_rows(config, spec, fields))[:-1]
-        for field, part in zip(fields, np.split(read(name), rows)):
+        for field, part in zip(fields, np.split(arrays[name], rows)):
             by_field.setdefault(field, [None] * config.num_layers)[layer] = part
     layers = LayerParams(**{f: np.stack(arrs).astype(dtype, copy=False) for f, arrs in by_field.items()})
     host = Params(embed=top["embed"], layers=layers, final_norm=top["final_norm"], lm_head=top.get("lm_head"))

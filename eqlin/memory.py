@@ -7,18 +7,45 @@ dtype's item size; the default limit is 80 % of physical memory or $EQLIN_MEMORY
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable
 
+from eqlin.checks import check_int
 from eqlin.config import ModelConfig
-from eqlin.errors import MemoryBudgetError
+from eqlin.errors import InputError, MemoryBudgetError
 
 
-def memory_limit_bytes() -> int:
-    """Default budget: $EQLIN_MEMORY_LIMIT_GB if set, else 80 % of physical memory."""
-    if os.environ.get("EQLIN_MEMORY_LIMIT_GB"):
-        return int(float(os.environ["EQLIN_MEMORY_LIMIT_GB"]) * 2**30)
+def memory_limit_bytes(limit: int | None = None) -> int:
+    """The budget in bytes: `limit` if given (a positive integer), else $EQLIN_MEMORY_LIMIT_GB if set (a
+    positive number of GiB), else 80 % of physical memory."""
+    if limit is not None:
+        return check_int("memory_limit", limit, 1, None, "bytes; None: the default budget")
+    setting = os.environ.get("EQLIN_MEMORY_LIMIT_GB", "").strip()
+    if setting:
+        try:
+            gib = float(setting)
+        except ValueError:
+            gib = math.nan
+        if not (math.isfinite(gib) and gib * 2**30 >= 1):
+            raise InputError(f"EQLIN_MEMORY_LIMIT_GB={setting!r} is not a positive number of GiB; set it to e.g. 16, "
+                             "or unset it to use 80 % of physical memory")
+        return int(gib * 2**30)
     return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def format_bytes(n: float) -> str:
+    """`n` bytes in GiB, MiB or KiB, whichever shows it best: never "0.0 GiB" for a small size."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_chunk(chunk: int | None) -> int | None:
+    """`chunk` (basis vectors per pass) as a positive int, or None (the largest that fits)."""
+    return None if chunk is None else check_int("chunk", chunk, 1, None,
+                                                "basis vectors per pass; None picks the largest that fits")
 
 
 def activation_elems(config: ModelConfig, length: int) -> int:
@@ -56,7 +83,7 @@ def fold_elems(config: ModelConfig, length: int, layers: int | None = None) -> i
 
 
 def largest_fitting(cost: Callable[[int], int], most: int, limit: int) -> int:
-    """The largest chunk c in [1, most] with cost(c) <= limit (cost increasing; 1 if none fits)."""
+    """The largest c in [1, most] with cost(c) <= limit (cost increasing; 1 if none fits)."""
     lo, hi = 1, most
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -68,36 +95,47 @@ def choose_chunk(cost: Callable[[int | None], int], chunk: int | None, most: int
                  nothing_fits: Callable[[], str], per: str = "", of: str = "") -> int | None:
     """The chunk to use under `limit` bytes, given `cost(chunk)` (increasing; None: all `most` at once):
     `chunk` as asked if it fits; with none asked, None if everything fits at once, else the largest that
-    fits. MemoryBudgetError when even a chunk of 1 does not fit (message `nothing_fits()`) or the asked
-    chunk does not (naming the largest that does); `per` and `of` qualify that message."""
+    fits. InputError for a chunk that is not a positive integer; MemoryBudgetError when even a chunk of 1
+    does not fit (message `nothing_fits()`) or the asked chunk does not (naming the largest that does);
+    `per` and `of` qualify that message."""
+    chunk = check_chunk(chunk)
     if cost(1) > limit:
         raise MemoryBudgetError(nothing_fits())
     if cost(chunk) <= limit:
         return chunk
     fit = largest_fitting(cost, most, limit)
     if chunk is not None:
-        raise MemoryBudgetError(f"chunk={chunk} needs about {cost(chunk) / 2**30:.1f} GiB{per}, over the "
-                                f"{limit / 2**30:.1f} GiB limit; use chunk={fit} or less{of}")
+        raise MemoryBudgetError(f"chunk={chunk} needs about {format_bytes(cost(chunk))}{per}, over the "
+                                f"{format_bytes(limit)} limit; use chunk={fit} or less{of}")
     return fit
 
 
 def resolve_chunk(config: ModelConfig, length: int, n_maps: int, mode: str, chunk: int | None, itemsize: int,
                   limit: int, *, fold: bool = False) -> int | None:
     """The chunk for `estimate_jacobian_bytes`'s computation: as asked if it fits, else (asked None) the
-    largest that fits; refuse otherwise, naming a length that would fit."""
+    largest that fits; refuse otherwise, suggesting only what does fit (fewer tokens, fewer layers)."""
     def cost(c: int | None) -> int:
         return estimate_jacobian_bytes(config, length, n_maps=n_maps, mode=mode, chunk=c, itemsize=itemsize,
                                        fold=fold)
 
     def nothing_fits() -> str:
-        fit = length
-        while fit > 1 and estimate_jacobian_bytes(config, fit, n_maps=n_maps, mode=mode, chunk=1,
-                                                  itemsize=itemsize, fold=fold) > limit:
-            fit //= 2
-        return (f"a Jacobian of {n_maps} map(s) at T={length} needs about {cost(1) / 2**30:.1f} GiB even one basis "
-                f"vector at a time, over the {limit / 2**30:.1f} GiB limit; use at most T={fit} tokens, fewer "
-                "layers, or the matrix-free methods (they never build J); the limit is set by memory_limit or "
-                "EQLIN_MEMORY_LIMIT_GB")
+        def at_length(t: int) -> int:
+            return estimate_jacobian_bytes(config, t, n_maps=n_maps, mode=mode, chunk=1, itemsize=itemsize,
+                                           fold=fold)
+
+        def with_maps(n: int) -> int:
+            return estimate_jacobian_bytes(config, length, n_maps=n, mode=mode, chunk=1, itemsize=itemsize,
+                                           fold=fold)
+
+        fixes = []
+        if length > 1 and at_length(1) <= limit:
+            fixes.append(f"at most T={largest_fitting(at_length, length - 1, limit)} tokens")
+        if n_maps > 1 and with_maps(1) <= limit:
+            fixes.append(f"at most {largest_fitting(with_maps, n_maps - 1, limit)} layer(s) at a time")
+        fixes += ["the matrix-free methods (they never build J)", "a higher limit"]
+        return (f"a Jacobian of {n_maps} map(s) at T={length} needs about {format_bytes(cost(1))} even one basis "
+                f"vector at a time, over the {format_bytes(limit)} limit; use {', '.join(fixes[:-1])} or "
+                f"{fixes[-1]} (memory_limit or EQLIN_MEMORY_LIMIT_GB)")
 
     width = n_maps * config.hidden_size if mode == "rev" else length * config.hidden_size
     per_map_width = config.hidden_size if mode == "rev" else length * config.hidden_size

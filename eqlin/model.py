@@ -4,6 +4,7 @@ functions in `eqlin.forward`, and `load`, the entry point."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import jax
@@ -14,8 +15,8 @@ from jax.sharding import Mesh
 from eqlin import decoder as fwd
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError
-from eqlin.families import config_from_hf, spec_for
-from eqlin.loading import load_params, read_json, resolve_dtype, resolve_folder
+from eqlin.families import FamilySpec, config_from_hf, spec_for
+from eqlin.loading import is_gguf, load_params, read_json, resolve_dtype, resolve_folder
 from eqlin.params import Params
 from eqlin.tokenizer import Tokenizer
 
@@ -93,6 +94,26 @@ class Model:
         return self.forward(inputs).logits
 
 
+def checkpoint_folder(source: str | os.PathLike, *, cache_dir: str | Path | None = None, download: bool = False
+                      ) -> Path:
+    """The local folder holding `source`'s checkpoint: the folder itself, a repo id's snapshot in the local HF
+    cache, or a .gguf file's eqlin-ready conversion (converted on first use, see `eqlin.gguf`)."""
+    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+        raise InputError(f"source must be a checkpoint folder, a repo id in the local Hugging Face cache or a .gguf "
+                         f"file (a str or Path), got {source!r}")
+    if is_gguf(source):
+        from eqlin.gguf import converted_folder
+
+        return converted_folder(Path(source))
+    return resolve_folder(source, cache_dir=cache_dir, download=download)
+
+
+def read_config(folder: Path) -> tuple[FamilySpec, ModelConfig]:
+    """The family and the checked `ModelConfig` of the checkpoint in `folder` (config.json only: cheap)."""
+    hf = read_json(folder / "config.json")
+    return spec_for(hf), config_from_hf(hf)
+
+
 def load(
     source: str | Path,
     *,
@@ -106,17 +127,13 @@ def load(
     an eqlin-ready folder under the user cache, see `eqlin.gguf`). Weights are cast to `dtype`
     ("float64" needs JAX's x64 mode). Nothing is downloaded unless `download=True`. With a `mesh`
     (`eqlin.sharding.device_mesh(model=n)`), the weights are split tensor-parallel over its "model" axis
-    as they load, for models whose weights do not fit one device."""
+    as they load, for models whose weights do not fit one device. Everything cheap (config, tokenizer,
+    tensor names and shapes) is checked before any weight is read."""
     jdtype = resolve_dtype(dtype)
-    if str(source).endswith(".gguf"):
-        from eqlin.gguf import converted_folder
-
-        folder = converted_folder(Path(source))
-    else:
-        folder = resolve_folder(source, cache_dir=cache_dir, download=download)
-    hf = read_json(folder / "config.json")
-    spec = spec_for(hf)
-    config = config_from_hf(hf)
-    params = load_params(folder, config, spec, jdtype, mesh=mesh)
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise InputError(f"mesh must be a jax.sharding.Mesh, e.g. eqlin.device_mesh(model=2), got {mesh!r:.80}")
+    folder = checkpoint_folder(source, cache_dir=cache_dir, download=download)
+    spec, config = read_config(folder)
     tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
+    params = load_params(folder, config, spec, jdtype, mesh=mesh)
     return Model(config=config, params=params, tokenizer=tokenizer, source=str(source))

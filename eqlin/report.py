@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from eqlin.analysis import Analysis
-from eqlin.outputs import write_bytes_atomic, write_json_atomic
+from eqlin.outputs import json_text, write_folder_atomic
 from eqlin.progress import stage
 
 FIGURES = {
@@ -245,16 +245,13 @@ residual stream after layer l; <b>max error</b>: the largest reconstruction erro
 
 
 def write_report(result: Analysis, out: Path, *, quiet: bool = True) -> list[Path]:
-    """Write report.json, the PNG figures and report.html into `out`, each atomically. Returns the paths."""
+    """Write report.json, the PNG figures and report.html as the whole content of `out`, swapped into
+    place as one set (`eqlin.outputs.write_folder_atomic`). Returns the paths."""
     with stage("figures and report", quiet):
         pngs = figures(result)
-        written = []
-        for name, data in pngs.items():
-            write_bytes_atomic(out / name, data)
-            written.append(out / name)
-        write_json_atomic(out / "report.json", result.report)
-        write_bytes_atomic(out / "report.html", render_html(result.report, pngs).encode())
-    return written + [out / "report.json", out / "report.html"]
+        files = {**pngs, "report.json": json_text(result.report).encode(),
+                 "report.html": render_html(result.report, pngs).encode()}
+        return write_folder_atomic(out, files)
 
 
 def _layer_lines(report: dict[str, Any]) -> list[str]:

@@ -2,15 +2,21 @@
 
 The format is an 8-byte little-endian header length, a JSON header mapping names to
 {dtype, shape, data_offsets}, then raw little-endian tensor bytes. Reading it directly (memory-mapped)
-gives bfloat16 through `ml_dtypes` and lets every offset be checked against the file size first, so a
-truncated download is reported as such instead of surfacing as garbage or a crash.
+gives bfloat16 through `ml_dtypes`. The header is checked as strictly as the `safetensors` library
+checks it: every entry well-formed, offsets non-negative and increasing, each tensor's byte length equal
+to shape × item size, and the tensors covering the data section exactly, so that neither a truncated
+download nor a crafted header can turn header bytes or garbage into weights.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
+import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import ml_dtypes
 import numpy as np
@@ -29,6 +35,7 @@ _DTYPES = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
+_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the header size
 
 
 class SafetensorsFile:
@@ -36,33 +43,74 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        size = self.path.stat().st_size
         try:
+            size = self.path.stat().st_size
             with open(self.path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > size - 8:
-                    raise WeightsError(f"{self.path}: header length {n} exceeds the file size {size}")
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    self._corrupt(f"{size} bytes, less than the 8-byte header length")
+                (n,) = struct.unpack("<Q", prefix)
+                if n > min(size - 8, _MAX_HEADER):
+                    self._corrupt(f"header length {n} exceeds the file size {size}")
                 raw = json.loads(f.read(n))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise WeightsError(
-                f"{self.path} is not a valid safetensors file ({e}); re-download or re-convert it"
-            ) from None
+        except OSError as e:
+            raise WeightsError(f"cannot read {self.path}: {e.strerror or e}") from None
+        except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+            self._corrupt(f"its header is not valid JSON: {e}")
+        if not isinstance(raw, dict):
+            self._corrupt(f"its header is a JSON {type(raw).__name__}, not an object")
         self._data_start = 8 + n
-        raw.pop("__metadata__", None)
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in raw.items():
-            if info["dtype"] not in _DTYPES:
-                raise WeightsError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            dtype, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
-            begin, end = info["data_offsets"]
-            if end - begin != dtype.itemsize * int(np.prod(shape)):
-                raise WeightsError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
-            if self._data_start + end > size:
-                raise WeightsError(
-                    f"{self.path} is truncated: tensor {name!r} ends at byte {self._data_start + end} but the "
-                    f"file has {size} bytes; re-download or re-convert it"
-                )
-            self._entries[name] = (dtype, shape, begin, end)
+        metadata = raw.pop("__metadata__", None)
+        if metadata is not None and not (isinstance(metadata, dict)
+                                         and all(isinstance(v, str) for v in metadata.values())):
+            self._corrupt("__metadata__ must map names to strings")
+        self._entries = {name: self._entry(name, info) for name, info in raw.items()}
+        self._check_layout(size - self._data_start)
+
+    def _corrupt(self, why: str) -> NoReturn:
+        raise WeightsError(f"{self.path} is not a valid safetensors file ({why}); re-download or re-convert it")
+
+    def _entry(self, name: str, info: object) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        """(dtype, shape, begin, end) of one header entry, each field checked."""
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            self._corrupt(f"entry {name!r} must be an object with dtype, shape and data_offsets, got {info!r:.80}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise WeightsError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype!r}; "
+                               f"supported: {', '.join(_DTYPES)}")
+
+        def naturals(value: object) -> bool:
+            return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+        if not naturals(shape):
+            self._corrupt(f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+        if not naturals(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+            self._corrupt(f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+        begin, end = offsets
+        expected = _DTYPES[dtype].itemsize * math.prod(shape)
+        if end - begin != expected:
+            self._corrupt(f"tensor {name!r} has {end - begin} bytes for shape {tuple(shape)} of {dtype}, "
+                          f"which needs {expected}")
+        return _DTYPES[dtype], tuple(shape), begin, end
+
+    def _check_layout(self, data_size: int) -> None:
+        """The tensors must tile the data section [0, data_size) exactly, in offset order."""
+        spans = sorted((e[2], e[3], name) for name, e in self._entries.items())
+        last_end = max((end for _, end, _ in spans), default=0)
+        if last_end > data_size:
+            name = next(n for _, end, n in spans if end == last_end)
+            raise WeightsError(
+                f"{self.path} is truncated: tensor {name!r} ends at byte {self._data_start + last_end} but the "
+                f"file has {self._data_start + data_size} bytes; re-download or re-convert it"
+            )
+        position = 0
+        for begin, end, name in spans:
+            if begin != position:
+                self._corrupt(f"tensor {name!r} starts at data byte {begin}, but the previous tensor ends at "
+                              f"{position} (tensors must follow each other without gaps or overlaps)")
+            position = end
+        if position != data_size:
+            self._corrupt(f"{data_size - position} bytes after the last tensor")
 
     @property
     def header(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
@@ -70,15 +118,25 @@ class SafetensorsFile:
 
     def read(self, name: str) -> np.ndarray:
         """The tensor `name` as a read-only memory-mapped array."""
-        dtype, shape, begin, _ = self._entries[name]
+        dtype, shape, begin, end = self._entries[name]
+        if begin == end:  # numpy cannot map zero bytes
+            return np.zeros(shape, dtype)
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write tensors to `path` atomically (temporary file in the same folder, then rename)."""
+    """Write tensors to `path` atomically and durably (a temporary file in the same folder, fsynced, then
+    renamed)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -24,20 +24,49 @@ SCOPES: tuple[Scope, ...] = ("cumulative", "single")
 TAPS: tuple[Tap, ...] = ("post", "pre")
 
 
+def single_layer(layer) -> bool:
+    """Whether `layer` names one layer (an int or a 0-d integer array; bools are not layers)."""
+    arr = np.asarray(layer) if not isinstance(layer, (str, bool, np.bool_)) else None
+    return arr is not None and arr.ndim == 0 and np.issubdtype(arr.dtype, np.integer)
+
+
+def _indices(layer) -> tuple[int, ...] | None:
+    """The layer indices in an int, an integer array or a sequence of ints; None for anything else."""
+    if isinstance(layer, (str, bytes, dict, set, frozenset, bool, np.bool_)):
+        return None
+    if hasattr(layer, "__array__"):  # NumPy and JAX arrays and scalars
+        arr = np.asarray(layer).reshape(-1) if np.ndim(layer) == 0 else np.asarray(layer)
+        ok = arr.ndim == 1 and (np.issubdtype(arr.dtype, np.integer) or arr.size == 0)
+        return tuple(int(l) for l in arr) if ok else None
+    if isinstance(layer, int):
+        return (layer,)
+    try:
+        items = list(layer)
+    except TypeError:
+        return None
+    ok = all(isinstance(l, (int, np.integer)) and not isinstance(l, (bool, np.bool_)) for l in items)
+    return tuple(int(l) for l in items) if ok else None
+
+
 def resolve_layers(config: ModelConfig, layer) -> tuple[int, ...] | None:
-    """`layer` (None, an int, a sequence of ints or "all") as a tuple of layer indices, range-checked;
-    None stays None (the final output)."""
+    """`layer` (None, an int, any sequence of ints such as a list, range or integer array, or "all") as a
+    tuple of layer indices, range-checked; None stays None (the final output). Bools and floats are refused."""
     if layer is None:
         return None
     if isinstance(layer, str):
         if layer != "all":
-            raise InputError(f"layer must be an int, a list of ints, 'all' or None, got {layer!r}")
+            raise InputError(f"layer must be an int, a sequence of ints, 'all' or None, got {layer!r}")
         return tuple(range(config.num_layers))
-    listed = (layer,) if isinstance(layer, (int, np.integer)) else tuple(layer)
-    bad = [l for l in listed if not 0 <= int(l) < config.num_layers]
-    if bad or not listed:
-        raise InputError(f"layer {bad or listed} out of range: the model has layers 0..{config.num_layers - 1}")
-    return tuple(int(l) for l in listed)
+    listed = _indices(layer)
+    if listed is None:
+        raise InputError(f"layer must be an int, a sequence of ints, 'all' or None (bools and floats are not layer "
+                         f"indices), got {layer!r:.80}")
+    if not listed:
+        raise InputError(f"layer is empty: give at least one layer index in 0..{config.num_layers - 1}")
+    bad = [l for l in listed if not 0 <= l < config.num_layers]
+    if bad:
+        raise InputError(f"layer {bad} out of range: the model has layers 0..{config.num_layers - 1}")
+    return listed
 
 
 def check_tap(tap: str) -> None:
@@ -54,7 +83,7 @@ def resolve_selection(config: ModelConfig, layer, part: Part, scope: Scope, *, o
         raise InputError(f"part must be one of {PARTS}, got {part!r}")
     if scope not in SCOPES:
         raise InputError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if one_layer and layer is not None and not isinstance(layer, (int, np.integer)):
+    if one_layer and layer is not None and not single_layer(layer):
         raise InputError(f"{one_layer} takes one layer (an int) or None, got {layer!r}")
     layers = resolve_layers(config, layer)
     if scope == "single" and layers is None:
@@ -69,21 +98,37 @@ def evenly_spaced(num_layers: int, count: int) -> tuple[int, ...]:
     return tuple(sorted({max(0, round(num_layers * i / count) - 1) for i in range(1, count + 1)}))
 
 
+def _layers_spec(spec: str) -> str | tuple[int, ...]:
+    """--layers as 'auto', 'all', 'none' or a sorted tuple of non-negative indices (syntax only)."""
+    words = spec.strip().lower()
+    if not words:
+        raise InputError("--layers is empty: give 'auto', 'all', 'none' or comma-separated layer indices, e.g. 0,5")
+    if words in ("auto", "all", "none"):
+        return words
+    try:
+        layers = tuple(sorted({int(p) for p in words.split(",") if p.strip()}))
+    except ValueError:
+        raise InputError(f"--layers must be 'auto', 'all', 'none' or comma-separated integers, got {spec!r}") from None
+    if not layers or min(layers) < 0:
+        raise InputError(f"--layers {spec!r}: layer indices are 0-based and non-negative, e.g. 0,5")
+    return layers
+
+
+def check_layers_spec(spec: str) -> None:
+    """Check --layers' syntax before the model (and its number of layers) is known."""
+    _layers_spec(spec)
+
+
 def parse_layers(spec: str, num_layers: int, auto: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """The CLI's --layers: 'auto' (the caller's `auto` choice; default three evenly spaced layers ending
     at the last), 'all', 'none' or comma-separated indices."""
-    spec = spec.strip().lower()
-    if spec == "none":
+    layers = _layers_spec(spec)
+    if layers == "none":
         return ()
-    if spec == "all":
+    if layers == "all":
         return tuple(range(num_layers))
-    if spec == "auto":
+    if layers == "auto":
         return evenly_spaced(num_layers, 3) if auto is None else auto
-    try:
-        layers = tuple(sorted({int(p) for p in spec.split(",") if p.strip()}))
-    except ValueError:
-        raise InputError(f"--layers must be 'auto', 'all', 'none' or comma-separated integers, got {spec!r}") from None
-    bad = [l for l in layers if not 0 <= l < num_layers]
-    if bad or not layers:
+    if max(layers) >= num_layers:
         raise InputError(f"--layers {spec!r} out of range: the model has layers 0..{num_layers - 1}")
     return layers

@@ -29,7 +29,7 @@ from eqlin.config import ModelConfig
 from eqlin.decoder import embed
 from eqlin.errors import InputError
 from eqlin.linear_maps import Linearization, cumulative_fn, finish, pull_back_rows
-from eqlin.memory import activation_elems, choose_chunk, memory_limit_bytes
+from eqlin.memory import activation_elems, choose_chunk, format_bytes, memory_limit_bytes
 from eqlin.model import Model
 from eqlin.params import MODEL_AXIS, Params, param_shardings
 
@@ -41,8 +41,8 @@ def device_mesh(devices: list | None = None, *, model: int = 1) -> Mesh:
     """A (n / model, model) mesh with axes ("basis", "model") over `devices` (default: all, every
     host's included). Devices that share a "basis" index hold one tensor-parallel copy of the weights."""
     devs = np.asarray(devices if devices is not None else jax.devices())
-    if model < 1 or devs.size % model:
-        raise InputError(f"model={model} must be a positive divisor of the {devs.size} devices")
+    if isinstance(model, bool) or not isinstance(model, int) or model < 1 or devs.size % model:
+        raise InputError(f"model={model!r} must be a positive divisor of the {devs.size} devices")
     return Mesh(devs.reshape(devs.size // model, model), (AXIS, MODEL_AXIS))
 
 
@@ -97,8 +97,8 @@ def _resolve_sharded_chunk(config: ModelConfig, length: int, mesh: Mesh, chunk: 
         return sharded_jacobian_bytes(config, length, mesh, chunk=c, itemsize=itemsize, param_bytes=param_bytes)
 
     def nothing_fits() -> str:
-        return (f"a sharded Jacobian at T={length} needs about {cost(1) / 2**30:.1f} GiB per device even one basis "
-                f"vector at a time, over the {limit / 2**30:.1f} GiB per-device limit; add devices to the "
+        return (f"a sharded Jacobian at T={length} needs about {format_bytes(cost(1))} per device even one basis "
+                f"vector at a time, over the {format_bytes(limit)} per-device limit; add devices to the "
                 "\"basis\" axis (J's rows) or the \"model\" axis (the weights), or use fewer tokens")
 
     return choose_chunk(cost, chunk, -(-config.hidden_size // mesh.shape[AXIS]), limit,
@@ -115,14 +115,16 @@ def detached_jacobian_sharded(model: Model, inputs, *, mesh: Mesh | None = None,
     the largest that fits `memory_limit` bytes per device, default `device_memory_limit`), checked
     before anything is allocated.
     """
-    mesh = mesh or basis_mesh()
-    if set(mesh.axis_names) != {AXIS, MODEL_AXIS}:
-        raise InputError(f"mesh axes must be ('basis', 'model'), got {mesh.axis_names}; build it with device_mesh()")
+    mesh = basis_mesh() if mesh is None else mesh
+    if not isinstance(mesh, Mesh) or set(mesh.axis_names) != {AXIS, MODEL_AXIS}:
+        raise InputError(f"mesh must be a jax.sharding.Mesh with axes ('basis', 'model'), got {mesh!r:.80}; build it "
+                         "with eqlin.device_mesh()")
     params = jax.device_put(model.params, param_shardings(model.params, model.config, mesh))
     ids = model.ids(inputs)
     param_bytes = sum(a.addressable_shards[0].data.nbytes for a in jax.tree_util.tree_leaves(params))
     chunk = _resolve_sharded_chunk(model.config, len(ids), mesh, chunk, model.dtype.itemsize, param_bytes,
-                                   memory_limit or device_memory_limit(mesh.devices.flat[0]))
+                                   device_memory_limit(mesh.devices.flat[0]) if memory_limit is None
+                                   else memory_limit_bytes(memory_limit))
     x = jax.device_put(embed(params, model.config, jnp.asarray(ids)), NamedSharding(mesh, P()))
     y, J = _sharded_rows(params, model.config, x, mesh=mesh, chunk=chunk)
     contributions, err = finish(y, J, x)

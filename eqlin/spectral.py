@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqlin.checks import check_int
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
 from eqlin.errors import InputError
@@ -220,15 +221,6 @@ def effective_dimension(singular_values: Array) -> EffectiveDimension:
 
 # --------------------------------------------------------------------------------------------------
 # Dense spectra.
-
-
-def check_int(name: str, value, low: int, high: int | None, why: str) -> int:
-    """`value` as an int in low..high (no upper bound for None), else an InputError saying why."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
-            high is not None and value > high):
-        bounds = f"in {low}..{high}" if high is not None else f">= {low}"
-        raise InputError(f"{name} must be an integer {bounds} ({why}), got {value!r}")
-    return int(value)
 
 
 def align_signs(U: Array, V: Array, y: Array) -> tuple[Array, Array]:

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqlin.checks import check_int, check_real
 from eqlin.config import ModelConfig
 from eqlin.blocks import attend, attention_probs, einsum, project_qkv, visible
 from eqlin.decoder import embed, final_norm, layer_tail, optional_norm, rope_stack, streams_entering, unembed
@@ -192,16 +193,29 @@ def _check(model: Model, concept: str, text: str, layers: Sequence[int], max_new
     if not isinstance(text, str) or not text.strip():
         raise InputError("empty text: give the unrelated text to steer, e.g. \"Here is a painting of the\"")
     L = model.config.num_layers
-    bad = [l for l in layers if not 0 <= int(l) < L]
+    bad = [l for l in layers if not 0 <= l < L]
     if bad or not len(layers):
         raise InputError(f"layer {bad or list(layers)} out of range: steering injects into the residual stream "
                          f"entering layer l, l in 0..{L - 1}")
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
     c_ids, t_ids = model.encode(concept), model.encode(text)
-    model.check_ids(np.zeros(len(t_ids) + max_new_tokens, np.int32))  # the generated sequence must fit too
+    room = model.config.max_position_embeddings - len(t_ids)
+    if max_new_tokens > room:  # the generated sequence must fit too
+        raise InputError(f"the text's {len(t_ids)} tokens and max_new_tokens={max_new_tokens} make "
+                         f"{len(t_ids) + max_new_tokens} positions, more than the model's max_position_embeddings "
+                         f"({model.config.max_position_embeddings}); use max_new_tokens (--max-new-tokens) "
+                         + (f"of at most {room}" if room >= 1 else "of 1 with a shorter text"))
     targets = c_ids[-1:] if concept_tokens is None else model.check_ids(list(concept_tokens))
     return c_ids, t_ids, targets
+
+
+def _layers(layers) -> tuple[int, ...]:
+    """The sweep's layers as sorted unique ints; bools and floats are refused."""
+    if isinstance(layers, (str, bytes)) or not all(
+            isinstance(l, (int, np.integer)) and not isinstance(l, (bool, np.bool_)) for l in layers):
+        raise InputError(f"layers must be a sequence of layer indices (ints), got {layers!r:.80}")
+    return tuple(sorted({int(l) for l in layers}))
 
 
 def _maps(model: Model, c_ids: np.ndarray, layers: tuple[int, ...]) -> tuple[Array, Array]:
@@ -231,12 +245,14 @@ def steer(model: Model, concept: str, text: str, *, layer: int, strength: float,
     """Insert `concept` into the greedy continuation of `text`: J_c of the concept at `layer`, the vector
     v (module docstring) added to the residual stream entering `layer`. concept_tokens: ids whose
     log-probability lift is measured (default: the concept prompt's last token)."""
+    (layer,) = _layers([layer])
+    strength = check_real("strength", strength, "the vector's norm is strength/2 · ‖h_k‖")
     c_ids, t_ids, targets = _check(model, concept, text, [layer], max_new_tokens, concept_tokens)
-    J, err = _maps(model, c_ids, (int(layer),))
-    steered = _run(model, t_ids, J[0], int(layer), strength, max_new_tokens)
-    baseline = _run(model, t_ids, J[0], int(layer), 0.0, max_new_tokens)
+    J, err = _maps(model, c_ids, (layer,))
+    steered = _run(model, t_ids, J[0], layer, strength, max_new_tokens)
+    baseline = _run(model, t_ids, J[0], layer, 0.0, max_new_tokens)
     lp_s, lp_b = _logprobs(steered[1], targets), _logprobs(baseline[1], targets)
-    return SteeringResult(concept, text, int(layer), float(strength), targets, steered[0], baseline[0],
+    return SteeringResult(concept, text, layer, strength, targets, steered[0], baseline[0],
                           model.decode(steered[0]), model.decode(baseline[0]), steered[1], baseline[1], lp_s, lp_b,
                           float(lp_s.mean() - lp_b.mean()), float(err[0]))
 
@@ -256,10 +272,12 @@ def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[in
     """Steer over layers × strengths, beside a control: a random operator of J_c's Frobenius norm (seeded
     by `seed`) in place of J_c. Returns the table (JSON-serializable; `lift[i][j]`, `control_lift[i][j]`
     for layers[i], strengths[j]; `cells` with texts). Write it with `write_sweep`."""
-    layers = tuple(sorted({int(l) for l in layers}))
+    layers = _layers(layers)
     c_ids, t_ids, targets = _check(model, concept, text, layers, max_new_tokens, concept_tokens)
-    if not len(strengths):
-        raise InputError("give at least one strength")
+    if isinstance(strengths, (str, bytes)) or not len(strengths):
+        raise InputError(f"give at least one strength (a sequence of numbers), got {strengths!r:.80}")
+    strengths = [check_real("each strength", lam, "the vector's norm is strength/2 · ‖h_k‖") for lam in strengths]
+    seed = check_int("seed", seed, 0, 2**32 - 1, "the random control's seed")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     with stage("concept maps (detached Jacobians)", quiet):
@@ -339,12 +357,10 @@ def heatmap_png(table: dict[str, Any]) -> bytes:
 
 
 def write_sweep(table: dict[str, Any], out: Path) -> list[Path]:
-    """Write steering.json and steering.png into `out`, atomically."""
-    from eqlin.outputs import write_bytes_atomic, write_json_atomic
+    """Write steering.json and steering.png as the whole content of `out`, swapped into place as one set."""
+    from eqlin.outputs import json_text, write_folder_atomic
 
-    write_json_atomic(out / "steering.json", table)
-    write_bytes_atomic(out / "steering.png", heatmap_png(table))
-    return [out / "steering.json", out / "steering.png"]
+    return write_folder_atomic(out, {"steering.json": json_text(table).encode(), "steering.png": heatmap_png(table)})
 
 
 def summary(table: dict[str, Any], out: Path) -> str:

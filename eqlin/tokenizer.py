@@ -12,6 +12,31 @@ from eqlin.errors import InputError, WeightsError
 from eqlin.loading import read_json
 
 
+def check_text(text: object, what: str = "text") -> str:
+    """`text` as a non-empty string of valid Unicode (command-line bytes that are not UTF-8 arrive as
+    lone surrogates), else an InputError naming the offending position."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be a string, got {type(text).__name__}")
+    if not text:
+        raise InputError(f"empty {what}: give at least one character to tokenize")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} is not valid UTF-8 (an undecodable byte at character {e.start}); pass UTF-8 "
+                         "text") from None
+    return text
+
+
+def _token(cfg: dict, key: str, path: Path) -> str | None:
+    """A special token of tokenizer_config.json: a string, {"content": string} or null."""
+    value = cfg.get(key)
+    content = value.get("content") if isinstance(value, dict) else value
+    if content is not None and not isinstance(content, str):
+        raise WeightsError(f"{path}: {key} must be a token string (or {{\"content\": string}}), got {value!r:.60}; "
+                           "fix tokenizer_config.json")
+    return content
+
+
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
     """Wraps `tokenizers.Tokenizer`. The post-processor in tokenizer.json adds BOS where the model
@@ -29,12 +54,19 @@ class Tokenizer:
         try:
             inner = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises a bare Exception for unreadable files
-            raise WeightsError(f"{path} could not be read as a tokenizer ({e})") from None
-        cfg = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-        bos = cfg.get("bos_token")
-        bos = bos.get("content") if isinstance(bos, dict) else bos
+            raise WeightsError(f"{path} could not be read as a tokenizer ({e}); replace it") from None
+        config_path = folder / "tokenizer_config.json"
+        cfg = read_json(config_path) if config_path.is_file() else {}
+        bos = _token(cfg, "bos_token", config_path)
+        add_bos = cfg.get("add_bos_token", False)
+        if not isinstance(add_bos, bool):
+            raise WeightsError(f"{config_path}: add_bos_token must be true or false, got {add_bos!r:.60}; fix "
+                               "tokenizer_config.json")
         bos_id = inner.token_to_id(bos) if bos else None
-        return cls(inner, bos_id, bool(cfg.get("add_bos_token", False)) and bos_id is not None)
+        if add_bos and bos_id is None:
+            raise WeightsError(f"{config_path} sets add_bos_token but its bos_token {bos!r} is not in tokenizer.json's "
+                               "vocabulary; fix bos_token (or add_bos_token) in tokenizer_config.json")
+        return cls(inner, bos_id, add_bos)
 
     @property
     def vocab_size(self) -> int:
@@ -42,9 +74,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids (T,) for `text`, BOS included where the tokenizer adds one."""
-        if not isinstance(text, str) or not text:
-            raise InputError("empty text: give at least one character to tokenize")
-        ids = self.inner.encode(text, add_special_tokens=True).ids
+        ids = self.inner.encode(check_text(text), add_special_tokens=True).ids
         if self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         if not ids:

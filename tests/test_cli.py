@@ -3,16 +3,21 @@ float64), info, convert, help, and bad input (clear message, exit code 2, nothin
 
 from __future__ import annotations
 
+import errno
 import json
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 import eqlin
 from eqlin.analysis import SCHEMA
-from eqlin.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from eqlin.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, main
 from tests.conftest import TEXT
 
 REPORT_KEYS = {"schema", "next_token", "relative_error", "plain_relative_error", "model", "dtype", "tokens",
@@ -123,10 +128,14 @@ def test_empty_text(tmp_path, capsys):
 
 
 def test_layers_out_of_range(checkpoint, tmp_path, capsys):
+    """Checked against config.json before any weight is read (here there are none), nothing created."""
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(checkpoint("gemma3") / "config.json", folder)
     out = tmp_path / "o"
-    err = _bad(["analyze", TEXT, "--model", str(checkpoint("gemma3")), "--out", str(out), "--layers", "2,9"], capsys)
+    err = _bad(["analyze", TEXT, "--model", str(folder), "--out", str(out), "--layers", "2,9"], capsys)
     assert "--layers '2,9' out of range: the model has layers 0..3" in err
-    assert not any(p.is_file() for p in out.iterdir())  # nothing written
+    assert not out.exists()  # not even an empty folder
 
 
 def test_unwritable_out(checkpoint, tmp_path, capsys):
@@ -135,3 +144,164 @@ def test_unwritable_out(checkpoint, tmp_path, capsys):
     err = _bad(["analyze", TEXT, "--model", str(checkpoint("gemma3")), "--out", str(blocker / "sub")], capsys)
     assert "cannot write to output folder" in err and "choose another --out" in err
     assert blocker.read_text() == ""
+
+
+# --- bad input: exit 2 with a message naming the fix, checked before the model loads, nothing left ----------
+
+CONCEPT = "The bridge out of Marin is the Golden"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["analyze", TEXT, "--top-k", "100000"], "--top-k must be in 1..64"),
+    (["analyze", TEXT, "--layers", ""], "--layers is empty: give 'auto', 'all', 'none' or comma-separated"),
+    (["analyze", TEXT, "--layers", "-1"], "layer indices are 0-based and non-negative"),
+    (["analyze", "abc\udcff def"], "text is not valid UTF-8 \\(an undecodable byte at character 3\\); pass UTF-8"),
+    (["info", "--tokens", "-5"], "--tokens must be at least 1"),
+    (["steer", "--concept", CONCEPT, "--text", TEXT, "--strengths", "nan,inf"], "--strengths must be finite numbers"),
+    (["steer", "--concept", CONCEPT, "--text", TEXT, "--seed", "-1"], "--seed must be in 0..4294967295"),
+    (["steer", "--concept", CONCEPT, "--text", TEXT, "--layers", "none"], "--layers none: give at least one layer"),
+])
+def test_bad_arguments_are_refused_before_the_model_is_found(tmp_path, capsys, args, message):
+    """--model names nothing: the argument is refused first, and no --out folder is created."""
+    out = tmp_path / "o"
+    extra = ["--out", str(out)] if args[0] != "info" else []
+    err = _bad([*args, *extra, "--model" if args[0] != "info" else str(tmp_path / "nowhere"),
+                *([str(tmp_path / "nowhere")] if args[0] != "info" else [])], capsys)
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+@pytest.fixture()
+def config_only(checkpoint, tmp_path):
+    """A copy of the tiny Gemma 3's config.json alone: whatever is checked against it is checked before any
+    weight is read (there are none)."""
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(checkpoint("gemma3") / "config.json", folder)
+    return folder
+
+
+@pytest.mark.parametrize("args, message", [
+    (["steer", "--concept", CONCEPT, "--text", TEXT, "--max-new-tokens", "1000"],
+     "--max-new-tokens 1000 does not fit the model's 64 positions"),
+    (["info", "--tokens", "1000"], "--tokens 1000 is more than the model's max_position_embeddings (64)"),
+])
+def test_model_dependent_arguments_are_checked_before_the_weights(config_only, tmp_path, capsys, args, message):
+    where = ["--model", str(config_only), "--out", str(tmp_path / "o")] if args[0] == "steer" else [str(config_only)]
+    assert message in _bad([*args, *where], capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def _edit_config(folder, edit) -> None:
+    text = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(edit(text) if callable(edit) else json.dumps({**json.loads(text), **edit}))
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"rms_norm_eps": float("nan")}, "config.json 'rms_norm_eps' must be a finite number > 0 .*got nan"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "'rope_theta' must be a finite number > 0"),
+    ({"num_hidden_layers": "3"}, "'num_hidden_layers' must be an integer in 1..10000 .*got '3'"),
+    ({"max_position_embeddings": "64"}, "'max_position_embeddings' must be an integer"),
+    ({"rope_parameters": "default"}, "'rope_parameters' must be a JSON object"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 48}}, "type 'llama3' need 'low_freq_factor'"),
+    ({"rope_skew": 0.1}, "keys eqlin does not know for llama: rope_skew=0.1"),
+    (lambda text: f"[{text}]", "config.json must hold a JSON object .*got a list"),
+    (lambda text: "[" * 100_000, "config.json is nested too deeply"),
+    (lambda text: text[:40], "config.json is not valid JSON"),
+])
+def test_bad_config_json(checkpoint, tmp_path, capsys, edit, message):
+    folder = shutil.copytree(checkpoint("llama_gqa"), tmp_path / "m")
+    _edit_config(folder, edit)
+    assert re.search(message, _bad(["info", str(folder)], capsys))
+
+
+@pytest.mark.parametrize("setting", ["abc", "nan", "inf"])
+def test_bad_memory_limit_setting(tmp_path, capsys, monkeypatch, setting):
+    monkeypatch.setenv("EQLIN_MEMORY_LIMIT_GB", setting)
+    err = _bad(["analyze", TEXT, "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], capsys)
+    assert f"EQLIN_MEMORY_LIMIT_GB='{setting}' is not a positive number of GiB" in err
+
+
+def test_unwritable_compile_cache_is_said_not_fatal(checkpoint, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("EQLIN_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    monkeypatch.delenv("EQLIN_NO_COMPILE_CACHE", raising=False)
+    assert main(["info", str(checkpoint("llama_mha")), "-q"]) == EXIT_OK
+    assert "JAX's compilation cache is off: cannot write" in capsys.readouterr().err
+
+
+def test_out_with_other_files_is_left_alone(checkpoint, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    err = _bad(["analyze", TEXT, "--model", str(checkpoint("qwen3")), "--out", str(out)], capsys)
+    assert "holds files eqlin did not write (notes.txt)" in err and "choose an empty or new --out" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("name", ["model.GGUF", "model.Gguf"])
+def test_a_gguf_name_in_any_case_is_read_as_gguf(tmp_path, capsys, name):
+    (tmp_path / name).write_bytes(b"not a gguf file" * 10)
+    err = _bad(["info", str(tmp_path / name)], capsys)
+    assert f"{name} is not a GGUF file" in err and "not a checkpoint folder" not in err
+
+
+def test_repo_id_not_in_the_cache_names_a_fix_the_cli_can_use(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    err = _bad(["info", "tiny-org/not-there"], capsys)
+    assert "download it first with `hf download tiny-org/not-there`" in err and "download=True" not in err
+
+
+def test_a_rewrite_replaces_the_whole_report_or_nothing(checkpoint, tmp_path, capsys, monkeypatch):
+    """A --layers none run leaves no emergence.png of an earlier run; a disk-full rewrite leaves the earlier
+    report whole (no new figure beside the old report.json) and no temporary entries; JSON is strict."""
+    from eqlin import outputs
+
+    out = tmp_path / "o"
+
+    def run(*extra) -> int:
+        return main(["analyze", TEXT, "--model", str(checkpoint("qwen3")), "--out", str(out), "-q",
+                     "--no-compile-cache", *extra])
+
+    assert run("--layers", "1") == EXIT_OK
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "emergence.png" in before
+    json.loads(before["report.json"], parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
+    real = outputs.write_file_durable
+
+    def disk_full(path, data):
+        if path.name == "report.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(outputs, "write_file_durable", disk_full)
+        assert run("--layers", "none") == EXIT_BAD_INPUT
+    assert "No space left on device; nothing was changed there; free space" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert run("--layers", "none") == EXIT_OK
+    assert "emergence.png" not in {p.name for p in out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, EXIT_TERMINATED), (signal.SIGINT, EXIT_INTERRUPTED)])
+def test_a_signal_stops_at_once_and_leaves_nothing(checkpoint, tmp_path, signum, code):
+    """SIGTERM is handled like SIGINT: "stopping…" at once, the process ends without waiting for the running
+    XLA computation, and no --out folder or temporary entry is left."""
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "eqlin.cli", "analyze", TEXT, "--model", str(checkpoint("gemma3")),
+                             "--out", str(out), "--layers", "all", "--no-compile-cache"],
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "detached Jacobian" in line:  # compiling and running, in XLA
+            break
+    start = time.perf_counter()
+    proc.send_signal(signum)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == code
+    assert time.perf_counter() - start < 5
+    assert rest.startswith("eqlin: stopping…") and "nothing partial was left" in rest and "Traceback" not in rest
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -88,8 +88,87 @@ def test_phi3_partial_rotary_and_refused_longrope():
 def test_ministral_layer_types_and_olmo2_full_qk_norm():
     base = {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 64,
             "vocab_size": 10}
-    ministral = config_from_hf({**base, "model_type": "ministral", "sliding_window": 8,
-                                "layer_types": [SLIDING_ATTENTION, FULL_ATTENTION]})
+    ministral = config_from_hf({**base, "model_type": "ministral", "sliding_window": 8, "num_key_value_heads": 4,
+                                "layer_types": [SLIDING_ATTENTION, FULL_ATTENTION]})  # transformers' default is 8
     np.testing.assert_array_equal(ministral.layer_windows(), [8, 0])
     olmo = config_from_hf({**base, "model_type": "olmo2"})
     assert olmo.qk_norm == "full" and olmo.norm_layout == "post"
+
+
+# --- every key accounted for, every value checked ---------------------------------------------------------
+
+_SIZES = {"vocab_size": 64, "hidden_size": 256, "intermediate_size": 48, "num_hidden_layers": 2,
+          "num_attention_heads": 32}
+
+
+@pytest.mark.parametrize("cls, model_type", [
+    (transformers.LlamaConfig, "llama"), (transformers.Qwen3Config, "qwen3"), (transformers.MistralConfig, "mistral"),
+    (transformers.MinistralConfig, "ministral"), (transformers.Phi3Config, "phi3"), (transformers.Olmo2Config, "olmo2"),
+    (transformers.Gemma3TextConfig, "gemma3_text"), (transformers.Gemma3Config, "gemma3"),
+])
+def test_transformers_defaults_are_accepted_and_are_eqlins(cls, model_type):
+    """Every key transformers writes is handled or knowingly ignored, and where config.json leaves a key
+    out, eqlin assumes transformers' default for it (rms_norm_eps, windows, positions, RoPE, ...)."""
+    sizes = {} if model_type.startswith("gemma3") else _SIZES
+    full = json.loads(cls(**sizes).to_json_string(use_diff=False))
+    assert config_from_hf(full) == config_from_hf({"model_type": model_type, **sizes})
+
+
+def test_qwen3_sliding_window_defaults_are_transformers():
+    hf = {"model_type": "qwen3", **_SIZES, "num_hidden_layers": 30, "use_sliding_window": True}
+    expected = transformers.Qwen3Config(**{k: v for k, v in hf.items() if k != "model_type"})
+    config = config_from_hf(hf)
+    assert config.sliding_window == expected.sliding_window == 4096
+    assert config.layer_types == tuple(expected.layer_types)  # sliding from max_window_layers = 28 on
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"foo": 1}, "keys eqlin does not know for llama: foo=1 .*remove each from config.json only if"),
+    ({"quantization_config": {"bits": 4}}, "keys eqlin does not know for llama: quantization_config="),
+    ({"pruned_heads": {"0": [1]}}, r"supports only at transformers' default: pruned_heads=\{'0': \[1\]\} \(default \{\}\)"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5: a llama model rotates the whole head"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1]}},
+     "RoPE parameters of type 'default' do not take mrope_section"),
+    ({"rms_norm_eps": float("nan")}, "'rms_norm_eps' must be a finite number > 0 .*got nan"),
+    ({"rope_theta": 0}, "RoPE parameter 'rope_theta' must be a finite number > 0"),
+    ({"num_hidden_layers": "3"}, "'num_hidden_layers' must be an integer in 1..10000 .*got '3'"),
+    ({"num_hidden_layers": True}, "'num_hidden_layers' must be an integer"),
+    ({"max_position_embeddings": "64"}, "'max_position_embeddings' must be an integer"),
+    ({"rope_parameters": "linear"}, "'rope_parameters' must be a JSON object"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0}},
+     "RoPE parameters of type 'llama3' need 'low_freq_factor'"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0}},
+     r"high_freq_factor \(4.0\) must be greater than low_freq_factor \(4.0\)"),
+    ({"tie_word_embeddings": "false"}, "'tie_word_embeddings' must be true or false, got 'false'"),
+    ({"attention_bias": 0}, "'attention_bias' must be true or false, got 0"),
+    ({"hidden_act": ["silu"]}, r"unsupported hidden_act \['silu'\]; supported: silu"),
+    ({"eos_token_id": [1, -2]}, "'eos_token_id' entries must be an integer in 0..2147483647"),
+    ({"vocab_size": 2**40}, "'vocab_size' must be an integer in 1..2147483647"),
+    ({"hidden_size": 16}, "hidden_size 16 over 32 attention heads leaves no head_dim"),
+    ({"hidden_size": 32}, r"RoPE rotates 1 features of each head, which must be even"),
+])
+def test_bad_config_values_and_keys_are_refused(change, message):
+    hf = {"model_type": "llama", **_SIZES, **change}
+    with pytest.raises(eqlin.ConfigError, match=message):
+        config_from_hf(hf)
+
+
+@pytest.mark.parametrize("hf, message", [
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": True},
+     "use_bidirectional_attention=True \\(default False\\)"),
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": False}, None),
+    ({"model_type": "gemma3", "text_config": "x"}, "'text_config' must be a JSON object"),
+    ({"model_type": "gemma3", "text_config": {}, "vision_config": {}, "audio_config": {}},
+     "keys eqlin does not know for a multimodal gemma3 config: audio_config"),
+    ({"model_type": "gemma3_text", "rope_parameters": {FULL_ATTENTION: {"rope_type": "default", "rope_theta": -1.0}}},
+     "'rope_theta' must be a finite number > 0"),
+    ({"model_type": "mistral", **_SIZES, "sliding_window": 4, "layer_types": [SLIDING_ATTENTION, FULL_ATTENTION]},
+     "model_type 'mistral' applies sliding_window to every layer .*'ministral'"),
+    ({"model_type": ["llama"]}, r"unsupported model_type \['llama'\]"),
+])
+def test_family_specific_keys(hf, message):
+    if message is None:
+        config_from_hf(hf)
+        return
+    with pytest.raises(eqlin.ConfigError, match=message):
+        config_from_hf(hf)

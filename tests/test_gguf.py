@@ -13,11 +13,15 @@ per file so the whole module stays near a minute.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import errno
 import functools
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,7 +35,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import eqlin
 import eqlin.gguf as eqlin_gguf
+from eqlin.cli import EXIT_BAD_INPUT, main
 from eqlin.errors import ConfigError, WeightsError
+from eqlin.outputs import temp_path
 
 TEXTS = (
     "The bridge out of Marin is the",
@@ -414,3 +420,74 @@ def test_quantization_gguf_py_cannot_dequantize(tiny_llama, tmp_path):
                        override_type=("blk.0.attn_v.weight", gguf.GGMLQuantizationType.Q8_1))
     with pytest.raises(WeightsError, match=r"blk\.0\.attn_v\.weight.*Q8_1.*cannot dequantize"):
         eqlin_gguf.converted_folder(path, tmp_path / "cache")
+
+
+def _truncate(path: Path) -> bytes:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return data
+
+
+def test_a_truncated_cache_entry_is_converted_again(tiny_llama, tmp_path):
+    path, cache = _write_gguf(tiny_llama, "llama", tmp_path / "m.gguf"), tmp_path / "cache"
+    folder = eqlin_gguf.converted_folder(path, cache)
+    assert folder.name.endswith(f"-v{eqlin_gguf.CONVERTER_VERSION}")
+    data = _truncate(folder / "model.safetensors")
+    assert eqlin_gguf.converted_folder(path, cache) == folder
+    assert (folder / "model.safetensors").read_bytes() == data
+    assert [p.name for p in cache.iterdir()] == [folder.name]
+
+
+def test_a_corrupt_entry_that_cannot_be_replaced_names_the_folder_to_delete(tiny_llama, tmp_path, monkeypatch):
+    path, cache = _write_gguf(tiny_llama, "llama", tmp_path / "m.gguf"), tmp_path / "cache"
+    folder = eqlin_gguf.converted_folder(path, cache)
+    _truncate(folder / "model.safetensors")
+
+    def refused(tmp, out):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(eqlin_gguf, "replace_folder", refused)
+    with pytest.raises(WeightsError, match=f"the cached conversion {folder} is corrupt \\(model.safetensors has \\d+ "
+                                           "bytes instead of \\d+\\) and cannot be replaced \\(Permission denied\\); "
+                                           "delete that folder and run again"):
+        eqlin_gguf.converted_folder(path, cache)
+    assert [p.name for p in cache.iterdir()] == [folder.name]
+
+
+def test_a_valid_entry_is_never_moved_away_under_a_reader(tiny_llama, tmp_path):
+    """A second conversion of the same file (another process finishing later) keeps the first one's folder
+    and files in place, so a reader holding their paths never fails."""
+    path, cache = _write_gguf(tiny_llama, "llama", tmp_path / "m.gguf"), tmp_path / "cache"
+    folder = eqlin_gguf.converted_folder(path, cache)
+    inodes = [p.stat().st_ino for p in (folder, folder / "model.safetensors")]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(lambda _: eqlin_gguf.convert_gguf(path, folder), range(2))) == [folder, folder]
+    assert [p.stat().st_ino for p in (folder, folder / "model.safetensors")] == inodes
+    assert [p.name for p in cache.iterdir()] == [folder.name]
+
+
+def test_temporary_folders_of_dead_conversions_are_cleaned(tiny_llama, tmp_path):
+    path, cache = _write_gguf(tiny_llama, "llama", tmp_path / "m.gguf"), tmp_path / "cache"
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = temp_path(cache / "m-0123456789abcdef-v2")
+    stale = stale.with_name(stale.name.replace(f"-{os.getpid()}-", f"-{child.pid}-"))
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(bytes(1000))  # a conversion killed half-way
+    folder = eqlin_gguf.converted_folder(path, cache)
+    assert [p.name for p in cache.iterdir()] == [folder.name]
+
+
+def test_an_unwritable_cache_is_exit_2(tiny_llama, tmp_path, capsys, monkeypatch):
+    path = _write_gguf(tiny_llama, "llama", tmp_path / "m.gguf")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("EQLIN_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    assert main(["info", str(path), "-q", "--no-compile-cache"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "cannot write the converted model into the cache folder" in err and "set EQLIN_CACHE_DIR" in err
+
+
+def test_an_uppercase_extension_is_a_gguf_file(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("EQLIN_CACHE_DIR", str(tmp_path / "cache"))
+    path = _write_gguf(tiny_llama, "llama", tmp_path / "M.GGUF")
+    assert eqlin.load(path, dtype="float32").config.family == "llama"

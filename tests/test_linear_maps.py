@@ -205,3 +205,30 @@ def test_matrix_free_check_bad_arguments(kwargs, message, loaded):
     """The same selection checks as detached_jacobian (`resolve_selection`), for a one-layer caller."""
     with pytest.raises(eqlin.InputError, match=message):
         matrix_free_check(loaded("gemma3"), TEXT, **kwargs)
+
+
+def test_any_integer_sequence_selects_those_layers(loaded):
+    """An integer array or a range gives every listed layer's map (not only the first one's)."""
+    model = loaded("gemma3")
+    listed = detached_jacobian(model, TEXT, layer=[0, 2], part="mlp")
+    for layer in (np.array([0, 2]), jnp.array([0, 2]), range(0, 3, 2), (np.int64(0), 2)):
+        other = detached_jacobian(model, TEXT, layer=layer, part="mlp")
+        assert other.layer == (0, 2)
+        np.testing.assert_array_equal(other.jacobian, listed.jacobian)
+    assert detached_jacobian(model, TEXT, layer=np.int64(2), part="mlp").layer == 2
+
+
+@pytest.mark.parametrize("layer", [True, 1.0, [1, True], [1.5], "1", {1: 2}, [[0, 1]], []])
+def test_bools_floats_and_other_layers_are_refused(loaded, layer):
+    with pytest.raises(eqlin.InputError, match="layer must be an int, a sequence of ints|layer is empty"):
+        detached_jacobian(loaded("gemma3"), TEXT, layer=layer)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"chunk": -1}, "chunk must be an integer >= 1"), ({"chunk": 0}, "chunk must be an integer >= 1"),
+    ({"chunk": 1.5}, "chunk must be an integer >= 1"), ({"chunk": "8"}, "chunk must be an integer >= 1"),
+    ({"memory_limit": 0}, "memory_limit must be an integer >= 1"),
+])
+def test_chunk_and_memory_limit_are_never_silently_ignored(loaded, kwargs, message):
+    with pytest.raises(eqlin.InputError, match=message):
+        detached_jacobian(loaded("gemma3"), TEXT, **kwargs)

@@ -67,8 +67,12 @@ def test_repo_id_from_local_hf_cache(checkpoint, loaded, tmp_path):
 
 
 def test_repo_id_missing_from_cache_is_not_downloaded(tmp_path):
-    with pytest.raises(eqlin.WeightsError, match="not in the local Hugging Face cache.*download=True"):
+    """Nothing is downloaded without download=True; the fix named also works for a CLI user, who cannot
+    pass download=True."""
+    with pytest.raises(eqlin.WeightsError, match="not in the local Hugging Face cache; download it first with "
+                                                 "`hf download tiny-org/not-there`") as err:
         eqlin.load("tiny-org/not-there", cache_dir=tmp_path)
+    assert "download=True" not in str(err.value)
 
 
 def test_multimodal_gemma3_loads_its_text_part(checkpoint, loaded):
@@ -199,3 +203,56 @@ def test_fused_phi3_projections_are_split_in_order(checkpoint, loaded):
     np.testing.assert_array_equal(model.params.layers.k_proj[1], qkv[q:q + kv])
     gate_up = tensors["model.layers.0.mlp.gate_up_proj.weight"]
     np.testing.assert_array_equal(model.params.layers.up_proj[0], gate_up[model.config.intermediate_size:])
+
+
+def _with_index(folder, weight_map) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_index_weight_map_must_be_an_object_inside_the_folder(checkpoint, tmp_path):
+    folder = _copy(checkpoint("llama_mha"), tmp_path / "indexed")
+    _with_index(folder, ["model.safetensors"])
+    with pytest.raises(eqlin.WeightsError, match="needs a weight_map object mapping tensor names to shard file names, "
+                                                 "got list"):
+        eqlin.load(folder)
+    names = SafetensorsFile(folder / "model.safetensors").header
+    for outside in ("../elsewhere.safetensors", str(tmp_path / "other" / "model.safetensors")):
+        _with_index(folder, dict.fromkeys(names, outside))
+        with pytest.raises(eqlin.WeightsError, match="names shard files outside its folder"):
+            eqlin.load(folder)
+    (folder / "model.safetensors.index.json").write_text("[" * 100_000)
+    with pytest.raises(eqlin.WeightsError, match="nested too deeply"):
+        eqlin.load(folder)
+
+
+def test_non_finite_and_integer_weights_are_refused(checkpoint, tmp_path):
+    folder = _copy(checkpoint("llama_mha"), tmp_path / "nan")
+    tensors = _tensors(folder)
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 4] = np.nan
+    write_safetensors(folder / "model.safetensors", tensors)
+    with pytest.raises(eqlin.WeightsError, match=r"tensors hold NaN or infinite values \(as float64\): "
+                                                 r"model.layers.1.mlp.down_proj.weight; the checkpoint is corrupt"):
+        eqlin.load(folder)
+    tensors = {k: v.astype(np.float64) for k, v in tensors.items()}
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 4] = 1e300  # finite in float64, inf in float32
+    write_safetensors(folder / "model.safetensors", tensors)
+    assert np.isfinite(np.asarray(eqlin.load(folder).params.layers.down_proj)).all()
+    with pytest.raises(eqlin.WeightsError, match=r"as float32"):
+        eqlin.load(folder, dtype="float32")
+    tensors["model.layers.1.mlp.down_proj.weight"] = np.ones((32, 80), np.int8)
+    write_safetensors(folder / "model.safetensors", tensors)
+    with pytest.raises(eqlin.WeightsError, match=r"not floating point \(quantized checkpoints are not supported\) "
+                                                 r"\(1\): model.layers.1.mlp.down_proj.weight: int8"):
+        eqlin.load(folder)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda folder: eqlin.load(None), "source must be a checkpoint folder, .*got None"),
+    (lambda folder: eqlin.load(""), "source must be a checkpoint folder"),
+    (lambda folder: eqlin.load(folder, mesh="2x4"), "mesh must be a jax.sharding.Mesh, e.g. eqlin.device_mesh"),
+    (lambda folder: eqlin.load(folder, dtype="float16"), "unsupported dtype 'float16'; choose one of float64"),
+    (lambda folder: eqlin.load(folder, dtype=object()), "unsupported dtype"),
+])
+def test_bad_load_arguments(checkpoint, call, message):
+    with pytest.raises(eqlin.InputError, match=message):
+        call(checkpoint("llama_mha"))

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from eqlin.errors import MemoryBudgetError
+from eqlin.errors import InputError, MemoryBudgetError
 from eqlin.linear_maps import detached_jacobian
 from eqlin.sharding import detached_jacobian_sharded, device_mesh, sharded_jacobian_bytes
 from tests.conftest import TEXT
@@ -102,3 +102,9 @@ def test_sharded_jacobian_checks_memory_before_allocating(loaded):
     auto = detached_jacobian_sharded(model, TEXT, mesh=mesh, memory_limit=cost(5))
     assert np.array_equal(np.asarray(auto.jacobian), np.asarray(detached_jacobian(model, TEXT, chunk=5).jacobian))
     assert auto.relative_error <= 1e-13
+
+
+@pytest.mark.parametrize("mesh", ["2x4", 8, jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("x",))])
+def test_a_bad_mesh_is_refused(loaded, mesh):
+    with pytest.raises(InputError, match="mesh must be a jax.sharding.Mesh with axes \\('basis', 'model'\\)"):
+        detached_jacobian_sharded(loaded("llama_mha"), TEXT, mesh=mesh)

@@ -159,3 +159,26 @@ def test_concept_lifts_its_token_on_the_embedded_model():
     assert [t["text"] for t in table["concept_tokens"]] == [" Golden"]
     assert any(c["lift"] > 0 and c["lift"] > c["control_lift"] for c in table["cells"]), table["cells"]
     assert max(table["map_relative_error"]) <= 1e-5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(layer=0, strength=float("nan")), "strength must be a finite number"),
+    (dict(layer=True, strength=1.0), "layers must be a sequence of layer indices"),
+    (dict(layer=0, strength=1.0, max_new_tokens=2.5), "max_new_tokens must be at least 1, got 2.5"),
+    (dict(layer=0, strength=1.0, max_new_tokens=60),
+     r"make \d+ positions, more than the model's max_position_embeddings \(64\); use max_new_tokens "
+     r"\(--max-new-tokens\) of at most \d+"),
+])
+def test_bad_numbers_are_refused(loaded, kwargs, message):
+    with pytest.raises(eqlin.InputError, match=message):
+        steer(loaded("gemma3"), CONCEPT, TEXT, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(strengths=[1.0, float("inf")]), "each strength must be a finite number"),
+    (dict(strengths="1,2"), "give at least one strength"),
+    (dict(strengths=[1.0], seed=-1), r"seed must be an integer in 0..4294967295"),
+])
+def test_bad_sweep_arguments(loaded, kwargs, message):
+    with pytest.raises(eqlin.InputError, match=message):
+        steering_sweep(loaded("gemma3"), CONCEPT, TEXT, layers=[0], max_new_tokens=2, **kwargs)

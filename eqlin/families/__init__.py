@@ -1,7 +1,9 @@
-"""Per-family differences: how an HF config.json maps to `ModelConfig` and what the norms are called.
+"""Per-family differences: how an HF config.json maps to `ModelConfig`, which of its keys each family
+handles or knowingly ignores, and what the norms are called.
 
 Everything else (projection names, the forward pass) is shared. `spec_for(hf_config)` picks the family
-from `model_type`; an unknown type raises a `ConfigError` listing what is supported.
+from `model_type`; an unknown type raises a `ConfigError` listing what is supported. `config_from_hf`
+refuses any config key its family does not account for (`eqlin.config.check_keys`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from eqlin.config import ModelConfig
+from eqlin.config import ModelConfig, check_keys
 from eqlin.errors import ConfigError
 from eqlin.families import gemma3, llama, mistral, olmo2, phi3, qwen3
 
@@ -23,32 +25,44 @@ class FamilySpec:
     `fused` maps an HF module holding several projections stacked by rows (Phi-3's qkv_proj) to the
     LayerParams fields it splits into, in row order.
     `text_config` picks the language-model part of a (possibly multimodal) config.json.
+    `handled_keys` are the config keys `config_from_hf` reads, `ignored_keys` those known not to change
+    the computation, `default_only_keys` those supported only at transformers' default value.
     """
 
     model_types: tuple[str, ...]
     config_from_hf: Callable[[dict[str, Any]], ModelConfig]
     norm_names: Mapping[str, str]
+    handled_keys: frozenset[str]
+    ignored_keys: frozenset[str] = frozenset()
+    default_only_keys: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     text_config: Callable[[dict[str, Any]], dict[str, Any]] = lambda hf: hf
 
 
 _SPECS = (
-    FamilySpec(llama.MODEL_TYPES, llama.config_from_hf, MappingProxyType(llama.NORM_NAMES)),
-    FamilySpec(qwen3.MODEL_TYPES, qwen3.config_from_hf, MappingProxyType(qwen3.NORM_NAMES)),
-    FamilySpec(gemma3.MODEL_TYPES, gemma3.config_from_hf, MappingProxyType(gemma3.NORM_NAMES),
-               text_config=gemma3.text_config),
-    FamilySpec(mistral.MODEL_TYPES, mistral.config_from_hf, MappingProxyType(mistral.NORM_NAMES)),
-    FamilySpec(phi3.MODEL_TYPES, phi3.config_from_hf, MappingProxyType(phi3.NORM_NAMES), MappingProxyType(phi3.FUSED)),
-    FamilySpec(olmo2.MODEL_TYPES, olmo2.config_from_hf, MappingProxyType(olmo2.NORM_NAMES)),
+    FamilySpec(llama.MODEL_TYPES, llama.config_from_hf, MappingProxyType(llama.NORM_NAMES), llama.HANDLED_KEYS,
+               llama.IGNORED_KEYS),
+    FamilySpec(qwen3.MODEL_TYPES, qwen3.config_from_hf, MappingProxyType(qwen3.NORM_NAMES), qwen3.HANDLED_KEYS,
+               qwen3.IGNORED_KEYS),
+    FamilySpec(gemma3.MODEL_TYPES, gemma3.config_from_hf, MappingProxyType(gemma3.NORM_NAMES), gemma3.HANDLED_KEYS,
+               gemma3.IGNORED_KEYS, MappingProxyType(gemma3.DEFAULT_ONLY_KEYS), text_config=gemma3.text_config),
+    FamilySpec(mistral.MODEL_TYPES, mistral.config_from_hf, MappingProxyType(mistral.NORM_NAMES),
+               mistral.HANDLED_KEYS, mistral.IGNORED_KEYS),
+    FamilySpec(phi3.MODEL_TYPES, phi3.config_from_hf, MappingProxyType(phi3.NORM_NAMES), phi3.HANDLED_KEYS,
+               phi3.IGNORED_KEYS, fused=MappingProxyType(phi3.FUSED)),
+    FamilySpec(olmo2.MODEL_TYPES, olmo2.config_from_hf, MappingProxyType(olmo2.NORM_NAMES), olmo2.HANDLED_KEYS,
+               olmo2.IGNORED_KEYS),
 )
 SUPPORTED_MODEL_TYPES = tuple(t for s in _SPECS for t in s.model_types)
 
 
 def spec_for(hf: dict[str, Any]) -> FamilySpec:
     """The family spec for an HF config dict, or a ConfigError naming the supported model types."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"config.json must hold a JSON object {{...}}, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     for spec in _SPECS:
-        if model_type in spec.model_types:
+        if isinstance(model_type, str) and model_type in spec.model_types:
             return spec
     raise ConfigError(
         f"unsupported model_type {model_type!r}; eqlin supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -56,6 +70,10 @@ def spec_for(hf: dict[str, Any]) -> FamilySpec:
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """`ModelConfig` for an HF config.json dict (multimodal Gemma 3: its text_config)."""
+    """`ModelConfig` for an HF config.json dict (multimodal Gemma 3: its text_config), after refusing
+    every key the family does not account for."""
     spec = spec_for(hf)
-    return spec.config_from_hf(spec.text_config(hf))
+    text = spec.text_config(hf)
+    check_keys(text, text.get("model_type", "this model"), spec.handled_keys, spec.ignored_keys,
+               spec.default_only_keys)
+    return spec.config_from_hf(text)

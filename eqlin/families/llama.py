@@ -6,44 +6,75 @@ from typing import Any
 
 from eqlin.config import (
     FULL_ATTENTION,
+    MAX_LAYERS,
     ModelConfig,
     activation_from_hf,
+    config_bool,
+    config_float,
+    config_int,
     refuse_biases,
     rope_specs_from_hf,
+    rotary_fraction,
     single_token_id,
 )
+from eqlin.errors import ConfigError
 
 MODEL_TYPES = ("llama",)
 NORM_NAMES = {"attn_in_norm": "input_layernorm", "mlp_in_norm": "post_attention_layernorm"}
+# config.json keys `config_from_hf` reads (the other Llama-layout families add theirs).
+HANDLED_KEYS = frozenset({
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "hidden_act", "max_position_embeddings",
+    "tie_word_embeddings", "bos_token_id", "eos_token_id", "attention_bias", "mlp_bias", "rope_parameters",
+    "rope_scaling", "rope_theta", "partial_rotary_factor",
+})
+# Llama 2's tensor-parallel pretraining split: the same products, summed in another order.
+IGNORED_KEYS = frozenset({"pretraining_tp"})
+# transformers' defaults for keys config.json may leave out, where the Llama-layout families differ (each
+# family passes its own); None: head_dim = hidden_size / heads, num_key_value_heads = heads.
+DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "head_dim": None, "num_key_value_heads": None,
+            "bos_token_id": 1, "eos_token_id": 2}
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+def config_from_hf(hf: dict[str, Any], *, defaults: dict[str, Any] = DEFAULTS, partial_rotary: bool = False
+                   ) -> ModelConfig:
+    """`ModelConfig` of a Llama-layout config.json, with the family's `defaults` for absent keys;
+    `partial_rotary` (Phi-3) allows partial_rotary_factor < 1."""
     refuse_biases(hf)
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    hidden, heads = config_int(hf, "hidden_size"), config_int(hf, "num_attention_heads")
+    head_dim = config_int(hf, "head_dim", defaults["head_dim"], optional=True) or hidden // heads
+    if head_dim < 1:
+        raise ConfigError(f"hidden_size {hidden} over {heads} attention heads leaves no head_dim; set head_dim or fix "
+                          "these values in config.json")
+    layers = config_int(hf, "num_hidden_layers", high=MAX_LAYERS)
+    fraction = rotary_fraction(hf)
+    if fraction != 1.0 and not partial_rotary:
+        raise ConfigError(f"partial_rotary_factor {fraction}: a {hf.get('model_type')} model rotates the whole head "
+                          "(only phi3 supports partial rotary embeddings); this config is not supported")
     rope, _ = rope_specs_from_hf(hf, default_theta=10000.0)
     return ModelConfig(
         family="llama",
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
+        vocab_size=config_int(hf, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=config_int(hf, "intermediate_size"),
+        num_layers=layers,
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        num_kv_heads=config_int(hf, "num_key_value_heads", defaults["num_key_value_heads"], optional=True) or heads,
         head_dim=head_dim,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=config_float(hf, "rms_norm_eps", defaults["rms_norm_eps"]),
         norm_offset=0.0,
         norm_layout="pre",
         qk_norm=None,
         activation=activation_from_hf(hf, "hidden_act", {"silu": "silu"}),
         embed_scale=1.0,
         query_scale=head_dim**-0.5,
-        layer_types=(FULL_ATTENTION,) * hf["num_hidden_layers"],
+        layer_types=(FULL_ATTENTION,) * layers,
         sliding_window=None,
         rope_full=rope,
         rope_sliding=rope,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        bos_token_id=single_token_id(hf.get("bos_token_id")),
-        eos_token_id=single_token_id(hf.get("eos_token_id")),
+        tie_word_embeddings=config_bool(hf, "tie_word_embeddings", False),
+        max_position_embeddings=config_int(hf, "max_position_embeddings", defaults["max_position_embeddings"]),
+        bos_token_id=single_token_id(hf, "bos_token_id", defaults["bos_token_id"]),
+        eos_token_id=single_token_id(hf, "eos_token_id", defaults["eos_token_id"]),
+        rotary_dim=int(head_dim * fraction) if fraction != 1.0 else None,
     )

@@ -5,24 +5,25 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from eqlin.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
+from eqlin.config import (FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig, config_bool, config_int,
+                          config_layer_types)
 from eqlin.families import llama
 
 MODEL_TYPES = ("qwen3",)
 NORM_NAMES = llama.NORM_NAMES
+HANDLED_KEYS = llama.HANDLED_KEYS | {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
+IGNORED_KEYS = llama.IGNORED_KEYS
+DEFAULTS = {**llama.DEFAULTS, "max_position_embeddings": 32_768, "head_dim": 128, "num_key_value_heads": 32,
+            "bos_token_id": None, "eos_token_id": None}
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    base = llama.config_from_hf(hf)
-    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-    layer_types = hf.get("layer_types") or [
-        SLIDING_ATTENTION if window is not None and i >= hf.get("max_window_layers", 0) else FULL_ATTENTION
+    base = llama.config_from_hf(hf, defaults=DEFAULTS)
+    window = config_int(hf, "sliding_window", 4096, optional=True) if config_bool(hf, "use_sliding_window", False) \
+        else None
+    first_sliding = config_int(hf, "max_window_layers", 28, low=0)
+    layer_types = config_layer_types(hf) or tuple(
+        SLIDING_ATTENTION if window is not None and i >= first_sliding else FULL_ATTENTION
         for i in range(base.num_layers)
-    ]
-    return dataclasses.replace(
-        base,
-        family="qwen3",
-        qk_norm="head",
-        layer_types=tuple(layer_types),
-        sliding_window=window,
     )
+    return dataclasses.replace(base, family="qwen3", qk_norm="head", layer_types=layer_types, sliding_window=window)

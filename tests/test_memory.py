@@ -1,0 +1,58 @@
+"""Memory budgets: the limit and the chunk are checked (never silently ignored), sizes are shown in units
+that do not round to zero, and a refusal suggests only sizes that do fit."""
+
+from __future__ import annotations
+
+import pytest
+
+from eqlin.errors import InputError, MemoryBudgetError
+from eqlin.families import config_from_hf
+from eqlin.memory import estimate_jacobian_bytes, format_bytes, memory_limit_bytes, resolve_chunk
+
+CONFIG = config_from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                         "num_hidden_layers": 2, "num_attention_heads": 4})
+
+
+@pytest.mark.parametrize("setting", ["abc", "nan", "inf", "-1", "0", "1e-12"])
+def test_bad_memory_limit_setting_is_refused(monkeypatch, setting):
+    monkeypatch.setenv("EQLIN_MEMORY_LIMIT_GB", setting)
+    with pytest.raises(InputError, match=f"EQLIN_MEMORY_LIMIT_GB='{setting}' is not a positive number of GiB; set "
+                                         "it to e.g. 16, or unset it"):
+        memory_limit_bytes()
+
+
+def test_memory_limit_setting_and_argument(monkeypatch):
+    monkeypatch.setenv("EQLIN_MEMORY_LIMIT_GB", "0.5")
+    assert memory_limit_bytes() == 2**29 and memory_limit_bytes(1000) == 1000
+    for bad in (0, -5, 1.5, "8", True):
+        with pytest.raises(InputError, match="memory_limit must be an integer >= 1 "):
+            memory_limit_bytes(bad)
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 1.5, "8", True])
+def test_bad_chunk_is_refused(chunk):
+    with pytest.raises(InputError, match=r"chunk must be an integer >= 1 \(basis vectors per pass; None picks the "
+                                         "largest that fits\\)"):
+        resolve_chunk(CONFIG, 8, 1, "rev", chunk, 8, 2**40)
+
+
+def test_sizes_are_shown_in_readable_units():
+    assert [format_bytes(n) for n in (3, 5 * 2**10, 1.5 * 2**20, 2.25 * 2**30)] == [
+        "3 bytes", "5.0 KiB", "1.5 MiB", "2.2 GiB"]
+
+
+def test_refusal_suggests_only_what_fits():
+    def cost(T: int, n: int = 1) -> int:
+        return estimate_jacobian_bytes(CONFIG, T, n_maps=n, chunk=1)
+
+    limit = cost(10)
+    with pytest.raises(MemoryBudgetError) as err:
+        resolve_chunk(CONFIG, 40, 1, "rev", None, 8, limit)
+    suggested = int(str(err.value).split("at most T=")[1].split()[0])
+    assert cost(suggested) <= limit < cost(suggested + 1)
+    assert "KiB" in str(err.value) or "MiB" in str(err.value)  # not "0.0 GiB"
+    with pytest.raises(MemoryBudgetError) as err:
+        resolve_chunk(CONFIG, 8, 1, "rev", None, 8, cost(1) - 1)  # even one token does not fit
+    assert "at most T=" not in str(err.value) and "a higher limit (memory_limit or EQLIN_MEMORY_LIMIT_GB)" in str(err.value)
+    with pytest.raises(MemoryBudgetError, match=r"at most T=4 tokens, at most 2 layer\(s\) at a time"):
+        resolve_chunk(CONFIG, 8, 4, "rev", None, 8, cost(8, 2))
