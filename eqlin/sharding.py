@@ -2,7 +2,8 @@
 
 - "basis": reverse mode pushes the d basis vectors e_i of the output through one linearization; the
   rows J[i] = vjp(e_i) are independent, so this axis splits them. Each basis group linearizes the model
-  once (one forward) and pulls back its own d / n_basis rows, `chunk` at a time. With weights
+  once (one forward) and pulls back its own d / n_basis rows, `chunk` at a time, through the unfolded
+  MLP (so few cotangents per linearization rarely make the fold of `eqlin.blocks` pay). With weights
   replicated ("model" of size 1) the rows are bit-identical to one device's (same ops per row).
 - "model": tensor parallelism for weights that do not fit one device. The weights are split Megatron
   style (`eqlin.params.partition_specs`); inside each basis group XLA's SPMD partitioner runs the

@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     from eqlin.sharding import _sharded_rows, device_mesh, detached_jacobian_sharded
 
     folder, text, n_model = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    one = detached_jacobian(eqlin.load(folder), text, chunk=3)
+    one = detached_jacobian(eqlin.load(folder), text, chunk=3, fold=False)  # as each basis group: unfolded
     mesh = device_mesh(model=n_model)
     model = eqlin.load(folder, mesh=mesh)  # weights placed shard by shard as they load
     many = detached_jacobian_sharded(model, text, mesh=mesh, chunk=3)
@@ -100,7 +100,8 @@ def test_sharded_jacobian_checks_memory_before_allocating(loaded):
     with pytest.raises(MemoryBudgetError, match="use chunk=5 or less"):
         detached_jacobian_sharded(model, TEXT, mesh=mesh, chunk=6, memory_limit=cost(5))
     auto = detached_jacobian_sharded(model, TEXT, mesh=mesh, memory_limit=cost(5))
-    assert np.array_equal(np.asarray(auto.jacobian), np.asarray(detached_jacobian(model, TEXT, chunk=5).jacobian))
+    one = detached_jacobian(model, TEXT, chunk=5, fold=False)  # unfolded, as each basis group
+    assert np.array_equal(np.asarray(auto.jacobian), np.asarray(one.jacobian))
     assert auto.relative_error <= 1e-13
 
 
