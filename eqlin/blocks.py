@@ -1,7 +1,7 @@
 """Shared decoder blocks, each written as A(x)·x with one `detach` switch.
 
 With `detach=True` the input-dependent coefficient A(x) goes behind `jax.lax.stop_gradient`, so the
-block's Jacobian is the frozen linear map A(x) and block(x) == J·x exactly (DESIGN.md §1):
+block's Jacobian is the frozen linear map A(x) and block(x) == J·x exactly (docs/method.md §1):
 
 - RMSNorm: A = rsqrt(mean(x²) + eps), a per-row scalar.
 - GLU MLP: A = act(gate(x)), the activated gate; up and down stay linear.

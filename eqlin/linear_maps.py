@@ -2,7 +2,7 @@
 
 With every nonlinear coefficient frozen (`detach=True`), the map f from input embeddings x (T, d) to
 an output vector y (d,) is linear and homogeneous, so y = Σ_t J_t x_t exactly, with J = ∂f/∂x of
-shape (d, T, d) (DESIGN.md §1). Outputs are read at the last position through the final norm:
+shape (d, T, d) (docs/method.md §1). Outputs are read at the last position through the final norm:
 
 - `layer=None`: the model's final hidden state (what the unembedding turns into logits).
 - `scope="cumulative"`: input embeddings → layer `l`'s output: the residual stream after it

@@ -1,5 +1,5 @@
 """`Model`: a loaded checkpoint (config, params, tokenizer) with convenience methods over the pure
-functions in `eqlin.forward`, and `load`, the entry point."""
+functions in `eqlin.decoder`, and `load`, the entry point."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class Model:
         return _embed_jit(self.params, self.config, jnp.asarray(self.ids(inputs)))
 
     def forward(self, inputs, *, detach: bool = False, collect: bool = False) -> fwd.ForwardOutput:
-        """The ordinary (or detached) forward pass on text or ids; see `eqlin.forward.forward`."""
+        """The ordinary (or detached) forward pass on text or ids; see `eqlin.decoder.forward`."""
         return forward_jit(self.params, self.config, self.embed(inputs), detach=detach, collect=collect)
 
     def logits(self, inputs) -> Array:

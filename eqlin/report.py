@@ -4,6 +4,7 @@ written atomically (see `eqlin.outputs`)."""
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 from pathlib import Path
@@ -42,6 +43,34 @@ def render_png(draw: Callable[[Any], None], size: tuple[float, float]) -> bytes:
 def _short(token: str, width: int = 12) -> str:
     """A token as a printable literal (whitespace visible), cut to `width` characters."""
     text = repr(token)[1:-1] or "∅"
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _quoted(token: str, width: int = 11) -> str:
+    """A token in quotes for the terminal, whitespace visible, cut to `width` characters inside them."""
+    return f"'{_short(token, width)}'"
+
+
+@functools.lru_cache(maxsize=1)
+def _figure_font():
+    """matplotlib's default font file, to ask which characters it can draw."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    return FT2Font(font_manager.findfont(font_manager.FontProperties()))
+
+
+def _drawable(token: str, width: int = 12) -> str:
+    """A token for a figure, cut to `width` characters: spaces shown as '␣', and control characters or
+    characters the figure font lacks written as escapes (\\n, \\uXXXX) instead of empty boxes."""
+    font = _figure_font()
+
+    def char(c: str) -> str:
+        if c == " ":
+            return "␣"
+        return c if c.isprintable() and font.get_char_index(ord(c)) else c.encode("unicode_escape").decode()
+
+    text = "".join(map(char, token)) or "∅"
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -113,7 +142,7 @@ def _emergence(result: Analysis):
         for i in range(n):
             for j, (scope, part) in enumerate(columns):
                 hit = ranks[i, j] == 0
-                ax.text(j, i, _short(story.maps[scope][part].top_tokens[i][0][0]), ha="center", va="center",
+                ax.text(j, i, _drawable(story.maps[scope][part].top_tokens[i][0][0]), ha="center", va="center",
                         fontsize=7, fontweight="bold" if hit else "normal",
                         color="black" if np.log10(1 + ranks[i, j]) < 0.5 * image.norm.vmax else "white")
                 if hit:
@@ -122,10 +151,11 @@ def _emergence(result: Analysis):
         ax.set_yticks(range(n), [str(l) for l in story.layers], fontsize=7)
         ax.set_xlabel("map (scope, part)")
         ax.set_ylabel("layer")
-        ax.set_title(f"Top token of u_1 for each layer map; boxed: u_1 decodes to the next token {next_text!r}",
+        ax.set_title(f"Top token of u_1 for each layer map; boxed: u_1 decodes to the next token "
+                     f"{_drawable(next_text, 30)}",
                      fontsize=9)
         bar = fig.colorbar(image, ax=ax, fraction=0.04)
-        bar.set_label(f"rank of {_short(next_text)!r} among u_1's tokens\n(log10(1 + rank); 0: on top)", fontsize=8)
+        bar.set_label(f"rank of {_drawable(next_text)} among u_1's tokens\n(log10(1 + rank); 0: on top)", fontsize=8)
     return draw
 
 
@@ -264,10 +294,10 @@ def _layer_lines(report: dict[str, Any]) -> list[str]:
              "  stable rank (" + " | ".join(scopes) + f"), u_1's top token (cumulative; * = {nt['text']!r}), "
              f"rank of {nt['text']!r} in the logit lens of the stream",
              "  layer " + " | ".join(" ".join(f"{p[:5]:>6}" for p in parts) for _ in scopes)
-             + "   " + " ".join(f"{p:<13}" for p in parts) + " lens"]
+             + "   " + " ".join(f"{p:<14}" for p in parts) + " lens"]
     for r in rows:
         ranks = " | ".join(" ".join(f"{r[s][p]['stable_rank']:>6.2f}" for p in parts) for s in scopes)
-        tokens = " ".join(f"{_short(r[scopes[0]][p]['top_tokens'][0], 11) + ('*' if r[scopes[0]][p]['u1_next_token_rank'] == 0 else ''):<13}"
+        tokens = " ".join(f"{_quoted(r[scopes[0]][p]['top_tokens'][0]) + ('*' if r[scopes[0]][p]['u1_next_token_rank'] == 0 else ''):<14}"
                           for p in parts)
         lines.append(f"  {r['layer']:>5} {ranks}   {tokens} {r[scopes[0]]['residual']['next_token_rank']:>4}")
     return lines

@@ -1,4 +1,4 @@
-"""Concept steering with the detached Jacobian (DESIGN.md §4; arXiv 2505.24293).
+"""Concept steering with the detached Jacobian (docs/method.md; arXiv 2505.24293).
 
 Where the map comes from and where it goes in, for `layer = l` (0 ≤ l < L):
 
