@@ -122,6 +122,7 @@ def run_layers(
     fold: bool = False,
     tap: str = "post",
     stop: Array | None = None,
+    prefix: Array | None = None,
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
     """Run a stack of layers (leading axis l) on h (T, d) with `lax.scan`.
 
@@ -129,20 +130,28 @@ def run_layers(
     attention type, window and RoPE table). With `collect`, also returns (residuals, attn, mlp),
     each (l, T, d), or only their last positions, each (l, d), with `collect="last"` (what a
     last-position readout needs: far less to carry per tangent or cotangent). `fold`, `tap`: see
-    `layer_tail`. `stop` (a traced int): stack layers from index
-    `stop` on are skipped (`lax.cond`: no work forward or backward; their branches read 0), so one
-    compilation serves every depth.
+    `layer_tail`. `stop` (a traced int): stack layers from index `stop` on are skipped (`lax.cond`: no
+    work forward or backward; their branches read 0), so one compilation serves every depth.
+
+    `prefix` (l, s, d): the residual streams entering each layer at the first s positions, held fixed;
+    h (T − s, d) is then the stream at the positions after them, and every output covers those only.
+    Causal attention makes this the same computation for those positions, and a derivative with respect
+    to h then never touches the first s positions (forward-mode tangents from positions >= s are zero
+    before them).
     """
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    cos_all, sin_all = rope_stack(config, h.shape[0], h.dtype)
+    length = h.shape[0] + (0 if prefix is None else prefix.shape[1])
+    cos_all, sin_all = rope_stack(config, length, h.dtype)
     windows = jnp.asarray(config.layer_windows()[first_layer:first_layer + n])
     rope_index = jnp.asarray(config.layer_rope_index()[first_layer:first_layer + n])
 
     def step(h, xs):
-        p, window, r, i = xs
+        p, window, r, i, before = xs
 
         def layer(h: Array) -> tuple[Array, Array, Array]:
-            return decoder_layer(h, p, cos_all[r], sin_all[r], window, config, detach=detach, fold=fold, tap=tap)
+            full, rows = (h, None) if before is None else (jnp.concatenate([before, h]), h.shape[0])
+            return decoder_layer(full, p, cos_all[r], sin_all[r], window, config, detach=detach, queries=rows,
+                                 fold=fold, tap=tap)
 
         if stop is None:
             h, a, m = layer(h)
@@ -152,7 +161,7 @@ def run_layers(
             return h, (h[-1], a[-1], m[-1])
         return h, ((h, a, m) if collect else None)
 
-    h, stacked = jax.lax.scan(step, h, (layers, windows, rope_index, jnp.arange(n)))
+    h, stacked = jax.lax.scan(step, h, (layers, windows, rope_index, jnp.arange(n), prefix))
     return h, stacked
 
 
@@ -165,20 +174,22 @@ def run_layers_last(
     collect: bool = False,
     fold: bool = False,
     tap: str = "post",
+    prefix: Array | None = None,
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
     """The residual stream at the last position after a stack of layers (leading axis l >= 1, the model's
     first l layers) on h (T, d): (d,). The last layer computes only the last `LAST_ROWS` queries and MLP
     rows, so cotangents of a last-position readout skip work that cannot reach them. With `collect`,
-    also every layer's (residual, attn, mlp) at the last position, each (l, d). `fold`, `tap`: see
-    `layer_tail`."""
+    also every layer's (residual, attn, mlp) at the last position, each (l, d). `fold`, `tap`, `prefix`:
+    see `run_layers`."""
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     h, stacked = run_layers(layer_slice(layers, 0, n - 1), config, h, detach=detach, collect=collect and "last",
-                            fold=fold, tap=tap)
-    cos_all, sin_all = rope_stack(config, h.shape[0], h.dtype)
+                            fold=fold, tap=tap, prefix=None if prefix is None else prefix[:n - 1])
+    full = h if prefix is None else jnp.concatenate([prefix[n - 1], h])
+    cos_all, sin_all = rope_stack(config, full.shape[0], h.dtype)
     r, window = config.layer_rope_index()[n - 1], config.layer_windows()[n - 1]
     p = jax.tree_util.tree_map(lambda a: a[n - 1], layers)
-    last = decoder_layer(h, p, cos_all[r], sin_all[r], jnp.asarray(window), config, detach=detach,
-                         queries=min(LAST_ROWS, h.shape[0]), fold=fold, tap=tap)  # each (Q, d)
+    last = decoder_layer(full, p, cos_all[r], sin_all[r], jnp.asarray(window), config, detach=detach,
+                         queries=min(LAST_ROWS, full.shape[0]), fold=fold, tap=tap)  # each (Q, d)
     if not collect:
         return last[0][-1], None
     return last[0][-1], tuple(jnp.concatenate([s, l[-1:]]) for s, l in zip(stacked, last))

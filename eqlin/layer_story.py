@@ -144,20 +144,29 @@ def _per_vector_layer_flops(config: ModelConfig, length: int, folded: bool) -> f
     return length * (attention + (2 * d * d if folded else 4 * d * F))
 
 
-def layer_map_flops(config: ModelConfig, length: int, layers: Sequence[int], parts: int) -> dict[str, float]:
+def layer_map_flops(config: ModelConfig, length: int, layers: Sequence[int], parts: int, groups: int = 1
+                    ) -> dict[str, float]:
     """Estimated flops of the cumulative maps of `layers` × `parts`, per engine: "fwd" (T·d tangents
-    through layers 0..max(layers), all maps at once) and "rev" (d cotangents per map through 0..l)."""
+    through layers 0..max(layers), all maps at once, the input positions in `groups` causal groups) and
+    "rev" (d cotangents per map through 0..l)."""
     d, F = config.hidden_size, config.intermediate_size
     form = 2 * length * d * d * F  # one layer's folded matrices
     depth = max(layers) + 1
     m_fwd, m_rev = length * d, d
     fwd_fold, rev_fold = fold_pays(config, m_fwd), fold_pays(config, m_rev)
-    fwd = depth * (m_fwd * _per_vector_layer_flops(config, length, fwd_fold) + (form if fwd_fold else 0))
+    runs = split_positions(length, groups)
+    tangents = m_fwd * causal_work(length, runs) * _per_vector_layer_flops(config, length, fwd_fold)
+    fwd = depth * (tangents + (form * len(runs) if fwd_fold else 0))
     per_layer_rev = m_rev * _per_vector_layer_flops(config, length, rev_fold) + (form if rev_fold else 0)
     rev = parts * sum(l + 1 for l in layers) * per_layer_rev
     return {"fwd": float(fwd), "rev": float(rev)}
 
 
+# The forward engine's input positions go in this many causal groups (`_cumulative_fwd`: 0.625 of one
+# pass's tangent work, for 4 compilations) once its tangent work reaches GROUPS_FROM_FLOPS; below that the
+# extra compilations would cost more than they save, and one group is used.
+POSITION_GROUPS = 4
+GROUPS_FROM_FLOPS = 2e11
 # Vectors in flight are counted this many times over: XLA held 1.6× the counted tangent activations of
 # the forward engine (86.4 GiB where 54.7 were counted; Gemma 3 270M, T = 32, float64, an H100).
 IN_FLIGHT_MARGIN = 2
@@ -192,18 +201,39 @@ def _chunk(cost: Callable[[int], int], most: int, limit: int, what: str) -> int:
 # Engines: each returns, per map, (y (d,), G = J Jᵀ (d, d), r = Σ_t J_t x_t (d,)).
 
 
+def auto_groups(config: ModelConfig, length: int, layers: Sequence[int]) -> int:
+    """The forward engine's causal position groups: `POSITION_GROUPS` when its tangent work in one group
+    reaches `GROUPS_FROM_FLOPS`, else 1."""
+    one_group = layer_map_flops(config, length, layers, len(PARTS))["fwd"]
+    return min(POSITION_GROUPS, length) if one_group >= GROUPS_FROM_FLOPS else 1
+
+
+def split_positions(length: int, groups: int) -> list[tuple[int, int]]:
+    """At most `groups` runs of consecutive positions covering 0 … length−1, as even as possible:
+    [(start, stop), …]."""
+    bounds = sorted({round(length * g / groups) for g in range(groups + 1)})
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def causal_work(length: int, groups: list[tuple[int, int]]) -> float:
+    """The forward engine's tangent work with these position groups, as a fraction of one pass over all
+    positions: a group starting at s runs positions s … T−1 only."""
+    return sum((length - start) * (stop - start) for start, stop in groups) / length**2
+
+
 @functools.partial(jax.jit, static_argnames=("config", "layers", "tap", "fold"))
-def _linearize_all(params: Params, config: ModelConfig, x: Array, *, layers: tuple[int, ...], tap: Tap,
-                   fold: bool) -> tuple[Array, Callable[[Array], Array]]:
-    """y (P, n, d) and the linearized map x ↦ every (part, layer) output."""
-    return jax.linearize(cumulative_fn(params, config, layers, PARTS, True, fold=fold, tap=tap), x)
+def _linearize_all(params: Params, config: ModelConfig, x: Array, prefix: Array | None, *, layers: tuple[int, ...],
+                   tap: Tap, fold: bool) -> tuple[Array, Callable[[Array], Array]]:
+    """y (P, n, d) and the linearized map x ↦ every (part, layer) output, for x the positions after the
+    first s, whose streams are held at prefix (layers run, s, d) (None: s = 0)."""
+    return jax.linearize(cumulative_fn(params, config, layers, PARTS, True, fold=fold, tap=tap, prefix=prefix), x)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
 def _push_forward(jvp: Callable[[Array], Array], x: Array, start: Array, count: Array, *, chunk: int
                   ) -> tuple[Array, Array]:
     """Gram and reconstruction contributions (P, n, d, d), (P, n, d) of the input basis vectors
-    start … start + count − 1 (of T·d, count <= chunk), pushed through `jvp` as one chunk."""
+    start … start + count − 1 (of x's T'·d, count <= chunk), pushed through `jvp` as one chunk."""
     n = x.size
     index = start + jnp.arange(chunk)
     live = index < start + count
@@ -295,14 +325,15 @@ def _summaries(model: Model, reduced: dict[str, tuple[Array, Array, Array]], nex
 
 
 def layer_spectra(model: Model, inputs, *, layers="all", scopes: Sequence[Scope] = SCOPES, k: int = 5, top: int = 5,
-                  tap: Tap = "post", engine: Engine = "auto", memory_limit: int | None = None,
-                  quiet: bool = True) -> LayerSpectra:
+                  tap: Tap = "post", engine: Engine = "auto", groups: int | None = None,
+                  memory_limit: int | None = None, quiet: bool = True) -> LayerSpectra:
     """The layer story of `inputs` (text or ids): for each of `layers` (an int, a list or "all") and each
     scope (cumulative, single) and part (residual, attn, mlp), the top-k singular values and left
     singular vectors of the detached map (u_i decoded through the unembedding, `top` tokens each), its
     effective dimension, its reconstruction error, and where the model's next token stands in the logit
     lens of its output. `tap`: branch outputs "post" or "pre" their post-norms. `engine`: the cumulative
-    engine, "fwd", "rev" or "auto" (fewer estimated flops). Progress on stderr unless `quiet`.
+    engine, "fwd", "rev" or "auto" (fewer estimated flops). `groups`: the forward engine's causal position
+    groups (None: `auto_groups`). Progress on stderr unless `quiet`.
     See the module docstring for the method, its cost and memory."""
     config = model.config
     picked = resolve_layers(config, layers)
@@ -315,6 +346,8 @@ def layer_spectra(model: Model, inputs, *, layers="all", scopes: Sequence[Scope]
     check_tap(tap)
     if engine not in ("auto", "fwd", "rev"):
         raise InputError(f"engine must be 'auto', 'fwd' or 'rev', got {engine!r}")
+    if groups is not None:
+        groups = check_int("groups", groups, 1, None, "causal position groups of the forward engine")
     d = config.hidden_size
     k = check_int("k", k, 1, d, f"at most d = {d}, the rank bound of every layer map")
     top = check_int("top", top, 1, config.vocab_size, "the vocabulary size")
@@ -325,10 +358,12 @@ def layer_spectra(model: Model, inputs, *, layers="all", scopes: Sequence[Scope]
     next_token = int(jnp.argmax(model.logits(ids)[-1]))
 
     reduced, engines, timings = {}, {}, {}
+    groups = groups or auto_groups(config, T, picked)
     if "cumulative" in scopes and engine == "auto":
-        flops = layer_map_flops(config, T, picked, len(PARTS))
+        flops = layer_map_flops(config, T, picked, len(PARTS), groups)
         engine = "fwd" if flops["fwd"] <= flops["rev"] else "rev"
-    runs = {"cumulative": (_cumulative_fwd if engine == "fwd" else _cumulative_rev, engine), "single": (_single, "rev")}
+    forward = functools.partial(_cumulative_fwd, groups=groups)
+    runs = {"cumulative": (forward if engine == "fwd" else _cumulative_rev, engine), "single": (_single, "rev")}
     for scope in SCOPES:
         if scope in scopes:
             start = time.perf_counter()
@@ -341,23 +376,37 @@ def layer_spectra(model: Model, inputs, *, layers="all", scopes: Sequence[Scope]
     return LayerSpectra(picked, maps, np.asarray(ids), next_token, tap, engines, timings)
 
 
-def _cumulative_fwd(model: Model, x: Array, layers: tuple[int, ...], tap: Tap, limit: int, quiet: bool
-                    ) -> tuple[Array, Array, Array]:
-    """(y, G, r), each with leading axes (P, n), by the forward engine."""
-    config, n_maps, width = model.config, len(PARTS) * len(layers), x.size
+def _cumulative_fwd(model: Model, x: Array, layers: tuple[int, ...], tap: Tap, limit: int, quiet: bool, *,
+                    groups: int) -> tuple[Array, Array, Array]:
+    """(y, G, r), each with leading axes (P, n), by the forward engine. The input positions go in `groups`
+    groups: the tangents from a group starting at position s are zero before s in every layer (causal
+    attention), so its linearization runs positions s … T−1 only, with the streams before s held fixed
+    (`eqlin.decoder.run_layers`, `prefix`): (G + 1)/(2G) of the work of one pass for G equal groups, for G
+    compilations."""
+    config, T, d = model.config, x.shape[0], model.config.hidden_size
+    n_maps, width = len(PARTS) * len(layers), x.size
     fold = plan_fold(config, "auto", detach=True, vectors=width, fits=lambda f: _fwd_bytes(
-        config, x.shape[0], n_maps, 1, x.dtype.itemsize, f) <= limit)
-    chunk = _chunk(lambda c: _fwd_bytes(config, x.shape[0], n_maps, c, x.dtype.itemsize, fold), width, limit,
-                   f"forward pass of {n_maps} layer maps at T={x.shape[0]}")
-    chunk = -(-width // -(-width // chunk))  # as even as the chunk count allows: less padding
-    y, jvp = _linearize_all(model.params, config, x, layers=layers, tap=tap, fold=fold)
-    G = jnp.zeros((*y.shape, y.shape[-1]), x.dtype)
-    r = jnp.zeros(y.shape, x.dtype)
-    with steps("cumulative layer maps (forward)", -(-width // chunk), quiet) as bar:
-        for start in range(0, width, chunk):
-            g, c = _push_forward(jvp, x, jnp.asarray(start), jnp.asarray(min(chunk, width - start)), chunk=chunk)
-            G, r = jax.block_until_ready((G + g, r + c))
-            bar.update()
+        config, T, n_maps, 1, x.dtype.itemsize, f) <= limit)
+    chunk = _chunk(lambda c: _fwd_bytes(config, T, n_maps, c, x.dtype.itemsize, fold), width, limit,
+                   f"forward pass of {n_maps} layer maps at T={T}")
+    runs = split_positions(T, groups)
+    streams = _streams(model.params, config, x, top=max(layers) + 1, detach=True) if len(runs) > 1 else None
+    plan = []  # (first position, basis vectors of the group, chunk)
+    for first, stop in runs:
+        n = (stop - first) * d
+        plan.append((first, n, -(-n // -(-n // chunk))))  # chunks as even as their count allows
+    y = G = r = None
+    with steps("cumulative layer maps (forward)", sum(-(-n // c) for _, n, c in plan), quiet) as bar:
+        for first, n, c in plan:
+            prefix = streams[:, :first] if first else None
+            y_group, jvp = _linearize_all(model.params, config, x[first:], prefix, layers=layers, tap=tap, fold=fold)
+            if y is None:
+                y, G, r = y_group, jnp.zeros((*y_group.shape, d), x.dtype), jnp.zeros(y_group.shape, x.dtype)
+            for start in range(0, n, c):
+                g, contribution = _push_forward(jvp, x[first:], jnp.asarray(start), jnp.asarray(min(c, n - start)),
+                                                chunk=c)
+                G, r = jax.block_until_ready((G + g, r + contribution))
+                bar.update()
     return y, G, r
 
 

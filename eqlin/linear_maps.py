@@ -92,13 +92,16 @@ def _read_out(params: Params, config: ModelConfig, v: Array, detach: bool) -> Ar
 
 
 def cumulative_fn(params: Params, config: ModelConfig, layers: tuple[int, ...] | None, part: Part | tuple[Part, ...],
-                  detach: bool, *, fold: bool = False, tap: Tap = "post") -> Callable[[Array], Array]:
+                  detach: bool, *, fold: bool = False, tap: Tap = "post", prefix: Array | None = None
+                  ) -> Callable[[Array], Array]:
     """x (T, d) -> y: the final output (d,) when `layers` is None, else each listed layer's output `part`
     read through the final norm, (n, d), or (P, n, d) for a tuple of P parts. Runs only the layers
-    needed. `fold`, `tap`: see `eqlin.decoder.layer_tail`."""
+    needed. `fold`, `tap`: see `eqlin.decoder.layer_tail`. With `prefix` (layers run, s, d), the
+    function of the positions after the first s, whose streams are held at `prefix`
+    (`eqlin.decoder.run_layers`)."""
     if layers is None:
         def f(x: Array) -> Array:
-            h, _ = run_layers_last(params.layers, config, x, detach=detach, fold=fold)
+            h, _ = run_layers_last(params.layers, config, x, detach=detach, fold=fold, prefix=prefix)
             return final_norm(params, config, h, detach=detach)
         return f
     top = max(layers) + 1
@@ -106,7 +109,7 @@ def cumulative_fn(params: Params, config: ModelConfig, layers: tuple[int, ...] |
 
     def f(x: Array) -> Array:
         _, outputs = run_layers_last(layer_slice(params.layers, 0, top), config, x, detach=detach, collect=True,
-                                     fold=fold, tap=tap)
+                                     fold=fold, tap=tap, prefix=prefix)
         picked = _parts(outputs, part)[..., index, :]  # (n, d) or (P, n, d)
         return final_norm(params, config, picked, detach=detach)
     return f

@@ -26,12 +26,14 @@ def _dense(model, scope, part, tap="post"):
     return lin, eqlin.spectrum(lin, per_token=False)
 
 
-@pytest.mark.parametrize("variant, engine", [("gemma3", "fwd"), ("gemma3", "rev"), ("llama_gqa", "fwd"),
-                                             ("qwen3", "rev"), ("mistral", "fwd"), ("phi3", "rev"),
-                                             ("olmo2", "fwd")])
-def test_gram_spectra_equal_the_dense_svd(variant, engine, loaded):
+@pytest.mark.parametrize("variant, engine, groups", [
+    ("gemma3", "fwd", 1), ("gemma3", "fwd", 3), ("gemma3", "rev", None), ("llama_gqa", "fwd", 2),
+    ("qwen3", "rev", None), ("mistral", "fwd", 4), ("phi3", "rev", None), ("olmo2", "fwd", 1)])
+def test_gram_spectra_equal_the_dense_svd(variant, engine, groups, loaded):
+    """Forward engine with 1 to 4 causal position groups (Gemma 3 and Mistral: sliding windows of 4
+    against 10 tokens, so held prefixes cross window edges), reverse engine, both scopes, three parts."""
     model = loaded(variant)
-    story = layer_spectra(model, TEXT, k=K, engine=engine)
+    story = layer_spectra(model, TEXT, k=K, engine=engine, groups=groups)
     assert story.layers == tuple(range(model.config.num_layers))
     assert story.engines == {"cumulative": engine, "single": "rev"}
     for scope in SCOPES:
@@ -102,9 +104,16 @@ def test_branch_taps(loaded):
 
 
 def test_engine_choice_and_auto_layers(loaded):
+    from eqlin.layer_story import auto_groups, causal_work, split_positions
+
     config = loaded("gemma3").config
     short, long = (layer_map_flops(config, T, tuple(range(4)), 3) for T in (4, 400))
     assert short["fwd"] < short["rev"] and long["rev"] < long["fwd"]
+    assert layer_map_flops(config, 400, tuple(range(4)), 3, groups=4)["fwd"] < long["fwd"]
+    assert split_positions(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)] and split_positions(3, 4) == [(0, 1), (1, 2), (2, 3)]
+    assert causal_work(8, split_positions(8, 4)) == (8 * 2 + 6 * 2 + 4 * 2 + 2 * 2) / 64 == 0.625
+    assert auto_groups(config, 10, range(4)) == 1  # tiny work: one compilation
+    assert auto_groups(config, 4000, range(4)) == 4
     model = loaded("gemma3")
     ids = model.encode(TEXT)  # 10 tokens: forward pushes T·d tangents through layers 0..3 for every map at once,
     assert layer_spectra(model, ids, k=1, scopes=("cumulative",)).engines == {"cumulative": "fwd"}
@@ -134,6 +143,7 @@ def test_memory_is_checked_before_allocating(loaded):
     ({"scopes": ("both",)}, "scopes must be a non-empty subset of"),
     ({"tap": "middle"}, r"tap must be one of \('post', 'pre'\)"),
     ({"engine": "sideways"}, "engine must be 'auto', 'fwd' or 'rev'"),
+    ({"groups": 0}, r"groups must be an integer >= 1 \(causal position groups"),
 ])
 def test_bad_arguments(kwargs, message, loaded):
     with pytest.raises(eqlin.InputError, match=message):
