@@ -1,13 +1,17 @@
 """eqlin: exact equivalent linear maps of LLM decoders (detached Jacobians), in pure JAX.
 
-Start with `eqlin.load(folder_or_repo_id_or_gguf)`, then `eqlin.detached_jacobian(model, text)`.
-The pure forward is `eqlin.forward(params, config, x, detach=...)`.
+Start with `eqlin.load(folder_or_repo_id_or_gguf)`, then `eqlin.detached_jacobian(model, text)` for one
+map or `eqlin.layer_spectra(model, text)` for every layer's. The pure forward is
+`eqlin.forward(params, config, x, detach=...)`. The method: docs/method.md.
 """
 
-from eqlin.batch import BatchLinearization, detached_jacobians
+# Models: configuration, parameters, the pure forward, loading.
 from eqlin.config import ModelConfig, RopeSpec
 from eqlin.decoder import ForwardOutput, embed, final_hidden, forward
-from eqlin.errors import ConfigError, EqlinError, InputError, MemoryBudgetError, PrecisionError, WeightsError
+from eqlin.model import Model, load
+from eqlin.params import LayerParams, Params
+
+# Linear maps: one input, one device.
 from eqlin.linear_maps import (
     Linearization,
     LogitMap,
@@ -17,20 +21,38 @@ from eqlin.linear_maps import (
     logit_map,
     matrix_free_check,
 )
-from eqlin.layer_story import LayerSpectra, MapSpectra, layer_spectra
 from eqlin.memory import estimate_jacobian_bytes
-from eqlin.model import Model, load
-from eqlin.params import LayerParams, Params
-from eqlin.sharding import basis_mesh, detached_jacobian_sharded, device_mesh
+
+# Taking maps apart: spectra, decoding, the layer story.
+from eqlin.layer_story import LayerSpectra, MapSpectra, layer_spectra
 from eqlin.spectral import Spectrum, decode_spectrum, effective_dimension, norm_analysis, spectrum, top_singular
+
+# Many prompts, many devices.
+from eqlin.batch import BatchLinearization, detached_jacobians
+from eqlin.sharding import basis_mesh, detached_jacobian_sharded, device_mesh
+
+# Steering.
 from eqlin.steering import SteeringResult, steer, steering_sweep
 
+# Errors: every failure caused by input or environment is an EqlinError.
+from eqlin.errors import (ConfigError, EqlinError, InputError, MemoryBudgetError, NonFiniteError, OutputError,
+                          PrecisionError, WeightsError)
+
 __all__ = [
-    "BatchLinearization", "ConfigError", "EqlinError", "ForwardOutput", "InputError", "LayerParams", "LayerSpectra",
-    "Linearization", "MapSpectra",
-    "LogitMap", "MatrixFreeCheck", "MemoryBudgetError", "Model", "ModelConfig", "Params", "PrecisionError",
-    "RopeSpec", "Spectrum", "SteeringResult", "WeightsError", "basis_mesh", "decode_spectrum", "detached_jacobian",
-    "detached_jacobian_sharded", "detached_jacobians", "device_mesh", "effective_dimension", "embed", "estimate_jacobian_bytes",
-    "final_hidden", "forward", "jacobian", "layer_spectra", "load", "logit_map", "matrix_free_check", "norm_analysis", "spectrum",
-    "steer", "steering_sweep", "top_singular",
+    # models
+    "ModelConfig", "RopeSpec", "ForwardOutput", "embed", "final_hidden", "forward", "Model", "load", "LayerParams",
+    "Params",
+    # linear maps
+    "Linearization", "LogitMap", "MatrixFreeCheck", "detached_jacobian", "jacobian", "logit_map",
+    "matrix_free_check", "estimate_jacobian_bytes",
+    # taking maps apart
+    "LayerSpectra", "MapSpectra", "layer_spectra", "Spectrum", "decode_spectrum", "effective_dimension",
+    "norm_analysis", "spectrum", "top_singular",
+    # many prompts, many devices
+    "BatchLinearization", "detached_jacobians", "basis_mesh", "detached_jacobian_sharded", "device_mesh",
+    # steering
+    "SteeringResult", "steer", "steering_sweep",
+    # errors
+    "ConfigError", "EqlinError", "InputError", "MemoryBudgetError", "NonFiniteError", "OutputError", "PrecisionError",
+    "WeightsError",
 ]

@@ -138,10 +138,12 @@ def attention(
     `p` holds one layer's slice of LayerParams; `window` is this layer's sliding window (0: none).
     """
     T = x.shape[0]
-    q, k, v = project_qkv(x, p, cos, sin, config, detach=detach)
-    # The probabilities carry no cotangent: computing them for every query costs no backward work.
-    probs = frozen(attention_probs(q, k, attention_mask(T, window), config), detach)
-    return attend(probs[:, :, T - (queries or T):], v, p.o_proj)
+    with jax.named_scope("qkv"):
+        q, k, v = project_qkv(x, p, cos, sin, config, detach=detach)
+    with jax.named_scope("probabilities"):  # no cotangent: every query's row costs no backward work
+        probs = frozen(attention_probs(q, k, attention_mask(T, window), config), detach)
+    with jax.named_scope("attend"):
+        return attend(probs[:, :, T - (queries or T):], v, p.o_proj)
 
 
 def mlp_product(x: Array, gate: Array, up: Array, down: Array) -> Array:
@@ -170,7 +172,8 @@ def _folded_jvp(primals: tuple[Array, ...], tangents: tuple) -> tuple[Array, Arr
     y = mlp_product(x, gate, up, down)
     if type(dx) is SymbolicZero:
         return y, jnp.zeros_like(y)
-    return y, einsum("tde,te->td", fold_matrices(gate, up, down), dx)
+    with jax.named_scope("fold"):
+        return y, einsum("tde,te->td", fold_matrices(gate, up, down), dx)
 
 
 folded_mlp.defjvp(_folded_jvp, symbolic_zeros=True)
@@ -181,8 +184,11 @@ def glu_mlp(x: Array, p, config: ModelConfig, *, detach: bool, fold: bool = Fals
 
     `fold` (with `detach`): the same value, differentiated through one folded matrix per position
     (`eqlin.fold`), cheaper when many vectors share one linearization."""
-    pre = einsum("td,fd->tf", frozen(x, detach), p.gate_proj)  # (T, F); only feeds the frozen gate
-    gate = frozen(jax.nn.silu(pre) if config.activation == "silu" else jax.nn.gelu(pre, approximate=True), detach)
-    if fold and detach:
-        return folded_mlp(x, gate, p.up_proj, p.down_proj)
-    return mlp_product(x, gate, p.up_proj, p.down_proj)
+    with jax.named_scope("gate"):  # only feeds the frozen gate
+        pre = einsum("td,fd->tf", frozen(x, detach), p.gate_proj)  # (T, F)
+        gate = frozen(jax.nn.silu(pre) if config.activation == "silu" else jax.nn.gelu(pre, approximate=True),
+                      detach)
+    with jax.named_scope("up_down"):
+        if fold and detach:
+            return folded_mlp(x, gate, p.up_proj, p.down_proj)
+        return mlp_product(x, gate, p.up_proj, p.down_proj)

@@ -90,8 +90,9 @@ def decoder_layer(
     all T). Fewer queries skip the other positions' attention outputs and MLPs, all of which a readout
     of the last Q positions cannot see. `fold` and `tap`: see `layer_tail`.
     """
-    attn = attention(optional_norm(h, p.attn_in_norm, config, detach=detach), p, cos, sin, window, config,
-                     detach=detach, queries=queries)
+    with jax.named_scope("attention"):
+        attn = attention(optional_norm(h, p.attn_in_norm, config, detach=detach), p, cos, sin, window, config,
+                         detach=detach, queries=queries)
     return layer_tail(h[h.shape[0] - (queries or h.shape[0]):], attn, p, config, detach=detach, fold=fold, tap=tap)
 
 
@@ -106,7 +107,8 @@ def layer_tail(h: Array, attn: Array, p: LayerParams, config: ModelConfig, *, de
     no post-norms. `fold`: the MLP's derivative through one matrix per position (`blocks.glu_mlp`)."""
     a = optional_norm(attn, p.attn_out_norm, config, detach=detach)
     h = h + a
-    m_pre = glu_mlp(optional_norm(h, p.mlp_in_norm, config, detach=detach), p, config, detach=detach, fold=fold)
+    with jax.named_scope("mlp"):
+        m_pre = glu_mlp(optional_norm(h, p.mlp_in_norm, config, detach=detach), p, config, detach=detach, fold=fold)
     m = optional_norm(m_pre, p.mlp_out_norm, config, detach=detach)
     return (h + m, a, m) if tap == "post" else (h + m, attn, m_pre)
 
