@@ -20,16 +20,26 @@ EXACT = 1e-13
 K = 4
 
 
-def _dense(model, scope, part, tap="post"):
-    """The dense SVD of every layer's map of (scope, part)."""
-    lin = eqlin.detached_jacobian(model, TEXT, layer="all", part=part, scope=scope, tap=tap)
-    return lin, eqlin.spectrum(lin, per_token=False)
+@pytest.fixture(scope="module")
+def dense(loaded):
+    """dense(variant, scope, part, tap) -> (Linearization, Spectrum): the dense SVD of every layer's map,
+    computed once per module."""
+    made = {}
+
+    def get(variant, scope, part, tap="post"):
+        key = (variant, scope, part, tap)
+        if key not in made:
+            lin = eqlin.detached_jacobian(loaded(variant), TEXT, layer="all", part=part, scope=scope, tap=tap)
+            made[key] = lin, eqlin.spectrum(lin, per_token=False)
+        return made[key]
+
+    return get
 
 
 @pytest.mark.parametrize("variant, engine, groups", [
     ("gemma3", "fwd", 1), ("gemma3", "fwd", 3), ("gemma3", "rev", None), ("llama_gqa", "fwd", 2),
     ("qwen3", "rev", None), ("mistral", "fwd", 4), ("phi3", "rev", None), ("olmo2", "fwd", 1)])
-def test_gram_spectra_equal_the_dense_svd(variant, engine, groups, loaded):
+def test_gram_spectra_equal_the_dense_svd(variant, engine, groups, loaded, dense):
     """Forward engine with 1 to 4 causal position groups (Gemma 3 and Mistral: sliding windows of 4
     against 10 tokens, so held prefixes cross window edges), reverse engine, both scopes, three parts."""
     model = loaded(variant)
@@ -38,19 +48,19 @@ def test_gram_spectra_equal_the_dense_svd(variant, engine, groups, loaded):
     assert story.engines == {"cumulative": engine, "single": "rev"}
     for scope in SCOPES:
         for part in PARTS:
-            lin, dense = _dense(model, scope, part)
+            lin, svd = dense(variant, scope, part)
             got = story.maps[scope][part]
-            s = np.asarray(dense.singular_values)
+            s = np.asarray(svd.singular_values)
             # measured <= 2e-15 relative to σ_1 (eigh of J Jᵀ: absolute error ~ ε σ_1²)
             np.testing.assert_allclose(got.singular_values, s[:, :K], rtol=0, atol=1e-13 * s.max())
-            overlap = np.abs(np.einsum("ndk,ndk->nk", got.U, np.asarray(dense.U)[:, :, :K]))
+            overlap = np.abs(np.einsum("ndk,ndk->nk", got.U, np.asarray(svd.U)[:, :, :K]))
             np.testing.assert_allclose(overlap, 1, atol=1e-10)  # same u_i up to sign (measured 3e-15)
             assert np.all(np.einsum("ndk,nd->nk", got.U, got.output) >= 0)  # aligned with y
             for name in ("stable_rank", "participation_ratio"):  # measured <= 7e-14 absolute
-                np.testing.assert_allclose(getattr(got.effective, name), getattr(dense.effective, name), rtol=1e-12)
+                np.testing.assert_allclose(getattr(got.effective, name), getattr(svd.effective, name), rtol=1e-12)
             for name in ("rank_90", "rank_99"):
-                np.testing.assert_array_equal(getattr(got.effective, name), getattr(dense.effective, name))
-            np.testing.assert_allclose(got.frobenius_sq, dense.frobenius_sq, rtol=1e-12)
+                np.testing.assert_array_equal(getattr(got.effective, name), getattr(svd.effective, name))
+            np.testing.assert_allclose(got.frobenius_sq, svd.frobenius_sq, rtol=1e-12)
             np.testing.assert_allclose(got.output, lin.output, rtol=0, atol=1e-13 * np.abs(lin.output).max())
             assert got.relative_error.max() <= EXACT
 
@@ -79,7 +89,7 @@ def test_logit_lens_and_decoding_match_a_direct_computation(loaded):
         np.testing.assert_array_equal(maps.u1_next_token_rank, (u1 > u1[:, [story.next_token]]).sum(-1))
 
 
-def test_branch_taps(loaded):
+def test_branch_taps(loaded, dense):
     """Gemma's branches read before their post-norms differ from after them; Llama has no post-norms."""
     gemma = loaded("gemma3")
     pre = layer_spectra(gemma, TEXT, layers=[2], k=2, tap="pre")
@@ -90,8 +100,8 @@ def test_branch_taps(loaded):
                                       post.maps[scope]["residual"].singular_values)
         for part in ("attn", "mlp"):
             assert np.abs(pre.maps[scope][part].singular_values - post.maps[scope][part].singular_values).max() > 1e-3
-            lin, dense = _dense(gemma, scope, part, tap="pre")
-            s = np.asarray(dense.singular_values)[2, :2]
+            _, svd = dense("gemma3", scope, part, tap="pre")
+            s = np.asarray(svd.singular_values)[2, :2]
             np.testing.assert_allclose(pre.maps[scope][part].singular_values[0], s, rtol=1e-12)
             assert pre.maps[scope][part].relative_error.max() <= EXACT
     out = gemma.forward(TEXT, collect=True)
