@@ -85,7 +85,7 @@ def detached_jacobians(model: Model, prompts: Sequence, *, chunk: int | None = N
     padded = np.zeros((B, T), dtype=np.int32)
     for b, row in enumerate(ids):
         padded[b, :len(row)] = row
-    limit = memory_limit_bytes(memory_limit) // B
+    limit = memory_limit_bytes(memory_limit, params=model.params) // B
     chunk = resolve_chunk(model.config, T, 1, "rev", chunk, model.dtype.itemsize, limit)
     x = jax.vmap(lambda i: embed(model.params, model.config, i))(jnp.asarray(padded))
     x = x * (jnp.arange(T)[None, :, None] < jnp.asarray(lengths)[:, None, None])  # zero the padding

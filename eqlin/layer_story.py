@@ -353,7 +353,7 @@ def layer_spectra(model: Model, inputs, *, layers="all", scopes: Sequence[Scope]
     top = check_int("top", top, 1, config.vocab_size, "the vocabulary size")
     ids = model.ids(inputs)
     T = len(ids)
-    limit = memory_limit_bytes(memory_limit)
+    limit = memory_limit_bytes(memory_limit, params=model.params)
     x = embed(model.params, config, jnp.asarray(ids))
     next_token = int(jnp.argmax(model.logits(ids)[-1]))
 

@@ -224,7 +224,7 @@ def linearize(model: Model, inputs, *, detach: bool, layer=None, part: Part = "r
         mode = "rev" if scope == "single" or n_maps <= length else "fwd"
     if mode not in ("rev", "fwd"):
         raise InputError(f"mode must be 'auto', 'rev' or 'fwd', got {mode!r}")
-    limit, itemsize = memory_limit_bytes(memory_limit), model.dtype.itemsize
+    limit, itemsize = memory_limit_bytes(memory_limit, params=model.params), model.dtype.itemsize
 
     def fits(folded: bool) -> bool:
         return estimate_jacobian_bytes(config, length, n_maps=n_maps, mode=mode, chunk=1, itemsize=itemsize,
@@ -255,7 +255,8 @@ def detached_jacobian(model: Model, inputs, *, layer=None, part: Part = "residua
     tap: where an "attn"/"mlp" part is read: "post" (after the family's branch post-norms, what the branch
     adds to the residual stream) or "pre" (before them; the paper's code reads Gemma there).
     mode: "rev" (jacrev), "fwd" (jacfwd) or "auto". chunk: basis vectors per pass (None: the largest
-    that fits `memory_limit` bytes, default 80 % of RAM or $EQLIN_MEMORY_LIMIT_GB).
+    that fits `memory_limit` bytes; default: $EQLIN_MEMORY_LIMIT_GB, or what the device holding the weights
+    can still take, `eqlin.memory.memory_limit_bytes`).
     fold: differentiate the MLP through one folded matrix per position (`eqlin.blocks`): True, False or
     "auto" (when it saves flops and its T·d² numbers per layer fit the memory limit). J is the same
     map either way (to float64 rounding).

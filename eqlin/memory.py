@@ -2,7 +2,9 @@
 the largest chunk of basis vectors that fits.
 
 Every estimate is an upper bound in bytes built from element counts (`activation_elems`) times the
-dtype's item size; the default limit is 80 % of physical memory or $EQLIN_MEMORY_LIMIT_GB.
+dtype's item size. The limit is `memory_limit` or $EQLIN_MEMORY_LIMIT_GB (the computation's own budget,
+the weights not counted) or, by default, what the device holding the weights can still take: its
+allocator's limit on GPUs and TPUs, 80 % of physical memory on CPUs, minus the weights' own bytes.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ import math
 import os
 from typing import Callable
 
+import jax
+
 from eqlin.checks import check_int
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError, MemoryBudgetError
 
 
-def memory_limit_bytes(limit: int | None = None) -> int:
+def memory_limit_bytes(limit: int | None = None, *, params=None) -> int:
     """The budget in bytes: `limit` if given (a positive integer), else $EQLIN_MEMORY_LIMIT_GB if set (a
-    positive number of GiB), else 80 % of physical memory."""
+    positive number of GiB), else `default_budget` for the device holding `params` (a pytree of arrays;
+    None: 80 % of physical memory)."""
     if limit is not None:
         return check_int("memory_limit", limit, 1, None, "bytes; None: the default budget")
     setting = os.environ.get("EQLIN_MEMORY_LIMIT_GB", "").strip()
@@ -31,7 +36,25 @@ def memory_limit_bytes(limit: int | None = None) -> int:
             raise InputError(f"EQLIN_MEMORY_LIMIT_GB={setting!r} is not a positive number of GiB; set it to e.g. 16, "
                              "or unset it to use 80 % of physical memory")
         return int(gib * 2**30)
-    return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    host = int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if params is None:
+        return host
+    device = next(iter(jax.tree_util.tree_leaves(params)[0].devices()))
+    return default_budget(device.platform, device.memory_stats() or {}, host, resident_bytes(params, device))
+
+
+def default_budget(platform: str, stats: dict, host: int, resident: int) -> int:
+    """What a computation may still allocate on a device that holds `resident` bytes of weights: the
+    allocator's `bytes_limit` (GPU, TPU: from `Device.memory_stats()`) or, on a CPU, `host` (80 % of
+    physical memory), minus `resident`; at least 1."""
+    total = int(stats["bytes_limit"]) if platform != "cpu" and "bytes_limit" in stats else host
+    return max(1, total - resident)
+
+
+def resident_bytes(tree, device) -> int:
+    """Bytes that the arrays of `tree` hold on `device` (their shard there, for sharded arrays)."""
+    return sum(shard.data.nbytes for leaf in jax.tree_util.tree_leaves(tree) for shard in leaf.addressable_shards
+               if shard.device == device)
 
 
 def format_bytes(n: float) -> str:

@@ -3,6 +3,7 @@ that do not round to zero, and a refusal suggests only sizes that do fit."""
 
 from __future__ import annotations
 
+import jax
 import pytest
 
 from eqlin.errors import InputError, MemoryBudgetError
@@ -56,3 +57,25 @@ def test_refusal_suggests_only_what_fits():
     assert "at most T=" not in str(err.value) and "a higher limit (memory_limit or EQLIN_MEMORY_LIMIT_GB)" in str(err.value)
     with pytest.raises(MemoryBudgetError, match=r"at most T=4 tokens, at most 2 layer\(s\) at a time"):
         resolve_chunk(CONFIG, 8, 4, "rev", None, 8, cost(8, 2))
+
+
+def test_default_budget_is_the_device_minus_its_weights(monkeypatch, loaded):
+    """GPUs and TPUs: the allocator's bytes_limit minus the weights there; CPUs: 80 % of RAM minus them.
+    An explicit limit or $EQLIN_MEMORY_LIMIT_GB is the computation's own budget, as given."""
+    import os
+
+    from eqlin.memory import default_budget, resident_bytes
+
+    monkeypatch.delenv("EQLIN_MEMORY_LIMIT_GB", raising=False)
+    assert default_budget("gpu", {"bytes_limit": 80 * 2**30}, 10 * 2**30, 2**30) == 79 * 2**30
+    assert default_budget("tpu", {}, 10 * 2**30, 2**30) == 9 * 2**30  # no limit reported: the host's
+    assert default_budget("cpu", {"bytes_limit": 80 * 2**30}, 10 * 2**30, 2**30) == 9 * 2**30
+    model = loaded("gemma3")
+    weights = sum(a.nbytes for a in jax.tree_util.tree_leaves(model.params))
+    device = next(iter(model.params.embed.devices()))
+    assert resident_bytes(model.params, device) == weights
+    host = int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    assert memory_limit_bytes(params=model.params) == host - weights
+    assert memory_limit_bytes(12345, params=model.params) == 12345
+    monkeypatch.setenv("EQLIN_MEMORY_LIMIT_GB", "2")
+    assert memory_limit_bytes(params=model.params) == 2 * 2**30
