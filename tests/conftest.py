@@ -1,4 +1,5 @@
-"""Shared test fixtures: x64 on, tiny random checkpoints written once per session."""
+"""Shared test fixtures: x64 on, tiny random checkpoints written once per session, and a temporary eqlin cache
+folder for the whole session."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -23,6 +25,17 @@ from tests.fixtures import make_checkpoint  # noqa: E402
 CORE_VARIANTS = ("llama_mha", "llama_gqa", "qwen3", "gemma3", "gemma3_multimodal")
 MORE_VARIANTS = ("mistral", "phi3", "olmo2")
 TEXT = "The bridge out of Marin is the Golden Gate"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eqlin_cache_dir():
+    """EQLIN_CACHE_DIR in a temporary folder for the whole session (subprocesses inherit it), deleted at the end:
+    no test reads or writes the user's ~/.cache/eqlin. The embedded model's GGUF conversion (1.1 GB, about 30 s)
+    then happens once per session, in whichever test needs the model first, and JAX's persistent compilation
+    cache of the CLI runs starts empty."""
+    with tempfile.TemporaryDirectory(prefix="eqlin-cache-") as cache, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EQLIN_CACHE_DIR", cache)
+        yield pathlib.Path(cache)
 
 
 @pytest.fixture(scope="session")

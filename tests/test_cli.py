@@ -48,8 +48,9 @@ def test_json_flag_prints_the_report(checkpoint, tmp_path, capsys):
     assert printed["layer_maps"]["layers"] == [] and printed["tokens"][0]["text"] == "The"  # Qwen adds no BOS
 
 
-def test_analyze_the_embedded_model_in_float64(tmp_path):
-    """The main job as a user runs it (default model), in a fresh process."""
+def test_analyze_the_embedded_model_in_float64(tmp_path, eqlin_cache_dir):
+    """The main job as a user runs it (default model, compilation cache on), in a fresh process; its GGUF
+    conversion and compilation cache land in the session's temporary EQLIN_CACHE_DIR, not in ~/.cache/eqlin."""
     out = subprocess.run([sys.executable, "-m", "eqlin.cli", "analyze", "The bridge out of Marin is the",
                           "--out", str(tmp_path), "--layers", "none", "--top-k", "3"],
                          capture_output=True, text=True, timeout=900)
@@ -60,10 +61,12 @@ def test_analyze_the_embedded_model_in_float64(tmp_path):
     assert report["model"]["family"] == "gemma3" and report["model"]["num_layers"] == 18
     assert "next token: ' only'" in out.stdout
     assert "load model" in out.stderr and "detached Jacobian" in out.stderr  # progress is shown
+    assert any(p.name.startswith("gemma-3-270m") for p in (eqlin_cache_dir / "gguf").iterdir())
+    assert any((eqlin_cache_dir / "xla").iterdir())
 
 
 def test_info(checkpoint, capsys):
-    assert main(["info", str(checkpoint("llama_gqa")), "--tokens", "16", "-q"]) == EXIT_OK
+    assert main(["info", str(checkpoint("llama_gqa")), "--tokens", "16", "-q", "--no-compile-cache"]) == EXIT_OK
     printed = capsys.readouterr().out
     assert "family" in printed and "llama" in printed and "J at T=16 (d x T x d)" in printed
 

@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import gguf
@@ -47,11 +46,10 @@ TEXTS = (
 
 
 @pytest.fixture(scope="module")
-def env():
-    """EQLIN_CACHE_DIR in a temporary folder (deleted afterwards: the 270M conversion is 1.1 GB), and one
-    gguf.GGUFReader per file for everyone."""
-    with tempfile.TemporaryDirectory() as cache, pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EQLIN_CACHE_DIR", cache)
+def env(eqlin_cache_dir):
+    """One gguf.GGUFReader per file for everyone. Conversions go to the session's temporary EQLIN_CACHE_DIR
+    (tests/conftest.py): the 270M one (1.1 GB) is made once per session and deleted at its end."""
+    with pytest.MonkeyPatch.context() as mp:
         reader = functools.lru_cache(maxsize=None)(gguf.GGUFReader)
         mp.setattr(gguf, "GGUFReader", lambda path, mode="r": reader(str(path), mode))
         yield
@@ -132,8 +130,8 @@ def test_gemma_tokenizer_json_identical_to_transformers(gemma_folder, hf_gemma_t
     assert ours == hf_gemma_tokenizer.backend_tokenizer.to_str(pretty=True)
 
 
-def test_second_call_reuses_the_conversion(gemma_path, gemma_folder, monkeypatch):
-    assert gemma_folder.parent == Path(os.environ["EQLIN_CACHE_DIR"]) / "gguf"
+def test_second_call_reuses_the_conversion(gemma_path, gemma_folder, monkeypatch, eqlin_cache_dir):
+    assert gemma_folder.parent == Path(os.environ["EQLIN_CACHE_DIR"]) / "gguf" == eqlin_cache_dir / "gguf"
     stamps = {f.name: f.stat().st_mtime_ns for f in gemma_folder.iterdir()}
 
     def fail(*args, **kwargs):
