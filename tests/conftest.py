@@ -24,7 +24,10 @@ from tests.fixtures import make_checkpoint  # noqa: E402
 
 CORE_VARIANTS = ("llama_mha", "llama_gqa", "qwen3", "gemma3", "gemma3_multimodal")
 MORE_VARIANTS = ("mistral", "phi3", "olmo2")
-TEXT = "The bridge out of Marin is the Golden Gate"
+# Configurations the family checkpoints leave off: sliding windows on Phi-3 and Qwen 3, softcapping, a stored
+# copy of a tied lm_head (see tests/fixtures.py).
+OPTION_VARIANTS = ("phi3_sliding", "qwen3_sliding", "gemma3_softcap", "llama_tied_head")
+TEXT = "The bridge out of Marin is the Golden Gate"  # 9 or 10 tokens: longer than the 4-token sliding windows
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,8 +17,8 @@ from tests import torch_reference as ref
 from tests.fixtures import VARIANTS, load_torch_model, make_checkpoint
 
 TEXT = "The bridge out of Marin is the Golden Gate"  # 9 words; 10 tokens with BOS
-ADDS_BOS = {"llama_mha", "llama_gqa", "gemma3", "gemma3_multimodal", "mistral"}
-SLIDING = ("gemma3", "gemma3_multimodal", "mistral")
+ADDS_BOS = {"llama_mha", "llama_gqa", "gemma3", "gemma3_multimodal", "mistral", "gemma3_softcap", "llama_tied_head"}
+SLIDING = ("gemma3", "gemma3_multimodal", "mistral", "phi3_sliding", "qwen3_sliding", "gemma3_softcap")
 
 
 @pytest.fixture(scope="module")

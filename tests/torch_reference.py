@@ -141,10 +141,9 @@ def _attention_forward(
 
     groups = n_heads // n_kv
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    # No attention-logit softcap: the supported families' attention never applies one (Gemma 3's modules keep
+    # `attn_logit_softcapping` from the config but do not pass it on), so a config that sets it runs uncapped.
     scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
-    softcap = getattr(self, "attn_logit_softcapping", None)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
     window = self.sliding_window if hasattr(self, "sliding_window") else getattr(config, "sliding_window", None)
     scores = scores.masked_fill(~_allowed(length, window, scores.device), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
