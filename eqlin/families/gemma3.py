@@ -69,7 +69,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
         max_position_embeddings=hf.get("max_position_embeddings", 131_072),
         final_logit_softcapping=hf.get("final_logit_softcapping"),
-        attn_logit_softcapping=hf.get("attn_logit_softcapping"),
+        # transformers' Gemma 3 attention never applies attn_logit_softcapping (a Gemma 2 field its config keeps),
+        # so a config that sets it runs uncapped there; eqlin computes the same function.
+        attn_logit_softcapping=None,
         bos_token_id=single_token_id(hf.get("bos_token_id", 2)),
         eos_token_id=single_token_id(hf.get("eos_token_id", 1)),
     )
