@@ -1,5 +1,5 @@
-"""Shared test fixtures: x64 on, tiny random checkpoints written once per session, and a temporary eqlin cache
-folder for the whole session."""
+"""Shared test fixtures: x64 on, tiny random checkpoints written once per session, their PyTorch references, and
+a temporary eqlin cache folder for the whole session."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import eqlin  # noqa: E402
-from tests.fixtures import make_checkpoint  # noqa: E402
+from tests.fixtures import load_torch_model, make_checkpoint  # noqa: E402
 
 CORE_VARIANTS = ("llama_mha", "llama_gqa", "qwen3", "gemma3", "gemma3_multimodal")
 MORE_VARIANTS = ("mistral", "phi3", "olmo2")
@@ -28,6 +28,9 @@ MORE_VARIANTS = ("mistral", "phi3", "olmo2")
 # copy of a tied lm_head (see tests/fixtures.py).
 OPTION_VARIANTS = ("phi3_sliding", "qwen3_sliding", "gemma3_softcap", "llama_tied_head")
 TEXT = "The bridge out of Marin is the Golden Gate"  # 9 or 10 tokens: longer than the 4-token sliding windows
+# eqlin against the float64 PyTorch reference (J, layer maps, logit maps, outputs): measured at most 4.3e-15 for
+# Jacobians and 6.8e-15 for logits (every variant, map, part and scope); asserted with a margin of 4 or more.
+VS_TORCH = 3e-14
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -63,6 +66,23 @@ def loaded(checkpoint) -> Callable[[str], eqlin.Model]:
         if variant not in models:
             models[variant] = eqlin.load(checkpoint(variant))
         return models[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoint):
+    """reference(variant, detached=True) -> the transformers model of that checkpoint in float64, made
+    float64-faithful (and, with `detached`, detached) in memory by tests/torch_reference.py; once per session."""
+    from tests import torch_reference as ref
+
+    models: dict = {}
+
+    def get(variant: str, detached: bool = True):
+        if (variant, detached) not in models:
+            model = load_torch_model(checkpoint(variant))
+            models[variant, detached] = ref.make_detached(model) if detached else ref.make_float64_faithful(model)
+        return models[variant, detached]
 
     return get
 
