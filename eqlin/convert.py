@@ -11,7 +11,8 @@ import numpy as np
 
 from eqlin.errors import InputError
 from eqlin.families import config_from_hf, spec_for
-from eqlin.loading import text_prefixes, expected_tensors, open_weight_files, read_json, resolve_folder
+from eqlin.loading import (check_tied_head, expected_tensors, open_weight_files, read_json, resolve_folder,
+                           text_prefixes)
 from eqlin.progress import stage
 from eqlin.safetensors_io import write_safetensors
 
@@ -50,6 +51,7 @@ def _write_folder(folder: Path, out: Path) -> None:
     spec, config = spec_for(hf), config_from_hf(hf)
     files = open_weight_files(folder)
     prefix, head = text_prefixes(set(files))
+    check_tied_head(files, config, prefix, head)
     names = expected_tensors(config, spec, prefix, head)
     missing = sorted(set(names) - set(files))
     if missing:

@@ -142,6 +142,19 @@ def expected_tensors(config: ModelConfig, spec: FamilySpec, prefix: str, head: s
     return out
 
 
+def check_tied_head(files: dict[str, SafetensorsFile], config: ModelConfig, prefix: str, head: str) -> None:
+    """A tied checkpoint may store lm_head.weight too, as a copy of the embedding; a different one is refused
+    (transformers 5 then uses it, older versions the embedding): eqlin does not pick one silently."""
+    name = f"{head}weight"
+    if not config.tie_word_embeddings or name not in files:
+        return
+    embedding = files[f"{prefix}embed_tokens.weight"]
+    if not np.array_equal(files[name].read(name), embedding.read(f"{prefix}embed_tokens.weight")):
+        raise WeightsError(
+            f"tie_word_embeddings is true but {files[name].path} also stores a different {name}; set "
+            f"tie_word_embeddings to false in config.json to use it, or delete {name} to tie it to the embedding")
+
+
 def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.dtype, *, mesh: Mesh | None = None
                 ) -> Params:
     """Read, check and stack every weight. One WeightsError lists all missing, unexpected and
@@ -151,6 +164,7 @@ def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.
     names = set(files)
     prefix, head = text_prefixes(names)
     expected = expected_tensors(config, spec, prefix, head)
+    check_tied_head(files, config, prefix, head)
     ignorable = {f"{head}weight"} if config.tie_word_embeddings else set()
     unexpected = sorted(n for n in names - set(expected) - ignorable
                         if not n.startswith(_VISION_PREFIXES) and not n.endswith("rotary_emb.inv_freq"))

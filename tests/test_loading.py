@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import eqlin
+from eqlin.convert import convert
 from eqlin.safetensors_io import SafetensorsFile, write_safetensors
+from tests import torch_reference as ref
 from tests.conftest import TEXT
 from tests.fixtures import make_checkpoint
 
@@ -83,11 +85,37 @@ def test_multimodal_gemma3_loads_its_text_part(checkpoint, loaded):
 
 
 @pytest.mark.parametrize("variant, family", [("llama_gqa", "llama"), ("qwen3", "qwen3"), ("gemma3", "gemma3"),
-                                             ("mistral", "mistral"), ("phi3", "phi3"), ("olmo2", "olmo2")])
+                                             ("mistral", "mistral"), ("phi3", "phi3"), ("olmo2", "olmo2"),
+                                             ("llama_tied_head", "llama")])
 def test_family_and_tied_embeddings(variant, family, loaded):
     model = loaded(variant)
     assert model.config.family == family
     assert (model.params.lm_head is None) == model.config.tie_word_embeddings
+
+
+def test_tied_checkpoint_with_a_stored_copy_of_lm_head(loaded, reference):
+    """llama_tied_head stores lm_head.weight equal to the embedding table: eqlin ties, as transformers does."""
+    model = loaded("llama_tied_head")
+    assert model.config.tie_word_embeddings and model.params.lm_head is None
+    torch_model = reference("llama_tied_head", detached=False)
+    assert torch_model.lm_head.weight is ref.decoder(torch_model).embed_tokens.weight  # tied there too
+    np.testing.assert_array_equal(model.logits(TEXT), loaded("llama_mha").logits(TEXT))  # the same weights
+
+
+def test_tied_checkpoint_whose_stored_lm_head_differs_is_refused(checkpoint, tmp_path):
+    """transformers (5.23) then unties and uses the stored lm_head, older versions the embedding: eqlin refuses
+    rather than pick one silently, naming both fixes, in load and in convert alike."""
+    folder = _copy(checkpoint("llama_tied_head"), tmp_path / "two_heads")
+    tensors = _tensors(folder)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] + np.float32(0.5)
+    write_safetensors(folder / "model.safetensors", tensors)
+    message = (r"tie_word_embeddings is true but .*model\.safetensors also stores a different lm_head\.weight; set "
+               r"tie_word_embeddings to false in config\.json to use it, or delete lm_head\.weight to tie")
+    with pytest.raises(eqlin.WeightsError, match=message):
+        eqlin.load(folder)
+    with pytest.raises(eqlin.WeightsError, match=message):
+        convert(folder, tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()
 
 
 def test_missing_and_misshaped_tensors_are_listed_together(checkpoint, tmp_path):
