@@ -28,8 +28,8 @@ MORE_VARIANTS = ("mistral", "phi3", "olmo2")
 # copy of a tied lm_head (see tests/fixtures.py).
 OPTION_VARIANTS = ("phi3_sliding", "qwen3_sliding", "gemma3_softcap", "llama_tied_head")
 TEXT = "The bridge out of Marin is the Golden Gate"  # 9 or 10 tokens: longer than the 4-token sliding windows
-# eqlin against the float64 PyTorch reference (J, layer maps, logit maps, outputs): measured at most 4.3e-15 for
-# Jacobians and 6.8e-15 for logits (every variant, map, part and scope); asserted with a margin of 4 or more.
+# eqlin against the float64 PyTorch reference (J, layer maps, logit maps, outputs): measured at most 3.9e-15 over
+# every variant, map, part and scope (test_linear_maps); asserted with a margin of about 8.
 VS_TORCH = 3e-14
 
 

@@ -358,7 +358,8 @@ def final_jacobian(model: nn.Module, input_ids: torch.Tensor) -> np.ndarray:
     return torch.autograd.functional.jacobian(lambda e: final_hidden(model, e), x, vectorize=True).numpy()
 
 
-def logit_jacobian(model: nn.Module, input_ids: torch.Tensor, token_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def logit_jacobian(model: nn.Module, input_ids: torch.Tensor, token_ids: Sequence[int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """(J `(k, T, d)`, logits `(k,)`): the model's own output embedding (`lm_head`, tied or not) applied to the
     final hidden state, before any final logit softcapping, rows `token_ids`."""
     head = model.get_output_embeddings()
