@@ -412,3 +412,35 @@ def test_quantization_gguf_py_cannot_dequantize(tiny_llama, tmp_path):
                        override_type=("blk.0.attn_v.weight", gguf.GGMLQuantizationType.Q8_1))
     with pytest.raises(WeightsError, match=r"blk\.0\.attn_v\.weight.*Q8_1.*cannot dequantize"):
         eqlin_gguf.converted_folder(path, tmp_path / "cache")
+
+
+# --- eqlin convert of a GGUF ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_convert_command_writes_the_gguf_as_a_checkpoint_folder(tiny, arch, tmp_path):
+    """`eqlin convert x.gguf DST`: a folder that loads without the GGUF, holding the original checkpoint's tensors
+    (Llama's q/k permutation undone, Gemma's 1 + w norms back to w) and the converted config; the same logits as
+    loading the GGUF itself, and as transformers' GGUF loader reads the weights (Llama)."""
+    from eqlin.cli import EXIT_OK, main
+
+    hf_folder, path = tiny(arch)
+    dst = tmp_path / "converted"
+    assert main(["convert", str(path), str(dst), "-q", "--no-compile-cache"]) == EXIT_OK
+    expected_files = ["config.json", "model.safetensors"] + (["tokenizer.json", "tokenizer_config.json"]
+                                                             if arch == "llama" else [])
+    assert sorted(p.name for p in dst.iterdir()) == expected_files
+    ours, original = load_file(str(dst / "model.safetensors")), load_file(str(hf_folder / "model.safetensors"))
+    assert sorted(ours) == sorted(original)
+    for name, w in ours.items():  # Gemma: (1 + w) - 1 in float32: measured 6.0e-8 (half an ulp of 1)
+        np.testing.assert_allclose(w, original[name], rtol=0, atol=1e-7 if arch == "gemma3" else 0, err_msg=name)
+    converted, from_gguf = eqlin.load(dst), eqlin.load(path)
+    assert converted.config == from_gguf.config
+    ids = np.arange(3, 13)
+    np.testing.assert_array_equal(converted.logits(ids), from_gguf.logits(ids))
+    if arch == "llama":
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                   dtype=torch.float32)
+        state = {k: v.numpy() for k, v in theirs.state_dict().items()}
+        assert [k for k in ours if not np.array_equal(ours[k], state[k])] == []
+        assert converted.encode(TEXTS[0]).tolist() == from_gguf.encode(TEXTS[0]).tolist()
