@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import types
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -388,13 +388,14 @@ def stream_entering(model: nn.Module, input_ids: torch.Tensor, layer: int) -> tu
     return torch.autograd.functional.jacobian(entering, x, vectorize=True).numpy(), h.numpy()
 
 
-def logits_with_added(model: nn.Module, input_ids: torch.Tensor, layer: int, added: torch.Tensor) -> np.ndarray:
-    """Last-position logits `(V,)` of the model with `added (T, d)` added to the residual stream entering `layer`
-    (a forward pre-hook on that layer; layer 0's input is the input embeddings)."""
+def logits_with_added(model: nn.Module, input_ids: torch.Tensor, layer: int,
+                      added: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """Last-position logits `(V,)` of the model with `added(h)` added to the residual stream `h (T, d)` entering
+    `layer` (a forward pre-hook on that layer; layer 0's input is the input embeddings)."""
     def pre_hook(module, args, kwargs):
         if args:
-            return (args[0] + added[None], *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + added[None]}
+            return (args[0] + added(args[0][0])[None], *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + added(kwargs["hidden_states"][0])[None]}
 
     handle = decoder(model).layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
