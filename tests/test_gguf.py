@@ -380,7 +380,9 @@ def test_interrupted_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch
 def test_random_bytes_are_not_gguf(tmp_path):
     path = tmp_path / "x.gguf"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(WeightsError, match=r"x\.gguf is not a GGUF file"):
+    with pytest.raises(WeightsError,
+                       match=r"x\.gguf is not a GGUF file: .*\(a truncated download, or a different format "
+                       r"renamed to \.gguf\?\)"):
         eqlin.load(path)
 
 
@@ -410,7 +412,8 @@ def test_unsupported_architecture(tmp_path):
 def test_quantization_gguf_py_cannot_dequantize(tiny_llama, tmp_path):
     path = _write_gguf(tiny_llama, "llama", tmp_path / "q.gguf",
                        override_type=("blk.0.attn_v.weight", gguf.GGMLQuantizationType.Q8_1))
-    with pytest.raises(WeightsError, match=r"blk\.0\.attn_v\.weight.*Q8_1.*cannot dequantize"):
+    with pytest.raises(WeightsError, match=r"blk\.0\.attn_v\.weight.*Q8_1.*cannot dequantize; re-quantize the model "
+                       r"\(e\.g\. Q8_0, Q4_K_M\) or upgrade gguf"):
         eqlin_gguf.converted_folder(path, tmp_path / "cache")
 
 

@@ -69,7 +69,9 @@ def test_repo_id_from_local_hf_cache(checkpoint, loaded, tmp_path):
 
 
 def test_repo_id_missing_from_cache_is_not_downloaded(tmp_path):
-    with pytest.raises(eqlin.WeightsError, match="not in the local Hugging Face cache.*download=True"):
+    with pytest.raises(eqlin.WeightsError,
+                       match=r"not in the local Hugging Face cache; download it first "
+                       r"\(e\.g\. `hf download tiny-org/not-there`\) or pass load\(\.\.\., download=True\)"):
         eqlin.load("tiny-org/not-there", cache_dir=tmp_path)
 
 
@@ -137,14 +139,15 @@ def test_truncated_safetensors_file(checkpoint, tmp_path):
     folder = _copy(checkpoint("llama_mha"), tmp_path / "truncated")
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(eqlin.WeightsError, match="model.safetensors is truncated: tensor .* re-download"):
+    with pytest.raises(eqlin.WeightsError,
+                       match=r"model\.safetensors is truncated: tensor .*; re-download or re-convert it"):
         eqlin.load(folder)
 
 
 def test_garbage_safetensors_file(checkpoint, tmp_path):
     folder = _copy(checkpoint("llama_mha"), tmp_path / "garbage")
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    with pytest.raises(eqlin.WeightsError, match="not a valid safetensors file"):
+    with pytest.raises(eqlin.WeightsError, match=r"not a valid safetensors file \(.*\); re-download or re-convert it"):
         eqlin.load(folder)
 
 
@@ -152,7 +155,9 @@ def test_no_weights_at_all(checkpoint, tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
     shutil.copy(checkpoint("llama_mha") / "config.json", folder)
-    with pytest.raises(eqlin.WeightsError, match="no weights in .*model.safetensors or model.safetensors.index.json"):
+    with pytest.raises(eqlin.WeightsError,
+                       match=r"no weights in .*model\.safetensors or model\.safetensors\.index\.json "
+                       r"\(pickled \.bin checkpoints are never loaded; convert them to safetensors\)"):
         eqlin.load(folder)
 
 
@@ -161,7 +166,8 @@ def test_bias_tensors_are_refused(checkpoint, tmp_path):
     tensors = _tensors(folder)
     tensors["model.layers.0.self_attn.v_proj.bias"] = np.zeros(32, np.float32)
     write_safetensors(folder / "model.safetensors", tensors)
-    with pytest.raises(eqlin.WeightsError, match=r"biases on the linear path \(model.layers.0.self_attn.v_proj.bias\)"):
+    with pytest.raises(eqlin.WeightsError, match=r"biases on the linear path \(model.layers.0.self_attn.v_proj.bias\).*"
+                       r"eqlin supports bias-free checkpoints only"):
         eqlin.load(folder)
 
 
@@ -170,7 +176,8 @@ def test_bias_flags_in_config_are_refused(checkpoint, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["attention_bias"] = True
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(eqlin.ConfigError, match="attention_bias=true: biases on the linear path break"):
+    with pytest.raises(eqlin.ConfigError, match="attention_bias=true: biases on the linear path break.*"
+                       "eqlin supports bias-free checkpoints only"):
         eqlin.load(folder)
 
 
@@ -198,7 +205,8 @@ def test_corrupt_config_json(checkpoint, tmp_path):
 
 
 def test_a_file_is_not_a_folder(checkpoint):
-    with pytest.raises(eqlin.WeightsError, match="is a file, not a checkpoint folder"):
+    with pytest.raises(eqlin.WeightsError,
+                       match="is a file, not a checkpoint folder; pass the folder holding config.json"):
         eqlin.load(checkpoint("llama_mha") / "config.json")
 
 

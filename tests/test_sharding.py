@@ -95,9 +95,12 @@ def test_sharded_jacobian_checks_memory_before_allocating(loaded):
     def cost(chunk: int) -> int:
         return sharded_jacobian_bytes(model.config, T, mesh, chunk=chunk, itemsize=8, param_bytes=param_bytes)
 
-    with pytest.raises(MemoryBudgetError, match="even one basis vector"):
+    with pytest.raises(MemoryBudgetError,
+                       match="even one basis vector at a time, over the .* per-device limit; add devices to the "
+                       "\"basis\" axis \\(J's rows\\) or the \"model\" axis \\(the weights\\), or use fewer tokens"):
         detached_jacobian_sharded(model, TEXT, mesh=mesh, memory_limit=cost(1) - 1)
-    with pytest.raises(MemoryBudgetError, match="use chunk=5 or less"):
+    with pytest.raises(MemoryBudgetError,
+                       match=r"chunk=6 needs about .* GiB per device, over the .* GiB limit; use chunk=5 or less"):
         detached_jacobian_sharded(model, TEXT, mesh=mesh, chunk=6, memory_limit=cost(5))
     auto = detached_jacobian_sharded(model, TEXT, mesh=mesh, memory_limit=cost(5))
     assert np.array_equal(np.asarray(auto.jacobian), np.asarray(detached_jacobian(model, TEXT, chunk=5).jacobian))
