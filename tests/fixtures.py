@@ -5,9 +5,10 @@
 `phi3_sliding` (a sliding window on every layer), `qwen3_sliding` (`use_sliding_window` with
 `max_window_layers`, and no `layer_types` in config.json, as Qwen 3 checkpoints written before transformers 5
 have it, so the layer pattern must be derived from those two fields), `gemma3_softcap` (attention and final
-logit softcapping) and `llama_tied_head` (tied embeddings, yet `lm_head.weight` stored too, a copy of the
-embedding table, as some exporters write it). Weights are random (normal, std 0.2) and so are every RMSNorm weight
-(`1 + 0.3·randn`, Gemma's `(1 + w)` norms `0.3·randn`), so no norm is the identity.
+logit softcapping set; transformers' Gemma 3, and so eqlin, applies only the final one) and `llama_tied_head`
+(tied embeddings, yet `lm_head.weight` stored too, a copy of the embedding table, as some exporters write it).
+Weights are random (normal, std 0.2) and so are every RMSNorm
+weight (`1 + 0.3·randn`, Gemma's `(1 + w)` norms `0.3·randn`), so no norm is the identity.
 
 Tokenizers are word-level over a fixed English word list (whitespace pre-tokenizer). BOS follows the family:
 Llama, Mistral and Gemma add one through a `TemplateProcessing` post-processor; Qwen 3, Phi-3 (Phi-4-mini
