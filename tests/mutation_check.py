@@ -62,8 +62,11 @@ MUTATIONS = (
     Mutation("qwen3-max-window-layers-off-by-one", "eqlin/families/qwen3.py",
              'i >= hf.get("max_window_layers", 0)', 'i > hf.get("max_window_layers", 0)',
              "Qwen 3 starts sliding one layer after max_window_layers"),
-    Mutation("mlp-gate-not-frozen", "eqlin/blocks.py", "frozen(gate, detach) * up", "gate * up",
-             "the detached MLP lets gradients through its activated gate (the detached J is no longer detached)"),
+    # (Unfreezing the MLP gate alone would be an equivalent mutant: the gate reads a frozen copy of x.)
+    Mutation("rmsnorm-coefficient-not-frozen", "eqlin/blocks.py",
+             "coeff = frozen(jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps), detach)",
+             "coeff = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)",
+             "detached RMSNorm lets gradients through its scale rsqrt(mean(x²)+eps): J is no longer the detached one"),
     Mutation("final-softcap-dropped", "eqlin/decoder.py", "    if config.final_logit_softcapping is not None:\n",
              "    if False:\n", "the final logit softcap is never applied"),
 )
