@@ -18,12 +18,18 @@ from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import eqlin  # noqa: E402
 from tests.fixtures import load_torch_model, make_checkpoint  # noqa: E402
 
 CORE_VARIANTS = ("llama_mha", "llama_gqa", "qwen3", "gemma3", "gemma3_multimodal")
 MORE_VARIANTS = ("mistral", "phi3", "olmo2")
+# The PyTorch references run tiny models, where one intra-op thread is as fast and never spin-waits (OpenMP) for a
+# descheduled second thread: on a busy 2-core machine test_torch_reference.py took 59-85 s with two threads and
+# 7-10 s with one.
+torch.set_num_threads(1)
+
 # Configurations the family checkpoints leave off: sliding windows on Phi-3 and Qwen 3, softcapping, a stored
 # copy of a tied lm_head (see tests/fixtures.py).
 OPTION_VARIANTS = ("phi3_sliding", "qwen3_sliding", "gemma3_softcap", "llama_tied_head")
