@@ -73,7 +73,10 @@ class Linearization:
         """The i-th map of a multi-layer Linearization."""
         if not isinstance(self.layer, tuple):
             raise ValueError("select() needs a Linearization over several layers")
-        arrays = {f: getattr(self, f)[i] for f in ("jacobian", "inputs", "output", "contributions", "relative_error")}
+        stacked = ("jacobian", "output", "contributions", "relative_error")
+        if self.scope == "single":  # each layer's own input; cumulative maps share the input embeddings (T, d)
+            stacked += ("inputs",)
+        arrays = {f: getattr(self, f)[i] for f in stacked}
         return dataclasses.replace(self, **arrays, layer=self.layer[i])
 
 

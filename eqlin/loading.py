@@ -174,11 +174,25 @@ def expected_tensors(config: ModelConfig, spec: FamilySpec, prefix: str, head: s
     return out
 
 
+def check_tied_head(files: dict[str, SafetensorsFile], config: ModelConfig, prefix: str, head: str) -> None:
+    """A tied checkpoint may store lm_head.weight too, as a copy of the embedding; a different one is refused
+    (transformers 5 then uses it, older versions the embedding): eqlin does not pick one silently."""
+    name = f"{head}weight"
+    if not config.tie_word_embeddings or name not in files:
+        return
+    embedding = files[f"{prefix}embed_tokens.weight"]
+    if not np.array_equal(files[name].read(name), embedding.read(f"{prefix}embed_tokens.weight")):
+        raise WeightsError(
+            f"tie_word_embeddings is true but {files[name].path} also stores a different {name}; set "
+            f"tie_word_embeddings to false in config.json to use it, or delete {name} to tie it to the embedding")
+
+
 def check_tensors(files: dict[str, SafetensorsFile], config: ModelConfig, spec: FamilySpec, folder: Path
                   ) -> dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...]]]:
     """Every check of the checkpoint's tensors against its config, shared by loading and `eqlin convert`:
     one WeightsError lists all missing, unexpected, mis-shaped and non-float tensors; biases are named as
-    such (they break homogeneity). Returns `expected_tensors` for the checkpoint's name prefix."""
+    such (they break homogeneity); a stored head that a tied config would ignore must equal the embedding.
+    Returns `expected_tensors` for the checkpoint's name prefix."""
     names = set(files)
     prefix, head = text_prefixes(names)
     expected = expected_tensors(config, spec, prefix, head)
@@ -202,6 +216,7 @@ def check_tensors(files: dict[str, SafetensorsFile], config: ModelConfig, spec: 
                                       ("not floating point (quantized checkpoints are not supported)", not_float))
                  if items]
         raise WeightsError(f"weights in {folder} do not match config.json: " + "; ".join(parts))
+    check_tied_head(files, config, prefix, head)
     return expected
 
 

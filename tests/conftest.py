@@ -1,4 +1,5 @@
-"""Shared test fixtures: x64 on, tiny random checkpoints written once per session."""
+"""Shared test fixtures: x64 on, tiny random checkpoints written once per session, their PyTorch references, and
+a temporary eqlin cache folder for the whole session."""
 
 from __future__ import annotations
 
@@ -12,17 +13,41 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import eqlin  # noqa: E402
-from tests.fixtures import make_checkpoint  # noqa: E402
+from tests.fixtures import load_torch_model, make_checkpoint  # noqa: E402
 
 CORE_VARIANTS = ("llama_mha", "llama_gqa", "qwen3", "gemma3", "gemma3_multimodal")
 MORE_VARIANTS = ("mistral", "phi3", "olmo2")
-TEXT = "The bridge out of Marin is the Golden Gate"
+# The PyTorch references run tiny models, where one intra-op thread is as fast and never spin-waits (OpenMP) for a
+# descheduled second thread: on a busy 2-core machine test_torch_reference.py took 59-85 s with two threads and
+# 7-10 s with one.
+torch.set_num_threads(1)
+
+# Configurations the family checkpoints leave off: sliding windows on Phi-3 and Qwen 3, softcapping, a stored
+# copy of a tied lm_head (see tests/fixtures.py).
+OPTION_VARIANTS = ("phi3_sliding", "qwen3_sliding", "gemma3_softcap", "llama_tied_head")
+TEXT = "The bridge out of Marin is the Golden Gate"  # 9 or 10 tokens: longer than the 4-token sliding windows
+# eqlin against the float64 PyTorch reference (J, layer maps, logit maps, outputs): measured at most 3.9e-15 over
+# every variant, map, part and scope (test_linear_maps); asserted with a margin of about 8.
+VS_TORCH = 3e-14
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eqlin_cache_dir():
+    """EQLIN_CACHE_DIR in a temporary folder for the whole session (subprocesses inherit it), deleted at the end:
+    no test reads or writes the user's ~/.cache/eqlin. The embedded model's GGUF conversion (1.1 GB, about 30 s)
+    then happens once per session, in whichever test needs the model first, and JAX's persistent compilation
+    cache of the CLI runs starts empty."""
+    with tempfile.TemporaryDirectory(prefix="eqlin-cache-") as cache, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EQLIN_CACHE_DIR", cache)
+        yield pathlib.Path(cache)
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +72,23 @@ def loaded(checkpoint) -> Callable[[str], eqlin.Model]:
         if variant not in models:
             models[variant] = eqlin.load(checkpoint(variant))
         return models[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference(checkpoint):
+    """reference(variant, detached=True) -> the transformers model of that checkpoint in float64, made
+    float64-faithful (and, with `detached`, detached) in memory by tests/torch_reference.py; once per session."""
+    from tests import torch_reference as ref
+
+    models: dict = {}
+
+    def get(variant: str, detached: bool = True):
+        if (variant, detached) not in models:
+            model = load_torch_model(checkpoint(variant))
+            models[variant, detached] = ref.make_detached(model) if detached else ref.make_float64_faithful(model)
+        return models[variant, detached]
 
     return get
 

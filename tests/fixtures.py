@@ -1,8 +1,14 @@
 """Tiny random Hugging Face checkpoints written by transformers itself, for parity and exactness tests.
 
 `make_checkpoint(folder, variant)` writes `config.json`, a single `model.safetensors`, `tokenizer.json` and
-`tokenizer_config.json`. Weights are random (normal, std 0.2) and so are every RMSNorm weight
-(`1 + 0.3·randn`, Gemma's `(1 + w)` norms `0.3·randn`), so no norm is the identity.
+`tokenizer_config.json`. Besides one checkpoint per family, variants switch on what the base ones leave off:
+`phi3_sliding` (a sliding window on every layer), `qwen3_sliding` (`use_sliding_window` with
+`max_window_layers`, and no `layer_types` in config.json, as Qwen 3 checkpoints written before transformers 5
+have it, so the layer pattern must be derived from those two fields), `gemma3_softcap` (attention and final
+logit softcapping set; transformers' Gemma 3, and so eqlin, applies only the final one) and `llama_tied_head`
+(tied embeddings, yet `lm_head.weight` stored too, a copy of the embedding table, as some exporters write it).
+Weights are random (normal, std 0.2) and so are every RMSNorm
+weight (`1 + 0.3·randn`, Gemma's `(1 + w)` norms `0.3·randn`), so no norm is the identity.
 
 Tokenizers are word-level over a fixed English word list (whitespace pre-tokenizer). BOS follows the family:
 Llama, Mistral and Gemma add one through a `TemplateProcessing` post-processor; Qwen 3, Phi-3 (Phi-4-mini
@@ -15,6 +21,7 @@ import json
 import pathlib
 from typing import Any
 
+import safetensors.torch
 import torch
 import transformers
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
@@ -28,7 +35,13 @@ VARIANTS: tuple[str, ...] = (
     "mistral",
     "phi3",
     "olmo2",
+    "phi3_sliding",
+    "qwen3_sliding",
+    "gemma3_softcap",
+    "llama_tied_head",
 )
+# Softcaps small enough to bend the tiny models' attention scores (std ~1) and logits (std ~1.5).
+ATTN_SOFTCAP, FINAL_SOFTCAP = 1.0, 2.0
 
 VOCAB_SIZE = 96
 MAX_POSITIONS = 64
@@ -51,7 +64,7 @@ _GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end
 _QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>")
 
 
-def _gemma3_text_config(**ids: int) -> transformers.Gemma3TextConfig:
+def _gemma3_text_config(softcap: bool = False, **ids: int) -> transformers.Gemma3TextConfig:
     return transformers.Gemma3TextConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=48,
@@ -68,8 +81,8 @@ def _gemma3_text_config(**ids: int) -> transformers.Gemma3TextConfig:
             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
         },
-        final_logit_softcapping=None,
-        attn_logit_softcapping=None,
+        final_logit_softcapping=FINAL_SOFTCAP if softcap else None,
+        attn_logit_softcapping=ATTN_SOFTCAP if softcap else None,
         tie_word_embeddings=True,
         **ids,
     )
@@ -79,7 +92,7 @@ def _spec(variant: str) -> tuple[type[transformers.PreTrainedModel], Any, tuple[
     """(model class, config, special tokens, tokenizer roles) of a variant."""
     llama_ids = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
     llama_tok = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "add_bos": True}
-    if variant == "llama_mha":
+    if variant in ("llama_mha", "llama_tied_head"):
         config = transformers.LlamaConfig(
             vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=MAX_POSITIONS,
@@ -101,18 +114,22 @@ def _spec(variant: str) -> tuple[type[transformers.PreTrainedModel], Any, tuple[
             tie_word_embeddings=False, **llama_ids,
         )
         return transformers.LlamaForCausalLM, config, _LLAMA_SPECIALS, llama_tok
-    if variant == "qwen3":
+    if variant in ("qwen3", "qwen3_sliding"):
+        # qwen3_sliding: window 4 from layer max_window_layers = 1 on, so layer 0 full, layer 1 sliding.
+        sliding = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
         config = transformers.Qwen3Config(
             vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_POSITIONS,
             rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
             tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+            **(sliding if variant == "qwen3_sliding" else {}),
         )
         qwen_tok = {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "add_bos": False}
         return transformers.Qwen3ForCausalLM, config, _QWEN_SPECIALS, qwen_tok
     gemma_ids = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
-    if variant == "gemma3":
-        return transformers.Gemma3ForCausalLM, _gemma3_text_config(**gemma_ids), _GEMMA_SPECIALS, llama_tok
+    if variant in ("gemma3", "gemma3_softcap"):
+        config = _gemma3_text_config(softcap=variant == "gemma3_softcap", **gemma_ids)
+        return transformers.Gemma3ForCausalLM, config, _GEMMA_SPECIALS, llama_tok
     if variant == "gemma3_multimodal":
         vision = transformers.SiglipVisionConfig(
             hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -132,14 +149,16 @@ def _spec(variant: str) -> tuple[type[transformers.PreTrainedModel], Any, tuple[
             tie_word_embeddings=False, **llama_ids,
         )
         return transformers.MistralForCausalLM, config, _LLAMA_SPECIALS, llama_tok
-    if variant == "phi3":
-        # Phi-4-mini style: fused qkv/gate_up, GQA, partial rotary 0.75, tied, no BOS.
+    if variant in ("phi3", "phi3_sliding"):
+        # Phi-4-mini style: fused qkv/gate_up, GQA, partial rotary 0.75, tied, no BOS; phi3_sliding adds a
+        # window of 4 on every layer (Phi-3-mini's layout).
         config = transformers.Phi3Config(
             vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
             original_max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.75},
             tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+            sliding_window=4 if variant == "phi3_sliding" else None,
         )
         phi_tok = {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False}
         return transformers.Phi3ForCausalLM, config, _QWEN_SPECIALS, phi_tok
@@ -213,6 +232,15 @@ def make_checkpoint(
     _randomise(model, seed)
     model.to(torch_dtype).save_pretrained(folder)
     _write_tokenizer(folder, specials, roles)
+    if variant == "qwen3_sliding":  # the pre-transformers-5 config: the layer pattern is implied, not listed
+        config_path = folder / "config.json"
+        written = json.loads(config_path.read_text())
+        del written["layer_types"]
+        config_path.write_text(json.dumps(written, indent=2) + "\n")
+    if variant == "llama_tied_head":  # transformers drops a tied lm_head on saving; store the copy anyway
+        tensors = safetensors.torch.load_file(str(folder / "model.safetensors"))
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        safetensors.torch.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
 

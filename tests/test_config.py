@@ -64,7 +64,8 @@ def test_configs_are_hashable_and_frozen():
 
 @pytest.mark.parametrize("change, message", [
     ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'; supported: silu"),
-    ({"mlp_bias": True}, "mlp_bias=true"),
+    ({"mlp_bias": True}, "mlp_bias=true: biases on the linear path break the homogeneity f(x) = Σ_t J_t x_t that the "
+                         "detached Jacobian relies on; eqlin supports bias-free checkpoints only"),
     ({"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads"),
 ])
 def test_unsupported_options_are_named(change, message):
@@ -81,7 +82,7 @@ def test_phi3_partial_rotary_and_refused_longrope():
                                                                           "partial_rotary_factor": 0.75}}
     assert config_from_hf(hf).rope_dim == 12
     hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0], "long_factor": [1.0]}
-    with pytest.raises(eqlin.ConfigError, match="unsupported RoPE type 'longrope'"):
+    with pytest.raises(eqlin.ConfigError, match="unsupported RoPE type 'longrope'; supported: default, linear, llama3"):
         config_from_hf(hf)
 
 

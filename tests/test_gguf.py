@@ -22,7 +22,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import gguf
@@ -53,11 +52,10 @@ TEXTS = (
 
 
 @pytest.fixture(scope="module")
-def env():
-    """EQLIN_CACHE_DIR in a temporary folder (deleted afterwards: the 270M conversion is 1.1 GB), and one
-    gguf.GGUFReader per file for everyone."""
-    with tempfile.TemporaryDirectory() as cache, pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EQLIN_CACHE_DIR", cache)
+def env(eqlin_cache_dir):
+    """One gguf.GGUFReader per file for everyone. Conversions go to the session's temporary EQLIN_CACHE_DIR
+    (tests/conftest.py): the 270M one (1.1 GB) is made once per session and deleted at its end."""
+    with pytest.MonkeyPatch.context() as mp:
         reader = functools.lru_cache(maxsize=None)(gguf.GGUFReader)
         mp.setattr(gguf, "GGUFReader", lambda path, mode="r": reader(str(path), mode))
         yield
@@ -138,8 +136,8 @@ def test_gemma_tokenizer_json_identical_to_transformers(gemma_folder, hf_gemma_t
     assert ours == hf_gemma_tokenizer.backend_tokenizer.to_str(pretty=True)
 
 
-def test_second_call_reuses_the_conversion(gemma_path, gemma_folder, monkeypatch):
-    assert gemma_folder.parent == Path(os.environ["EQLIN_CACHE_DIR"]) / "gguf"
+def test_second_call_reuses_the_conversion(gemma_path, gemma_folder, monkeypatch, eqlin_cache_dir):
+    assert gemma_folder.parent == Path(os.environ["EQLIN_CACHE_DIR"]) / "gguf" == eqlin_cache_dir / "gguf"
     stamps = {f.name: f.stat().st_mtime_ns for f in gemma_folder.iterdir()}
 
     def fail(*args, **kwargs):
@@ -388,7 +386,9 @@ def test_interrupted_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch
 def test_random_bytes_are_not_gguf(tmp_path):
     path = tmp_path / "x.gguf"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(WeightsError, match=r"x\.gguf is not a GGUF file"):
+    with pytest.raises(WeightsError,
+                       match=r"x\.gguf is not a GGUF file: .*\(a truncated download, or a different format "
+                       r"renamed to \.gguf\?\)"):
         eqlin.load(path)
 
 
@@ -418,7 +418,8 @@ def test_unsupported_architecture(tmp_path):
 def test_quantization_gguf_py_cannot_dequantize(tiny_llama, tmp_path):
     path = _write_gguf(tiny_llama, "llama", tmp_path / "q.gguf",
                        override_type=("blk.0.attn_v.weight", gguf.GGMLQuantizationType.Q8_1))
-    with pytest.raises(WeightsError, match=r"blk\.0\.attn_v\.weight.*Q8_1.*cannot dequantize"):
+    with pytest.raises(WeightsError, match=r"blk\.0\.attn_v\.weight.*Q8_1.*cannot dequantize; re-quantize the model "
+                       r"\(e\.g\. Q8_0, Q4_K_M\) or upgrade gguf"):
         eqlin_gguf.converted_folder(path, tmp_path / "cache")
 
 
@@ -491,3 +492,35 @@ def test_an_uppercase_extension_is_a_gguf_file(tiny_llama, tmp_path, monkeypatch
     monkeypatch.setenv("EQLIN_CACHE_DIR", str(tmp_path / "cache"))
     path = _write_gguf(tiny_llama, "llama", tmp_path / "M.GGUF")
     assert eqlin.load(path, dtype="float32").config.family == "llama"
+
+
+# --- eqlin convert of a GGUF ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_convert_command_writes_the_gguf_as_a_checkpoint_folder(tiny, arch, tmp_path):
+    """`eqlin convert x.gguf DST`: a folder that loads without the GGUF, holding the original checkpoint's tensors
+    (Llama's q/k permutation undone, Gemma's 1 + w norms back to w) and the converted config; the same logits as
+    loading the GGUF itself, and as transformers' GGUF loader reads the weights (Llama)."""
+    from eqlin.cli import EXIT_OK, main
+
+    hf_folder, path = tiny(arch)
+    dst = tmp_path / "converted"
+    assert main(["convert", str(path), str(dst), "-q", "--no-compile-cache"]) == EXIT_OK
+    expected_files = ["config.json", "model.safetensors"] + (["tokenizer.json", "tokenizer_config.json"]
+                                                             if arch == "llama" else [])
+    assert sorted(p.name for p in dst.iterdir()) == expected_files
+    ours, original = load_file(str(dst / "model.safetensors")), load_file(str(hf_folder / "model.safetensors"))
+    assert sorted(ours) == sorted(original)
+    for name, w in ours.items():  # Gemma: (1 + w) - 1 in float32: measured 6.0e-8 (half an ulp of 1)
+        np.testing.assert_allclose(w, original[name], rtol=0, atol=1e-7 if arch == "gemma3" else 0, err_msg=name)
+    converted, from_gguf = eqlin.load(dst), eqlin.load(path)
+    assert converted.config == from_gguf.config
+    ids = np.arange(3, 13)
+    np.testing.assert_array_equal(converted.logits(ids), from_gguf.logits(ids))
+    if arch == "llama":
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                   dtype=torch.float32)
+        state = {k: v.numpy() for k, v in theirs.state_dict().items()}
+        assert [k for k in ours if not np.array_equal(ours[k], state[k])] == []
+        assert converted.encode(TEXTS[0]).tolist() == from_gguf.encode(TEXTS[0]).tolist()

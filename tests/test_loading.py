@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import eqlin
+from eqlin.convert import convert
 from eqlin.safetensors_io import SafetensorsFile, write_safetensors
+from tests import torch_reference as ref
 from tests.conftest import TEXT
 from tests.fixtures import make_checkpoint
 
@@ -87,11 +89,37 @@ def test_multimodal_gemma3_loads_its_text_part(checkpoint, loaded):
 
 
 @pytest.mark.parametrize("variant, family", [("llama_gqa", "llama"), ("qwen3", "qwen3"), ("gemma3", "gemma3"),
-                                             ("mistral", "mistral"), ("phi3", "phi3"), ("olmo2", "olmo2")])
+                                             ("mistral", "mistral"), ("phi3", "phi3"), ("olmo2", "olmo2"),
+                                             ("llama_tied_head", "llama")])
 def test_family_and_tied_embeddings(variant, family, loaded):
     model = loaded(variant)
     assert model.config.family == family
     assert (model.params.lm_head is None) == model.config.tie_word_embeddings
+
+
+def test_tied_checkpoint_with_a_stored_copy_of_lm_head(loaded, reference):
+    """llama_tied_head stores lm_head.weight equal to the embedding table: eqlin ties, as transformers does."""
+    model = loaded("llama_tied_head")
+    assert model.config.tie_word_embeddings and model.params.lm_head is None
+    torch_model = reference("llama_tied_head", detached=False)
+    assert torch_model.lm_head.weight is ref.decoder(torch_model).embed_tokens.weight  # tied there too
+    np.testing.assert_array_equal(model.logits(TEXT), loaded("llama_mha").logits(TEXT))  # the same weights
+
+
+def test_tied_checkpoint_whose_stored_lm_head_differs_is_refused(checkpoint, tmp_path):
+    """transformers (5.23) then unties and uses the stored lm_head, older versions the embedding: eqlin refuses
+    rather than pick one silently, naming both fixes, in load and in convert alike."""
+    folder = _copy(checkpoint("llama_tied_head"), tmp_path / "two_heads")
+    tensors = _tensors(folder)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] + np.float32(0.5)
+    write_safetensors(folder / "model.safetensors", tensors)
+    message = (r"tie_word_embeddings is true but .*model\.safetensors also stores a different lm_head\.weight; set "
+               r"tie_word_embeddings to false in config\.json to use it, or delete lm_head\.weight to tie")
+    with pytest.raises(eqlin.WeightsError, match=message):
+        eqlin.load(folder)
+    with pytest.raises(eqlin.WeightsError, match=message):
+        convert(folder, tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()
 
 
 def test_missing_and_misshaped_tensors_are_listed_together(checkpoint, tmp_path):
@@ -113,14 +141,15 @@ def test_truncated_safetensors_file(checkpoint, tmp_path):
     folder = _copy(checkpoint("llama_mha"), tmp_path / "truncated")
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(eqlin.WeightsError, match="model.safetensors is truncated: tensor .* re-download"):
+    with pytest.raises(eqlin.WeightsError,
+                       match=r"model\.safetensors is truncated: tensor .*; re-download or re-convert it"):
         eqlin.load(folder)
 
 
 def test_garbage_safetensors_file(checkpoint, tmp_path):
     folder = _copy(checkpoint("llama_mha"), tmp_path / "garbage")
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    with pytest.raises(eqlin.WeightsError, match="not a valid safetensors file"):
+    with pytest.raises(eqlin.WeightsError, match=r"not a valid safetensors file \(.*\); re-download or re-convert it"):
         eqlin.load(folder)
 
 
@@ -128,7 +157,9 @@ def test_no_weights_at_all(checkpoint, tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
     shutil.copy(checkpoint("llama_mha") / "config.json", folder)
-    with pytest.raises(eqlin.WeightsError, match="no weights in .*model.safetensors or model.safetensors.index.json"):
+    with pytest.raises(eqlin.WeightsError,
+                       match=r"no weights in .*model\.safetensors or model\.safetensors\.index\.json "
+                       r"\(pickled \.bin checkpoints are never loaded; convert them to safetensors\)"):
         eqlin.load(folder)
 
 
@@ -137,7 +168,8 @@ def test_bias_tensors_are_refused(checkpoint, tmp_path):
     tensors = _tensors(folder)
     tensors["model.layers.0.self_attn.v_proj.bias"] = np.zeros(32, np.float32)
     write_safetensors(folder / "model.safetensors", tensors)
-    with pytest.raises(eqlin.WeightsError, match=r"biases on the linear path \(model.layers.0.self_attn.v_proj.bias\)"):
+    with pytest.raises(eqlin.WeightsError, match=r"biases on the linear path \(model.layers.0.self_attn.v_proj.bias\).*"
+                       r"eqlin supports bias-free checkpoints only"):
         eqlin.load(folder)
 
 
@@ -146,7 +178,8 @@ def test_bias_flags_in_config_are_refused(checkpoint, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["attention_bias"] = True
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(eqlin.ConfigError, match="attention_bias=true: biases on the linear path break"):
+    with pytest.raises(eqlin.ConfigError, match="attention_bias=true: biases on the linear path break.*"
+                       "eqlin supports bias-free checkpoints only"):
         eqlin.load(folder)
 
 
@@ -174,7 +207,8 @@ def test_corrupt_config_json(checkpoint, tmp_path):
 
 
 def test_a_file_is_not_a_folder(checkpoint):
-    with pytest.raises(eqlin.WeightsError, match="is a file, not a checkpoint folder"):
+    with pytest.raises(eqlin.WeightsError,
+                       match="is a file, not a checkpoint folder; pass the folder holding config.json"):
         eqlin.load(checkpoint("llama_mha") / "config.json")
 
 

@@ -1,6 +1,8 @@
-"""Concept steering: where the map comes from and where it goes in (checked against hand-written forwards),
-strength 0 is the unsteered run, the bucketed generation equals naive recompute, bad input, the CLI, and
-once on the embedded Gemma 3 270M: the concept lifts its token above the baseline and a random control."""
+"""Concept steering: where the map comes from and where it goes in (checked against PyTorch: the Jacobian of
+transformers' hidden state entering the layer, and its forward with the vector added there by a hook; and against
+hand-written forwards), strength 0 is the unsteered run, the bucketed generation equals naive recompute, bad input,
+the CLI, and once on the embedded Gemma 3 270M: the concept lifts its token above the baseline and above random
+controls of the same norm, in every cell and for several control seeds."""
 
 from __future__ import annotations
 
@@ -10,11 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import eqlin
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from eqlin.decoder import embed, final_norm, forward, layer_slice, run_layers, unembed
 from eqlin.steering import bucket, concept_maps, generate, steer, steering_sweep
+from tests import torch_reference as ref
+from tests.conftest import VS_TORCH, relative
 
 CONCEPT = "The bridge out of Marin is the Golden"
 TEXT = "the cat sees the red boat on the old bridge and the"  # longer than the concept (T_c = 9)
@@ -46,26 +51,30 @@ def concept_map(model: eqlin.Model, layer: int) -> np.ndarray:
     return np.asarray(concept_maps(model.params, model.config, x, layers=(layer,))[0][0])
 
 
-def test_concept_map_is_the_stream_entering_the_layer(loaded):
+def test_concept_map_is_the_stream_entering_the_layer(loaded, reference):
     model = loaded("gemma3")
     p, c = model.params, model.config
-    x = embed(p, c, jnp.asarray(model.encode(CONCEPT)))
+    ids = model.encode(CONCEPT)
+    x = embed(p, c, jnp.asarray(ids))
     J, h = concept_maps(p, c, x, layers=(0, 2, 3))
+    for i, l in enumerate((0, 2, 3)):  # transformers' hidden_states[l] at the last position, and its Jacobian
+        J_torch, h_torch = ref.stream_entering(reference("gemma3"), torch.tensor(ids), l)
+        assert relative(J[i], J_torch) <= VS_TORCH and relative(h[i], h_torch) <= VS_TORCH, l
     assert J.shape == (3, c.hidden_size, x.shape[0], c.hidden_size)
     np.testing.assert_array_equal(J[0, :, -1], np.eye(c.hidden_size))  # layer 0: identity on the last embedding
     np.testing.assert_array_equal(J[0, :, :-1], 0)
     for i, l in enumerate((0, 2, 3)):  # h: raw residual entering layer l (output of l-1, no final norm)
         want = run_layers(layer_slice(p.layers, 0, l), c, x, detach=False)[0][-1] if l else x[-1]
-        np.testing.assert_allclose(h[i], want, rtol=1e-13, atol=1e-13)
-        recon = jnp.einsum("ots,ts->o", J[i], x)
-        assert float(jnp.linalg.norm(recon - h[i]) / jnp.linalg.norm(h[i])) <= 1e-13
+        np.testing.assert_allclose(h[i], want, rtol=1e-14, atol=1e-14)  # measured 0
+        assert relative(jnp.einsum("ots,ts->o", J[i], x), h[i]) <= 1e-14  # measured at most 8.3e-16
 
 
 @pytest.mark.parametrize("variant, layer", [("gemma3", 0), ("gemma3", 2), ("gemma3", 3), ("qwen3", 1),
                                             ("mistral", 1), ("phi3", 1), ("olmo2", 1)])
-def test_injection_equals_hand_written_forward(loaded, variant, layer):
-    """One step of the KV-cached generation (every family's attention details) against the hand-written
-    forward with the vector added to the residual stream entering `layer`."""
+def test_injection_equals_pytorch_and_the_hand_written_forward(loaded, reference, variant, layer):
+    """One step of the KV-cached generation (every family's attention details) against transformers' forward with
+    the vector added by a hook to the residual stream entering `layer`, the vector built from PyTorch's own
+    concept map and text embeddings; and against eqlin's hand-written forward doing the same."""
     model = loaded(variant)
     J = concept_map(model, layer)
     ids = model.encode(TEXT)
@@ -75,8 +84,16 @@ def test_injection_equals_hand_written_forward(loaded, variant, layer):
                          jnp.int32(layer), jnp.asarray(3.0), max_new_tokens=1)
     got = logits[0]  # one step of the KV-cached, steered generation
     want = hand_logits(model, ids, J, layer, 3.0)
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-14)  # logits of size ~1: measured at most 5.6e-15
     assert np.abs(want - hand_logits(model, ids, J, layer, 0.0)).max() > 1e-3  # the injection does something
+    torch_model = reference(variant)
+    J_torch, _ = ref.stream_entering(torch_model, torch.tensor(model.encode(CONCEPT)), layer)
+    directions = torch.tensor(hand_directions(J_torch, ref.embed(torch_model, torch.tensor(ids)).detach().numpy()))
+
+    def added(h: torch.Tensor) -> torch.Tensor:  # h (T, d): the stream entering the layer
+        return 3.0 / 2 * h.norm(dim=-1, keepdim=True) * directions
+
+    assert relative(got, ref.logits_with_added(torch_model, torch.tensor(ids), layer, added)) <= VS_TORCH
 
 
 def test_strength_zero_is_the_unsteered_greedy_run(loaded):
@@ -89,7 +106,7 @@ def test_strength_zero_is_the_unsteered_greedy_run(loaded):
     for step in range(5):
         logits = np.asarray(forward(model.params, model.config, embed(model.params, model.config,
                                                                       jnp.asarray(ids))).logits[-1])
-        np.testing.assert_allclose(r.baseline_logits[step], logits, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(r.baseline_logits[step], logits, rtol=0, atol=5e-14)  # measured <= 8.9e-15
         ids.append(int(np.argmax(logits)))
     np.testing.assert_array_equal(r.baseline_ids, ids[-5:])
 
@@ -102,23 +119,26 @@ def test_cached_generation_equals_naive_recompute(loaded):
     ids = list(model.encode(TEXT))
     for step in range(n):  # full recompute on the unpadded sequence, one length at a time
         logits = hand_logits(model, np.asarray(ids), J, layer, strength)
-        np.testing.assert_allclose(r.steered_logits[step], logits, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(r.steered_logits[step], logits, rtol=0, atol=5e-14)  # measured <= 3.6e-15
         ids.append(int(np.argmax(logits)))
     np.testing.assert_array_equal(r.steered_ids, ids[-n:])
-    assert r.steered_text == model.decode(ids[-n:]) and r.map_relative_error <= 1e-13
+    assert r.steered_text == model.decode(ids[-n:]) and r.map_relative_error <= 1e-14
     lp = jax.nn.log_softmax(jnp.asarray(r.steered_logits))[:, r.concept_tokens]
     np.testing.assert_allclose(r.steered_logprobs, lp)
     assert r.concept_tokens.tolist() == model.encode(CONCEPT)[-1:].tolist()
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(concept=" ", text=TEXT, layer=0), "empty concept"),
-    (dict(concept=CONCEPT, text="", layer=0), "empty text"),
-    (dict(concept=CONCEPT, text=TEXT, layer=4), r"layer \[4\] out of range.*0\.\.3"),
-    (dict(concept=CONCEPT, text=TEXT, layer=-1), r"layer \[-1\] out of range"),
+    (dict(concept=" ", text=TEXT, layer=0), 'empty concept: give the concept prompt, e.g. "The bridge out of Marin'),
+    (dict(concept=CONCEPT, text="", layer=0), 'empty text: give the unrelated text to steer, e.g. "Here is a painting'),
+    (dict(concept=CONCEPT, text=TEXT, layer=4),
+     r"layer \[4\] out of range: steering injects into the residual stream entering layer l, l in 0\.\.3"),
+    (dict(concept=CONCEPT, text=TEXT, layer=-1), r"layer \[-1\] out of range: .* l in 0\.\.3"),
     (dict(concept=CONCEPT, text=TEXT, layer=0, max_new_tokens=-2), "max_new_tokens must be at least 1, got -2"),
-    (dict(concept=CONCEPT, text=TEXT, layer=0, max_new_tokens=100), "more than the model's max_position"),
-    (dict(concept=CONCEPT, text=TEXT, layer=0, concept_tokens=[10**6]), "outside the vocabulary"),
+    (dict(concept=CONCEPT, text=TEXT, layer=0, max_new_tokens=100),
+     r"input has 113 tokens, more than the model's max_position_embeddings \(64\); shorten the text"),
+    (dict(concept=CONCEPT, text=TEXT, layer=0, concept_tokens=[10**6]),
+     r"token ids outside the vocabulary \[0, 96\): \[1000000\]"),
 ])
 def test_bad_input(loaded, kwargs, message):
     with pytest.raises(eqlin.InputError, match=message):
@@ -139,7 +159,7 @@ def test_sweep_and_cli(checkpoint, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["steering.json", "steering.png"]
     assert table["layers"] == [0, 2] and table["strengths"] == [1.0, 4.0]
     assert np.shape(table["lift"]) == np.shape(table["control_lift"]) == (2, 2) and len(table["cells"]) == 4
-    assert table["concept_tokens"][0]["text"] == "Golden" and max(table["map_relative_error"]) <= 1e-13
+    assert table["concept_tokens"][0]["text"] == "Golden" and max(table["map_relative_error"]) <= 1e-14
     assert cli(" ") == EXIT_BAD_INPUT
     assert "empty --concept" in capsys.readouterr().err
     assert cli(CONCEPT, "0", "-1") == EXIT_BAD_INPUT
@@ -149,16 +169,20 @@ def test_sweep_and_cli(checkpoint, tmp_path, capsys):
 
 
 def test_concept_lifts_its_token_on_the_embedded_model():
-    """Gemma 3 270M (float32 for speed): some (layer, strength) lifts log p(" Golden") above the baseline
-    and above the random control of the same Frobenius norm."""
+    """Gemma 3 270M (float32 for speed), layer 6, 8 new tokens: every strength lifts log p(" Golden") well above
+    the baseline (measured +3.97 and +4.36 nats) and above the random control of the same Frobenius norm for each
+    of three control seeds (measured controls -3.3 to -30)."""
     from eqlin.gguf import default_model_path
 
     model = eqlin.load(default_model_path(), dtype="float32")
-    table = steering_sweep(model, CONCEPT, "Here is a painting of the", layers=[6], strengths=[0.5, 1.0],
-                           max_new_tokens=8)
-    assert [t["text"] for t in table["concept_tokens"]] == [" Golden"]
-    assert any(c["lift"] > 0 and c["lift"] > c["control_lift"] for c in table["cells"]), table["cells"]
-    assert max(table["map_relative_error"]) <= 1e-5
+    tables = [steering_sweep(model, CONCEPT, "Here is a painting of the", layers=[6], strengths=[0.5, 1.0],
+                             max_new_tokens=8, seed=seed) for seed in (0, 1, 2)]
+    assert [t["text"] for t in tables[0]["concept_tokens"]] == [" Golden"]
+    for table in tables:
+        assert table["lift"] == tables[0]["lift"]  # the steered runs do not depend on the control's seed
+        for cell in table["cells"]:
+            assert cell["lift"] > 2 and cell["lift"] > cell["control_lift"] + 2, table["cells"]
+        assert max(table["map_relative_error"]) <= 2e-6  # float32: measured 5.1e-7
 
 
 @pytest.mark.parametrize("kwargs, message", [

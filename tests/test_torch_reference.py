@@ -17,8 +17,8 @@ from tests import torch_reference as ref
 from tests.fixtures import VARIANTS, load_torch_model, make_checkpoint
 
 TEXT = "The bridge out of Marin is the Golden Gate"  # 9 words; 10 tokens with BOS
-ADDS_BOS = {"llama_mha", "llama_gqa", "gemma3", "gemma3_multimodal", "mistral"}
-SLIDING = ("gemma3", "gemma3_multimodal", "mistral")
+ADDS_BOS = {"llama_mha", "llama_gqa", "gemma3", "gemma3_multimodal", "mistral", "gemma3_softcap", "llama_tied_head"}
+SLIDING = ("gemma3", "gemma3_multimodal", "mistral", "phi3_sliding", "qwen3_sliding", "gemma3_softcap")
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,39 @@ def test_sliding_window_mask_matters(checkpoints, variant):
     assert _rel(unwindowed[-1], windowed[-1]) > 1e-3
     head = ids[: config.sliding_window]  # positions inside the window are unaffected
     assert torch.allclose(unwindowed[: head.shape[0]], windowed[: head.shape[0]], rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hooked_branches_add_up_to_each_layer(checkpoints, variant):
+    """The hooks read what each layer adds: its input + attention branch + MLP branch is its output, every layer;
+    the last layer's output through the final norm is the final hidden state."""
+    folder = checkpoints[variant]
+    model = ref.make_float64_faithful(load_torch_model(folder))
+    with torch.no_grad():
+        x = ref.embed(model, _ids(folder))
+        out = ref.layer_outputs(model, x)
+        assert torch.equal(out["input"][0], x)
+        assert torch.equal(out["input"][1:], out["residual"][:-1])
+        assert _rel(out["input"] + out["attn"] + out["mlp"], out["residual"]) < 1e-15
+        assert _rel(ref.decoder(model).norm(out["residual"][-1, -1]), ref.final_hidden(model, x)) < 1e-15
+        assert all(_rel(out[p], 0 * out[p]) > 0.1 for p in ("attn", "mlp"))  # neither branch is zero
+
+
+def test_layer_maps_of_the_last_layer_are_the_final_map(checkpoints):
+    """The cumulative residual map of the last layer is the Jacobian of the final hidden state; the single-layer
+    map of layer 0 is the cumulative one (its input is the input embeddings)."""
+    folder = checkpoints["gemma3"]
+    model = ref.make_detached(load_torch_model(folder))
+    ids = _ids(folder)
+    L = ref.decoder(model).config.num_hidden_layers
+    J, x, y = ref.layer_maps(model, ids, [0, L - 1])
+    assert J.shape == (3, 2, 48, len(ids), 48) and y.shape == (3, 2, 48)
+    np.testing.assert_array_equal(J[0, 1], ref.final_jacobian(model, ids))
+    single, inputs, single_y = ref.layer_maps(model, ids, [0], scope="single")
+    np.testing.assert_array_equal(inputs[0], x)
+    assert _rel(single[:, 0], J[:, 0]) < 1e-15 and _rel(single_y[:, 0], y[:, 0]) < 1e-15
+    for part in range(3):  # each map reconstructs its output
+        assert _rel(np.einsum("lotd,td->lo", J[part], x), y[part]) < 1e-13
 
 
 def test_single_pass_only(checkpoints):

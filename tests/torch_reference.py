@@ -10,6 +10,13 @@ Detached additionally stops the gradient through every nonlinear coefficient (DE
 the GLU MLP, and the attention probabilities. The decoder is then linear in its input embeddings along the
 gradient path, so `final_hidden(x) = Σ_t J_t x_t`.
 
+Layer maps (`layer_maps`) are read off the model's own modules with forward hooks: a layer's residual output is
+the decoder layer's output; its attention and MLP branches are what the layer adds to the residual stream, the
+outputs of `self_attn` and `mlp`, or, where the family norms the branch before adding it (Gemma 3's sandwich,
+OLMo 2's post-norm), of `post_attention_layernorm` and `post_feedforward_layernorm`. Every map is read at the last
+position through the decoder's own final norm. Single-layer maps replace the input of one layer (a forward
+pre-hook) and differentiate with respect to it.
+
 Supported decoders: Llama, Mistral, Qwen 3, Gemma 3 (text, and the language model inside
 Gemma3ForConditionalGeneration), Phi-3 (fused qkv/gate_up, partial rotary), OLMo 2 (post-norm, q/k norm over the
 full projection width). The replaced forwards handle one sequence in a single pass (no incremental decoding);
@@ -18,14 +25,19 @@ masks are built from positions `0..T-1` exactly as transformers' masking_utils d
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen3", "gemma3_text", "phi3", "olmo2"})
+# Families whose attention and MLP outputs go through a norm before the residual add.
+BRANCH_NORM_MODEL_TYPES = frozenset({"gemma3_text", "olmo2"})
+PARTS = ("residual", "attn", "mlp")
 
 
 def decoder(model: nn.Module) -> nn.Module:
@@ -141,10 +153,9 @@ def _attention_forward(
 
     groups = n_heads // n_kv
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    # No attention-logit softcap: the supported families' attention never applies one (Gemma 3's modules keep
+    # `attn_logit_softcapping` from the config but do not pass it on), so a config that sets it runs uncapped.
     scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
-    softcap = getattr(self, "attn_logit_softcapping", None)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
     window = self.sliding_window if hasattr(self, "sliding_window") else getattr(config, "sliding_window", None)
     scores = scores.masked_fill(~_allowed(length, window, scores.device), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -250,3 +261,145 @@ def detached_jacobian(model: nn.Module, input_ids: torch.Tensor) -> np.ndarray:
     x = embed(model, input_ids).detach()
     jac = torch.autograd.functional.jacobian(lambda e: final_hidden(model, e), x, vectorize=True)
     return jac.numpy()
+
+
+def branch_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """Per layer, (attention branch, MLP branch): the modules whose outputs the layer adds to its residual stream."""
+    dec = decoder(model)
+    if dec.config.model_type in BRANCH_NORM_MODEL_TYPES:
+        return [(layer.post_attention_layernorm, layer.post_feedforward_layernorm) for layer in dec.layers]
+    return [(layer.self_attn, layer.mlp) for layer in dec.layers]
+
+
+@contextlib.contextmanager
+def _recorded(model: nn.Module, replace: tuple[int, torch.Tensor] | None = None) -> Iterator[dict[str, list]]:
+    """Hooks on every layer while inside: a dict with, per layer in order, its "input", "residual" (output), "attn"
+    and "mlp" branch outputs, each `(T, d)`, filled by the next forward pass. `replace=(l, h)` feeds `h (T, d)` to
+    layer l in place of what the layers before it computed."""
+    dec = decoder(model)
+    seen: dict[str, list] = {name: [None] * len(dec.layers) for name in ("input",) + PARTS}
+
+    def record(name: str, i: int):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output  # self_attn returns (out, probs)
+            seen[name][i] = out[0]
+        return hook
+
+    def feed(i: int):
+        def pre_hook(module, args, kwargs):
+            args = list(args) if args else []
+            if replace is not None and replace[0] == i:
+                if args:
+                    args[0] = replace[1][None]
+                else:
+                    kwargs["hidden_states"] = replace[1][None]
+            seen["input"][i] = (args[0] if args else kwargs["hidden_states"])[0]
+            return tuple(args), kwargs
+        return pre_hook
+
+    handles = []
+    for i, (layer, (attn, mlp)) in enumerate(zip(dec.layers, branch_modules(model))):
+        handles.append(layer.register_forward_pre_hook(feed(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(record("residual", i)))
+        handles.append(attn.register_forward_hook(record("attn", i)))
+        handles.append(mlp.register_forward_hook(record("mlp", i)))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def layer_outputs(model: nn.Module, inputs_embeds: torch.Tensor, replace: tuple[int, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Every layer's "input", "residual", "attn" and "mlp", each stacked `(L, T, d)`, for `inputs_embeds (T, d)`;
+    `replace` as in `_recorded`."""
+    with _recorded(model, replace) as seen:
+        decoder(model)(inputs_embeds=inputs_embeds[None], use_cache=False)
+    return {name: torch.stack(values) for name, values in seen.items()}
+
+
+def layer_maps(model: nn.Module, input_ids: torch.Tensor, layers: Sequence[int], *, scope: str = "cumulative",
+               parts: Sequence[str] = PARTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(J, inputs, outputs) of each layer's `parts` at the last position through the final norm, at the model's
+    dtype: J `(P, n, d, T, d)`, outputs `(P, n, d)` for P parts and n layers; inputs `(T, d)` (cumulative: the input
+    embeddings) or `(n, T, d)` (single: what enters each layer). Cumulative maps differentiate with respect to the
+    input embeddings, single-layer maps with respect to the layer's own input. Detached if `make_detached` was
+    applied, the plain Jacobian if only `make_float64_faithful`."""
+    norm = decoder(model).norm
+    x = embed(model, input_ids).detach()
+
+    def read(out: dict[str, torch.Tensor], chosen: Sequence[int]) -> torch.Tensor:
+        return torch.stack([torch.stack([norm(out[p][l, -1]) for l in chosen]) for p in parts])  # (P, n, d)
+
+    if scope == "cumulative":
+        jac = torch.autograd.functional.jacobian(lambda e: read(layer_outputs(model, e), layers), x, vectorize=True)
+        with torch.no_grad():
+            y = read(layer_outputs(model, x), layers)
+        return jac.numpy(), x.numpy(), y.numpy()
+    if scope != "single":
+        raise ValueError(f"scope must be 'cumulative' or 'single', got {scope!r}")
+    with torch.no_grad():
+        stream = layer_outputs(model, x)["input"]  # (L, T, d): what enters each layer
+    jacs, ys = [], []
+    for l in layers:
+        h = stream[l].detach()
+        jac = torch.autograd.functional.jacobian(lambda v: read(layer_outputs(model, x, (l, v)), [l]), h,
+                                                 vectorize=True)
+        jacs.append(jac[:, 0])
+        with torch.no_grad():
+            ys.append(read(layer_outputs(model, x, (l, h)), [l])[:, 0])
+    return torch.stack(jacs, 1).numpy(), stream[list(layers)].numpy(), torch.stack(ys, 1).numpy()
+
+
+def final_jacobian(model: nn.Module, input_ids: torch.Tensor) -> np.ndarray:
+    """Jacobian `(d, T, d)` of `final_hidden` w.r.t. the input embeddings: detached or plain, as the model is."""
+    x = embed(model, input_ids).detach()
+    return torch.autograd.functional.jacobian(lambda e: final_hidden(model, e), x, vectorize=True).numpy()
+
+
+def logit_jacobian(model: nn.Module, input_ids: torch.Tensor, token_ids: Sequence[int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(J `(k, T, d)`, logits `(k,)`): the model's own output embedding (`lm_head`, tied or not) applied to the
+    final hidden state, before any final logit softcapping, rows `token_ids`."""
+    head = model.get_output_embeddings()
+    rows = torch.as_tensor(list(token_ids))
+    x = embed(model, input_ids).detach()
+
+    def logits(e: torch.Tensor) -> torch.Tensor:
+        return head(final_hidden(model, e))[rows]
+
+    with torch.no_grad():
+        values = logits(x)
+    return torch.autograd.functional.jacobian(logits, x, vectorize=True).numpy(), values.numpy()
+
+
+def stream_entering(model: nn.Module, input_ids: torch.Tensor, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(J `(d, T, d)`, h `(d,)`): the raw residual stream entering `layer` at the last position (transformers'
+    `hidden_states[layer]`: the input embeddings for layer 0), and its Jacobian w.r.t. the input embeddings."""
+    x = embed(model, input_ids).detach()
+
+    def entering(e: torch.Tensor) -> torch.Tensor:
+        out = decoder(model)(inputs_embeds=e[None], use_cache=False, output_hidden_states=True)
+        return out.hidden_states[layer][0, -1]
+
+    with torch.no_grad():
+        h = entering(x)
+    return torch.autograd.functional.jacobian(entering, x, vectorize=True).numpy(), h.numpy()
+
+
+def logits_with_added(model: nn.Module, input_ids: torch.Tensor, layer: int,
+                      added: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """Last-position logits `(V,)` of the model with `added(h)` added to the residual stream `h (T, d)` entering
+    `layer` (a forward pre-hook on that layer; layer 0's input is the input embeddings)."""
+    def pre_hook(module, args, kwargs):
+        if args:
+            return (args[0] + added(args[0][0])[None], *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + added(kwargs["hidden_states"][0])[None]}
+
+    handle = decoder(model).layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            return model(input_ids=torch.as_tensor(input_ids)[None], use_cache=False).logits[0, -1].numpy()
+    finally:
+        handle.remove()

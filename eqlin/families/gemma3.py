@@ -74,6 +74,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(layers)
     )
     rope_full, rope_sliding = rope_specs_from_hf(hf, default_theta=1_000_000.0, local_theta=10_000.0)
+    # transformers' Gemma 3 attention never applies attn_logit_softcapping (a Gemma 2 field its config keeps),
+    # so a config that sets it runs uncapped there; eqlin checks the value and computes the same function.
+    config_float(hf, "attn_logit_softcapping", None, optional=True)
     return ModelConfig(
         family="gemma3",
         vocab_size=config_int(hf, "vocab_size", 262_208),
@@ -97,7 +100,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=config_bool(hf, "tie_word_embeddings", True),
         max_position_embeddings=config_int(hf, "max_position_embeddings", 131_072),
         final_logit_softcapping=config_float(hf, "final_logit_softcapping", None, optional=True),
-        attn_logit_softcapping=config_float(hf, "attn_logit_softcapping", None, optional=True),
+        attn_logit_softcapping=None,
         bos_token_id=single_token_id(hf, "bos_token_id", 2),
         eos_token_id=single_token_id(hf, "eos_token_id", 1),
     )
