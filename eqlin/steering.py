@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqlin import display
 from eqlin.checks import check_int, check_real
 from eqlin.config import ModelConfig
 from eqlin.blocks import attend, attention_probs, einsum, project_qkv, visible
@@ -184,6 +185,12 @@ class SteeringResult:
     logprob_lift: float
     map_relative_error: float
 
+    def __repr__(self) -> str:
+        return display.steering_repr(self)
+
+    def _repr_html_(self) -> str:
+        return display.steering_html(self)
+
 
 def _check(model: Model, concept: str, text: str, layers: Sequence[int], max_new_tokens: int,
            concept_tokens: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -266,12 +273,20 @@ def random_control(J: Array, seed: int) -> Array:
     return R * (frobenius(J) / frobenius(R))
 
 
+class SteeringSweep(dict):
+    """The table `steering_sweep` returns: a plain dict (exactly steering.json's content) that also shows
+    itself as a table in a notebook."""
+
+    def _repr_html_(self) -> str:
+        return display.sweep_html(self)
+
+
 def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[int], strengths: Sequence[float],
                    max_new_tokens: int = 24, concept_tokens: Sequence[int] | None = None, seed: int = 0,
                    quiet: bool = True) -> dict[str, Any]:
     """Steer over layers × strengths, beside a control: a random operator of J_c's Frobenius norm (seeded
-    by `seed`) in place of J_c. Returns the table (JSON-serializable; `lift[i][j]`, `control_lift[i][j]`
-    for layers[i], strengths[j]; `cells` with texts). Write it with `write_sweep`."""
+    by `seed`) in place of J_c. Returns the table, a `SteeringSweep` (a JSON-serializable dict; `lift[i][j]`,
+    `control_lift[i][j]` for layers[i], strengths[j]; `cells` with texts). Write it with `write_sweep`."""
     layers = _layers(layers)
     c_ids, t_ids, targets = _check(model, concept, text, layers, max_new_tokens, concept_tokens)
     if isinstance(strengths, (str, bytes)) or not len(strengths):
@@ -306,7 +321,7 @@ def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[in
                               "control_lift": float(control_lift[i, j]), "steered_text": runs["steered"][0],
                               "control_text": runs["control"][0]})
     timings["steered generation"] = round(time.perf_counter() - start, 3)
-    return {
+    return SteeringSweep({
         "schema": SCHEMA,
         "model": {"source": model.source, "family": model.config.family, "num_layers": model.config.num_layers},
         "dtype": str(model.dtype),
@@ -325,7 +340,7 @@ def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[in
         "best": max(cells, key=lambda c: c["lift"]),
         "cells": cells,
         "timings_s": timings,
-    }
+    })
 
 
 def heatmap_png(table: dict[str, Any]) -> bytes:
