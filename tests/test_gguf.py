@@ -361,6 +361,16 @@ def test_the_embedded_model_is_assembled_into_the_eqlin_cache(gemma_path):
     assert eqlin_gguf.default_model_path() == gemma_path  # the second call verifies and reuses it
 
 
+def test_a_corrupt_embedded_model_is_assembled_again(gemma_path):
+    digest = eqlin_gguf._sha256(gemma_path)
+    corrupt = temp_path(gemma_path)
+    corrupt.write_bytes(b"GGUF" + bytes(1000))
+    os.replace(corrupt, gemma_path)  # a new file: readers of the old one keep theirs
+    assert eqlin_gguf.default_model_path() == gemma_path
+    assert eqlin_gguf._sha256(gemma_path) == digest and [p.name for p in gemma_path.parent.iterdir()] == [
+        gemma_path.name]
+
+
 def test_a_conversion_says_so_and_follows_the_umask(tiny_llama, tmp_path, capsys):
     """The first use of a GGUF file announces its one-time conversion (1.1 GB for the embedded model), and
     the converted folder and its files are readable by others under umask 022."""
