@@ -87,8 +87,9 @@ def describe_map(layer: Any, part: str, scope: str, detach: bool = True, tap: st
 
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None, raw: bool = True) -> str:
     """An HTML table; cells are HTML already (raw) or escaped."""
-    def cell(c: Any, tag: str) -> str:
-        return f'<{tag} style="{_CELL}">{c if raw else html.escape(str(c))}</{tag}>'
+    def cell(c: Any, tag: str) -> str:  # values never wrap; headers may
+        style = _CELL + (";white-space:nowrap" if tag == "td" else "")
+        return f'<{tag} style="{style}">{c if raw else html.escape(str(c))}</{tag}>'
 
     head = "" if header is None else "<thead><tr>" + "".join(cell(h, "th") for h in header) + "</tr></thead>"
     body = "".join("<tr>" + "".join(cell(c, "td") for c in row) + "</tr>" for row in rows)
