@@ -76,11 +76,12 @@ def describe_map(layer: Any, part: str, scope: str, detach: bool = True, tap: st
     if layer is None:
         what = "input embeddings → final hidden state"
     else:
-        layers = f"layers {', '.join(map(str, layer))}" if isinstance(layer, tuple) else f"layer {layer}"
+        layers = f"layers {layers_text(layer)}" if isinstance(layer, tuple) else f"layer {layer}"
         branch = {"residual": "residual stream after it", "attn": "attention branch", "mlp": "MLP branch"}[part]
         if part != "residual":
             branch += f" ({tap} its post-norm)"
-        source = "input embeddings" if scope == "cumulative" else "residual stream entering it"
+        source = "input embeddings" if scope == "cumulative" else (
+            f"residual stream entering {'each' if isinstance(layer, tuple) else 'it'}")
         what = f"{source} → {layers}: {branch}"
     return f"{kind} {what}, read at the last position through the final norm"
 
@@ -265,9 +266,17 @@ def map_spectra_repr(maps: Any) -> str:
             f"max relative error {float(np.max(maps.relative_error)):.1e})")
 
 
+def layers_text(layers: Sequence[int]) -> str:
+    """'0–17' for consecutive layers, else the list (its first 8 and a count beyond)."""
+    layers = list(layers)
+    if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}–{layers[-1]}"
+    return ", ".join(map(str, layers[:8])) + (f", … ({len(layers)} in all)" if len(layers) > 8 else "")
+
+
 def layer_spectra_repr(story: Any) -> str:
     scopes = ", ".join(story.maps)
-    return (f"LayerSpectra(layers {list(story.layers)}; scopes {scopes} × parts residual, attn, mlp; tap "
+    return (f"LayerSpectra(layers {layers_text(story.layers)}; scopes {scopes} × parts residual, attn, mlp; tap "
             f"{story.tap}; max relative error {story.max_relative_error:.1e})")
 
 

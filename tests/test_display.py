@@ -10,7 +10,7 @@ import pytest
 
 import eqlin
 from eqlin.analysis import analyze
-from eqlin.display import token_heatmap, visible
+from eqlin.display import layers_text, token_heatmap, visible
 from tests.conftest import TEXT
 
 CONCEPT = "The bridge out of Marin is the Golden"
@@ -74,7 +74,7 @@ def test_spectrum(model):
 def test_layer_spectra_and_analysis(model):
     result = analyze(model, TEXT, layers=(0, 3), top_k=3)
     story = result.layer_spectra
-    assert repr(story).startswith("LayerSpectra(layers [0, 3]") and "\n" not in repr(story)
+    assert repr(story).startswith("LayerSpectra(layers 0, 3;") and "\n" not in repr(story)
     assert repr(story.maps["single"]["attn"]).startswith("MapSpectra(2 layers")
     compact(story._repr_html_())
     text = repr(result)
@@ -91,6 +91,11 @@ def test_steering_results(model):
                                  max_new_tokens=2)
     assert json.loads(json.dumps(table)) == table  # still the plain table of steering.json
     assert "random control" in compact(table._repr_html_())
+
+
+def test_layer_lists_stay_short():
+    assert layers_text(range(18)) == "0–17" and layers_text([0, 5]) == "0, 5"
+    assert layers_text(range(0, 40, 2)) == "0, 2, 4, 6, 8, 10, 12, 14, … (20 in all)"
 
 
 def test_the_heat_map_scale_and_its_legend():
