@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqlin import display
 from eqlin.decoder import num_params
 from eqlin.layer_story import Engine, LayerSpectra, layer_spectra
 from eqlin.linear_maps import detached_jacobian, jacobian, logit_map, matrix_free_check
@@ -75,6 +76,12 @@ class Analysis:
     jacobian: np.ndarray
     singular_values: np.ndarray
     layer_spectra: LayerSpectra | None = None
+
+    def __repr__(self) -> str:
+        return display.analysis_repr(self)
+
+    def _repr_html_(self) -> str:
+        return display.analysis_html(self)
 
 
 TAP_MEANING = {

@@ -323,11 +323,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _temp_folders(args: argparse.Namespace) -> list[Path]:
-    """Where this command may hold temporary entries: beside its output, and in the GGUF cache."""
+    """Where this command may hold temporary entries: beside its output, and in the GGUF caches."""
     from eqlin import userdirs
 
     out = getattr(args, "out", None) or getattr(args, "dst", None)
-    return [userdirs.cache_dir() / "gguf"] + ([Path(out).parent] if out else [])
+    return [userdirs.cache_dir() / "gguf", userdirs.cache_dir() / "embedded"] + ([Path(out).parent] if out else [])
 
 
 def _stop(args: argparse.Namespace, signum: int) -> None:

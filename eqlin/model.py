@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from eqlin import decoder as fwd
+from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError
 from eqlin.families import FamilySpec, config_from_hf, spec_for
@@ -38,6 +39,9 @@ class Model:
     @property
     def dtype(self) -> jnp.dtype:
         return self.params.embed.dtype
+
+    def __repr__(self) -> str:  # one line: the weights are in .params
+        return display.model_repr(self)
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids (T,) with BOS as the tokenizer adds it."""

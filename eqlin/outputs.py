@@ -88,6 +88,27 @@ def clean_temps(folder: Path, *, own: bool = False) -> None:
         remove(entry)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux: /proc/self/status),
+    else by setting it and putting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give a file that a library created with a fixed private mode the mode an ordinary new file gets
+    (0666 less the umask)."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a folder's entries (new names, renames) durable."""
     fd = os.open(folder, os.O_RDONLY)

@@ -1,4 +1,5 @@
-"""Progress on stderr for long runs: named stages with elapsed time, and step bars (tqdm)."""
+"""Progress on stderr for long runs: named stages with elapsed time, and step bars (`tqdm.auto`: a widget in
+a notebook, text elsewhere)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 import time
 from typing import Iterator
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 
 @contextlib.contextmanager

@@ -7,36 +7,52 @@ import base64
 import functools
 import html
 import io
+import unicodedata
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from eqlin.analysis import Analysis
+from eqlin.display import contribution_heatmaps, token_html
 from eqlin.outputs import json_text, write_folder_atomic
 from eqlin.progress import stage
 
 FIGURES = {
-    "reconstruction.png": "Reconstruction of the output y: detached vs plain Jacobian",
-    "jacobian.png": "The detached Jacobian [J_1 … J_T] (d × T·d)",
-    "spectra.png": "Singular values of each J_t, with the top left singular vector decoded",
-    "emergence.png": "Where the prediction emerges: u_1 of every layer map decoded through the unembedding",
-    "dimensionality.png": "Effective dimension of every layer map, both scopes and three parts",
+    "reconstruction.png": "Reconstruction of the output y by Σ_t J_t x_t: the detached Jacobian (exact) against the "
+                          "plain Jacobian (not)",
+    "jacobian.png": "The detached Jacobian [J_0 … J_{T−1}] (d × T·d), one block of columns per input token; each "
+                    "pixel shows the largest-magnitude entry of a block of entries, and the colour scale is clipped "
+                    "(the colour bar says where and how much)",
+    "spectra.png": "Top singular values of each per-token map J_t, with the token that each J_t's top left singular "
+                   "vector u_1 decodes to (legend)",
+    "emergence.png": "Where the prediction emerges: u_1 of every layer map decoded through the unembedding, boxed "
+                     "where it decodes to the next token",
+    "dimensionality.png": "Effective dimension of every layer map (stable rank and participation ratio), both scopes "
+                          "and three parts",
 }
 PART_COLORS = {"residual": "tab:blue", "attn": "tab:orange", "mlp": "tab:green"}
 SCOPE_STYLES = {"cumulative": ("-", "o"), "single": ("--", "s")}
+DPI = 110
+JACOBIAN_BLOCKS = (320, 640)  # jacobian.png shows at most this many rows × columns (each a block of J)
+CLIP_PERCENTILE = 99.5  # jacobian.png's colour scale ends at this percentile of the shown |values|
+MAX_TICK_LABELS = 16  # token labels along an axis, at most
+
+
+def figure(draw: Callable[[Any], None], size: tuple[float, float]):
+    """A fresh matplotlib `Figure` (no pyplot state, no backend switch) drawn by `draw(fig)`, laid out
+    by matplotlib's constrained layout (room for titles, colour bars and legends outside the axes)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    draw(fig)
+    return fig
 
 
 def render_png(draw: Callable[[Any], None], size: tuple[float, float]) -> bytes:
-    """PNG bytes of a figure drawn by `draw(fig)` on a fresh matplotlib `Figure` (no pyplot state, no
-    backend switch)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, dpi=110)
-    draw(fig)
-    fig.tight_layout()
+    """PNG bytes of `figure(draw, size)`."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    figure(draw, size).savefig(buf, format="png")
     return buf.getvalue()
 
 
@@ -74,22 +90,46 @@ def _drawable(token: str, width: int = 12) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _tick_positions(n: int) -> range:
+    """Which of n positions get a label: all, or every k-th so that at most `MAX_TICK_LABELS` do."""
+    return range(0, n, -(-n // MAX_TICK_LABELS))
+
+
 def _reconstruction(result: Analysis):
     r = result.report
 
     def draw(fig):
         y = result.output
-        for i, (recon, label, err) in enumerate([
-                (result.reconstruction, "detached", r["relative_error"]),
-                (result.plain_reconstruction, "plain", r["plain_relative_error"])]):
-            ax = fig.add_subplot(1, 2, i + 1)
-            ax.scatter(y, recon, s=6, alpha=0.6, color="tab:blue" if i == 0 else "tab:red")
+        axes = fig.subplots(1, 2)
+        for ax, recon, label, err, color in [
+                (axes[0], result.reconstruction, "detached", r["relative_error"], "tab:blue"),
+                (axes[1], result.plain_reconstruction, "plain", r["plain_relative_error"], "tab:red")]:
+            ax.scatter(y, recon, s=6, alpha=0.6, color=color)
             lim = [min(y.min(), recon.min()), max(y.max(), recon.max())]
-            ax.plot(lim, lim, color="gray", lw=0.8)
-            ax.set_xlabel("y (model output)")
-            ax.set_ylabel("Σ_t J_t x_t")
-            ax.set_title(f"{label} Jacobian: relative error {err:.2e}")
+            ax.plot(lim, lim, color="gray", lw=0.8, label="y = Σ_t J_t x_t")
+            ax.set_xlabel("y_i, the model's output")
+            ax.set_ylabel("(Σ_t J_t x_t)_i, the reconstruction")
+            ax.set_title(f"{label} Jacobian: ‖y − Σ_t J_t x_t‖ / ‖y‖ = {err:.2e}", fontsize=10)
+            ax.legend(fontsize=8, loc="upper left")
+        fig.suptitle(f"Reconstructing the final hidden state y (one point per coordinate, d = {y.size}) at the "
+                     "last position", fontsize=11)
     return draw
+
+
+def block_extremes(J: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, int, int]:
+    """J (d_out, T, d_in) as an image of at most `rows` × `cols` pixels without dropping entries: each
+    pixel is the signed entry of largest magnitude in its block of bh × bw entries, blocks never crossing
+    from one token's J_t into the next (each J_t is padded with zeros to whole blocks). Returns
+    (image (ceil(d_out/bh), T·ceil(d_in/bw)), bh, bw)."""
+    d_out, T, d_in = J.shape
+    bw = -(-T * d_in // cols)
+    bw = next(b for b in range(bw, d_in + 1) if T * -(-d_in // b) <= cols) if bw < d_in else d_in
+    bh = -(-d_out // rows)
+    A = np.pad(J, ((0, -d_out % bh), (0, 0), (0, -d_in % bw)))
+    R, C = A.shape[0] // bh, A.shape[2] // bw
+    blocks = A.reshape(R, bh, T, C, bw).transpose(0, 2, 3, 1, 4).reshape(R, T, C, bh * bw)
+    pick = np.abs(blocks).argmax(axis=-1)[..., None]
+    return np.take_along_axis(blocks, pick, axis=-1).reshape(R, T * C), bh, bw
 
 
 def _jacobian(result: Analysis):
@@ -97,16 +137,32 @@ def _jacobian(result: Analysis):
 
     def draw(fig):
         J = result.jacobian  # (d, T, d)
-        d, T, _ = J.shape
-        M = J.reshape(d, T * d)
-        lim = float(np.percentile(np.abs(M), 99.5)) or 1.0
+        d_out, T, d_in = J.shape
+        image, bh, bw = block_extremes(J, *JACOBIAN_BLOCKS)
+        per_token = image.shape[1] // T
+        magnitude = np.abs(image)
+        lim = float(np.percentile(magnitude, CLIP_PERCENTILE)) or float(magnitude.max()) or 1.0
+        beyond = float(np.mean(magnitude > lim))
         ax = fig.add_subplot(1, 1, 1)
-        im = ax.imshow(M, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-        ax.set_xticks([d * t + d / 2 for t in range(T)], [repr(s)[1:-1] for s in tokens], rotation=45, ha="right")
+        # Fewer pixels than the axes has: "nearest" repeats pixels, never drops one.
+        im = ax.imshow(image, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest",
+                       extent=(0, T * d_in, d_out, 0))
+        ticks = _tick_positions(T)
+        ax.set_xticks([d_in * t + d_in / 2 for t in ticks],
+                      [f"{t}: {_drawable(tokens[t])}" for t in ticks], rotation=30, ha="right", fontsize=8)
         for t in range(1, T):
-            ax.axvline(d * t - 0.5, color="black", lw=0.5)
-        ax.set_ylabel("output dimension")
-        fig.colorbar(im, ax=ax, fraction=0.03)
+            ax.axvline(d_in * t, color="black", lw=0.6)
+        ax.set_xlabel(f"input: token position t (x_t, d = {d_in} columns of J_t each)")
+        ax.set_ylabel(f"output coordinate i of y (d = {d_out})")
+        block = "every entry shown" if bh * bw == 1 else (
+            f"each pixel: the largest-|·| entry of a block of {bh} × {bw} entries (signed)")
+        ax.set_title(f"The detached Jacobian [J_0 … J_{T - 1}]: {d_out} × {T * d_in} entries, shown as "
+                     f"{image.shape[0]} × {image.shape[1]} pixels ({per_token} per token)\n{block}", fontsize=9)
+        bar = fig.colorbar(im, ax=ax, fraction=0.04, extend="both" if beyond else "neither")
+        bar.set_label(f"entry of J (colour clipped at ±{lim:.2g}, the {CLIP_PERCENTILE:g}th percentile of |shown|;\n"
+                      f"{beyond:.1%} of pixels beyond; largest |J| = {float(np.abs(J).max()):.3g})", fontsize=8)
+        fig.suptitle("y = Σ_t J_t x_t: how each input coordinate (column) moves each output coordinate (row)",
+                     fontsize=11)
     return draw
 
 
@@ -114,17 +170,36 @@ def _spectra(result: Analysis):
     per_token = result.report["per_token"]
 
     def draw(fig):
-        ax = fig.add_subplot(1, 1, 1)
+        from matplotlib import colormaps
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         s = result.singular_values  # (T, k)
+        T, k = s.shape
+        ax = fig.add_subplot(1, 1, 1)
+        many = T > MAX_TICK_LABELS  # a colour per position instead of a legend entry per token
+        colors = colormaps["viridis"](np.linspace(0, 1, T)) if many else [f"C{t % 10}" for t in range(T)]
+        styles = ["-", "--", ":", "-."]
         for t, row in enumerate(per_token):
-            ax.plot(range(1, s.shape[1] + 1), s[t], marker="o", ms=3, label=repr(row["token"])[1:-1])
-            ax.annotate(repr(row["left_tokens"][0][0])[1:-1], (1, s[t, 0]), textcoords="offset points",
-                        xytext=(6, 0), fontsize=7)
+            ax.plot(range(1, k + 1), s[t], marker="o", ms=3, color=colors[t], lw=1,
+                    linestyle="-" if many else styles[t // 10 % len(styles)],
+                    label=f"{t}: {_drawable(row['token'])}  → u_1: {_drawable(row['left_tokens'][0][0])}")
         ax.set_yscale("log")
-        ax.set_xticks(range(1, s.shape[1] + 1))
-        ax.set_xlabel("singular value index")
-        ax.set_ylabel("σ")
-        ax.legend(fontsize=7, ncol=2, title="input token", title_fontsize=7)
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.2, 0.5, 1, 2, 5, …: readable values
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(range(1, k + 1))
+        ax.set_xlabel("i, index of the singular value (largest first)")
+        ax.set_ylabel("singular value σ_i of J_t (log scale)")
+        ax.grid(alpha=0.3, which="both")
+        if many:
+            bar = fig.colorbar(ScalarMappable(Normalize(0, T - 1), colormaps["viridis"]), ax=ax, fraction=0.04)
+            bar.set_label("input position t", fontsize=8)
+        else:
+            ax.legend(fontsize=7, title="position: token → top token of u_1", title_fontsize=7,
+                      loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        ax.set_title(f"Top {k} singular values of each per-token map J_t (y = Σ_t J_t x_t)", fontsize=10)
     return draw
 
 
@@ -152,7 +227,7 @@ def _emergence(result: Analysis):
         ax.set_xlabel("map (scope, part)")
         ax.set_ylabel("layer")
         ax.set_title(f"Top token of u_1 for each layer map; boxed: u_1 decodes to the next token "
-                     f"{_drawable(next_text, 30)}",
+                     f"{_drawable(next_text, 30)}\n(␣: a space; \\uXXXX: a character the figure font cannot draw)",
                      fontsize=9)
         bar = fig.colorbar(image, ax=ax, fraction=0.04)
         bar.set_label(f"rank of {_drawable(next_text)} among u_1's tokens\n(log10(1 + rank); 0: on top)", fontsize=8)
@@ -169,77 +244,119 @@ def _dimensionality(result: Analysis):
     story = result.layer_spectra
     layers = np.array(story.layers)
     contiguous = bool(np.all(np.diff(layers) == 1))
+    d = result.jacobian.shape[0]
 
     def draw(fig):
-        for k, (measure, label) in enumerate([("stable_rank", "stable rank ‖J‖_F² / σ_1²"),
-                                              ("participation_ratio", "participation ratio (Σσ²)² / Σσ⁴")]):
-            ax = fig.add_subplot(1, 2, k + 1)
+        axes = fig.subplots(1, 2)
+        for ax, (measure, label, title) in zip(axes, [
+                ("stable_rank", "stable rank ‖J‖_F² / σ_1²", "Stable rank"),
+                ("participation_ratio", "participation ratio (Σσ²)² / Σσ⁴", "Participation ratio")]):
             for scope, parts in story.maps.items():
                 line, marker = SCOPE_STYLES[scope]
                 for part, maps in parts.items():
                     ax.plot(layers, getattr(maps.effective, measure), linestyle=line if contiguous else "none",
                             marker=marker, ms=4, lw=1, color=PART_COLORS[part], label=f"{scope} · {part}")
-            ax.set_xticks(layers if len(layers) <= 12 else layers[::max(1, len(layers) // 9)])
-            ax.set_xlabel("layer")
+            ax.set_xticks(layers if len(layers) <= 12 else layers[::-(-len(layers) // 10)])
+            ax.set_xlabel("layer" + ("" if contiguous else " (only the analysed ones, not joined)"))
             ax.set_ylabel(label)
-            ax.set_title(label.split(" ‖")[0].split(" (")[0].capitalize() + " of each layer map", fontsize=10)
+            ax.set_title(f"{title} of each layer map (out of d = {d})", fontsize=10)
             ax.grid(alpha=0.3)
-            if k == 0:
-                ax.legend(fontsize=7, ncol=2)
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8,
+                   title="scope · part", title_fontsize=8)
+        fig.suptitle("Effective dimension of the six maps of every analysed layer (both panels share the legend)",
+                     fontsize=11)
     return draw
 
 
 def figures(result: Analysis) -> dict[str, bytes]:
     """PNG bytes by file name (the layer figures only when layer maps were computed)."""
-    out = {"reconstruction.png": render_png(_reconstruction(result), (9, 4)),
-           "jacobian.png": render_png(_jacobian(result), (10, 4.5)),
-           "spectra.png": render_png(_spectra(result), (8, 4.5))}
+    out = {"reconstruction.png": render_png(_reconstruction(result), (10, 4.5)),
+           "jacobian.png": render_png(_jacobian(result), (11, 6)),
+           "spectra.png": render_png(_spectra(result), (10, 5))}
     if result.layer_spectra is not None:
         n = len(result.layer_spectra.layers)
         out["emergence.png"] = render_png(_emergence(result), (10, 0.32 * n + 1.8))
-        out["dimensionality.png"] = render_png(_dimensionality(result), (12, 4.5))
+        out["dimensionality.png"] = render_png(_dimensionality(result), (13, 4.8))
     return out
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _table(header: list[str], rows: list[list[Any]], *, raw: bool = False) -> str:
+    """An HTML table with a header row; cells are escaped unless `raw` (HTML already)."""
     cells = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{c if raw else html.escape(str(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
     return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _fields(rows: list[tuple[str, str]]) -> str:
+    """A table of (name, HTML value) rows, the names as row headers (no header row)."""
+    body = "".join(f"<tr><th scope=\"row\">{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return f"<table class=\"fields\"><tbody>{body}</tbody></table>"
+
+
+def _per_token_section(report: dict[str, Any]) -> str:
+    """Each input token's map J_t: its size, its share of the logit, its effective dimension and its
+    top singular triplets decoded, with what every column means."""
+    k = len(report["per_token"][0]["singular_values"])
+    header = (["t", "token", "‖J_t x_t‖", "logit contribution", "stable rank"]
+              + [f"σ_{i} · u_{i} / v_{i}" for i in range(1, k + 1)] + [f"u_1 → top {k} tokens"])
+    rows = []
+    for p in report["per_token"]:
+        triplets = [f"<b>{s:.3g}</b><br><span class=\"nw\">u: {token_html(u[0])}</span><br>"
+                    f"<span class=\"nw\">v: {token_html(v[0])}</span>"
+                    for s, u, v in zip(p["singular_values"], p["left_tokens"], p["right_tokens"])]
+        rows.append([str(p["position"]), token_html(p["token"]), f"{p['contribution_norm']:.3g}",
+                     f"{p['logit_contribution']:+.3g}", f"{p['effective_dimension']['stable_rank']:.2f}",
+                     *triplets, " ".join(token_html(t) for t in p["left_tokens"][0])])
+    return f"""<p>One row per input token t and its map J_t (d × d), where y = Σ_t J_t x_t.
+<b>‖J_t x_t‖</b>: the size of what token t adds to the output y; <b>logit contribution</b>:
+W_U[next] · J_t x_t, token t's exact share of the next token's logit (the heat map above); <b>stable rank</b>
+‖J_t‖_F² / σ_1², J_t's effective dimension. Then the top {k} singular triplets of
+J_t = Σ_i σ_i u_i v_iᵀ, one column each: <b>σ_i</b>, <b>u</b>: the top token of u_i through the unembedding
+(what J_t writes, read by the logit lens) and <b>v</b>: the input token whose embedding is nearest to v_i by
+cosine (what J_t reads). The terminal summary prints the same pairs. The last column lists u_1's top {k}
+tokens, best first. Tokens are shown with their spaces as ␣.</p>
+{_table(header, rows, raw=True)}"""
+
+
 def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
-    """A self-contained page: the numbers, per-token tables and every figure inlined as data URIs."""
-    nt = report["next_token"]
-    per_token = _table(
-        ["pos", "token", "‖J_t x_t‖", "logit contribution", "σ_1…σ_k", "stable rank", "u_1 → tokens", "v_1 → tokens"],
-        [[p["position"], repr(p["token"]), f"{p['contribution_norm']:.3g}", f"{p['logit_contribution']:.3g}",
-          ", ".join(f"{s:.3g}" for s in p["singular_values"]), f"{p['effective_dimension']['stable_rank']:.2f}",
-          " ".join(repr(t) for t in p["left_tokens"][0]), " ".join(repr(t) for t in p["right_tokens"][0])]
-         for p in report["per_token"]])
-    layer_section = _layer_section(report)
+    """A self-contained page: the numbers, the token heat maps, per-token and layer tables with what
+    their columns mean, and every figure inlined as a data URI with a caption."""
+    nt, logit = report["next_token"], report["logit"]
+    top = ", ".join(f"{token_html(p['text'])} {p['probability']:.3f}" for p in report["top_predictions"])
     images = "".join(
         f"<figure><img alt=\"{html.escape(FIGURES[name])}\" src=\"data:image/png;base64,"
-        f"{base64.b64encode(data).decode()}\"><figcaption>{html.escape(FIGURES[name])}</figcaption></figure>"
+        f"{base64.b64encode(data).decode()}\"><figcaption><b>{name}</b>: {html.escape(FIGURES[name])}"
+        f"</figcaption></figure>"
         for name, data in pngs.items())
     summary_rows = [
-        ["model", f"{report['model']['source']} ({report['model']['family']}, {report['model']['parameters']:,} parameters)"],
-        ["dtype", report["dtype"]],
-        ["next token", f"{nt['text']!r} (p = {nt['probability']:.3f})"],
-        ["detached reconstruction error", f"{report['relative_error']:.2e}"],
-        ["plain Jacobian reconstruction error", f"{report['plain_relative_error']:.2e}"],
-        ["homogeneity error (matrix-free)", f"{report['homogeneity_error']:.2e}"],
-        ["next-token logit: value / reconstructed", f"{report['logit']['value']:.6f} / {report['logit']['reconstructed']:.6f}"],
+        ("model", html.escape(f"{report['model']['source']} ({report['model']['family']}, "
+                              f"{report['model']['parameters']:,} parameters, d = {report['model']['hidden_size']})")),
+        ("dtype", report["dtype"]),
+        ("input tokens", " ".join(token_html(t["text"]) for t in report["tokens"])),
+        ("next token", f"{token_html(nt['text'])} p = {nt['probability']:.4f} (top {len(report['top_predictions'])}: "
+                       f"{top})"),
+        ("detached reconstruction error ‖y − Σ_t J_t x_t‖ / ‖y‖", f"{report['relative_error']:.2e} (exact up to "
+                                                                    "rounding)"),
+        ("plain Jacobian reconstruction error", f"{report['plain_relative_error']:.2e} (the ordinary Jacobian does "
+                                                "not reconstruct y)"),
+        ("homogeneity error ‖y − jvp(f, x; x)‖ / ‖y‖ (matrix-free)", f"{report['homogeneity_error']:.2e}"),
+        ("next-token logit: value / Σ_t W_U[next] · J_t x_t", f"{logit['value']:.6f} / {logit['reconstructed']:.6f}"),
     ]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>eqlin report: {html.escape(report['text'])}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
-table{{border-collapse:collapse;margin:1em 0;font-size:0.9em}}td,th{{border:1px solid #ccc;padding:3px 6px}}
-figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{color:#555}}</style></head>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.4}}
+table{{border-collapse:collapse;margin:1em 0;font-size:0.9em}}td,th{{border:1px solid #ccc;padding:3px 6px;
+vertical-align:top;text-align:left}}table.fields th{{background:#f6f6f6;font-weight:normal;color:#333}}
+thead th{{background:#f0f0f0}}.nw{{white-space:nowrap}}figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{color:#444}}</style></head>
 <body><h1>eqlin: the exact linear map of one prediction</h1>
-<p>Input: <code>{html.escape(report['text'])}</code></p>
-{_table(["", ""], summary_rows)}
-<h2>Per input token: J_t</h2>{per_token}
-<h2>The layer story: every layer's maps</h2>{layer_section}
+<p>Input: <code>{html.escape(report['text'])}</code>. For this input the model's next-token prediction is
+exactly a linear function of the input embeddings x_t: y = Σ_t J_t x_t, where y is the final hidden state at
+the last position and J_t its detached Jacobian with respect to token t (nonlinear coefficients frozen).</p>
+{_fields(summary_rows)}
+<h2>What each input token contributes</h2>{contribution_heatmaps(report)}
+<h2>Per input token: the map J_t taken apart</h2>{_per_token_section(report)}
+<h2>The layer story: every layer's maps</h2>{_layer_section(report)}
 <h2>Figures</h2>{images}
 </body></html>
 """
@@ -255,10 +372,11 @@ def _layer_section(report: dict[str, Any]) -> str:
     parts = ("residual", "attn", "mlp")
     header = (["layer"] + [f"SR {s[:3]}. {p}" for s in scopes for p in parts]
               + [f"u₁ → {s[:3]}. {p}" for s in scopes[:1] for p in parts] + ["lens rank", "lens p", "max error"])
-    body = [[r["layer"]] + [f"{r[s][p]['stable_rank']:.2f}" for s in scopes for p in parts]
-            + [repr(r[s][p]["top_tokens"][0]) + (" ✓" if r[s][p]["u1_next_token_rank"] == 0 else "")
+    body = [[str(r["layer"])] + [f"{r[s][p]['stable_rank']:.2f}" for s in scopes for p in parts]
+            + [token_html(r[s][p]["top_tokens"][0]) + (" ✓" if r[s][p]["u1_next_token_rank"] == 0 else "")
                for s in scopes[:1] for p in parts]
-            + [r[scopes[0]]["residual"]["next_token_rank"], f"{r[scopes[0]]['residual']['next_token_probability']:.3g}",
+            + [str(r[scopes[0]]["residual"]["next_token_rank"]),
+               f"{r[scopes[0]]['residual']['next_token_probability']:.3g}",
                f"{max(r[s][p]['relative_error'] for s in scopes for p in parts):.1e}"]
             for r in rows]
     return f"""<p>For each analysed layer l, six exact linear maps y = Σ_t J_t x_t, each output read at the last
@@ -268,10 +386,10 @@ its output. <b>residual</b>: the stream after layer l; <b>attn</b>, <b>mlp</b>: 
 ({html.escape(info['tap_meaning'])}). Largest relative reconstruction error over all of them:
 {info['max_relative_error']:.1e}; engines: {html.escape(', '.join(f'{k} {v}' for k, v in info['engines'].items()))}.</p>
 <p>Columns: <b>SR</b> stable rank ‖J‖_F² / σ₁² (cum. = cumulative, sin. = single); <b>u₁ →</b> the token the
-map's top left singular vector u₁ decodes to (✓: the model's next token {html.escape(repr(nt['text']))});
+map's top left singular vector u₁ decodes to (✓: the model's next token {token_html(nt['text'])});
 <b>lens rank</b>, <b>lens p</b>: the next token's rank (0 = top) and probability in the logit lens of the
 residual stream after layer l; <b>max error</b>: the largest reconstruction error of the layer's maps.</p>
-{_table(header, body)}"""
+{_table(header, body, raw=True)}"""
 
 
 def write_report(result: Analysis, out: Path, *, quiet: bool = True) -> list[Path]:
@@ -282,6 +400,19 @@ def write_report(result: Analysis, out: Path, *, quiet: bool = True) -> list[Pat
         files = {**pngs, "report.json": json_text(result.report).encode(),
                  "report.html": render_html(result.report, pngs).encode()}
         return write_folder_atomic(out, files)
+
+
+def _columns(text: str) -> int:
+    """The terminal columns `text` takes: East Asian wide and full-width characters two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _ljust(text: str, width: int) -> str:
+    return text + " " * max(0, width - _columns(text))
+
+
+def _rjust(text: str, width: int) -> str:
+    return " " * max(0, width - _columns(text)) + text
 
 
 def _layer_lines(report: dict[str, Any]) -> list[str]:
@@ -297,8 +428,8 @@ def _layer_lines(report: dict[str, Any]) -> list[str]:
              + "   " + " ".join(f"{p:<14}" for p in parts) + " lens"]
     for r in rows:
         ranks = " | ".join(" ".join(f"{r[s][p]['stable_rank']:>6.2f}" for p in parts) for s in scopes)
-        tokens = " ".join(f"{_quoted(r[scopes[0]][p]['top_tokens'][0]) + ('*' if r[scopes[0]][p]['u1_next_token_rank'] == 0 else ''):<14}"
-                          for p in parts)
+        tokens = " ".join(_ljust(_quoted(r[scopes[0]][p]["top_tokens"][0])
+                                 + ("*" if r[scopes[0]][p]["u1_next_token_rank"] == 0 else ""), 14) for p in parts)
         lines.append(f"  {r['layer']:>5} {ranks}   {tokens} {r[scopes[0]]['residual']['next_token_rank']:>4}")
     return lines
 
@@ -312,13 +443,14 @@ def summary(report: dict[str, Any], out: Path) -> str:
         f"next token: {nt['text']!r}  p = {nt['probability']:.4f}",
         f"relative reconstruction error ‖y − Σ_t J_t x_t‖/‖y‖: detached {report['relative_error']:.2e}, "
         f"plain {report['plain_relative_error']:.2e}",
+        f"matrix-free homogeneity error ‖y − jvp(f, x; x)‖/‖y‖: {report['homogeneity_error']:.2e}",
         "",
         "per input token: top singular values of J_t, top-1 token of u_i (unembedding) / v_i (nearest embedding)",
     ]
     for p in report["per_token"]:
         pairs = ", ".join(f"{s:.3g} [{u[0]!r} / {v[0]!r}]"
                           for s, u, v in zip(p["singular_values"], p["left_tokens"], p["right_tokens"]))
-        lines.append(f"  {p['position']:>3} {p['token']!r:>14}  {pairs}")
+        lines.append(f"  {p['position']:>3} {_rjust(repr(p['token']), 14)}  {pairs}")
     if report["layers"]:
         lines += [""] + _layer_lines(report)
     lines += ["", f"report: {out / 'report.html'} (and report.json, figures)"]

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from eqlin.errors import WeightsError
+from eqlin.outputs import honour_umask, temp_path
 
 _DTYPES = {
     "F64": np.dtype("<f8"),
@@ -126,14 +126,14 @@ class SafetensorsFile:
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Write tensors to `path` atomically and durably (a temporary file in the same folder, fsynced, then
-    renamed)."""
+    renamed). `save_file` creates files 0600; the file gets the mode the umask gives any new file."""
     from safetensors.numpy import save_file
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path(path)
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        honour_umask(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

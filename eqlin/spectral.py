@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqlin import display
 from eqlin.checks import check_int
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
@@ -168,6 +169,12 @@ class Spectrum:
     def to_json(self, **kwargs) -> str:
         """`json.dumps(self.to_dict(), **kwargs)`."""
         return json.dumps(self.to_dict(), **kwargs)
+
+    def __repr__(self) -> str:
+        return display.spectrum_repr(self)
+
+    def _repr_html_(self) -> str:
+        return display.spectrum_html(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqlin import display
 from eqlin.checks import check_int, check_real
 from eqlin.config import ModelConfig
 from eqlin.blocks import attend, attention_probs, einsum, project_qkv, visible
@@ -184,6 +185,12 @@ class SteeringResult:
     logprob_lift: float
     map_relative_error: float
 
+    def __repr__(self) -> str:
+        return display.steering_repr(self)
+
+    def _repr_html_(self) -> str:
+        return display.steering_html(self)
+
 
 def _check(model: Model, concept: str, text: str, layers: Sequence[int], max_new_tokens: int,
            concept_tokens: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -266,12 +273,20 @@ def random_control(J: Array, seed: int) -> Array:
     return R * (frobenius(J) / frobenius(R))
 
 
+class SteeringSweep(dict):
+    """The table `steering_sweep` returns: a plain dict (exactly steering.json's content) that also shows
+    itself as a table in a notebook."""
+
+    def _repr_html_(self) -> str:
+        return display.sweep_html(self)
+
+
 def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[int], strengths: Sequence[float],
                    max_new_tokens: int = 24, concept_tokens: Sequence[int] | None = None, seed: int = 0,
                    quiet: bool = True) -> dict[str, Any]:
     """Steer over layers × strengths, beside a control: a random operator of J_c's Frobenius norm (seeded
-    by `seed`) in place of J_c. Returns the table (JSON-serializable; `lift[i][j]`, `control_lift[i][j]`
-    for layers[i], strengths[j]; `cells` with texts). Write it with `write_sweep`."""
+    by `seed`) in place of J_c. Returns the table, a `SteeringSweep` (a JSON-serializable dict; `lift[i][j]`,
+    `control_lift[i][j]` for layers[i], strengths[j]; `cells` with texts). Write it with `write_sweep`."""
     layers = _layers(layers)
     c_ids, t_ids, targets = _check(model, concept, text, layers, max_new_tokens, concept_tokens)
     if isinstance(strengths, (str, bytes)) or not len(strengths):
@@ -306,7 +321,7 @@ def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[in
                               "control_lift": float(control_lift[i, j]), "steered_text": runs["steered"][0],
                               "control_text": runs["control"][0]})
     timings["steered generation"] = round(time.perf_counter() - start, 3)
-    return {
+    return SteeringSweep({
         "schema": SCHEMA,
         "model": {"source": model.source, "family": model.config.family, "num_layers": model.config.num_layers},
         "dtype": str(model.dtype),
@@ -325,35 +340,47 @@ def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[in
         "best": max(cells, key=lambda c: c["lift"]),
         "cells": cells,
         "timings_s": timings,
-    }
+    })
 
 
 def heatmap_png(table: dict[str, Any]) -> bytes:
-    """Two heat maps side by side (steered lift, random-control lift) on one colour scale, set by the
-    steered lifts (control values beyond it saturate; every cell is annotated)."""
+    """Two heat maps side by side (steered lift, random-control lift) on one shared colour scale that
+    holds every value of both (symmetric logarithmic beyond ±1 nat, so lifts of a few nats and control
+    losses of a hundred both show), every cell annotated with its value."""
     from eqlin.report import render_png
 
+    return render_png(_heatmap(table), (11, 0.55 * len(table["layers"]) + 2.8))
+
+
+def _heatmap(table: dict[str, Any]):
+    """heatmap_png's drawing, `draw(fig)`."""
+    from matplotlib.colors import SymLogNorm
+
     lift, control = np.asarray(table["lift"]), np.asarray(table["control_lift"])
-    lim = float(np.abs(lift).max()) or 1.0
+    lim = max(float(np.abs(lift).max()), float(np.abs(control).max()), 1.0)
+    norm = SymLogNorm(linthresh=1.0, vmin=-lim, vmax=lim, base=10)
+    tokens = " ".join(repr(t["text"]) for t in table["concept_tokens"])
 
     def draw(fig):
-        for k, (values, title) in enumerate(((lift, "J_c (concept map)"), (control, "random operator, same ‖·‖_F"))):
-            ax = fig.add_subplot(1, 2, k + 1)
-            im = ax.imshow(values, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        axes = fig.subplots(1, 2, sharey=True)
+        for ax, values, title in ((axes[0], lift, "concept map J_c"),
+                                  (axes[1], control, "control: random operator with J_c's Frobenius norm")):
+            im = ax.imshow(values, cmap="RdBu_r", norm=norm, aspect="auto")
             ax.set_xticks(range(len(table["strengths"])), [f"{s:g}" for s in table["strengths"]])
-            ax.set_yticks(range(len(table["layers"])), table["layers"])
-            ax.set_xlabel("strength λ")
-            ax.set_ylabel("layer l (injected entering it)")
-            ax.set_title(title, fontsize=9)
+            ax.set_yticks(range(len(table["layers"])), [str(l) for l in table["layers"]])
+            ax.set_xlabel("strength λ (‖v‖ = λ/2 · ‖h‖)")
+            ax.set_title(title, fontsize=10)
             for (i, j), v in np.ndenumerate(values):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if abs(v) > 0.6 * lim else "black")
-            fig.colorbar(im, ax=ax, fraction=0.05, extend="both",
-                         label="mean log p lift of concept tokens" if k else None)
-        tokens = " ".join(repr(t["text"]) for t in table["concept_tokens"])
-        fig.suptitle(f"steering {table['text']!r} with {table['concept']!r}: lift of {tokens}", fontsize=9)
+                ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if abs(norm(v) - 0.5) > 0.3 else "black")
+        axes[0].set_ylabel("layer l (v added to the stream entering it)")
+        bar = fig.colorbar(im, ax=list(axes), fraction=0.04)
+        bar.set_label(f"lift of mean log p({tokens}) over the unsteered run, nats\n(one scale for both panels; "
+                      "linear within ±1, logarithmic beyond)", fontsize=8)
+        fig.suptitle(f"Steering {table['text']!r} with the concept {table['concept']!r}\n"
+                     f"greedy, {table['max_new_tokens']} new tokens, {table['dtype']}", fontsize=10)
 
-    return render_png(draw, (10, 0.6 * len(table["layers"]) + 2.5))
+    return draw
 
 
 def write_sweep(table: dict[str, Any], out: Path) -> list[Path]:
@@ -364,16 +391,17 @@ def write_sweep(table: dict[str, Any], out: Path) -> list[Path]:
 
 
 def summary(table: dict[str, Any], out: Path) -> str:
-    """The terminal summary of a sweep: lift and control lift per (layer, strength), a text sample each."""
+    """The terminal summary of a sweep: lift and control lift per (layer, strength), both continuations each."""
     tokens = " ".join(repr(t["text"]) for t in table["concept_tokens"])
     lines = [
         f"model: {table['model']['source']} ({table['model']['family']}), dtype {table['dtype']}",
         f"concept: {table['concept']!r}   text: {table['text']!r}   scored tokens: {tokens}",
         f"baseline continuation: {table['baseline']['text']!r} (mean log p {table['baseline']['mean_logprob']:.3f})",
         "",
-        "layer  strength      lift   control   steered continuation",
+        "layer  strength      lift   control   continuations: steered, then control",
     ]
-    lines += [f"{c['layer']:>5} {c['strength']:>9g} {c['lift']:>9.3f} {c['control_lift']:>9.3f}   {c['steered_text']!r}"
-              for c in table["cells"]]
+    for c in table["cells"]:
+        lines += [f"{c['layer']:>5} {c['strength']:>9g} {c['lift']:>9.3f} {c['control_lift']:>9.3f}   {c['steered_text']!r}",
+                  f"{'':>35}   {c['control_text']!r}"]
     lines += ["", f"table: {out / 'steering.json'}, heat map: {out / 'steering.png'}"]
     return "\n".join(lines)

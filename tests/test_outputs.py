@@ -120,3 +120,22 @@ def test_an_output_folder_with_other_files_is_refused(tmp_path):
         check_output_dir(out, "report.json")
     (out / "report.json").write_text("{}")
     assert check_output_dir(out, "report.json") == out  # an earlier report: replaced by the next one
+
+
+def test_what_eqlin_writes_follows_the_umask(tmp_path):
+    """Under umask 022 every file and folder eqlin writes is readable by others (safetensors files were
+    once created 0600 by mkstemp)."""
+    import numpy as np
+
+    from eqlin.safetensors_io import write_safetensors
+
+    old = os.umask(0o022)
+    try:
+        write_folder_atomic(tmp_path / "report", {"report.json": b"{}", "figure.png": b"png"})
+        write_bytes_atomic(tmp_path / "one.json", b"{}")
+        write_safetensors(tmp_path / "w.safetensors", {"a": np.zeros(2, np.float32)})
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in sorted(tmp_path.rglob("*"))}
+    assert modes == {"report": "0o755", "report/figure.png": "0o644", "report/report.json": "0o644",
+                     "one.json": "0o644", "w.safetensors": "0o644"}

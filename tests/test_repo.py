@@ -1,5 +1,5 @@
-"""The repository keeps its promises: CI runs exactly the README's test command, and fails loudly rather than
-skip the browser test when Chromium cannot be had."""
+"""The repository keeps its promises: CI runs exactly the README's test command (the slow tests included),
+and fails loudly rather than skip the browser test when Chromium cannot be had."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert "pytest" in ci
+    assert "pytest" in ci and "--run-slow" in ci
     assert f"\n{ci}\n" in (ROOT / "README.md").read_text()
 
 

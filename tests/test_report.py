@@ -1,16 +1,22 @@
-"""report.html is self-contained and opens in headless Chromium with every figure loaded and no console
-errors (skipped, with the reason, only where Chromium is not installed and EQLIN_REQUIRE_CHROMIUM is not set:
-CI sets it, so there a missing browser fails)."""
+"""The report: every figure titled and labelled, with colour bars, no overlapping text and honest about
+what it shows; report.html with the token heat maps and every column explained, self-contained, opening in
+headless Chromium with every figure loaded and no console errors (skipped, with the reason, only where
+Chromium is not installed and EQLIN_REQUIRE_CHROMIUM is not set: CI sets it, so there a missing browser fails)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
+
+from eqlin import report
+from tests.conftest import TEXT
 
 _PROBE = """<script>
 window.__errors = [];
@@ -49,3 +55,137 @@ def test_report_opens_in_headless_chromium(tiny_report, tmp_path):
     assert match, run.stderr[-2000:]
     check = json.loads(match.group(1).replace("&quot;", '"'))
     assert check == {"images": 5, "loaded": 5, "errors": []}
+
+
+# --- figures: labelled, with colour bars, no overlapping text, honest about what they show ---------------
+
+def drawn_texts(fig) -> list:
+    """(text, window extent) of every piece of text the figure actually draws (ticks out of view and
+    empty strings are not drawn)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    canvas, drawn, original = FigureCanvasAgg(fig), [], Text.draw
+
+    def record(self, renderer):
+        original(self, renderer)
+        if self.get_visible() and self.get_text().strip():
+            drawn.append((self.get_text(), self.get_window_extent(renderer)))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Text, "draw", record)
+        canvas.draw()
+    return drawn
+
+
+def assert_readable(fig) -> None:
+    """A title on every plot (or the figure), both axis labels, a labelled colour bar for every image and
+    colour scale, no two pieces of text overlapping, and all text inside the figure."""
+    colorbars = [ax for ax in fig.axes if getattr(ax, "_colorbar", None) is not None]
+    plots = [ax for ax in fig.axes if ax not in colorbars]
+    suptitle = fig.get_suptitle()
+    scales = {id(image.norm) for ax in plots for image in ax.images if image.colorbar is not None}
+    for ax in plots:
+        assert ax.get_title() or suptitle, "an untitled plot"
+        shared = ax.get_shared_y_axes().get_siblings(ax)  # a shared y axis is labelled once
+        assert ax.get_xlabel() and any(other.get_ylabel() for other in shared), f"unlabelled axes in {ax.get_title()!r}"
+        for image in ax.images:  # its own colour bar, or the same scale as one that has one
+            assert id(image.norm) in scales, f"an image without a colour bar in {ax.get_title()!r}"
+    for ax in colorbars:
+        assert ax.get_ylabel() or ax.get_xlabel(), "an unlabelled colour bar"
+    texts = drawn_texts(fig)
+    inside = fig.bbox.padded(1)
+    for text, box in texts:
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, (
+            f"{text!r} runs off the figure")
+    overlaps = [(a, b) for i, (a, box_a) in enumerate(texts) for b, box_b in texts[i + 1:]
+                if box_a.padded(-1).overlaps(box_b.padded(-1))]
+    assert not overlaps, f"overlapping text: {overlaps[:5]}"
+
+
+@pytest.fixture(scope="module")
+def analysis(loaded):
+    from eqlin.analysis import analyze
+
+    return analyze(loaded("gemma3"), TEXT, layers=(0, 1, 2, 3), top_k=3)
+
+
+@pytest.mark.parametrize("name", list(report.FIGURES))
+def test_every_figure_is_labelled_and_its_text_does_not_overlap(analysis, name):
+    draw = {"reconstruction.png": report._reconstruction, "jacobian.png": report._jacobian,
+            "spectra.png": report._spectra, "emergence.png": report._emergence,
+            "dimensionality.png": report._dimensionality}[name]
+    assert_readable(report.figure(draw(analysis), (11, 6)))
+
+
+def test_long_inputs_thin_their_labels(analysis):
+    """With 40 tokens: at most 16 token labels along jacobian.png, and spectra.png colours positions
+    instead of listing 40 legend entries."""
+    T = 40
+    per_token = [dict(analysis.report["per_token"][t % 3], position=t) for t in range(T)]
+    long = dataclasses.replace(
+        analysis, report={**analysis.report, "tokens": [{"position": t, "id": 0, "text": f" word{t}"} for t in range(T)],
+                          "per_token": per_token},
+        jacobian=np.random.default_rng(0).normal(size=(48, T, 48)), singular_values=np.tile(analysis.singular_values[:1], (T, 1)))
+    for draw in (report._jacobian, report._spectra):
+        fig = report.figure(draw(long), (11, 6))
+        assert_readable(fig)
+        assert len(fig.axes[0].get_xticklabels()) <= report.MAX_TICK_LABELS
+        assert fig.axes[0].get_legend() is None
+
+
+def test_the_steering_heat_map_has_one_scale_for_both_panels():
+    """The control's large losses are on the colour scale, not saturated beyond it."""
+    from matplotlib.colors import SymLogNorm
+
+    from eqlin.steering import _heatmap
+
+    table = {"lift": [[0.5, 4.2], [-1.0, 2.0]], "control_lift": [[-23.0, -137.2], [1.3, -5.5]], "layers": [3, 9],
+             "strengths": [0.5, 2.0], "concept_tokens": [{"text": " Golden"}], "text": "Here is a painting of the",
+             "concept": "The bridge out of Marin is the Golden", "max_new_tokens": 16, "dtype": "float32"}
+    fig = report.figure(_heatmap(table), (11, 4))
+    assert_readable(fig)
+    norms = {im.norm for ax in fig.axes for im in ax.images}
+    assert len(norms) == 1 and isinstance(*norms, SymLogNorm)
+    (norm,) = norms
+    assert norm.vmin <= -137.2 and norm.vmax >= 137.2
+
+
+def test_block_extremes_keep_every_extreme_and_stay_within_each_token():
+    rng = np.random.default_rng(1)
+    J = rng.normal(size=(50, 3, 40))
+    J[7, 1, 13] = 100.0  # one outlier: nearest-neighbour sampling would mostly drop it
+    J[0, 2, 0] = -100.0
+    image, bh, bw = report.block_extremes(J, rows=20, cols=30)
+    assert image.shape[0] <= 20 and image.shape[1] <= 30 and image.shape[1] % 3 == 0
+    per_token = image.shape[1] // 3
+    assert image.max() == 100.0 and image.min() == -100.0
+    assert image[7 // bh, per_token * 1 + 13 // bw] == 100.0 and image[0, per_token * 2] == -100.0
+    for t in range(3):  # each token's pixels come from its own J_t
+        block = image[:, per_token * t:per_token * (t + 1)]
+        assert np.abs(block).max() == np.abs(J[:, t]).max()
+    same, one, also_one = report.block_extremes(J, rows=50, cols=120)
+    assert (one, also_one) == (1, 1) and np.array_equal(same, J.reshape(50, 120))
+
+
+# --- report.html: the heat maps, every column explained, tokens that do not wrap ---------------------------
+
+def test_report_html_has_the_token_heat_maps_and_explains_its_tables(tiny_report):
+    _, out = tiny_report
+    page = (out / "report.html").read_text()
+    data = json.loads((out / "report.json").read_text())
+    assert "<th></th>" not in page  # no empty header row
+    assert "Contribution to the logit of the next token" in page and "Size of each token" in page
+    assert page.count("linear-gradient") == 2  # a colour legend for each heat map
+    for p in data["per_token"]:  # every token's value is on the page, in both heat maps
+        assert f"{p['logit_contribution']:+.3g}" in page and f"{p['contribution_norm']:.3g}" in page
+    for column in ("‖J_t x_t‖", "logit contribution", "stable rank", "σ_i", "u_i", "v_i", "u_1's top"):
+        assert column in page, column
+    assert "white-space:pre" in page  # tokens never wrap inside
+    assert page.count("<figcaption>") == 5 and "J_0 … J_{T−1}" in page
+    printed = report.summary(data, out)
+    assert f"matrix-free homogeneity error ‖y − jvp(f, x; x)‖/‖y‖: {data['homogeneity_error']:.2e}" in printed
+
+
+def test_terminal_tables_align_wide_characters():
+    assert report._ljust("'焦點'", 8) == "'焦點'  " and report._rjust("'่อย'", 6) == "  '่อย'"

@@ -17,7 +17,7 @@ import torch
 import eqlin
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from eqlin.decoder import embed, final_norm, forward, layer_slice, run_layers, unembed
-from eqlin.steering import bucket, concept_maps, generate, steer, steering_sweep
+from eqlin.steering import bucket, concept_maps, generate, steer, steering_sweep, summary
 from tests import torch_reference as ref
 from tests.conftest import VS_TORCH, relative
 
@@ -160,6 +160,8 @@ def test_sweep_and_cli(checkpoint, tmp_path, capsys):
     assert table["layers"] == [0, 2] and table["strengths"] == [1.0, 4.0]
     assert np.shape(table["lift"]) == np.shape(table["control_lift"]) == (2, 2) and len(table["cells"]) == 4
     assert table["concept_tokens"][0]["text"] == "Golden" and max(table["map_relative_error"]) <= 1e-14
+    printed = summary(table, out)  # both continuations of every cell
+    assert all(repr(c["steered_text"]) in printed and repr(c["control_text"]) in printed for c in table["cells"])
     assert cli(" ") == EXIT_BAD_INPUT
     assert "empty --concept" in capsys.readouterr().err
     assert cli(CONCEPT, "0", "-1") == EXIT_BAD_INPUT
