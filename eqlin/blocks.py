@@ -14,6 +14,12 @@ output through the frozen coefficients, so this changes no derivative, but it ke
 cotangents out of work that cannot contribute (no reliance on dead-code elimination).
 All matrix products use `precision=HIGHEST` so float32 on accelerators is not silently bf16.
 
+Biases (Qwen 2's q, k, v) are added where the family has them: the q and k biases feed the frozen
+probabilities, the v bias rides the linear path, which is then affine (`eqlin.linear_maps`).
+`detach="paired"` evaluates the frozen map at another input: inside `jax.vmap(..., axis_name=PAIR_AXIS)`
+over a pair (x_lin, x_frozen), every `frozen` coefficient of both members is member 1's, so member 0
+runs the linear path on x_lin with the coefficients frozen at x_frozen (`eqlin.linear_maps.frozen_at_zero`).
+
 The folded MLP. With the activated gate g_t frozen, the MLP at position t is the linear map
     m_t = D · diag(g_t) · U · x_t = M_t x_t,    U = up_proj (F, d), D = down_proj (d, F).
 Pushing m tangents (or cotangents) through U and D costs 4·m·d·F flops per position; forming M_t costs
@@ -29,6 +35,7 @@ M_tᵀ · ct_t. A derivative with respect to the gate or the weights falls back 
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -39,24 +46,34 @@ from eqlin.config import ModelConfig
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
 einsum = functools.partial(jnp.einsum, precision=HIGHEST)
+PAIRED = "paired"
+PAIR_AXIS = "eqlin_pair"  # the vmapped axis of (x_lin, x_frozen) pairs under detach=PAIRED
+Detach = bool | Literal["paired"]
 
 
-def frozen(a: Array, detach: bool) -> Array:
-    """The one place a nonlinear coefficient is frozen: `stop_gradient(a)` when detaching."""
+def frozen(a: Array, detach: Detach) -> Array:
+    """The one place a nonlinear coefficient is frozen: `stop_gradient(a)` when detaching. With
+    detach=PAIRED (inside a vmap over PAIR_AXIS), the coefficient of the pair's member 1, x_frozen."""
+    if detach == PAIRED:
+        a = jax.lax.all_gather(a, PAIR_AXIS)[1]
     return jax.lax.stop_gradient(a) if detach else a
 
 
-def rms_norm(x: Array, weight: Array, *, eps: float, offset: float, detach: bool) -> Array:
+def rms_norm(x: Array, weight: Array, *, eps: float, offset: float, detach: Detach) -> Array:
     """RMSNorm over the last axis: x · rsqrt(mean(x²) + eps) · (offset + w). x (..., n), w (n,)."""
     coeff = frozen(jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps), detach)
     return x * coeff * (offset + weight)
 
 
-def rope_tables(inv_freq: Array, positions: Array, dtype: jnp.dtype) -> tuple[Array, Array]:
-    """cos and sin tables, each (T, r) with r = 2·len(inv_freq), in the HF (half-split) layout."""
+def rope_tables(inv_freq: Array, positions: Array, dtype: jnp.dtype, scale: float = 1.0) -> tuple[Array, Array]:
+    """cos and sin tables, each (T, r) with r = 2·len(inv_freq), in the HF (half-split) layout, times
+    `scale` (longrope's attention factor)."""
     angles = positions.astype(inv_freq.dtype)[:, None] * inv_freq[None, :]  # (T, r/2)
     angles = jnp.concatenate([angles, angles], axis=-1)  # (T, r)
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
@@ -81,7 +98,13 @@ def attention_mask(length: int, window: Array) -> Array:
     return visible(positions[:, None], positions[None, :], window)
 
 
-def project_qkv(x: Array, p, cos: Array, sin: Array, config: ModelConfig, *, detach: bool
+def linear(x: Array, weight: Array, bias: Array | None) -> Array:
+    """x (T, n) through a linear layer with weight (m, n) and optional bias (m,): (T, m)."""
+    y = einsum("td,ed->te", x, weight)
+    return y if bias is None else y + bias
+
+
+def project_qkv(x: Array, p, cos: Array, sin: Array, config: ModelConfig, *, detach: Detach
                 ) -> tuple[Array, Array, Array]:
     """q (T, H, hd), k (T, K, hd) after q/k norm and RoPE, and v (T, K, hd), from x (T, d).
 
@@ -89,9 +112,9 @@ def project_qkv(x: Array, p, cos: Array, sin: Array, config: ModelConfig, *, det
     T = x.shape[0]
     H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
     x_frozen = frozen(x, detach)
-    q = einsum("td,ed->te", x_frozen, p.q_proj)  # (T, H·hd)
-    k = einsum("td,ed->te", x_frozen, p.k_proj)  # (T, K·hd)
-    v = einsum("td,ed->te", x, p.v_proj).reshape(T, K, hd)  # (T, K, hd)
+    q = linear(x_frozen, p.q_proj, p.q_bias)  # (T, H·hd)
+    k = linear(x_frozen, p.k_proj, p.k_bias)  # (T, K·hd)
+    v = linear(x, p.v_proj, p.v_bias).reshape(T, K, hd)  # (T, K, hd)
     norm = functools.partial(rms_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
     if config.qk_norm == "full":
         q, k = norm(q, p.q_norm), norm(k, p.k_norm)
@@ -129,7 +152,7 @@ def attention(
     window: Array,
     config: ModelConfig,
     *,
-    detach: bool,
+    detach: Detach,
     queries: int | None = None,
 ) -> Array:
     """Causal GQA self-attention of one layer. x (T, d) -> (Q, d): the outputs at the last Q = `queries`
@@ -176,7 +199,7 @@ def _folded_jvp(primals: tuple[Array, ...], tangents: tuple) -> tuple[Array, Arr
 folded_mlp.defjvp(_folded_jvp, symbolic_zeros=True)
 
 
-def glu_mlp(x: Array, p, config: ModelConfig, *, detach: bool, fold: bool = False) -> Array:
+def glu_mlp(x: Array, p, config: ModelConfig, *, detach: Detach, fold: bool = False) -> Array:
     """Gated MLP: down(act(gate(x)) ⊙ up(x)), SwiGLU or GeGLU (tanh GELU). x (T, d) -> (T, d).
 
     `fold` (with `detach`): the same value, differentiated through one folded matrix per position

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqlin.blocks import attention, einsum, glu_mlp, rms_norm, rope_tables
+from eqlin.blocks import Detach, attention, einsum, glu_mlp, rms_norm, rope_tables
 from eqlin.config import ModelConfig
 from eqlin.params import LayerParams, Params
 
@@ -53,18 +53,33 @@ def _rope_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def rope_stack(config: ModelConfig, length: int, dtype: jnp.dtype) -> tuple[Array, Array]:
-    """cos, sin tables for both RoPE specs, each (2, T, rope_dim): index 0 full attention, 1 sliding."""
+def rope_stack(config: ModelConfig, length: int, dtype: jnp.dtype, *, context: int | Array | None = None
+               ) -> tuple[Array, Array]:
+    """cos, sin tables for both RoPE specs, each (2, T, rope_dim): index 0 full attention, 1 sliding.
+
+    longrope takes its short or long factors by the sequence length, as transformers does: `context`
+    (default `length`; a traced value is allowed) is the length of the sequence the positions belong to,
+    and row k takes the long factors when max(context, k + 1) > original_max_position_embeddings (so a
+    KV-cached generation, context = the prompt's length, switches as transformers' cache does)."""
     angle_dtype = _rope_dtype(dtype)
     positions = jnp.arange(length)
-    tables = [
-        rope_tables(jnp.asarray(spec.inv_freq(config.rope_dim), angle_dtype), positions, dtype)
-        for spec in (config.rope_full, config.rope_sliding)
-    ]
+    tables = []
+    for spec in (config.rope_full, config.rope_sliding):
+        def table(long: bool, spec=spec) -> tuple[Array, Array]:
+            inv = jnp.asarray(spec.inv_freq(config.rope_dim, long=long), angle_dtype)
+            return rope_tables(inv, positions, dtype, spec.attention_factor)
+
+        if not spec.switches:
+            tables.append(table(False))
+        elif context is None or isinstance(context, int):
+            tables.append(table(spec.uses_long(length if context is None else context)))
+        else:
+            long = (jnp.maximum(context, positions + 1) > spec.original_max_position_embeddings)[:, None]
+            tables.append(tuple(jnp.where(long, a, b) for a, b in zip(table(True), table(False))))
     return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
 
 
-def optional_norm(v: Array, weight: Array | None, config: ModelConfig, *, detach: bool) -> Array:
+def optional_norm(v: Array, weight: Array | None, config: ModelConfig, *, detach: Detach) -> Array:
     """RMSNorm of v with `weight`, or v itself where the family has no such norm (weight None)."""
     if weight is None:
         return v
@@ -79,7 +94,7 @@ def decoder_layer(
     window: Array,
     config: ModelConfig,
     *,
-    detach: bool,
+    detach: Detach,
     queries: int | None = None,
     fold: bool = False,
     tap: str = "post",
@@ -95,7 +110,7 @@ def decoder_layer(
     return layer_tail(h[h.shape[0] - (queries or h.shape[0]):], attn, p, config, detach=detach, fold=fold, tap=tap)
 
 
-def layer_tail(h: Array, attn: Array, p: LayerParams, config: ModelConfig, *, detach: bool, fold: bool = False,
+def layer_tail(h: Array, attn: Array, p: LayerParams, config: ModelConfig, *, detach: Detach, fold: bool = False,
                tap: str = "post") -> tuple[Array, Array, Array]:
     """A layer after its attention: h (Q, d) residual rows, attn (Q, d) attention output (o_proj applied)
     -> (h_out, attn_branch, mlp_branch), with the family's post-norms (sandwich/post layouts).
@@ -116,12 +131,13 @@ def run_layers(
     config: ModelConfig,
     h: Array,
     *,
-    detach: bool,
+    detach: Detach,
     first_layer: int = 0,
     collect: bool | str = False,
     fold: bool = False,
     tap: str = "post",
     stop: Array | None = None,
+    context: Array | None = None,
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
     """Run a stack of layers (leading axis l) on h (T, d) with `lax.scan`.
 
@@ -131,10 +147,11 @@ def run_layers(
     last-position readout needs: far less to carry per tangent or cotangent). `fold`, `tap`: see
     `layer_tail`. `stop` (a traced int): stack layers from index
     `stop` on are skipped (`lax.cond`: no work forward or backward; their branches read 0), so one
-    compilation serves every depth.
+    compilation serves every depth. `context`: the sequence length that picks longrope's factors (a
+    traced value; default T, see `rope_stack`).
     """
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    cos_all, sin_all = rope_stack(config, h.shape[0], h.dtype)
+    cos_all, sin_all = rope_stack(config, h.shape[0], h.dtype, context=context)
     windows = jnp.asarray(config.layer_windows()[first_layer:first_layer + n])
     rope_index = jnp.asarray(config.layer_rope_index()[first_layer:first_layer + n])
 
@@ -161,7 +178,7 @@ def run_layers_last(
     config: ModelConfig,
     h: Array,
     *,
-    detach: bool,
+    detach: Detach,
     collect: bool = False,
     fold: bool = False,
     tap: str = "post",
@@ -184,7 +201,7 @@ def run_layers_last(
     return last[0][-1], tuple(jnp.concatenate([s, l[-1:]]) for s, l in zip(stacked, last))
 
 
-def streams_entering(params: Params, config: ModelConfig, x: Array, top: int, *, detach: bool) -> Array:
+def streams_entering(params: Params, config: ModelConfig, x: Array, top: int, *, detach: Detach) -> Array:
     """The residual streams entering layers 0 … top−1 for input embeddings x (T, d): (top, T, d), where
     stream[0] = x and stream[i] is layer i−1's output (no final norm)."""
     if top == 1:
@@ -193,7 +210,7 @@ def streams_entering(params: Params, config: ModelConfig, x: Array, top: int, *,
     return jnp.concatenate([x[None], res])
 
 
-def final_norm(params: Params, config: ModelConfig, h: Array, *, detach: bool) -> Array:
+def final_norm(params: Params, config: ModelConfig, h: Array, *, detach: Detach) -> Array:
     """The model's final RMSNorm, over the last axis of h (..., d)."""
     return rms_norm(h, params.final_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
 

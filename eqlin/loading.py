@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from eqlin.config import ModelConfig
+from eqlin.config import BIAS_FAMILIES, ModelConfig
 from eqlin.errors import InputError, PrecisionError, WeightsError
 from eqlin.families import FamilySpec
 from eqlin.params import LayerParams, Params, expected_shapes, param_shardings
@@ -29,6 +29,7 @@ _VISION_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.multi_modal_p
 _PROJ_NAMES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
                "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
                "down_proj": "mlp.down_proj", "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+_BIAS_NAMES = {"q_bias": "self_attn.q_proj", "k_bias": "self_attn.k_proj", "v_bias": "self_attn.v_proj"}
 
 
 def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
@@ -163,22 +164,23 @@ def expected_tensors(config: ModelConfig, spec: FamilySpec, prefix: str, head: s
     if not config.tie_word_embeddings:
         out[f"{head}weight"] = (("lm_head",), None, (V, d))
     shapes = expected_shapes(config, tuple(spec.norm_names))
-    modules = {field: (_PROJ_NAMES | dict(spec.norm_names))[field] for field in shapes}
-    groups = dict(spec.fused)
+    names = {**{f: f"{m}.weight" for f, m in (_PROJ_NAMES | dict(spec.norm_names)).items()},
+             **{f: f"{m}.bias" for f, m in _BIAS_NAMES.items()}}
+    groups = {f"{module}.weight": members for module, members in spec.fused.items()}
     fused_fields = {f for members in groups.values() for f in members}
-    groups.update({module: (field,) for field, module in modules.items() if field not in fused_fields})
-    for module, members in groups.items():
+    groups.update({names[field]: (field,) for field in shapes if field not in fused_fields})
+    for tensor, members in groups.items():
         shape = (sum(shapes[f][0] for f in members), *shapes[members[0]][1:])
         for i in range(config.num_layers):
-            out[f"{prefix}layers.{i}.{module}.weight"] = (members, i, shape)
+            out[f"{prefix}layers.{i}.{tensor}"] = (members, i, shape)
     return out
 
 
 def check_tensors(files: dict[str, SafetensorsFile], config: ModelConfig, spec: FamilySpec, folder: Path
                   ) -> dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...]]]:
     """Every check of the checkpoint's tensors against its config, shared by loading and `eqlin convert`:
-    one WeightsError lists all missing, unexpected, mis-shaped and non-float tensors; biases are named as
-    such (they break homogeneity). Returns `expected_tensors` for the checkpoint's name prefix."""
+    one WeightsError lists all missing, unexpected, mis-shaped and non-float tensors; biases the family does
+    not have are named as such. Returns `expected_tensors` for the checkpoint's name prefix."""
     names = set(files)
     prefix, head = text_prefixes(names)
     expected = expected_tensors(config, spec, prefix, head)
@@ -193,8 +195,9 @@ def check_tensors(files: dict[str, SafetensorsFile], config: ModelConfig, spec: 
                  if files[n].header[n][0].kind != "f" and files[n].header[n][0] != jnp.bfloat16]
     if biases:
         raise WeightsError(
-            f"checkpoint has biases on the linear path ({', '.join(biases[:5])}{' …' if len(biases) > 5 else ''}); "
-            "biases break the homogeneity f(x) = Σ_t J_t x_t, and eqlin supports bias-free checkpoints only"
+            f"checkpoint has biases on the linear path ({', '.join(biases[:5])}{' …' if len(biases) > 5 else ''}) "
+            f"that a {config.family} model does not have; eqlin computes the exact affine map y = Σ_t J_t x_t + c "
+            f"only for the bias layouts of {BIAS_FAMILIES}; this checkpoint is not supported"
         )
     if missing or unexpected or misshaped or not_float:
         parts = [f"{label} ({len(items)}): {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"

@@ -21,8 +21,9 @@ class LayerParams:
 
     Shapes (after the L axis): q_proj (H·hd, d), k_proj/v_proj (K·hd, d), o_proj (d, H·hd),
     gate_proj/up_proj (F, d), down_proj (d, F), norms (d,), q_norm/k_norm (hd,) per head or
-    (H·hd,)/(K·hd,) over the full projection (OLMo 2).
-    A norm the family does not have is None.
+    (H·hd,)/(K·hd,) over the full projection (OLMo 2), biases q_bias (H·hd,), k_bias/v_bias (K·hd,)
+    (Qwen 2).
+    A norm or bias the family does not have is None.
     """
 
     q_proj: Array
@@ -38,6 +39,9 @@ class LayerParams:
     mlp_out_norm: Array | None = None
     q_norm: Array | None = None
     k_norm: Array | None = None
+    q_bias: Array | None = None
+    k_bias: Array | None = None
+    v_bias: Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -57,7 +61,8 @@ class Params:
 
 
 def expected_shapes(config: ModelConfig, norm_fields: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    """Shape of one layer's slice of every LayerParams field the family has, keyed by field name."""
+    """Shape of one layer's slice of every LayerParams field the family has (norms `norm_fields`, biases
+    `config.biases`), keyed by field name."""
     d, hd = config.hidden_size, config.head_dim
     shapes = {
         "q_proj": (config.q_size, d),
@@ -73,6 +78,8 @@ def expected_shapes(config: ModelConfig, norm_fields: tuple[str, ...]) -> dict[s
         shapes.update(q_norm=(hd,), k_norm=(hd,))
     elif config.qk_norm == "full":
         shapes.update(q_norm=(config.q_size,), k_norm=(config.kv_size,))
+    bias_shapes = {"q_bias": (config.q_size,), "k_bias": (config.kv_size,), "v_bias": (config.kv_size,)}
+    shapes.update({name: bias_shapes[name] for name in config.biases})
     return shapes
 
 
@@ -80,7 +87,8 @@ def partition_specs(params: Params, config: ModelConfig, n_model: int) -> Params
     """Tensor-parallel layout (Megatron style) over a mesh axis "model" of size `n_model`, as a Params
     tree of PartitionSpecs (None where `params` has None).
 
-    Column-parallel: q_proj by query heads, k/v_proj by kv heads, gate/up_proj by rows of F; row-parallel:
+    Column-parallel: q_proj by query heads, k/v_proj by kv heads (their biases alike), gate/up_proj by rows
+    of F; row-parallel:
     o_proj and down_proj on their input axis, so each device's heads and F-slice stay local and one
     all-reduce per block joins them. The embedding and lm_head split the vocabulary. A weight whose split
     axis does not divide by `n_model` (e.g. one kv head over 2 devices) is replicated; norms are replicated.
@@ -97,6 +105,8 @@ def partition_specs(params: Params, config: ModelConfig, n_model: int) -> Params
         replicated.layers,
         q_proj=split(heads, 1, 3), k_proj=split(kv, 1, 3), v_proj=split(kv, 1, 3), o_proj=split(heads, 2, 3),
         gate_proj=split(ff, 1, 3), up_proj=split(ff, 1, 3), down_proj=split(ff, 2, 3),
+        **{name: split(ok, 1, 2) for name, ok in (("q_bias", heads), ("k_bias", kv), ("v_bias", kv))
+           if getattr(params.layers, name) is not None},
     )
     return dataclasses.replace(replicated, layers=layers, embed=split(vocab, 0, 2),
                                lm_head=None if params.lm_head is None else split(vocab, 0, 2))

@@ -21,7 +21,11 @@ import eqlin  # noqa: E402
 from tests.fixtures import make_checkpoint  # noqa: E402
 
 CORE_VARIANTS = ("llama_mha", "llama_gqa", "qwen3", "gemma3", "gemma3_multimodal")
-MORE_VARIANTS = ("mistral", "phi3", "olmo2")
+MORE_VARIANTS = ("mistral", "phi3", "olmo2", "qwen2")
+LONGROPE_TEXTS = (  # phi3_longrope: original_max_position_embeddings 16, so short factors, then long ones
+    "The bridge out of Marin is the Golden Gate",
+    "The bridge out of Marin is the Golden Gate . the fog goes over the bay and the red bridge",
+)
 TEXT = "The bridge out of Marin is the Golden Gate"
 
 

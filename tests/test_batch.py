@@ -1,5 +1,6 @@
 """Batched detached Jacobians: each prompt's map, equal or ragged lengths, equals its unbatched one and
-reconstructs its own output exactly."""
+reconstructs its own output exactly (with its constant, for models with biases; with its own longrope
+factors, for Phi's longrope)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from eqlin.batch import detached_jacobians
 from eqlin.linear_maps import detached_jacobian
-from tests.conftest import TEXT, relative
+from tests.conftest import LONGROPE_TEXTS, TEXT, relative
 
 EXACT = 1e-13
 EQUAL = ["The bridge out of Marin is the", "A small red boat crossed the"]
@@ -30,3 +31,18 @@ def test_each_prompt_equals_its_unbatched_map(prompts, loaded):
         assert relative(batch.output[b], single.output) <= EXACT
         assert relative(np.einsum("otd,td->o", J, x), single.output) <= EXACT
         assert not np.any(np.asarray(batch.jacobian[b, :, lengths[b]:]))  # padding never reaches y_b
+
+
+@pytest.mark.parametrize("variant, prompts", [("qwen2", RAGGED[:2]), ("phi3_longrope", list(LONGROPE_TEXTS))])
+def test_ragged_prompts_keep_their_constants_and_their_rope(variant, prompts, loaded):
+    """Qwen 2: each prompt's constant c_b is its unbatched map's. phi3_longrope: padded to 20 tokens, the
+    9-token prompt still takes the short factors (a prompt's own length picks them, as unbatched)."""
+    model = loaded(variant)
+    batch = detached_jacobians(model, prompts)
+    assert float(np.max(batch.relative_error)) <= EXACT
+    for b, text in enumerate(prompts):
+        single = detached_jacobian(model, text)
+        assert relative(batch.output[b], single.output) <= EXACT
+        assert relative(batch.prompt(b)[0], single.jacobian) <= EXACT
+        np.testing.assert_allclose(batch.constant[b], single.constant, rtol=0,
+                                   atol=1e-13 * float(np.linalg.norm(single.output)))

@@ -1,5 +1,6 @@
 """The pure JAX decoder equals transformers: stock at float32 level, float64-faithful at <= 1e-10,
-block by block (embeddings, every layer's residual stream, final hidden state, logits)."""
+block by block (embeddings, every layer's residual stream, final hidden state, logits); longrope below and
+above its original context."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 import eqlin
 from tests import torch_reference as ref
-from tests.conftest import CORE_VARIANTS, MORE_VARIANTS, TEXT, relative
+from tests.conftest import CORE_VARIANTS, LONGROPE_TEXTS, MORE_VARIANTS, TEXT, relative
 from tests.fixtures import load_torch_model
 
 LONG_TEXT = TEXT + " . the fog goes over the bay and the red bridge"  # > the 4-token sliding window
@@ -50,6 +51,26 @@ def test_every_block_matches_float64_faithful_transformers(variant, checkpoint, 
     for layer in range(model.config.num_layers - 1):
         assert relative(out.residuals[layer], layers[layer]) < 1e-12, f"layer {layer}"
     assert relative(out.logits, logits) < 1e-12
+
+
+@pytest.mark.parametrize("text", LONGROPE_TEXTS, ids=["short", "long"])
+def test_longrope_matches_transformers_below_and_above_the_original_context(text, checkpoint, loaded):
+    """Phi-3.5 / Phi-4-mini longrope: 9 tokens (<= original_max_position_embeddings = 16) take the short
+    factors, 20 tokens the long ones, as transformers chooses; both with the attention factor on cos/sin.
+    The choice matters: the other factors give other logits."""
+    model = loaded("phi3_longrope")
+    spec = model.config.rope_full
+    ids = model.encode(text)
+    assert spec.uses_long(len(ids)) == (len(ids) > 16) == (text == LONGROPE_TEXTS[1])
+    _, _, stock = _torch_run(checkpoint("phi3_longrope"), ids, faithful=False)
+    assert relative(model.logits(ids), stock) < 2e-6
+    emb, layers, logits = _torch_run(checkpoint("phi3_longrope"), ids, faithful=True)
+    out = model.forward(ids, collect=True)
+    assert relative(out.residuals[0], layers[0]) < 1e-12
+    assert relative(out.logits, logits) < 1e-12
+    other = dataclasses.replace(spec, original_max_position_embeddings=8 if len(ids) <= 16 else 64)
+    swapped = dataclasses.replace(model, config=dataclasses.replace(model.config, rope_full=other, rope_sliding=other))
+    assert relative(swapped.logits(ids), logits) > 1e-3
 
 
 @pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS)

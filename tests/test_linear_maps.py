@@ -1,6 +1,8 @@
 """Detached Jacobians reconstruct the output exactly (float64: <= 1e-13) for the final output and for every
-cumulative and single-layer map and part; they equal the PyTorch detached reference; the plain Jacobian
-does not reconstruct; jacrev, jacfwd and chunking agree; memory is estimated before anything is allocated."""
+cumulative and single-layer map and part (with the constant c for models with biases: y = Σ_t J_t x_t + c,
+c computed as the frozen map at zero input, and exactly 0 without biases); they equal the PyTorch detached
+reference, J and c; the plain Jacobian does not reconstruct; jacrev, jacfwd and chunking agree; memory is
+estimated before anything is allocated."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from eqlin.linear_maps import (
 )
 from eqlin.memory import estimate_jacobian_bytes
 from tests import torch_reference as ref
-from tests.conftest import CORE_VARIANTS, MORE_VARIANTS, TEXT, relative
+from tests.conftest import CORE_VARIANTS, LONGROPE_TEXTS, MORE_VARIANTS, TEXT, relative
 from tests.fixtures import load_torch_model
 
 EXACT = 1e-13
@@ -36,9 +38,15 @@ def test_final_output_is_reconstructed_exactly_and_the_plain_jacobian_is_not(var
     assert float(lin.relative_error) <= EXACT
     assert relative(lin.reconstruction, lin.output) <= EXACT
     assert relative(lin.output, model.forward(TEXT).hidden[-1]) <= 1e-14
+    if model.config.has_biases:  # an affine map: the constant matters
+        assert relative(lin.constant, lin.output) > 0.1
+        assert relative(lin.contributions.sum(0), lin.output) > 0.1
+    else:  # c = 0 exactly: nothing changes for bias-free models
+        np.testing.assert_array_equal(lin.constant, np.zeros_like(lin.output))
     plain = jacobian(model, TEXT)
     assert relative(plain.output, lin.output) <= 1e-14
     assert float(plain.relative_error) >= 1e-3
+    np.testing.assert_array_equal(plain.constant, np.zeros_like(plain.output))
 
 
 @pytest.mark.parametrize("variant", ["llama_mha", "llama_gqa", "qwen3", "gemma3", *MORE_VARIANTS])
@@ -71,13 +79,64 @@ def test_layer_maps_read_the_right_activations(loaded):
                                detached_jacobian(model, ids).jacobian, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "qwen3", "gemma3", "gemma3_multimodal", *MORE_VARIANTS])
-def test_equals_the_pytorch_detached_reference(variant, checkpoint, loaded):
+@pytest.mark.parametrize("variant, text", [
+    *[pytest.param(v, TEXT, id=v) for v in ("llama_gqa", "qwen3", "gemma3", "gemma3_multimodal", *MORE_VARIANTS)],
+    pytest.param("phi3_longrope", LONGROPE_TEXTS[1], id="phi3_longrope-long"),  # short factors: test_decoder
+])
+def test_equals_the_pytorch_detached_reference(variant, text, checkpoint, loaded):
+    """J equals PyTorch's detached J, and c (computed as the frozen map at zero input) equals PyTorch's
+    y − Σ_t J_t x_t, the outside reference the constant may be compared with here, relative to ‖y‖."""
     model = loaded(variant)
-    ids = model.encode(TEXT)
+    ids = model.encode(text)
     torch_model = ref.make_detached(load_torch_model(checkpoint(variant)))
     expected = ref.detached_jacobian(torch_model, torch.tensor(ids))
-    assert relative(detached_jacobian(model, ids).jacobian, expected) <= 1e-10
+    x = ref.embed(torch_model, torch.tensor(ids)).detach()
+    with torch.no_grad():
+        y = ref.final_hidden(torch_model, x).numpy()
+    lin = detached_jacobian(model, ids)
+    assert relative(lin.jacobian, expected) <= 1e-10
+    torch_constant = y - np.einsum("otd,td->o", expected, x.numpy())
+    assert np.linalg.norm(lin.constant - torch_constant) / np.linalg.norm(y) <= 1e-10
+    assert relative(lin.output, y) <= 1e-12
+
+
+def test_the_constant_is_the_frozen_map_at_zero_input(loaded):
+    """c is computed from the frozen network g(v, u) (linear path v, every coefficient frozen at u), not from
+    y and J: g(v, x) = Σ_t J_t v_t + c for an arbitrary v, g(x, x) = y, and without biases g(0, x) = 0
+    exactly (Gemma 3: sandwich norms, (1 + w) scales, q/k norms)."""
+    from eqlin.blocks import PAIR_AXIS, PAIRED
+    from eqlin.linear_maps import cumulative_fn, frozen_at_zero
+
+    model = loaded("qwen2")
+    lin = detached_jacobian(model, TEXT)
+    x = lin.inputs
+    g = jax.jit(jax.vmap(cumulative_fn(model.params, model.config, None, "residual", PAIRED), axis_name=PAIR_AXIS))
+    v = jax.random.normal(jax.random.key(0), x.shape, x.dtype)
+    at_v, at_x = g(jnp.stack([v, x]))
+    assert relative(at_x, lin.output) <= 1e-14
+    assert relative(at_v, jnp.einsum("otd,td->o", lin.jacobian, v) + lin.constant) <= EXACT
+    np.testing.assert_array_equal(g(jnp.stack([jnp.zeros_like(x), x]))[0], lin.constant)
+    bias_free = loaded("gemma3")
+    x = bias_free.embed(TEXT)
+    c = frozen_at_zero(cumulative_fn(bias_free.params, bias_free.config, (1, 3), ("residual", "attn", "mlp"), PAIRED),
+                       x)
+    assert c.shape == (3, 2, bias_free.config.hidden_size) and not np.any(np.asarray(c))
+
+
+def test_matrix_free_checks_and_logit_maps_carry_the_constant(loaded):
+    model = loaded("qwen2")
+    lin = detached_jacobian(model, TEXT)
+    check = matrix_free_check(model, TEXT)
+    assert float(check.homogeneity_error) <= EXACT and float(check.relative_error) <= EXACT
+    assert relative(check.constant, lin.constant) <= 1e-14
+    single = matrix_free_check(model, TEXT, layer=1, scope="single", part="attn")
+    assert float(single.homogeneity_error) <= EXACT and float(single.relative_error) <= EXACT
+    assert relative(single.constant, single.output) > 0.1  # the v bias, through o_proj
+    lm = logit_map(model, lin, [3, 5, 7])
+    logits = model.logits(TEXT)[-1][jnp.array([3, 5, 7])]
+    np.testing.assert_allclose(lm.logits, logits, rtol=1e-13)
+    np.testing.assert_allclose(lm.constant, model.params.unembedding[jnp.array([3, 5, 7])] @ lin.constant, rtol=1e-13)
+    assert float(jnp.max(lm.relative_error)) <= 1e-12
 
 
 @pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS)

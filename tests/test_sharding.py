@@ -16,6 +16,7 @@ import pytest
 
 from eqlin.errors import InputError, MemoryBudgetError
 from eqlin.linear_maps import detached_jacobian
+from eqlin.params import partition_specs
 from eqlin.sharding import detached_jacobian_sharded, device_mesh, sharded_jacobian_bytes
 from tests.conftest import TEXT
 
@@ -70,10 +71,11 @@ def test_basis_sharded_jacobian_equals_one_device(checkpoint):
     assert result["all_reduces"] == 0 and result["param_bytes_per_device"] == result["param_bytes"]
 
 
-@pytest.mark.parametrize("variant, n_model", [("gemma3", 4), ("olmo2", 2)])
+@pytest.mark.parametrize("variant, n_model", [("gemma3", 4), ("olmo2", 2), ("qwen2", 2)])
 def test_tensor_parallel_jacobian_equals_one_device(checkpoint, variant, n_model):
-    """Weights split over n_model devices (OLMo 2's full-width q/k norm then reduces across them), the
-    basis over the other 8 / n_model: J matches one device to rounding, and no weight is ever gathered."""
+    """Weights split over n_model devices (OLMo 2's full-width q/k norm then reduces across them; Qwen 2's
+    q/k/v biases split with their heads), the basis over the other 8 / n_model: J matches one device to
+    rounding (and reconstructs y with the constant c), and no weight is ever gathered."""
     result = run_on_8_devices(checkpoint(variant), n_model)
     assert result["shards"] == 8 and result["row_blocks"] == 8 // n_model, result  # a row block per basis group
     assert result["max_abs_diff"] <= 1e-13 * result["max_abs"], result
@@ -82,6 +84,17 @@ def test_tensor_parallel_jacobian_equals_one_device(checkpoint, variant, n_model
     assert result["param_bytes_per_device"] < 0.75 * result["param_bytes"], result
     assert result["argument_bytes_per_device"] < 0.75 * result["param_bytes"], result
     assert result["all_gathers"] == 0 and result["all_reduces"] > 0, result
+
+
+def test_the_sharded_jacobian_carries_the_constant(loaded):
+    model = loaded("qwen2")
+    sharded = detached_jacobian_sharded(model, TEXT, mesh=device_mesh())
+    single = detached_jacobian(model, TEXT)
+    scale = float(np.abs(single.output).max())
+    np.testing.assert_allclose(sharded.constant, single.constant, rtol=0, atol=1e-14 * scale)
+    assert float(sharded.relative_error) <= 1e-13
+    specs = partition_specs(model.params, model.config, 2).layers
+    assert specs.q_bias == specs.k_bias == specs.v_bias == jax.sharding.PartitionSpec(None, "model")
 
 
 def test_sharded_jacobian_checks_memory_before_allocating(loaded):

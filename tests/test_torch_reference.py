@@ -19,6 +19,7 @@ from tests.fixtures import VARIANTS, load_torch_model, make_checkpoint
 TEXT = "The bridge out of Marin is the Golden Gate"  # 9 words; 10 tokens with BOS
 ADDS_BOS = {"llama_mha", "llama_gqa", "gemma3", "gemma3_multimodal", "mistral"}
 SLIDING = ("gemma3", "gemma3_multimodal", "mistral")
+BIASED = {"qwen2"}  # q/k/v biases: the detached map is affine, y = Σ_t J_t x_t + c
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +139,17 @@ def test_detached_jacobian_reconstructs_and_plain_does_not(checkpoints, variant)
     detached_err = _rel(np.einsum("itj,tj->i", jac, x.numpy()), y)
     plain_err = _rel(torch.einsum("itj,tj->i", plain, x), y)
     print(f"{variant}: reconstruction rel error detached {detached_err:.2e}, plain {plain_err:.2f}")
-    assert detached_err <= 1e-12
     assert plain_err > 1e-3
+    if variant not in BIASED:
+        assert detached_err <= 1e-12
+        return
+    assert detached_err > 0.1  # the biases' constant c is far from zero (eqlin's c is graded against it)
+    with torch.no_grad():  # without its biases, the same reference is linear again
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.zero_()
+        y = ref.final_hidden(model, x)
+    assert _rel(np.einsum("itj,tj->i", ref.detached_jacobian(model, ids), x.numpy()), y) <= 1e-12
 
 
 @pytest.mark.parametrize("variant", SLIDING)
@@ -181,7 +191,11 @@ def test_unsupported_family_is_refused(tmp_path):
 def test_tokenizer_bos_follows_family(checkpoints, variant):
     folder = checkpoints[variant]
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    if variant == "qwen2":  # transformers forces its byte-level Qwen2Tokenizer on model_type qwen2, whatever
+        # tokenizer_config.json says (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS); it cannot hold a word-level vocabulary
+        hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    else:
+        hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     text_config = config.get("text_config", config)
     ids = tok.encode(TEXT).ids

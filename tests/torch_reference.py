@@ -11,9 +11,11 @@ the GLU MLP, and the attention probabilities. The decoder is then linear in its 
 gradient path, so `final_hidden(x) = Σ_t J_t x_t`.
 
 Supported decoders: Llama, Mistral, Qwen 3, Gemma 3 (text, and the language model inside
-Gemma3ForConditionalGeneration), Phi-3 (fused qkv/gate_up, partial rotary), OLMo 2 (post-norm, q/k norm over the
-full projection width). The replaced forwards handle one sequence in a single pass (no incremental decoding);
-masks are built from positions `0..T-1` exactly as transformers' masking_utils defines them.
+Gemma3ForConditionalGeneration), Phi-3 (fused qkv/gate_up, partial rotary, longrope), OLMo 2 (post-norm, q/k
+norm over the full projection width), Qwen 2 (q/k/v biases: the modules' own biases are kept, so the detached
+map is affine and `final_hidden(x) − Σ_t J_t x_t` is its constant). The replaced forwards handle one sequence
+in a single pass (no incremental decoding); masks are built from positions `0..T-1` exactly as transformers'
+masking_utils defines them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen3", "gemma3_text", "phi3", "olmo2"})
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen3", "gemma3_text", "phi3", "olmo2", "qwen2"})
 
 
 def decoder(model: nn.Module) -> nn.Module:
@@ -34,11 +36,12 @@ def decoder(model: nn.Module) -> nn.Module:
     return getattr(inner, "language_model", inner)
 
 
-def rope_inv_freq(config, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(config, layer_type: str | None = None, long: bool = False) -> tuple[torch.Tensor, float]:
     """float64 inverse frequencies `(rotary_dim/2,)` and the cos/sin scale, by transformers' RoPE formulas.
 
-    Covers rope_type "default", "linear" and "llama3" (and `partial_rotary_factor`); `layer_type` selects
-    Gemma 3's per-layer-type parameters.
+    Covers rope_type "default", "linear", "llama3" and "longrope" (its short factors, or with `long` its long
+    ones; the scale is its attention factor), and `partial_rotary_factor`; `layer_type` selects Gemma 3's
+    per-layer-type parameters.
     """
     params = config.rope_parameters[layer_type] if layer_type else config.rope_parameters
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -56,6 +59,14 @@ def rope_inv_freq(config, layer_type: str | None = None) -> tuple[torch.Tensor, 
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "longrope":
+        original = params["original_max_position_embeddings"]
+        factor = params.get("factor") or config.max_position_embeddings / original
+        scale = params.get("attention_factor")
+        if scale is None:
+            scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        ext = torch.tensor(params["long_factor" if long else "short_factor"], dtype=torch.float64)
+        return inv_freq / ext, scale
     elif kind != "default":
         raise NotImplementedError(f"rope_type {kind!r} is not supported by the reference")
     return inv_freq, 1.0
@@ -76,6 +87,9 @@ def _rotary_forward(
     prefix = f"{layer_type}_" if layer_type else ""
     inv_freq = getattr(self, f"{prefix}inv_freq")
     scale = getattr(self, f"{prefix}attention_scaling")
+    original = getattr(self, f"{prefix}eqlin_longrope_original", None)  # longrope: factors by sequence length
+    if original is not None and int(position_ids.max()) + 1 > original:
+        inv_freq = getattr(self, f"{prefix}eqlin_long_inv_freq")
     freqs = position_ids[..., None].to(torch.float64) * inv_freq.to(torch.float64)
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
@@ -177,6 +191,10 @@ def _set_rope_buffers(rotary: nn.Module) -> None:
         setattr(rotary, f"{prefix}inv_freq", inv_freq.to(device))
         setattr(rotary, f"{prefix}original_inv_freq", inv_freq.clone().to(device))
         setattr(rotary, f"{prefix}attention_scaling", scale)
+        params = rotary.config.rope_parameters[layer_type] if layer_type else rotary.config.rope_parameters
+        if params["rope_type"] == "longrope":
+            setattr(rotary, f"{prefix}eqlin_long_inv_freq", rope_inv_freq(rotary.config, layer_type, long=True)[0])
+            setattr(rotary, f"{prefix}eqlin_longrope_original", params["original_max_position_embeddings"])
 
 
 def _patch(model: nn.Module, detach: bool) -> nn.Module:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 from eqlin.config import ModelConfig, check_keys
 from eqlin.errors import ConfigError
-from eqlin.families import gemma3, llama, mistral, olmo2, phi3, qwen3
+from eqlin.families import gemma3, llama, mistral, olmo2, phi3, qwen2, qwen3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,8 @@ class FamilySpec:
 _SPECS = (
     FamilySpec(llama.MODEL_TYPES, llama.config_from_hf, MappingProxyType(llama.NORM_NAMES), llama.HANDLED_KEYS,
                llama.IGNORED_KEYS),
+    FamilySpec(qwen2.MODEL_TYPES, qwen2.config_from_hf, MappingProxyType(qwen2.NORM_NAMES), qwen2.HANDLED_KEYS,
+               qwen2.IGNORED_KEYS, MappingProxyType(qwen2.DEFAULT_ONLY_KEYS)),
     FamilySpec(qwen3.MODEL_TYPES, qwen3.config_from_hf, MappingProxyType(qwen3.NORM_NAMES), qwen3.HANDLED_KEYS,
                qwen3.IGNORED_KEYS),
     FamilySpec(gemma3.MODEL_TYPES, gemma3.config_from_hf, MappingProxyType(gemma3.NORM_NAMES), gemma3.HANDLED_KEYS,
