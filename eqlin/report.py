@@ -185,7 +185,7 @@ def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
         [[p["position"], repr(p["token"]), f"{p['contribution_norm']:.3g}", f"{p['logit_contribution']:.3g}",
           ", ".join(f"{s:.3g}" for s in p["singular_values"]), f"{p['effective_dimension']['stable_rank']:.2f}",
           " ".join(repr(t) for t in p["left_tokens"][0]), " ".join(repr(t) for t in p["right_tokens"][0])]
-         for p in report["per_token"]])
+         for p in report["per_token"]] + _constant_row(report))
     layer_section = _layer_section(report)
     images = "".join(
         f"<figure><img alt=\"{html.escape(FIGURES[name])}\" src=\"data:image/png;base64,"
@@ -213,6 +213,15 @@ figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{color:#555}}</style></h
 <h2>Figures</h2>{images}
 </body></html>
 """
+
+
+def _constant_row(report: dict[str, Any]) -> list[list[Any]]:
+    """The constant c of a model with biases as its own row of the per-token table (none when c = 0)."""
+    c = report.get("constant") or {}
+    if not c.get("norm"):
+        return []
+    return [["c", "(constant: biases)", f"{c['norm']:.3g}", f"{c['logit']:.3g}", "", "",
+             " ".join(repr(t) for t in c["tokens"]), ""]]
 
 
 def _layer_section(report: dict[str, Any]) -> str:
@@ -276,11 +285,14 @@ def _layer_lines(report: dict[str, Any]) -> list[str]:
 def summary(report: dict[str, Any], out: Path) -> str:
     """The terminal summary of a report."""
     nt = report["next_token"]
+    c = report.get("constant") or {}
+    has_c = bool(c.get("norm"))
     lines = [
         f"model: {report['model']['source']} ({report['model']['family']}), dtype {report['dtype']}",
         f"input: {[t['text'] for t in report['tokens']]}",
         f"next token: {nt['text']!r}  p = {nt['probability']:.4f}",
-        f"relative reconstruction error ‖y − Σ_t J_t x_t‖/‖y‖: detached {report['relative_error']:.2e}, "
+        f"relative reconstruction error ‖y − {'(Σ_t J_t x_t + c)' if has_c else 'Σ_t J_t x_t'}‖/‖y‖: detached "
+        f"{report['relative_error']:.2e}, "
         f"plain {report['plain_relative_error']:.2e}",
         "",
         "per input token: top singular values of J_t, top-1 token of u_i (unembedding) / v_i (nearest embedding)",
@@ -289,6 +301,9 @@ def summary(report: dict[str, Any], out: Path) -> str:
         pairs = ", ".join(f"{s:.3g} [{u[0]!r} / {v[0]!r}]"
                           for s, u, v in zip(p["singular_values"], p["left_tokens"], p["right_tokens"]))
         lines.append(f"  {p['position']:>3} {p['token']!r:>14}  {pairs}")
+    if has_c:
+        lines.insert(4, f"constant c (biases; y = Σ_t J_t x_t + c): ‖c‖/‖y‖ = {c['relative_norm']:.3g}, "
+                        f"through the unembedding {c['tokens'][:3]!r}")
     if report["layers"]:
         lines += [""] + _layer_lines(report)
     lines += ["", f"report: {out / 'report.html'} (and report.json, figures)"]

@@ -22,7 +22,7 @@ from tests.conftest import TEXT
 
 REPORT_KEYS = {"schema", "next_token", "relative_error", "plain_relative_error", "model", "dtype", "tokens",
                "per_token", "layer_maps", "homogeneity_error", "logit", "top_predictions", "timings_s", "text",
-               "layers", "layer_analysis"}
+               "layers", "layer_analysis", "constant"}
 
 
 def test_analyze_on_a_tiny_model(tiny_report, capsys):
@@ -59,6 +59,26 @@ def test_analyze_on_a_tiny_model(tiny_report, capsys):
     assert info["tap"] == "post" and info["engines"]["single"] == "rev" and info["max_relative_error"] <= 1e-13
     total = sum(p["logit_contribution"] for p in report["per_token"])
     assert abs(total - report["logit"]["value"]) <= 1e-12 * abs(report["logit"]["value"])
+    assert report["constant"] == {"norm": 0.0, "relative_norm": 0.0, "logit": 0.0, "tokens": []}  # no biases
+
+
+def test_analyze_reports_the_constant_of_a_model_with_biases(checkpoint, tmp_path, capsys):
+    """Qwen 2: y = Σ_t J_t x_t + c, with ‖c‖/‖y‖, c's share of the next token's logit and c decoded through
+    the unembedding in report.json, its own row in report.html and a line of the summary."""
+    assert main(["analyze", TEXT, "--model", str(checkpoint("qwen2")), "--out", str(tmp_path), "--layers", "none",
+                 "--top-k", "3", "--no-compile-cache"]) == EXIT_OK
+    report = json.loads((tmp_path / "report.json").read_text())
+    c = report["constant"]
+    assert c["relative_norm"] > 0.1 and len(c["tokens"]) == 3 and c["norm"] > 0
+    assert report["relative_error"] <= 1e-13 and report["homogeneity_error"] <= 1e-13
+    logit = report["logit"]
+    assert logit["relative_error"] <= 1e-13 and logit["constant"] == c["logit"] != 0
+    total = sum(p["logit_contribution"] for p in report["per_token"]) + c["logit"]
+    assert abs(total - logit["value"]) <= 1e-12 * abs(logit["value"])
+    assert abs(logit["reconstructed"] - logit["value"]) <= 1e-12 * abs(logit["value"])
+    assert "<td>(constant: biases)</td>" in (tmp_path / "report.html").read_text()
+    summary = capsys.readouterr().out
+    assert "‖y − (Σ_t J_t x_t + c)‖/‖y‖" in summary and f"‖c‖/‖y‖ = {c['relative_norm']:.3g}" in summary
 
 
 def test_json_flag_prints_the_report(checkpoint, tmp_path, capsys):
