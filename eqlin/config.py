@@ -21,9 +21,10 @@ import numpy as np
 from eqlin.checks import check_int, check_real
 from eqlin.errors import ConfigError
 
-Family = Literal["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "olmo2"]
+Family = Literal["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "olmo2", "gpt2"]
 NormLayout = Literal["pre", "sandwich", "post"]
-Activation = Literal["silu", "gelu_tanh"]
+NormKind = Literal["rms", "layer"]
+Activation = Literal["silu", "gelu_tanh", "gelu"]
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -98,9 +99,13 @@ class ModelConfig:
     `qk_norm` is "head" for per-head q/k RMSNorm over head_dim (Qwen 3, Gemma 3), "full" for RMSNorm
     over the whole q/k projection before the head split (OLMo 2), or None. RoPE rotates the first
     `rotary_dim` features of each head (Phi's partial rotary; None: all of head_dim).
-    `biases` names the `LayerParams` bias fields the family has (Qwen 2: q_bias, k_bias, v_bias); with
-    none, every detached map is linear, y = Σ_t J_t x_t; with some, it is affine, y = Σ_t J_t x_t + c
-    (`eqlin.linear_maps`).
+    `biases` names the bias fields the family has (`LayerParams`' and Params.final_norm_bias; Qwen 2:
+    q_bias, k_bias, v_bias); with none, every detached map is linear, y = Σ_t J_t x_t; with some, it is
+    affine, y = Σ_t J_t x_t + c (`eqlin.linear_maps`).
+    GPT-2's layout: `norm_kind` "layer" (LayerNorm: mean subtracted, scale and bias; `rms_norm_eps` is its
+    epsilon; "rms" otherwise), `positions` "learned" (a position embedding added to the token embedding,
+    no RoPE: the rope specs are then unused; "rope" otherwise), `gated_mlp` False (down(act(up(x))), the
+    activation written z·s(z) with s frozen; True: the GLU MLP).
     """
 
     family: Family
@@ -130,6 +135,9 @@ class ModelConfig:
     eos_token_id: int | None = None
     rotary_dim: int | None = None
     biases: tuple[str, ...] = ()
+    norm_kind: NormKind = "rms"
+    positions: Literal["rope", "learned"] = "rope"
+    gated_mlp: bool = True
 
     def __post_init__(self) -> None:
         sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
@@ -427,7 +435,8 @@ def rotary_fraction(hf: dict[str, Any]) -> float:
 
 
 # Where eqlin handles biases exactly (an affine map y = Σ_t J_t x_t + c): what a refusal points to.
-BIAS_FAMILIES = "qwen2 (biases on q, k and v: Qwen 2 / 2.5, DeepSeek-R1-Distill-Qwen)"
+BIAS_FAMILIES = ("qwen2 (biases on q, k and v: Qwen 2 / 2.5, DeepSeek-R1-Distill-Qwen) and gpt2 (biases on every "
+                 "projection and LayerNorm)")
 
 
 def refuse_biases(hf: dict[str, Any], keys: tuple[str, ...] = ("attention_bias", "mlp_bias")) -> None:

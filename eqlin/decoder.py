@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqlin.blocks import Detach, attention, einsum, glu_mlp, rms_norm, rope_tables
+from eqlin.blocks import Detach, attention, einsum, glu_mlp, layer_norm, rms_norm, rope_tables
 from eqlin.config import ModelConfig
 from eqlin.params import LayerParams, Params
 
@@ -42,10 +42,14 @@ class ForwardOutput:
     mlp_outputs: Array | None = None
 
 
-def embed(params: Params, config: ModelConfig, ids: Array) -> Array:
-    """Input embeddings (T, d) for token ids (T,): rows of the table times `embed_scale` (Gemma √d)."""
+def embed(params: Params, config: ModelConfig, ids: Array, positions: Array | None = None) -> Array:
+    """Input embeddings (T, d) for token ids (T,): rows of the table times `embed_scale` (Gemma √d), plus
+    the learned position embeddings of `positions` (default 0 … T−1) where the family has them (GPT-2)."""
     rows = params.embed[ids]
-    return rows * jnp.asarray(config.embed_scale, rows.dtype) if config.embed_scale != 1.0 else rows
+    rows = rows * jnp.asarray(config.embed_scale, rows.dtype) if config.embed_scale != 1.0 else rows
+    if params.position_embed is None:
+        return rows
+    return rows + params.position_embed[jnp.arange(ids.shape[0]) if positions is None else positions]
 
 
 def _rope_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -79,10 +83,14 @@ def rope_stack(config: ModelConfig, length: int, dtype: jnp.dtype, *, context: i
     return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
 
 
-def optional_norm(v: Array, weight: Array | None, config: ModelConfig, *, detach: Detach) -> Array:
-    """RMSNorm of v with `weight`, or v itself where the family has no such norm (weight None)."""
+def optional_norm(v: Array, weight: Array | None, config: ModelConfig, *, detach: Detach, bias: Array | None = None
+                  ) -> Array:
+    """The family's norm (RMSNorm, or LayerNorm with `bias`) of v with `weight`, or v itself where the family
+    has no such norm (weight None)."""
     if weight is None:
         return v
+    if config.norm_kind == "layer":
+        return layer_norm(v, weight, bias, eps=config.rms_norm_eps, detach=detach)
     return rms_norm(v, weight, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
 
 
@@ -105,8 +113,8 @@ def decoder_layer(
     all T). Fewer queries skip the other positions' attention outputs and MLPs, all of which a readout
     of the last Q positions cannot see. `fold` and `tap`: see `layer_tail`.
     """
-    attn = attention(optional_norm(h, p.attn_in_norm, config, detach=detach), p, cos, sin, window, config,
-                     detach=detach, queries=queries)
+    attn = attention(optional_norm(h, p.attn_in_norm, config, detach=detach, bias=p.attn_in_norm_bias), p, cos, sin,
+                     window, config, detach=detach, queries=queries)
     return layer_tail(h[h.shape[0] - (queries or h.shape[0]):], attn, p, config, detach=detach, fold=fold, tap=tap)
 
 
@@ -121,7 +129,8 @@ def layer_tail(h: Array, attn: Array, p: LayerParams, config: ModelConfig, *, de
     no post-norms. `fold`: the MLP's derivative through one matrix per position (`blocks.glu_mlp`)."""
     a = optional_norm(attn, p.attn_out_norm, config, detach=detach)
     h = h + a
-    m_pre = glu_mlp(optional_norm(h, p.mlp_in_norm, config, detach=detach), p, config, detach=detach, fold=fold)
+    m_pre = glu_mlp(optional_norm(h, p.mlp_in_norm, config, detach=detach, bias=p.mlp_in_norm_bias), p, config,
+                    detach=detach, fold=fold)
     m = optional_norm(m_pre, p.mlp_out_norm, config, detach=detach)
     return (h + m, a, m) if tap == "post" else (h + m, attn, m_pre)
 
@@ -211,8 +220,8 @@ def streams_entering(params: Params, config: ModelConfig, x: Array, top: int, *,
 
 
 def final_norm(params: Params, config: ModelConfig, h: Array, *, detach: Detach) -> Array:
-    """The model's final RMSNorm, over the last axis of h (..., d)."""
-    return rms_norm(h, params.final_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
+    """The model's final norm (RMSNorm, or GPT-2's LayerNorm), over the last axis of h (..., d)."""
+    return optional_norm(h, params.final_norm, config, detach=detach, bias=params.final_norm_bias)
 
 
 def unembed(params: Params, config: ModelConfig, hidden: Array) -> Array:

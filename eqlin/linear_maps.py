@@ -14,10 +14,11 @@ forward mode) and pushing basis vectors through the linear map in chunks (`lax.m
 `batch_size`), so peak memory is bounded and estimated before anything is allocated.
 
 Biases: the affine map and its constant c. Write the detached network as f(x) = F(x; θ(x)), where θ(x)
-collects every frozen coefficient (norm scales, activated gates, attention probabilities, and the frozen
-copies of the inputs of q, k and gate) and F(v; θ) is the network with those coefficients held fixed.
-Along the non-frozen path F(·; θ) only multiplies by weights and by frozen coefficients, adds residual
-branches, and adds biases, so it is affine in v: F(v; θ) = A(θ) v + c(θ). The stop_gradients make the
+collects every frozen coefficient (norm scales, activated gates or GPT-2's GELU factor Φ(z), attention
+probabilities, and the frozen copies of the inputs of q, k and gate) and F(v; θ) is the network with those
+coefficients held fixed. Along the non-frozen path F(·; θ) only multiplies by weights and by frozen
+coefficients, subtracts means (LayerNorm), adds residual branches, and adds biases, so it is affine in v:
+F(v; θ) = A(θ) v + c(θ). The stop_gradients make the
 Jacobian of f the Jacobian of F in v: J = ∂f/∂x = A(θ(x)). With g(v, u) = F(v; θ(u)) (the linear path
 reads v, every coefficient reads u),
 

@@ -105,12 +105,12 @@ def cached_layer(h: Array, p, keys: Array, values: Array, pos: Array, cos: Array
     the layer's cache. h (d,); keys, values (B, K, hd) hold positions < pos; cos, sin (r,) at pos.
     Returns (h_out (d,), keys, values). The same blocks as the full forward (projections, q/k norms,
     RoPE, probabilities, layer tail), with row `pos` of the mask against the cached keys."""
-    x = optional_norm(h, p.attn_in_norm, config, detach=False)[None]  # (1, d)
+    x = optional_norm(h, p.attn_in_norm, config, detach=False, bias=p.attn_in_norm_bias)[None]  # (1, d)
     q, k, v = project_qkv(x, p, cos[None], sin[None], config, detach=False)  # (1, H, hd), (1, K, hd) ×2
     keys = jax.lax.dynamic_update_index_in_dim(keys, k[0], pos, 0)  # (B, K, hd)
     values = jax.lax.dynamic_update_index_in_dim(values, v[0], pos, 0)
     mask = visible(pos, jnp.arange(keys.shape[0]), window)[None]  # (1, B): row `pos` of attention_mask
-    attn = attend(attention_probs(q, keys, mask, config), values, p.o_proj)  # (1, d)
+    attn = attend(attention_probs(q, keys, mask, config), values, p.o_proj, p.o_bias)  # (1, d)
     h_out, _, _ = layer_tail(h[None], attn, p, config, detach=False)
     return h_out[0], keys, values
 
@@ -134,7 +134,7 @@ def generate(params: Params, config: ModelConfig, ids: Array, length: Array, J: 
 
     def position(k: Array, carry):
         buf, keys, values, S, tokens, logits = carry
-        x = embed(params, config, buf[k][None])[0]  # (d,)
+        x = embed(params, config, buf[k][None], positions=k[None])[0]  # (d,)
         S = S + einsum("oe,e->o", J[:, k % J.shape[1], :], x)
         norm_S = jnp.linalg.norm(S)
         direction = jnp.where(norm_S > 0, S / jnp.where(norm_S > 0, norm_S, 1), 0)

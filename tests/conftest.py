@@ -21,7 +21,8 @@ import eqlin  # noqa: E402
 from tests.fixtures import make_checkpoint  # noqa: E402
 
 CORE_VARIANTS = ("llama_mha", "llama_gqa", "qwen3", "gemma3", "gemma3_multimodal")
-MORE_VARIANTS = ("mistral", "phi3", "olmo2", "qwen2")
+MORE_VARIANTS = ("mistral", "phi3", "olmo2")
+AFFINE_VARIANTS = ("qwen2", "gpt2")  # biases: every detached map is affine, y = Σ_t J_t x_t + c
 LONGROPE_TEXTS = (  # phi3_longrope: original_max_position_embeddings 16, so short factors, then long ones
     "The bridge out of Marin is the Golden Gate",
     "The bridge out of Marin is the Golden Gate . the fog goes over the bay and the red bridge",

@@ -33,6 +33,7 @@ VARIANTS: tuple[str, ...] = (
     "olmo2",
     "qwen2",
     "phi3_longrope",
+    "gpt2",
 )
 # longrope factors of the phi3_longrope variant: one per rotated frequency (rotary dim 12: six).
 LONGROPE_SHORT = [1.0, 1.1, 1.3, 1.7, 2.2, 3.0]
@@ -174,6 +175,15 @@ def _spec(variant: str) -> tuple[type[transformers.PreTrainedModel], Any, tuple[
         )
         phi_tok = {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False}
         return transformers.Phi3ForCausalLM, config, _QWEN_SPECIALS, phi_tok
+    if variant == "gpt2":
+        # Learned positions, LayerNorm with bias, Conv1D projections with biases, gelu_new MLP, tied, no BOS.
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB_SIZE, n_embd=48, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
+            activation_function="gelu_new", tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+            pad_token_id=0,
+        )
+        gpt_tok = {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False}
+        return transformers.GPT2LMHeadModel, config, _QWEN_SPECIALS, gpt_tok
     if variant == "olmo2":
         config = transformers.Olmo2Config(
             vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=128, num_hidden_layers=2,

@@ -18,6 +18,7 @@ import pytest
 import eqlin
 from eqlin.analysis import SCHEMA
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, main
+from eqlin.report import summary
 from tests.conftest import TEXT
 
 REPORT_KEYS = {"schema", "next_token", "relative_error", "plain_relative_error", "model", "dtype", "tokens",
@@ -62,31 +63,25 @@ def test_analyze_on_a_tiny_model(tiny_report, capsys):
     assert report["constant"] == {"norm": 0.0, "relative_norm": 0.0, "logit": 0.0, "tokens": []}  # no biases
 
 
-def test_analyze_reports_the_constant_of_a_model_with_biases(checkpoint, tmp_path, capsys):
+def test_json_flag_prints_the_report_and_the_constant_of_a_model_with_biases(checkpoint, tmp_path, capsys):
     """Qwen 2: y = Σ_t J_t x_t + c, with ‖c‖/‖y‖, c's share of the next token's logit and c decoded through
     the unembedding in report.json, its own row in report.html and a line of the summary."""
     assert main(["analyze", TEXT, "--model", str(checkpoint("qwen2")), "--out", str(tmp_path), "--layers", "none",
-                 "--top-k", "3", "--no-compile-cache"]) == EXIT_OK
-    report = json.loads((tmp_path / "report.json").read_text())
-    c = report["constant"]
-    assert c["relative_norm"] > 0.1 and len(c["tokens"]) == 3 and c["norm"] > 0
-    assert report["relative_error"] <= 1e-13 and report["homogeneity_error"] <= 1e-13
-    logit = report["logit"]
-    assert logit["relative_error"] <= 1e-13 and logit["constant"] == c["logit"] != 0
-    total = sum(p["logit_contribution"] for p in report["per_token"]) + c["logit"]
-    assert abs(total - logit["value"]) <= 1e-12 * abs(logit["value"])
-    assert abs(logit["reconstructed"] - logit["value"]) <= 1e-12 * abs(logit["value"])
-    assert "<td>(constant: biases)</td>" in (tmp_path / "report.html").read_text()
-    summary = capsys.readouterr().out
-    assert "‖y − (Σ_t J_t x_t + c)‖/‖y‖" in summary and f"‖c‖/‖y‖ = {c['relative_norm']:.3g}" in summary
-
-
-def test_json_flag_prints_the_report(checkpoint, tmp_path, capsys):
-    assert main(["analyze", TEXT, "--model", str(checkpoint("qwen3")), "--out", str(tmp_path), "--layers", "none",
-                 "--json", "-q", "--no-compile-cache"]) == EXIT_OK
+                 "--top-k", "3", "--json", "-q", "--no-compile-cache"]) == EXIT_OK
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((tmp_path / "report.json").read_text())
     assert printed["layer_maps"]["layers"] == [] and printed["tokens"][0]["text"] == "The"  # Qwen adds no BOS
+    c = printed["constant"]
+    assert c["relative_norm"] > 0.1 and len(c["tokens"]) == 3 and c["norm"] > 0
+    assert printed["relative_error"] <= 1e-13 and printed["homogeneity_error"] <= 1e-13
+    logit = printed["logit"]
+    assert logit["relative_error"] <= 1e-13 and logit["constant"] == c["logit"] != 0
+    total = sum(p["logit_contribution"] for p in printed["per_token"]) + c["logit"]
+    assert abs(total - logit["value"]) <= 1e-12 * abs(logit["value"])
+    assert abs(logit["reconstructed"] - logit["value"]) <= 1e-12 * abs(logit["value"])
+    assert "<td>(constant: biases)</td>" in (tmp_path / "report.html").read_text()
+    text = summary(printed, tmp_path)
+    assert "‖y − (Σ_t J_t x_t + c)‖/‖y‖" in text and f"‖c‖/‖y‖ = {c['relative_norm']:.3g}" in text
 
 
 def test_analyze_the_embedded_model_in_float64(tmp_path):

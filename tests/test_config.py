@@ -176,11 +176,14 @@ _SIZES = {"vocab_size": 64, "hidden_size": 256, "intermediate_size": 48, "num_hi
     (transformers.MistralConfig, "mistral"),
     (transformers.MinistralConfig, "ministral"), (transformers.Phi3Config, "phi3"), (transformers.Olmo2Config, "olmo2"),
     (transformers.Gemma3TextConfig, "gemma3_text"), (transformers.Gemma3Config, "gemma3"),
+    (transformers.GPT2Config, "gpt2"),
 ])
 def test_transformers_defaults_are_accepted_and_are_eqlins(cls, model_type):
     """Every key transformers writes is handled or knowingly ignored, and where config.json leaves a key
     out, eqlin assumes transformers' default for it (rms_norm_eps, windows, positions, RoPE, ...)."""
     sizes = {} if model_type.startswith("gemma3") else _SIZES
+    if model_type == "gpt2":  # GPT-2's own names for the sizes
+        sizes = {"vocab_size": 64, "n_embd": 256, "n_inner": 48, "n_layer": 2, "n_head": 32}
     full = json.loads(cls(**sizes).to_json_string(use_diff=False))
     assert config_from_hf(full) == config_from_hf({"model_type": model_type, **sizes})
 

@@ -14,7 +14,7 @@ import torch
 
 import eqlin
 from tests import torch_reference as ref
-from tests.conftest import CORE_VARIANTS, LONGROPE_TEXTS, MORE_VARIANTS, TEXT, relative
+from tests.conftest import AFFINE_VARIANTS, CORE_VARIANTS, LONGROPE_TEXTS, MORE_VARIANTS, TEXT, relative
 from tests.fixtures import load_torch_model
 
 LONG_TEXT = TEXT + " . the fog goes over the bay and the red bridge"  # > the 4-token sliding window
@@ -32,7 +32,7 @@ def _torch_run(folder, ids: np.ndarray, *, faithful: bool):
     return hidden[0], np.stack(hidden[1:-1]), out.logits[0].numpy()
 
 
-@pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS)
+@pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS + AFFINE_VARIANTS)
 def test_logits_match_stock_transformers(variant, checkpoint, loaded):
     model = loaded(variant)
     ids = model.encode(LONG_TEXT)
@@ -40,7 +40,7 @@ def test_logits_match_stock_transformers(variant, checkpoint, loaded):
     assert relative(model.logits(ids), logits) < 2e-6  # stock computes norms, RoPE, softmax in float32
 
 
-@pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS)
+@pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS + AFFINE_VARIANTS)
 def test_every_block_matches_float64_faithful_transformers(variant, checkpoint, loaded):
     model = loaded(variant)
     ids = model.encode(LONG_TEXT)
@@ -73,7 +73,7 @@ def test_longrope_matches_transformers_below_and_above_the_original_context(text
     assert relative(swapped.logits(ids), logits) > 1e-3
 
 
-@pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS)
+@pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS + AFFINE_VARIANTS)
 def test_detach_changes_no_value(variant, loaded):
     model = loaded(variant)
     ids = model.encode(LONG_TEXT)

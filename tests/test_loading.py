@@ -170,10 +170,31 @@ def test_bias_flags_in_config_are_refused(checkpoint, tmp_path):
         eqlin.load(folder)
 
 
+def test_gpt2_as_openai_wrote_it(checkpoint, loaded, tmp_path):
+    """GPT-2's original files: no "transformer." prefix, causal-mask buffers h.{i}.attn.bias (left out, as
+    transformers leaves them out); Conv1D weights (in, out) transposed on loading, c_attn split into q, k, v."""
+    tensors = {name.removeprefix("transformer."): a for name, a in _tensors(checkpoint("gpt2")).items()}
+    model = loaded("gpt2")
+    d = model.config.hidden_size
+    np.testing.assert_array_equal(model.params.layers.k_proj[1], tensors["h.1.attn.c_attn.weight"][:, d:2 * d].T)
+    np.testing.assert_array_equal(model.params.layers.v_bias[0], tensors["h.0.attn.c_attn.bias"][2 * d:])
+    np.testing.assert_array_equal(model.params.layers.down_proj[0], tensors["h.0.mlp.c_proj.weight"].T)
+    folder = _copy(checkpoint("gpt2"), tmp_path / "openai")
+    tensors.update({f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32)) for i in range(2)})
+    (folder / "model.safetensors").unlink()
+    write_safetensors(folder / "model.safetensors", tensors)
+    assert np.array_equal(eqlin.load(folder).logits(TEXT), model.logits(TEXT))
+    tensors["h.0.attn.c_proj.weight"] = tensors["h.0.attn.c_proj.weight"][:, :40]
+    write_safetensors(folder / "model.safetensors", tensors)
+    with pytest.raises(eqlin.WeightsError, match=r"wrong shape \(1\): h.0.attn.c_proj.weight: \(48, 40\) "
+                                                 r"\(expected \(48, 48\)\)"):
+        eqlin.load(folder)
+
+
 def test_unknown_model_type(checkpoint, tmp_path):
-    folder = _copy(checkpoint("llama_mha"), tmp_path / "gpt2")
-    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(eqlin.ConfigError, match="unsupported model_type 'gpt2'; eqlin supports: llama, qwen2, qwen3"):
+    folder = _copy(checkpoint("llama_mha"), tmp_path / "gpt_neox")
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    with pytest.raises(eqlin.ConfigError, match="unsupported model_type 'gpt_neox'; eqlin supports: llama, qwen2, qwen3"):
         eqlin.load(folder)
 
 

@@ -63,7 +63,7 @@ def test_concept_map_is_the_stream_entering_the_layer(loaded):
 
 @pytest.mark.parametrize("variant, layer", [("gemma3", 0), ("gemma3", 2), ("gemma3", 3), ("qwen3", 1),
                                             ("mistral", 1), ("phi3", 1), ("olmo2", 1), ("qwen2", 1),
-                                            ("phi3_longrope", 1)])
+                                            ("phi3_longrope", 1), ("gpt2", 1)])
 def test_injection_equals_hand_written_forward(loaded, variant, layer):
     """One step of the KV-cached generation (every family's attention details) against the hand-written
     forward with the vector added to the residual stream entering `layer`."""

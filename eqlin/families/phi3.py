@@ -12,7 +12,8 @@ from eqlin.families import llama
 
 MODEL_TYPES = ("phi3",)
 NORM_NAMES = llama.NORM_NAMES
-FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
+FUSED = {"self_attn.qkv_proj.weight": ("q_proj", "k_proj", "v_proj"),
+         "mlp.gate_up_proj.weight": ("gate_proj", "up_proj")}
 HANDLED_KEYS = llama.HANDLED_KEYS | {"sliding_window", "original_max_position_embeddings"}
 # Dropout (training only).
 IGNORED_KEYS = llama.IGNORED_KEYS | {"resid_pdrop", "embd_pdrop"}
