@@ -57,14 +57,15 @@ def _rope_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def rope_stack(config: ModelConfig, length: int, dtype: jnp.dtype, *, context: int | Array | None = None
+def rope_stack(config: ModelConfig, length: int, dtype: jnp.dtype, *, context: Array | None = None
                ) -> tuple[Array, Array]:
     """cos, sin tables for both RoPE specs, each (2, T, rope_dim): index 0 full attention, 1 sliding.
 
-    longrope takes its short or long factors by the sequence length, as transformers does: `context`
-    (default `length`; a traced value is allowed) is the length of the sequence the positions belong to,
-    and row k takes the long factors when max(context, k + 1) > original_max_position_embeddings (so a
-    KV-cached generation, context = the prompt's length, switches as transformers' cache does)."""
+    longrope takes its short or long factors by the sequence length, as transformers does: `context` (an
+    int or a traced value; default `length`, the whole sequence) is the length of the sequence the
+    positions belong to, and row k takes the long factors when max(context, k + 1) >
+    original_max_position_embeddings (so a KV-cached generation, context = the prompt's length, switches
+    as transformers' cache does, and a ragged prompt's padding rows never reach its readout)."""
     angle_dtype = _rope_dtype(dtype)
     positions = jnp.arange(length)
     tables = []
@@ -75,8 +76,8 @@ def rope_stack(config: ModelConfig, length: int, dtype: jnp.dtype, *, context: i
 
         if not spec.switches:
             tables.append(table(False))
-        elif context is None or isinstance(context, int):
-            tables.append(table(spec.uses_long(length if context is None else context)))
+        elif context is None:  # every row: max(T, k + 1) = T
+            tables.append(table(spec.uses_long(length)))
         else:
             long = (jnp.maximum(context, positions + 1) > spec.original_max_position_embeddings)[:, None]
             tables.append(tuple(jnp.where(long, a, b) for a, b in zip(table(True), table(False))))

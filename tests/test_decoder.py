@@ -68,9 +68,26 @@ def test_longrope_matches_transformers_below_and_above_the_original_context(text
     out = model.forward(ids, collect=True)
     assert relative(out.residuals[0], layers[0]) < 1e-12
     assert relative(out.logits, logits) < 1e-12
-    other = dataclasses.replace(spec, original_max_position_embeddings=8 if len(ids) <= 16 else 64)
-    swapped = dataclasses.replace(model, config=dataclasses.replace(model.config, rope_full=other, rope_sliding=other))
-    assert relative(swapped.logits(ids), logits) > 1e-3
+    if len(ids) > 16:  # the choice matters: the short factors give other logits
+        other = dataclasses.replace(spec, original_max_position_embeddings=64)
+        swapped = dataclasses.replace(model, config=dataclasses.replace(model.config, rope_full=other,
+                                                                        rope_sliding=other))
+        assert relative(swapped.logits(ids), logits) > 1e-3
+
+
+def test_longrope_rows_follow_the_sequence_they_belong_to(loaded):
+    """With a traced context (a ragged prompt's length, or a KV-cached generation's prompt length), row k
+    takes the long factors when max(context, k + 1) > original_max_position_embeddings (16)."""
+    from eqlin.decoder import rope_stack
+
+    config = loaded("phi3_longrope").config
+    cos, sin = jax.jit(lambda n: rope_stack(config, 24, jnp.float64, context=n))(9)
+    short, long = rope_stack(config, 16, jnp.float64), rope_stack(config, 24, jnp.float64)
+    for got, s, l in zip((cos, sin), short, long):
+        np.testing.assert_array_equal(got[:, :16], s)
+        np.testing.assert_array_equal(got[:, 16:], l[:, 16:])
+    assert np.abs(np.asarray(short[0]) - np.asarray(long[0][:, :16])).max() > 0.1
+    np.testing.assert_array_equal(jax.jit(lambda n: rope_stack(config, 24, jnp.float64, context=n))(20)[0], long[0])
 
 
 @pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS + AFFINE_VARIANTS)

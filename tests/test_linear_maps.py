@@ -195,7 +195,7 @@ def test_folded_mlp_is_correct_under_any_differentiation():
     np.testing.assert_allclose(jax.jacfwd(folded_mlp)(*args), jax.jacfwd(mlp_product)(*args), rtol=1e-13, atol=1e-13)
     biased = [*args, jnp.asarray(rng.standard_normal(7))]  # GPT-2's up bias: inside the product, no x-derivative
     np.testing.assert_array_equal(folded_mlp(*biased), mlp_product(*biased))
-    for argnums in (0, 4, (0, 4)):
+    for argnums in ((0, 4),):
         want = jax.jacrev(lambda *a: mlp_product(*a).sum(), argnums=argnums)(*biased)
         got = jax.jacrev(lambda *a: folded_mlp(*a).sum(), argnums=argnums)(*biased)
         for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):

@@ -14,6 +14,7 @@ import pytest
 import eqlin
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from eqlin.decoder import embed, final_norm, forward, layer_slice, run_layers, unembed
+from eqlin import steering
 from eqlin.steering import bucket, concept_maps, generate, steer, steering_sweep
 
 CONCEPT = "The bridge out of Marin is the Golden"
@@ -63,7 +64,7 @@ def test_concept_map_is_the_stream_entering_the_layer(loaded):
 
 @pytest.mark.parametrize("variant, layer", [("gemma3", 0), ("gemma3", 2), ("gemma3", 3), ("qwen3", 1),
                                             ("mistral", 1), ("phi3", 1), ("olmo2", 1), ("qwen2", 1),
-                                            ("phi3_longrope", 1), ("gpt2", 1)])
+                                            ("gpt2", 1)])
 def test_injection_equals_hand_written_forward(loaded, variant, layer):
     """One step of the KV-cached generation (every family's attention details) against the hand-written
     forward with the vector added to the residual stream entering `layer`."""
@@ -78,13 +79,8 @@ def test_injection_equals_hand_written_forward(loaded, variant, layer):
     want = hand_logits(model, ids, J, layer, 3.0)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     assert np.abs(want - hand_logits(model, ids, J, layer, 0.0)).max() > 1e-3  # the injection does something
-
-
-def test_a_model_with_biases_steers_with_its_maps_linear_part(loaded):
-    """Qwen 2: the concept's map is affine (h = Σ_t J_t x_t + c), exact with its constant; the injection
-    (checked above) applies J_c alone."""
-    r = steer(loaded("qwen2"), CONCEPT, TEXT, layer=1, strength=2.0, max_new_tokens=1)
-    assert r.map_relative_error <= 1e-13
+    if model.config.has_biases:  # the concept's map is affine, exact with its constant; J_c alone is applied
+        assert float(steering._maps(model, model.encode(CONCEPT), (layer,))[1][0]) <= 1e-13
 
 
 def test_strength_zero_is_the_unsteered_greedy_run(loaded):
