@@ -12,10 +12,16 @@ report.json:
     tokens            [{position, id, text}] as the model sees them (BOS included where added)
     next_token        {id, text, probability, logit}: the greedy next token
     top_predictions   [{id, text, probability}] the top_k next tokens
-    relative_error    ‖y − Σ_t J_t x_t‖ / ‖y‖ of the detached Jacobian (y: final hidden state, last position)
+    relative_error    ‖y − (Σ_t J_t x_t + c)‖ / ‖y‖ of the detached Jacobian (y: final hidden state, last
+                        position; c: the constant, 0 without biases)
     plain_relative_error   the same for the plain (non-detached) Jacobian: it does not reconstruct
     homogeneity_error ‖y − jvp(f, x; x)‖ / ‖y‖, matrix-free
-    logit             {id, value, reconstructed, relative_error}: the next token's logit and Σ_t W_U[id] J_t x_t
+    logit             {id, value, reconstructed, relative_error, constant}: the next token's logit,
+                        Σ_t W_U[id] J_t x_t + W_U[id] c, and the constant's share W_U[id] c
+    constant          {norm ‖c‖, relative_norm ‖c‖ / ‖y‖, logit W_U[next] c, tokens}: the constant c of the
+                        affine map y = Σ_t J_t x_t + c (the frozen network at zero input: the biases carried
+                        through; exactly 0 for bias-free models, see `eqlin.linear_maps`), with tokens its top_k
+                        tokens through the unembedding (empty when c = 0). The spectra are J's alone
     per_token         [{position, token, contribution_norm ‖J_t x_t‖, logit_contribution W_U[id] J_t x_t,
                         singular_values (top_k), effective_dimension {stable_rank, participation_ratio,
                         rank_90, rank_99}, left_tokens (top_k × top_k strings: tokens of each left
@@ -59,7 +65,7 @@ from eqlin.linear_maps import detached_jacobian, jacobian, logit_map, matrix_fre
 from eqlin.model import Model
 from eqlin.progress import stage
 from eqlin.selection import Tap, evenly_spaced
-from eqlin.spectral import decode_spectrum, spectrum
+from eqlin.spectral import decode_spectrum, match_tokens, spectrum
 
 SCHEMA = "eqlin.report/1"
 
@@ -155,6 +161,10 @@ def analyze(model: Model, text: str, *, layers: tuple[int, ...] = (), top_k: int
             "right_tokens": [row[:k] for row in spec.right_tokens.tokens[t]],
         })
     next_id = int(order[0])
+    c_norm = _f(jnp.linalg.norm(lin.constant))
+    constant = {"norm": c_norm, "relative_norm": c_norm / _f(jnp.linalg.norm(lin.output)),
+                "logit": _f(lm.constant[0]),
+                "tokens": match_tokens(model, lin.constant, k, "output").tokens if c_norm > 0 else []}
     report = {
         "schema": SCHEMA,
         "model": {"source": model.source, "family": model.config.family, "num_layers": model.config.num_layers,
@@ -170,8 +180,10 @@ def analyze(model: Model, text: str, *, layers: tuple[int, ...] = (), top_k: int
         "relative_error": _f(lin.relative_error),
         "plain_relative_error": _f(plain.relative_error),
         "homogeneity_error": _f(check.homogeneity_error),
-        "logit": {"id": next_id, "value": _f(lm.logits[0]), "reconstructed": _f(lm.contributions[:, 0].sum()),
-                  "relative_error": _f(lm.relative_error[0])},
+        "logit": {"id": next_id, "value": _f(lm.logits[0]),
+                  "reconstructed": _f(lm.contributions[:, 0].sum() + lm.constant[0]),
+                  "relative_error": _f(lm.relative_error[0]), "constant": _f(lm.constant[0])},
+        "constant": constant,
         "per_token": per_token,
         "layer_maps": layer_maps,
         "layers": story.to_list() if story else [],

@@ -4,7 +4,8 @@ Prompts of equal length T go through the single-prompt map unchanged (`cumulativ
 shortcut included). Ragged prompts are right-padded to T_max with zero embeddings and read at their
 own last position n_b − 1: under the causal mask that query sees keys s <= n_b − 1 only, so every key
 beyond the prompt is masked from the readout, the padding never reaches y_b, and J_b[:, s, :] = 0
-exactly for s >= n_b. Per prompt, y_b = Σ_{t<n_b} J_b[:, t, :] x_b[t] as in `detached_jacobian`.
+exactly for s >= n_b. Per prompt, y_b = Σ_{t<n_b} J_b[:, t, :] x_b[t] (+ c_b for models with biases) as
+in `detached_jacobian`; longrope's factors are chosen by each prompt's own length.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eqlin.blocks import Detach
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed, final_norm, run_layers
 from eqlin.errors import InputError
-from eqlin.linear_maps import cumulative_fn, finish, jacobian_of
+from eqlin.linear_maps import constant_term, cumulative_fn, finish, jacobian_of
 from eqlin.memory import memory_limit_bytes, resolve_chunk
 from eqlin.model import Model
 from eqlin.params import Params
@@ -34,8 +36,9 @@ class BatchLinearization:
     """Detached maps of B prompts, padded to T = max length.
 
     jacobian: (B, d, T, d), zero at padded positions; inputs: x (B, T, d), zero at padded positions;
-    output: y (B, d); contributions: (B, T, d) rows J_t x_t; relative_error: (B,);
-    lengths: n_b (B,); ids: (B, T) token ids, padded with 0.
+    output: y (B, d); contributions: (B, T, d) rows J_t x_t; relative_error: (B,), of Σ_t J_t x_t + c;
+    lengths: n_b (B,); ids: (B, T) token ids, padded with 0; constant: c (B, d), each prompt's frozen map
+    at zero input (0 without biases, see `eqlin.linear_maps`).
     """
 
     jacobian: Array
@@ -45,6 +48,7 @@ class BatchLinearization:
     relative_error: Array
     lengths: Array
     ids: Array
+    constant: Array | None = None
 
     def prompt(self, b: int) -> tuple[Array, Array]:
         """(J_b (d, n_b, d), x_b (n_b, d)): prompt b's map and inputs without padding."""
@@ -52,22 +56,27 @@ class BatchLinearization:
         return self.jacobian[b, :, :n], self.inputs[b, :n]
 
 
-def _ragged_fn(params: Params, config: ModelConfig, length: Array):
-    """x (T, d) -> y (d,): the final output read at position `length` − 1 (a traced index)."""
+def _ragged_fn(params: Params, config: ModelConfig, length: Array, detach: Detach = True):
+    """x (T, d) -> y (d,): the final output read at position `length` − 1 (a traced index), with
+    longrope's factors for a sequence of `length` tokens."""
     def f(x: Array) -> Array:
-        h, _ = run_layers(params.layers, config, x, detach=True)
-        return final_norm(params, config, h[length - 1], detach=True)
+        h, _ = run_layers(params.layers, config, x, detach=detach, context=length)
+        return final_norm(params, config, h[length - 1], detach=detach)
     return f
 
 
 @functools.partial(jax.jit, static_argnames=("config", "ragged", "chunk"))
 def _batched(params: Params, config: ModelConfig, x: Array, lengths: Array, *, ragged: bool,
              chunk: int | None) -> tuple[Array, Array, Array, Array]:
-    """vmap over prompts: (J (B, d, T, d), y (B, d), contributions (B, T, d), relative_error (B,))."""
+    """vmap over prompts: (J (B, d, T, d), y (B, d), contributions (B, T, d), relative_error (B,),
+    constant (B, d))."""
     def one(x_b: Array, n_b: Array):
-        f = _ragged_fn(params, config, n_b) if ragged else cumulative_fn(params, config, None, "residual", True)
-        y, J = jacobian_of(f, x_b, mode="rev", chunk=chunk)
-        return (J, y, *finish(y, J, x_b))
+        def make(detach: Detach):
+            return _ragged_fn(params, config, n_b, detach) if ragged else cumulative_fn(params, config, None,
+                                                                                        "residual", detach)
+        y, J = jacobian_of(make(True), x_b, mode="rev", chunk=chunk)
+        c = constant_term(make, x_b, y, config, True)
+        return (J, y, *finish(y, J, x_b, c), c)
 
     return jax.vmap(one)(x, lengths)
 
@@ -90,6 +99,6 @@ def detached_jacobians(model: Model, prompts: Sequence, *, chunk: int | None = N
     x = jax.vmap(lambda i: embed(model.params, model.config, i))(jnp.asarray(padded))
     x = x * (jnp.arange(T)[None, :, None] < jnp.asarray(lengths)[:, None, None])  # zero the padding
     ragged = bool((lengths != T).any())
-    J, y, contributions, err = _batched(model.params, model.config, x, jnp.asarray(lengths), ragged=ragged,
-                                        chunk=chunk)
-    return BatchLinearization(J, x, y, contributions, err, jnp.asarray(lengths), jnp.asarray(padded))
+    J, y, contributions, err, c = _batched(model.params, model.config, x, jnp.asarray(lengths), ragged=ragged,
+                                           chunk=chunk)
+    return BatchLinearization(J, x, y, contributions, err, jnp.asarray(lengths), jnp.asarray(padded), c)

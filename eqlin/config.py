@@ -14,20 +14,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from types import MappingProxyType
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 
 from eqlin.checks import check_int, check_real
 from eqlin.errors import ConfigError
 
-Family = Literal["llama", "qwen3", "gemma3", "mistral", "phi3", "olmo2"]
+Family = Literal["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "olmo2", "gpt2"]
 NormLayout = Literal["pre", "sandwich", "post"]
-Activation = Literal["silu", "gelu_tanh"]
+NormKind = Literal["rms", "layer"]
+Activation = Literal["silu", "gelu_tanh", "gelu"]
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 MAX_SIZE = 2**31 - 1  # sizes, windows and ids live in int32 arrays
 MAX_LAYERS = 10_000
 FIX = "fix that value in config.json"
@@ -38,8 +39,11 @@ _REQUIRED = object()  # sentinel default of the config readers: the key must be 
 class RopeSpec:
     """Rotary embedding frequencies for one attention type.
 
-    `kind` is "default" (theta^(-2i/r)), "linear" (frequencies divided by `factor`) or "llama3"
-    (Llama 3.1's wavelength-dependent interpolation between the two).
+    `kind` is "default" (theta^(-2i/r)), "linear" (frequencies divided by `factor`), "llama3" (Llama
+    3.1's wavelength-dependent interpolation between the two) or "longrope" (Phi-3.5 / Phi-4-mini: each
+    frequency divided by its own factor, `short_factor` for sequences of at most
+    `original_max_position_embeddings` tokens and `long_factor` beyond, and cos and sin multiplied by
+    `attention_factor`, as transformers does).
     """
 
     theta: float
@@ -48,14 +52,20 @@ class RopeSpec:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
-    def inv_freq(self, rotary_dim: int) -> np.ndarray:
-        """Inverse frequencies, shape (rotary_dim // 2,), computed in float64."""
+    def inv_freq(self, rotary_dim: int, *, long: bool = False) -> np.ndarray:
+        """Inverse frequencies, shape (rotary_dim // 2,), computed in float64. `long`: longrope's long
+        factors (sequences longer than original_max_position_embeddings); other kinds ignore it."""
         inv = 1.0 / self.theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
         if self.kind == "default":
             return inv
         if self.kind == "linear":
             return inv / self.factor
+        if self.kind == "longrope":
+            return inv / np.asarray(self.long_factor if long else self.short_factor, dtype=np.float64)
         # llama3: long wavelengths divided by factor, short kept, a smooth blend in between.
         low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
         high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
@@ -68,6 +78,16 @@ class RopeSpec:
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return np.where(medium, blended, scaled)
 
+    @property
+    def switches(self) -> bool:
+        """Whether the frequencies depend on the sequence length (longrope)."""
+        return self.kind == "longrope"
+
+    def uses_long(self, length: int) -> bool:
+        """Whether a sequence of `length` tokens takes longrope's long factors (transformers: the number of
+        positions, max(position_ids) + 1, exceeds original_max_position_embeddings)."""
+        return self.switches and length > self.original_max_position_embeddings
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -79,6 +99,13 @@ class ModelConfig:
     `qk_norm` is "head" for per-head q/k RMSNorm over head_dim (Qwen 3, Gemma 3), "full" for RMSNorm
     over the whole q/k projection before the head split (OLMo 2), or None. RoPE rotates the first
     `rotary_dim` features of each head (Phi's partial rotary; None: all of head_dim).
+    `biases` names the bias fields the family has (`LayerParams`' and Params.final_norm_bias; Qwen 2:
+    q_bias, k_bias, v_bias); with none, every detached map is linear, y = Σ_t J_t x_t; with some, it is
+    affine, y = Σ_t J_t x_t + c (`eqlin.linear_maps`).
+    GPT-2's layout: `norm_kind` "layer" (LayerNorm: mean subtracted, scale and bias; `rms_norm_eps` is its
+    epsilon; "rms" otherwise), `positions` "learned" (a position embedding added to the token embedding,
+    no RoPE: the rope specs are then unused; "rope" otherwise), `gated_mlp` False (down(act(up(x))), the
+    activation written z·s(z) with s frozen; True: the GLU MLP).
     """
 
     family: Family
@@ -107,6 +134,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     rotary_dim: int | None = None
+    biases: tuple[str, ...] = ()
+    norm_kind: NormKind = "rms"
+    positions: Literal["rope", "learned"] = "rope"
+    gated_mlp: bool = True
 
     def __post_init__(self) -> None:
         sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
@@ -125,6 +156,12 @@ class ModelConfig:
         if not 2 <= self.rope_dim <= self.head_dim or self.rope_dim % 2:
             raise ConfigError(f"RoPE rotates {self.rope_dim} features of each head, which must be even and in "
                               f"2..head_dim ({self.head_dim}); fix partial_rotary_factor or head_dim in config.json")
+        for spec in {self.rope_full, self.rope_sliding}:
+            lengths = {len(spec.short_factor), len(spec.long_factor)}
+            if spec.switches and lengths != {self.rope_dim // 2}:
+                raise ConfigError(f"longrope short_factor and long_factor need one value per rotated frequency, "
+                                  f"{self.rope_dim // 2} each (rotary dimension {self.rope_dim}), got "
+                                  f"{len(spec.short_factor)} and {len(spec.long_factor)}; {FIX}")
         if len(self.layer_types) != self.num_layers:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_layers}"
@@ -143,6 +180,11 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_kv_heads})"
             )
+
+    @property
+    def has_biases(self) -> bool:
+        """Whether any map of this model is affine rather than linear (a nonzero constant c)."""
+        return bool(self.biases)
 
     @property
     def rope_dim(self) -> int:
@@ -194,6 +236,8 @@ _ROPE_KEYS = MappingProxyType({
     "linear": frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor"}),
     "llama3": frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "low_freq_factor",
                          "high_freq_factor", "original_max_position_embeddings"}),
+    "longrope": frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor", "short_factor", "long_factor",
+                           "factor", "attention_factor", "original_max_position_embeddings"}),
 })
 
 
@@ -300,6 +344,10 @@ def rope_specs_from_hf(hf: dict[str, Any], *, default_theta: float, local_theta:
     merged = dict(params or {})
     merged.update(config_object(hf, "rope_scaling") or {})
     merged.setdefault("rope_theta", hf.get("rope_theta", default_theta))
+    if "original_max_position_embeddings" in hf and merged.get("rope_type", merged.get("type")) in ("llama3",
+                                                                                                     "longrope"):
+        # transformers' standardize_rope_params: a top-level value (Phi-3 writes one) takes precedence.
+        merged["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
     full = _rope_spec(merged, default_theta, hf)
     if local_theta is None:
         return full, full
@@ -326,14 +374,49 @@ def _rope_spec(p: dict[str, Any], default_theta: float, hf: dict[str, Any]) -> R
         return RopeSpec(theta=theta)
     if kind == "linear":
         return RopeSpec(theta=theta, kind=kind, factor=number("factor"))
+
+    def original() -> int:
+        return check_int("RoPE parameter 'original_max_position_embeddings'",
+                         p.get("original_max_position_embeddings", hf.get("max_position_embeddings")), 1, MAX_SIZE,
+                         FIX, error=ConfigError)
+
+    if kind == "longrope":
+        return _longrope_spec(p, theta, original(), hf, number)
     low, high = number("low_freq_factor"), number("high_freq_factor")
     if high <= low:
         raise ConfigError(f"RoPE high_freq_factor ({high}) must be greater than low_freq_factor ({low}); {FIX}")
-    original = p.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
     return RopeSpec(theta=theta, kind=kind, factor=number("factor"), low_freq_factor=low, high_freq_factor=high,
-                    original_max_position_embeddings=check_int(
-                        "RoPE parameter 'original_max_position_embeddings'", original, 1, MAX_SIZE, FIX,
-                        error=ConfigError))
+                    original_max_position_embeddings=original())
+
+
+def _longrope_spec(p: dict[str, Any], theta: float, original: int, hf: dict[str, Any],
+                   number: Callable[[str], float]) -> RopeSpec:
+    """longrope as transformers computes it (`_compute_longrope_parameters`): `factor` defaults to
+    max_position_embeddings / original_max_position_embeddings, and the cos/sin scale `attention_factor`
+    to sqrt(1 + ln(factor) / ln(original)) (1 where factor <= 1)."""
+    def factors(key: str) -> tuple[float, ...]:
+        value = p.get(key)
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"longrope RoPE parameters need {key!r}, a list of positive numbers (one per rotated "
+                              f"frequency), got {_show(value)}; {FIX}")
+        return tuple(check_real(f"longrope {key} entries", v, FIX, positive=True, error=ConfigError) for v in value)
+
+    if "factor" in p:
+        factor = number("factor")
+    else:
+        factor = config_int(hf, "max_position_embeddings") / original
+    if "attention_factor" in p:
+        attention = number("attention_factor")
+    elif factor <= 1.0:
+        attention = 1.0
+    elif original < 2:
+        raise ConfigError(f"longrope with factor {factor} needs original_max_position_embeddings >= 2 (its attention "
+                          f"factor divides by log(original)), got {original}; {FIX}")
+    else:
+        attention = math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeSpec(theta=theta, kind="longrope", factor=factor, original_max_position_embeddings=original,
+                    short_factor=factors("short_factor"), long_factor=factors("long_factor"),
+                    attention_factor=attention)
 
 
 def rotary_fraction(hf: dict[str, Any]) -> float:
@@ -351,14 +434,20 @@ def rotary_fraction(hf: dict[str, Any]) -> float:
     return fraction
 
 
+# Where eqlin handles biases exactly (an affine map y = Σ_t J_t x_t + c): what a refusal points to.
+BIAS_FAMILIES = ("qwen2 (biases on q, k and v: Qwen 2 / 2.5, DeepSeek-R1-Distill-Qwen) and gpt2 (biases on every "
+                 "projection and LayerNorm)")
+
+
 def refuse_biases(hf: dict[str, Any], keys: tuple[str, ...] = ("attention_bias", "mlp_bias")) -> None:
-    """Biases on the linear path break homogeneity (f(x) = Σ_t J_t x_t); refuse them early."""
+    """Refuse bias flags early where a family's layout has no biases eqlin handles."""
     on = [k for k in keys if config_bool(hf, k, False)]
     if on:
         raise ConfigError(
-            f"config sets {', '.join(f'{k}=true' for k in on)}: biases on the linear path break the "
-            "homogeneity f(x) = Σ_t J_t x_t that the detached Jacobian relies on; eqlin supports "
-            "bias-free checkpoints only"
+            f"config sets {', '.join(f'{k}=true' for k in on)}: biases on the linear path make the map affine, "
+            f"y = Σ_t J_t x_t + c, which eqlin computes exactly only for the bias layouts of {BIAS_FAMILIES}; "
+            f"a {hf.get('model_type')} model with these biases is not supported (a checkpoint with Qwen 2's layout "
+            "loads as model_type qwen2)"
         )
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqlin.blocks import attention, einsum, glu_mlp, rms_norm, rope_tables
+from eqlin.blocks import Detach, attention, einsum, glu_mlp, layer_norm, rms_norm, rope_tables
 from eqlin.config import ModelConfig
 from eqlin.params import LayerParams, Params
 
@@ -42,10 +42,14 @@ class ForwardOutput:
     mlp_outputs: Array | None = None
 
 
-def embed(params: Params, config: ModelConfig, ids: Array) -> Array:
-    """Input embeddings (T, d) for token ids (T,): rows of the table times `embed_scale` (Gemma √d)."""
+def embed(params: Params, config: ModelConfig, ids: Array, positions: Array | None = None) -> Array:
+    """Input embeddings (T, d) for token ids (T,): rows of the table times `embed_scale` (Gemma √d), plus
+    the learned position embeddings of `positions` (default 0 … T−1) where the family has them (GPT-2)."""
     rows = params.embed[ids]
-    return rows * jnp.asarray(config.embed_scale, rows.dtype) if config.embed_scale != 1.0 else rows
+    rows = rows * jnp.asarray(config.embed_scale, rows.dtype) if config.embed_scale != 1.0 else rows
+    if params.position_embed is None:
+        return rows
+    return rows + params.position_embed[jnp.arange(ids.shape[0]) if positions is None else positions]
 
 
 def _rope_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -53,21 +57,41 @@ def _rope_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def rope_stack(config: ModelConfig, length: int, dtype: jnp.dtype) -> tuple[Array, Array]:
-    """cos, sin tables for both RoPE specs, each (2, T, rope_dim): index 0 full attention, 1 sliding."""
+def rope_stack(config: ModelConfig, length: int, dtype: jnp.dtype, *, context: Array | None = None
+               ) -> tuple[Array, Array]:
+    """cos, sin tables for both RoPE specs, each (2, T, rope_dim): index 0 full attention, 1 sliding.
+
+    longrope takes its short or long factors by the sequence length, as transformers does: `context` (an
+    int or a traced value; default `length`, the whole sequence) is the length of the sequence the
+    positions belong to, and row k takes the long factors when max(context, k + 1) >
+    original_max_position_embeddings (so a KV-cached generation, context = the prompt's length, switches
+    as transformers' cache does, and a ragged prompt's padding rows never reach its readout)."""
     angle_dtype = _rope_dtype(dtype)
     positions = jnp.arange(length)
-    tables = [
-        rope_tables(jnp.asarray(spec.inv_freq(config.rope_dim), angle_dtype), positions, dtype)
-        for spec in (config.rope_full, config.rope_sliding)
-    ]
+    tables = []
+    for spec in (config.rope_full, config.rope_sliding):
+        def table(long: bool, spec=spec) -> tuple[Array, Array]:
+            inv = jnp.asarray(spec.inv_freq(config.rope_dim, long=long), angle_dtype)
+            return rope_tables(inv, positions, dtype, spec.attention_factor)
+
+        if not spec.switches:
+            tables.append(table(False))
+        elif context is None:  # every row: max(T, k + 1) = T
+            tables.append(table(spec.uses_long(length)))
+        else:
+            long = (jnp.maximum(context, positions + 1) > spec.original_max_position_embeddings)[:, None]
+            tables.append(tuple(jnp.where(long, a, b) for a, b in zip(table(True), table(False))))
     return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
 
 
-def optional_norm(v: Array, weight: Array | None, config: ModelConfig, *, detach: bool) -> Array:
-    """RMSNorm of v with `weight`, or v itself where the family has no such norm (weight None)."""
+def optional_norm(v: Array, weight: Array | None, config: ModelConfig, *, detach: Detach, bias: Array | None = None
+                  ) -> Array:
+    """The family's norm (RMSNorm, or LayerNorm with `bias`) of v with `weight`, or v itself where the family
+    has no such norm (weight None)."""
     if weight is None:
         return v
+    if config.norm_kind == "layer":
+        return layer_norm(v, weight, bias, eps=config.rms_norm_eps, detach=detach)
     return rms_norm(v, weight, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
 
 
@@ -79,7 +103,7 @@ def decoder_layer(
     window: Array,
     config: ModelConfig,
     *,
-    detach: bool,
+    detach: Detach,
     queries: int | None = None,
     fold: bool = False,
     tap: str = "post",
@@ -91,12 +115,12 @@ def decoder_layer(
     of the last Q positions cannot see. `fold` and `tap`: see `layer_tail`.
     """
     with jax.named_scope("attention"):
-        attn = attention(optional_norm(h, p.attn_in_norm, config, detach=detach), p, cos, sin, window, config,
-                         detach=detach, queries=queries)
+        attn = attention(optional_norm(h, p.attn_in_norm, config, detach=detach, bias=p.attn_in_norm_bias), p, cos,
+                         sin, window, config, detach=detach, queries=queries)
     return layer_tail(h[h.shape[0] - (queries or h.shape[0]):], attn, p, config, detach=detach, fold=fold, tap=tap)
 
 
-def layer_tail(h: Array, attn: Array, p: LayerParams, config: ModelConfig, *, detach: bool, fold: bool = False,
+def layer_tail(h: Array, attn: Array, p: LayerParams, config: ModelConfig, *, detach: Detach, fold: bool = False,
                tap: str = "post") -> tuple[Array, Array, Array]:
     """A layer after its attention: h (Q, d) residual rows, attn (Q, d) attention output (o_proj applied)
     -> (h_out, attn_branch, mlp_branch), with the family's post-norms (sandwich/post layouts).
@@ -108,7 +132,8 @@ def layer_tail(h: Array, attn: Array, p: LayerParams, config: ModelConfig, *, de
     a = optional_norm(attn, p.attn_out_norm, config, detach=detach)
     h = h + a
     with jax.named_scope("mlp"):
-        m_pre = glu_mlp(optional_norm(h, p.mlp_in_norm, config, detach=detach), p, config, detach=detach, fold=fold)
+        m_pre = glu_mlp(optional_norm(h, p.mlp_in_norm, config, detach=detach, bias=p.mlp_in_norm_bias), p, config,
+                        detach=detach, fold=fold)
     m = optional_norm(m_pre, p.mlp_out_norm, config, detach=detach)
     return (h + m, a, m) if tap == "post" else (h + m, attn, m_pre)
 
@@ -118,13 +143,14 @@ def run_layers(
     config: ModelConfig,
     h: Array,
     *,
-    detach: bool,
+    detach: Detach,
     first_layer: int = 0,
     collect: bool | str = False,
     fold: bool = False,
     tap: str = "post",
     stop: Array | None = None,
     prefix: Array | None = None,
+    context: Array | None = None,
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
     """Run a stack of layers (leading axis l) on h (T, d) with `lax.scan`.
 
@@ -139,11 +165,12 @@ def run_layers(
     h (T − s, d) is then the stream at the positions after them, and every output covers those only.
     Causal attention makes this the same computation for those positions, and a derivative with respect
     to h then never touches the first s positions (forward-mode tangents from positions >= s are zero
-    before them).
+    before them). `context`: the sequence length that picks longrope's factors (a
+    traced value; default the full length, see `rope_stack`).
     """
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     length = h.shape[0] + (0 if prefix is None else prefix.shape[1])
-    cos_all, sin_all = rope_stack(config, length, h.dtype)
+    cos_all, sin_all = rope_stack(config, length, h.dtype, context=context)
     windows = jnp.asarray(config.layer_windows()[first_layer:first_layer + n])
     rope_index = jnp.asarray(config.layer_rope_index()[first_layer:first_layer + n])
 
@@ -172,7 +199,7 @@ def run_layers_last(
     config: ModelConfig,
     h: Array,
     *,
-    detach: bool,
+    detach: Detach,
     collect: bool = False,
     fold: bool = False,
     tap: str = "post",
@@ -197,7 +224,7 @@ def run_layers_last(
     return last[0][-1], tuple(jnp.concatenate([s, l[-1:]]) for s, l in zip(stacked, last))
 
 
-def streams_entering(params: Params, config: ModelConfig, x: Array, top: int, *, detach: bool) -> Array:
+def streams_entering(params: Params, config: ModelConfig, x: Array, top: int, *, detach: Detach) -> Array:
     """The residual streams entering layers 0 … top−1 for input embeddings x (T, d): (top, T, d), where
     stream[0] = x and stream[i] is layer i−1's output (no final norm)."""
     if top == 1:
@@ -206,9 +233,9 @@ def streams_entering(params: Params, config: ModelConfig, x: Array, top: int, *,
     return jnp.concatenate([x[None], res])
 
 
-def final_norm(params: Params, config: ModelConfig, h: Array, *, detach: bool) -> Array:
-    """The model's final RMSNorm, over the last axis of h (..., d)."""
-    return rms_norm(h, params.final_norm, eps=config.rms_norm_eps, offset=config.norm_offset, detach=detach)
+def final_norm(params: Params, config: ModelConfig, h: Array, *, detach: Detach) -> Array:
+    """The model's final norm (RMSNorm, or GPT-2's LayerNorm), over the last axis of h (..., d)."""
+    return optional_norm(h, params.final_norm, config, detach=detach, bias=params.final_norm_bias)
 
 
 def unembed(params: Params, config: ModelConfig, hidden: Array) -> Array:

@@ -10,7 +10,8 @@ llama.cpp conventions undone here (each mirrors its converter, convert_hf_to_ggu
 - names: `token_embd`, `blk.{i}.attn_q`, ... map back to `model.embed_tokens`, `model.layers.{i}.self_attn.q_proj`;
 - shapes: GGUF lists dimensions fastest-first (`ne`); gguf-py already returns (out, in) arrays;
 - Gemma: every `*norm.weight` is stored as `w + 1` (Gemma's RMSNorm scales by `1 + w`): subtract 1;
-- Llama: q and k rows are permuted for llama.cpp's interleaved RoPE: undo the permutation per head;
+- Llama: q and k rows are permuted for llama.cpp's interleaved RoPE: undo the permutation per head
+  (Qwen 2 and Qwen 3 are stored unpermuted); Qwen 2's q/k/v biases are `attn_q.bias`, ...;
 - Llama 3.1+ RoPE scaling is stored as a `rope_freqs` tensor of per-frequency divisors: it is matched
   to the `llama3` rope parameters it came from (and refused if it matches none);
 - Gemma 3 facts llama.cpp hard-codes rather than stores: every 6th layer global, local RoPE base 10k,
@@ -36,7 +37,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from eqlin import userdirs
-from eqlin.config import FULL_ATTENTION, SLIDING_ATTENTION, RopeSpec
+from eqlin.config import BIAS_FAMILIES, FULL_ATTENTION, SLIDING_ATTENTION, RopeSpec
 from eqlin.errors import ConfigError, OutputError, WeightsError
 from eqlin.families import config_from_hf, spec_for
 from eqlin.loading import expected_tensors
@@ -46,7 +47,8 @@ from eqlin.safetensors_io import SafetensorsFile, write_safetensors
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("gemma3", "llama", "qwen3")
+SUPPORTED_ARCHITECTURES = ("gemma3", "llama", "qwen2", "qwen3")
+_ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Bump when the converted folder's content changes: the cache folder's name carries it, so a new
 # version converts into a new folder and never replaces one that an older eqlin may be reading.
 CONVERTER_VERSION = 2
@@ -70,6 +72,7 @@ _FAMILY_LAYER_NAMES = {
     "gemma3": {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
                "post_ffw_norm": "post_feedforward_layernorm"},
     "llama": {"ffn_norm": "post_attention_layernorm"},
+    "qwen2": {"ffn_norm": "post_attention_layernorm"},
     "qwen3": {"ffn_norm": "post_attention_layernorm"},
 }
 _TENSOR_NAME = re.compile(r"(?:blk\.(?P<layer>\d+)\.)?(?P<name>\w+)\.(?P<kind>weight|bias)")
@@ -285,7 +288,7 @@ def _gguf_version() -> str:
 
 
 def _hf_config(arch: str, meta: dict[str, Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The HF config.json for this file (model_type gemma3_text, llama or qwen3)."""
+    """The HF config.json for this file (model_type gemma3_text, llama, qwen2 or qwen3)."""
 
     def key(name: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{name}", default)
@@ -347,12 +350,15 @@ def _hf_config(arch: str, meta: dict[str, Any], tensors: dict[str, Any], path: P
         }
     if "rope_freqs.weight" in tensors:
         full_rope = _llama3_rope(theta, head_dim, _dequantize(tensors["rope_freqs.weight"]), path)
+    if arch == "qwen2":  # q/k/v biases always, whatever a flag would say: transformers' Qwen2 has no flags
+        del config["attention_bias"]
+    else:
+        config["mlp_bias"] = False
     return {
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen3ForCausalLM"],
+        "architectures": [_ARCHITECTURE_CLASSES[arch]],
         "model_type": arch,
         **config,
         "hidden_act": "silu",
-        "mlp_bias": False,
         "rope_parameters": full_rope,
     }
 
@@ -405,13 +411,13 @@ def _hf_weights(arch: str, tensors: dict[str, Any], hf_config: dict[str, Any], p
     config = config_from_hf(hf_config)
     expected = expected_tensors(config, spec, "model.", "lm_head.")
     names = {g: _hf_name(arch, g) for g in tensors if g != "rope_freqs.weight"}
-    biases = sorted(g for g, h in names.items() if h is not None and h.endswith(".bias"))
+    biases = sorted(g for g, h in names.items() if h is not None and h.endswith(".bias") and h not in expected)
     unknown = sorted(g for g, h in names.items() if h is None or (h not in expected and g not in biases))
     missing = sorted(set(expected) - set(names.values()))
     if biases:
         raise WeightsError(
-            f"{path.name} has biases on the linear path ({', '.join(biases[:5])}); biases break the homogeneity "
-            "f(x) = Σ_t J_t x_t, and eqlin supports bias-free checkpoints only"
+            f"{path.name} has biases on the linear path ({', '.join(biases[:5])}) that a {arch} model does not have; "
+            f"eqlin computes the exact affine map y = Σ_t J_t x_t + c only for the bias layouts of {BIAS_FAMILIES}"
         )
     if unknown or missing:
         parts = [f"{label}: {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
@@ -460,7 +466,8 @@ def _tokenizer(arch: str, meta: dict[str, Any], path: Path) -> tuple[tokenizers.
     else:
         raise ConfigError(
             f"{path.name}: tokenizer model {kind!r} for architecture {arch!r} is not supported; eqlin rebuilds "
-            "'llama' (sentencepiece) vocabularies for gemma3 and 'gpt2' (byte-level BPE) ones for llama and qwen3"
+            "'llama' (sentencepiece) vocabularies for gemma3 and 'gpt2' (byte-level BPE) ones for llama, qwen2 and "
+            "qwen3"
         )
 
     # Control tokens are special; user-defined ones are matched whole but are not special.
@@ -532,7 +539,7 @@ def _merges_from_vocab(vocab: dict[str, int], priority: dict[str, int]) -> list[
 
 
 def _byte_level_tokenizer(meta: dict[str, Any], path: Path) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
-    """A byte-level BPE (Llama 3, Qwen 3) from the file's tokens and merges, with the pre-tokenizer
+    """A byte-level BPE (Llama 3, Qwen 2, Qwen 3) from the file's tokens and merges, with the pre-tokenizer
     split its `tokenizer.ggml.pre` names."""
     pre = meta.get("tokenizer.ggml.pre")
     if pre not in _BYTE_LEVEL_SPLITS:

@@ -7,7 +7,8 @@ MLP branch), each output read at the last position through the final norm, so th
 J of shape (d, T, d) and y decodable by the unembedding.
 
 Each map is reduced as it is computed to its Gram matrix G = J Jᵀ (d × d, summed over the T·d input
-columns), its output y and its reconstruction Σ_t J_t x_t (d,), so no J of all layers is ever held.
+columns), its output y and its reconstruction Σ_t J_t x_t + c (d,; c the constant of a model with biases,
+the frozen map at zero input, see `eqlin.linear_maps`), so no J of all layers is ever held.
 eigh(G) gives σ_i² and the left singular vectors u_i (what the paper decodes); on d × T·d maps this is
 cheaper than an SVD. σ_i² comes with an absolute error of about ε·σ_1²: the top of the spectrum, the
 stable rank Σσ²/σ_1² and the participation ratio (Σσ²)²/Σσ⁴ keep float64 accuracy, tiny σ_i do not (the
@@ -42,7 +43,8 @@ from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed, final_norm, layer_slice, run_layers, streams_entering
 from eqlin.errors import InputError
-from eqlin.linear_maps import cumulative_fn, plan_fold, pull_back_rows, relative_error, single_layer_fn
+from eqlin.linear_maps import (constant_term, cumulative_fn, plan_fold, pull_back_rows, relative_error,
+                               single_layer_fn)
 from eqlin.memory import activation_elems, choose_chunk, fold_elems, fold_pays, format_bytes, memory_limit_bytes
 from eqlin.model import Model
 from eqlin.params import Params
@@ -66,7 +68,7 @@ class MapSpectra:
 
     singular_values (n, k), U (n, d, k): the top k σ_i and left singular vectors, u_i·y >= 0;
     frobenius_sq (n,): ‖J‖_F² = Σσ²; effective: `EffectiveDimension` over the full spectrum, fields (n,);
-    output y (n, d); relative_error (n,): ‖y − Σ_t J_t x_t‖ / ‖y‖ of the map;
+    output y (n, d); relative_error (n,): ‖y − (Σ_t J_t x_t + c)‖ / ‖y‖ of the map;
     next_token_rank (n,): how many tokens the logit lens W_U y scores above the model's next token
     (0: on top); next_token_probability (n,): its softmax probability there; u1_next_token_rank (n,):
     how many tokens W_U u_1 scores above the next token (0: u_1 decodes to it);
@@ -208,7 +210,7 @@ def _chunk(cost: Callable[[int], int], most: int, limit: int, what: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Engines: each returns, per map, (y (d,), G = J Jᵀ (d, d), r = Σ_t J_t x_t (d,)).
+# Engines: each returns, per map, (y (d,), G = J Jᵀ (d, d), r = Σ_t J_t x_t + c (d,)).
 
 
 def auto_groups(config: ModelConfig, length: int, layers: Sequence[int]) -> int:
@@ -239,6 +241,13 @@ def _linearize_all(params: Params, config: ModelConfig, x: Array, prefix: Array 
     return jax.linearize(cumulative_fn(params, config, layers, PARTS, True, fold=fold, tap=tap, prefix=prefix), x)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "layers", "tap"))
+def _constants_all(params: Params, config: ModelConfig, x: Array, *, layers: tuple[int, ...], tap: Tap) -> Array:
+    """c (P, n, d) of every (part, layer) cumulative map: the frozen maps at zero input (0 without biases)."""
+    y = jnp.zeros((len(PARTS), len(layers), config.hidden_size), x.dtype)
+    return constant_term(lambda d: cumulative_fn(params, config, layers, PARTS, d, tap=tap), x, y, config, True)
+
+
 @functools.partial(jax.jit, static_argnames=("chunk",))
 def _push_forward(jvp: Callable[[Array], Array], x: Array, start: Array, count: Array, *, chunk: int
                   ) -> tuple[Array, Array]:
@@ -258,15 +267,16 @@ def _push_forward(jvp: Callable[[Array], Array], x: Array, start: Array, count: 
 def _reverse_map(params: Params, config: ModelConfig, x: Array, layer: Array, part: Array, *, depth: int, tap: Tap,
                  fold: bool, chunk: int) -> tuple[Array, Array, Array]:
     """One cumulative map (traced layer and part index) by d cotangents through layers 0..layer."""
-    def f(v: Array) -> Array:
-        _, outputs = run_layers(layer_slice(params.layers, 0, depth), config, v, detach=True, collect="last",
+    def f(v: Array, detach=True) -> Array:
+        _, outputs = run_layers(layer_slice(params.layers, 0, depth), config, v, detach=detach, collect="last",
                                 fold=fold, tap=tap, stop=layer + 1)
         picked = jnp.stack(outputs)[part, layer]  # (d,)
-        return final_norm(params, config, picked, detach=True)
+        return final_norm(params, config, picked, detach=detach)
 
     y, vjp = jax.vjp(f, x)
     rows = pull_back_rows(vjp, y, jnp.arange(y.size), chunk).reshape(y.size, -1)  # (d, T·d)
-    return y, _gram(rows), rows @ x.reshape(-1)
+    c = constant_term(lambda d: functools.partial(f, detach=d), x, y, config, True)
+    return y, _gram(rows), rows @ x.reshape(-1) + c
 
 
 def _gram(rows: Array) -> Array:
@@ -286,7 +296,9 @@ def _single_layer(params: Params, config: ModelConfig, h_in: Array, layer: Array
     f = single_layer_fn(params, config, PARTS, True, h_in.shape[0], fold=fold, tap=tap)
     y, vjp = jax.vjp(lambda v: f(p, window, rope, v), h_in)
     rows = pull_back_rows(vjp, y, jnp.arange(y.size), chunk).reshape(*y.shape, -1)  # (P, d, T·d)
-    return y, jax.vmap(_gram)(rows), jnp.einsum("pok,k->po", rows, h_in.reshape(-1), precision=HIGHEST)
+    c = constant_term(lambda d: lambda v: single_layer_fn(params, config, PARTS, d, h_in.shape[0], tap=tap)(
+        p, window, rope, v), h_in, y, config, True)
+    return y, jax.vmap(_gram)(rows), jnp.einsum("pok,k->po", rows, h_in.reshape(-1), precision=HIGHEST) + c
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,7 +423,8 @@ def _cumulative_fwd(model: Model, x: Array, layers: tuple[int, ...], tap: Tap, l
             prefix = streams[:, :first] if first else None
             y_group, jvp = _linearize_all(model.params, config, x[first:], prefix, layers=layers, tap=tap, fold=fold)
             if y is None:
-                y, G, r = y_group, jnp.zeros((*y_group.shape, d), x.dtype), jnp.zeros(y_group.shape, x.dtype)
+                y, G = y_group, jnp.zeros((*y_group.shape, d), x.dtype)
+                r = _constants_all(model.params, config, x, layers=layers, tap=tap)  # the chunks add Σ_t J_t x_t
             for start in range(0, n, c):
                 g, contribution = _push_forward(jvp, x[first:], jnp.asarray(start), jnp.asarray(min(c, n - start)),
                                                 chunk=c)

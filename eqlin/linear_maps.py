@@ -1,4 +1,4 @@
-"""Detached Jacobians: the exact linear map of a decoder (or of one layer) at one input.
+"""Detached Jacobians: the exact linear (or affine) map of a decoder (or of one layer) at one input.
 
 With every nonlinear coefficient frozen (`detach=True`), the map f from input embeddings x (T, d) to
 an output vector y (d,) is linear and homogeneous, so y = Σ_t J_t x_t exactly, with J = ∂f/∂x of
@@ -12,6 +12,25 @@ shape (d, T, d) (docs/method.md §1). Outputs are read at the last position thro
 The Jacobian is computed by linearizing once (`jax.vjp` for reverse mode, `jax.linearize` for
 forward mode) and pushing basis vectors through the linear map in chunks (`lax.map` with
 `batch_size`), so peak memory is bounded and estimated before anything is allocated.
+
+Biases: the affine map and its constant c. Write the detached network as f(x) = F(x; θ(x)), where θ(x)
+collects every frozen coefficient (norm scales, activated gates or GPT-2's GELU factor Φ(z), attention
+probabilities, and the frozen copies of the inputs of q, k and gate) and F(v; θ) is the network with those
+coefficients held fixed. Along the non-frozen path F(·; θ) only multiplies by weights and by frozen
+coefficients, subtracts means (LayerNorm), adds residual branches, and adds biases, so it is affine in v:
+F(v; θ) = A(θ) v + c(θ). The stop_gradients make the
+Jacobian of f the Jacobian of F in v: J = ∂f/∂x = A(θ(x)). With g(v, u) = F(v; θ(u)) (the linear path
+reads v, every coefficient reads u),
+
+    y = f(x) = g(x, x) = J x + c,    c = g(0, x) = F(0; θ(x)),
+
+that is y = Σ_t J_t x_t + c exactly, and c is the frozen network at zero input: the biases carried
+through the frozen path. eqlin computes c from g itself (`frozen_at_zero`: the detached forward vmapped
+over the pair (0, x), detach="paired" handing every coefficient of member 1 to both members), never as
+y − Σ_t J_t x_t, so `relative_error` = ‖y − (Σ_t J_t x_t + c)‖ / ‖y‖ is an honest check of exactness.
+Without biases F(·; θ) is linear and maps 0 to 0 exactly, in floating point too: c = 0, and eqlin
+skips its computation (bias-free families have no bias fields, `ModelConfig.biases`). The plain
+(non-detached) Jacobian freezes nothing; its map is not affine and its constant is set to 0.
 """
 
 from __future__ import annotations
@@ -25,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqlin import display
+from eqlin.blocks import PAIR_AXIS, PAIRED, Detach
 from eqlin.config import ModelConfig
 from eqlin.decoder import (LAST_ROWS, decoder_layer, embed, final_norm, layer_slice, rope_stack, run_layers_last,
                            streams_entering)
@@ -47,9 +67,13 @@ class Linearization:
     inputs: x, (T, d_in) or (n, T, d_in): the input embeddings (cumulative scope, the same for every
         layer) or each layer's input residual stream (single scope).
     output: y, (d_out,) or (n, d_out).
-    contributions: rows J_t x_t, (T, d_out) or (n, T, d_out); they sum to the reconstruction.
-    relative_error: ‖y − Σ_t J_t x_t‖ / ‖y‖, () or (n,).
+    contributions: rows J_t x_t, (T, d_out) or (n, T, d_out); with the constant they sum to the
+        reconstruction.
+    relative_error: ‖y − (Σ_t J_t x_t + c)‖ / ‖y‖, () or (n,).
     ids: the token ids (T,).
+    constant: c, shaped like `output`: the frozen map at zero input (module docstring), exactly 0 for
+        bias-free models and for the plain Jacobian; eqlin always sets it (None, from other
+        constructors, reads as 0).
     The remaining fields say what was linearized.
     """
 
@@ -59,6 +83,7 @@ class Linearization:
     contributions: Array
     relative_error: Array
     ids: Array
+    constant: Array | None = None
     layer: int | tuple[int, ...] | None = dataclasses.field(metadata=dict(static=True), default=None)
     part: str = dataclasses.field(metadata=dict(static=True), default="residual")
     scope: str = dataclasses.field(metadata=dict(static=True), default="cumulative")
@@ -67,17 +92,18 @@ class Linearization:
 
     @property
     def reconstruction(self) -> Array:
-        """Σ_t J_t x_t, shaped like `output`."""
-        return self.contributions.sum(axis=-2)
+        """Σ_t J_t x_t + c, shaped like `output` (equal to it, to rounding, for a detached map)."""
+        linear = self.contributions.sum(axis=-2)
+        return linear if self.constant is None else linear + self.constant
 
     def select(self, i: int) -> Linearization:
         """The i-th map of a multi-layer Linearization."""
         if not isinstance(self.layer, tuple):
             raise ValueError("select() needs a Linearization over several layers")
-        stacked = ("jacobian", "output", "contributions", "relative_error")
+        stacked = ("jacobian", "output", "contributions", "relative_error", "constant")
         if self.scope == "single":  # each layer's own input; cumulative maps share the input embeddings (T, d)
             stacked += ("inputs",)
-        arrays = {f: getattr(self, f)[i] for f in stacked}
+        arrays = {f: getattr(self, f)[i] for f in stacked if getattr(self, f) is not None}
         return dataclasses.replace(self, **arrays, layer=self.layer[i])
 
     def __repr__(self) -> str:  # shapes and the error, never J itself
@@ -92,17 +118,33 @@ def relative_error(y: Array, reconstruction: Array) -> Array:
     return jnp.linalg.norm(y - reconstruction, axis=-1) / jnp.linalg.norm(y, axis=-1)
 
 
+def frozen_at_zero(f_paired: Callable[[Array], Array], x: Array) -> Array:
+    """c = g(0, x) (module docstring): `f_paired`, a detached map built with detach="paired", vmapped over
+    the pair (0, x), so its linear path reads zeros while every frozen coefficient is taken at x.
+    Shaped like f's output."""
+    return jax.vmap(f_paired, axis_name=PAIR_AXIS)(jnp.stack([jnp.zeros_like(x), x]))[0]
+
+
+def constant_term(make: Callable[[Detach], Callable[[Array], Array]], x: Array, y: Array, config: ModelConfig,
+                  detach: bool) -> Array:
+    """The constant c of the map `make(detach)` at x (`make` builds the map for a detach mode): the frozen
+    map at zero input where the model has biases and the map is detached, else exactly 0 like y."""
+    if detach and config.has_biases:
+        return frozen_at_zero(make(PAIRED), x)
+    return jnp.zeros_like(y)
+
+
 # --------------------------------------------------------------------------------------------------
 # The functions being linearized.
 
 
-def _read_out(params: Params, config: ModelConfig, v: Array, detach: bool) -> Array:
+def _read_out(params: Params, config: ModelConfig, v: Array, detach: Detach) -> Array:
     """Last position of v (..., T, d) through the final norm: (..., d)."""
     return final_norm(params, config, v[..., -1, :], detach=detach)
 
 
 def cumulative_fn(params: Params, config: ModelConfig, layers: tuple[int, ...] | None, part: Part | tuple[Part, ...],
-                  detach: bool, *, fold: bool = False, tap: Tap = "post", prefix: Array | None = None
+                  detach: Detach, *, fold: bool = False, tap: Tap = "post", prefix: Array | None = None
                   ) -> Callable[[Array], Array]:
     """x (T, d) -> y: the final output (d,) when `layers` is None, else each listed layer's output `part`
     read through the final norm, (n, d), or (P, n, d) for a tuple of P parts. Runs only the layers
@@ -131,7 +173,7 @@ def _parts(outputs: tuple[Array, Array, Array], part: Part | tuple[Part, ...]) -
     return by_name[part] if isinstance(part, str) else jnp.stack([by_name[p] for p in part])
 
 
-def single_layer_fn(params: Params, config: ModelConfig, part: Part | tuple[Part, ...], detach: bool, length: int,
+def single_layer_fn(params: Params, config: ModelConfig, part: Part | tuple[Part, ...], detach: Detach, length: int,
                     *, fold: bool = False, tap: Tap = "post") -> Callable[..., Array]:
     """(layer weights, window, rope index, h_in (T, d)) -> that layer's `part` output at the last
     position through the final norm, (d,) (or (P, d) for a tuple of parts). Linear in h_in once detached."""
@@ -175,10 +217,12 @@ def jacobian_of(f: Callable[[Array], Array], x: Array, *, mode: Literal["rev", "
     return y, jnp.moveaxis(cols, 0, -1).reshape(y.shape + x.shape)
 
 
-def finish(y: Array, J: Array, x: Array) -> tuple[Array, Array]:
-    """contributions (..., T, d_out) = J_t x_t and the relative reconstruction error."""
+def finish(y: Array, J: Array, x: Array, constant: Array | None = None) -> tuple[Array, Array]:
+    """contributions (..., T, d_out) = J_t x_t and the relative reconstruction error
+    ‖y − (Σ_t J_t x_t + c)‖ / ‖y‖ (`constant` c shaped like y; None: 0)."""
     contributions = jnp.einsum("...otd,...td->...to", J, x, precision=jax.lax.Precision.HIGHEST)
-    return contributions, relative_error(y, contributions.sum(axis=-2))
+    reconstruction = contributions.sum(axis=-2)
+    return contributions, relative_error(y, reconstruction if constant is None else reconstruction + constant)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "layers", "part", "scope", "detach", "mode", "chunk", "fold",
@@ -186,12 +230,13 @@ def finish(y: Array, J: Array, x: Array) -> tuple[Array, Array]:
 def _linearize(params: Params, config: ModelConfig, x: Array, *, layers: tuple[int, ...] | None, part: Part,
                scope: Scope, detach: bool, mode: str, chunk: int | None, fold: bool = False, tap: Tap = "post"
                ) -> tuple[Array, ...]:
-    """The jitted core of `detached_jacobian`: returns (J, inputs, y, contributions, relative_error)."""
+    """The jitted core of `detached_jacobian`: returns (J, inputs, y, contributions, relative_error, constant)."""
     if scope == "cumulative":
         f = cumulative_fn(params, config, layers, part, detach, fold=fold, tap=tap)
         y, J = jacobian_of(f, x, mode=mode, chunk=chunk)
-        contributions, err = finish(y, J, x[None] if layers is not None else x)
-        return J, x, y, contributions, err
+        c = constant_term(lambda d: cumulative_fn(params, config, layers, part, d, tap=tap), x, y, config, detach)
+        contributions, err = finish(y, J, x[None] if layers is not None else x, c)
+        return J, x, y, contributions, err, c
     # Single scope: each layer's own input, then one vmapped Jacobian over the selected layers.
     index = jnp.asarray(layers)
     h_in = streams_entering(params, config, x, max(layers) + 1, detach=detach)[index]  # (n, T, d)
@@ -201,11 +246,15 @@ def _linearize(params: Params, config: ModelConfig, x: Array, *, layers: tuple[i
     ropes = jnp.asarray(config.layer_rope_index())[index]
 
     def one(p, w, r, h):
-        return jacobian_of(lambda v: f(p, w, r, v), h, mode=mode, chunk=chunk)
+        y, J = jacobian_of(lambda v: f(p, w, r, v), h, mode=mode, chunk=chunk)
+        def make(d: Detach) -> Callable[[Array], Array]:
+            g = single_layer_fn(params, config, part, d, x.shape[0], tap=tap)
+            return lambda v: g(p, w, r, v)
+        return y, J, constant_term(make, h, y, config, detach)
 
-    y, J = jax.vmap(one)(selected, windows, ropes, h_in)
-    contributions, err = finish(y, J, h_in)
-    return J, h_in, y, contributions, err
+    y, J, c = jax.vmap(one)(selected, windows, ropes, h_in)
+    contributions, err = finish(y, J, h_in, c)
+    return J, h_in, y, contributions, err, c
 
 
 def plan_fold(config: ModelConfig, fold: bool | str, *, detach: bool, vectors: int, fits: Callable[[bool], bool]
@@ -245,20 +294,21 @@ def linearize(model: Model, inputs, *, detach: bool, layer=None, part: Part = "r
                      fits=fits)
     chunk = resolve_chunk(config, length, n_maps, mode, chunk, itemsize, limit, fold=fold)
     x = embed(model.params, config, jnp.asarray(ids))
-    J, xs, y, contributions, err = _linearize(model.params, config, x, layers=layers, part=part, scope=scope,
-                                              detach=detach, mode=mode, chunk=chunk, fold=fold, tap=tap)
+    J, xs, y, contributions, err, c = _linearize(model.params, config, x, layers=layers, part=part, scope=scope,
+                                                 detach=detach, mode=mode, chunk=chunk, fold=fold, tap=tap)
     layer_meta = layers[0] if layers is not None and single_layer(layer) else layers
     if not isinstance(layer_meta, tuple) and layers is not None:  # one layer: drop the stacking axis
-        J, y, contributions, err = J[0], y[0], contributions[0], err[0]
+        J, y, contributions, err, c = J[0], y[0], contributions[0], err[0], c[0]
         xs = xs[0] if scope == "single" else xs
-    return Linearization(J, xs, y, contributions, err, jnp.asarray(ids), layer=layer_meta, part=part,
+    return Linearization(J, xs, y, contributions, err, jnp.asarray(ids), c, layer=layer_meta, part=part,
                          scope=scope, detach=detach, tap=tap)
 
 
 def detached_jacobian(model: Model, inputs, *, layer=None, part: Part = "residual", scope: Scope = "cumulative",
                       mode: Mode = "auto", chunk: int | None = None, memory_limit: int | None = None,
                       fold: bool | str = "auto", tap: Tap = "post") -> Linearization:
-    """The detached Jacobian: the exact linear map y = Σ_t J_t x_t of the model at `inputs`.
+    """The detached Jacobian: the exact linear map y = Σ_t J_t x_t of the model at `inputs` (affine,
+    y = Σ_t J_t x_t + c, for models with biases: `Linearization.constant`, module docstring).
 
     layer: None (final output), an int, a list of ints or "all" (maps stacked on a leading axis).
     part: "residual", "attn" or "mlp" (with a layer). scope: "cumulative" or "single".
@@ -294,7 +344,8 @@ class LogitMap:
     """Rows of the input → logits map for chosen tokens: jacobian (k, T, d) = W_U[token_ids] J.
 
     logits (k,) are the model's logits for those tokens (before final softcapping, if any);
-    contributions (T, k) are W_U[k] J_t x_t; relative_error compares their sum with `logits`.
+    contributions (T, k) are W_U[k] J_t x_t; constant (k,) is W_U[k] c, the constant's share of each
+    logit (0 for bias-free models); relative_error compares Σ_t contributions + constant with `logits`.
     """
 
     token_ids: Array
@@ -302,6 +353,7 @@ class LogitMap:
     logits: Array
     contributions: Array
     relative_error: Array
+    constant: Array | None = None
 
 
 def logit_map(model: Model, lin: Linearization, token_ids=None) -> LogitMap:
@@ -318,8 +370,11 @@ def logit_map(model: Model, lin: Linearization, token_ids=None) -> LogitMap:
     J = jnp.einsum("kd,dte->kte", rows, lin.jacobian, precision=hp)
     logits = jnp.einsum("kd,d->k", rows, lin.output, precision=hp)
     contributions = jnp.einsum("kte,te->tk", J, lin.inputs, precision=hp)
-    err = jnp.abs(logits - contributions.sum(0)) / jnp.maximum(jnp.abs(logits), jnp.finfo(logits.dtype).tiny)
-    return LogitMap(ids, J, logits, contributions, err)
+    constant = (jnp.zeros_like(logits) if lin.constant is None
+                else jnp.einsum("kd,d->k", rows, lin.constant, precision=hp))
+    err = jnp.abs(logits - (contributions.sum(0) + constant)) / jnp.maximum(jnp.abs(logits),
+                                                                           jnp.finfo(logits.dtype).tiny)
+    return LogitMap(ids, J, logits, contributions, err, constant)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,14 +384,29 @@ def logit_map(model: Model, lin: Linearization, token_ids=None) -> LogitMap:
 def target_map(params: Params, config: ModelConfig, x: Array, layer: int | None, part: Part, scope: Scope,
                detach: bool) -> tuple[Callable[[Array], Array], Array]:
     """(f, v) with f: (T, d) -> (d,) the map selected by one layer (or None) and v its input at x."""
+    f = target_fn(params, config, x.shape[0], layer, part, scope, detach)
+    if scope == "cumulative":
+        return f, x
+    return f, streams_entering(params, config, x, layer + 1, detach=detach)[layer]
+
+
+def target_fn(params: Params, config: ModelConfig, length: int, layer: int | None, part: Part, scope: Scope,
+              detach: Detach) -> Callable[[Array], Array]:
+    """The map selected by one layer (or None), (T, d) -> (d,), on inputs of `length` tokens."""
     if scope == "cumulative":
         f = cumulative_fn(params, config, None if layer is None else (layer,), part, detach)
-        return (f if layer is None else (lambda v: f(v)[0])), x
-    h_in = streams_entering(params, config, x, layer + 1, detach=detach)[layer]
-    g = single_layer_fn(params, config, part, detach, x.shape[0])
+        return f if layer is None else (lambda v: f(v)[0])
+    g = single_layer_fn(params, config, part, detach, length)
     p = jax.tree_util.tree_map(lambda a: a[layer], params.layers)
     w, r = config.layer_windows()[layer], config.layer_rope_index()[layer]
-    return (lambda v: g(p, jnp.asarray(w), jnp.asarray(r), v)), h_in
+    return lambda v: g(p, jnp.asarray(w), jnp.asarray(r), v)
+
+
+def target_constant(params: Params, config: ModelConfig, v: Array, y: Array, layer: int | None, part: Part,
+                    scope: Scope, detach: bool) -> Array:
+    """The constant c (like y) of the map `target_map` selects, at its input v (`constant_term`)."""
+    return constant_term(lambda d: target_fn(params, config, v.shape[0], layer, part, scope, d), v, y, config,
+                         detach)
 
 
 @jax.tree_util.register_dataclass
@@ -344,9 +414,10 @@ def target_map(params: Params, config: ModelConfig, x: Array, layer: int | None,
 class MatrixFreeCheck:
     """Matrix-free exactness checks of a detached map.
 
-    output: y (d,); homogeneity: jvp(f, x; x) (d,), equal to y for a homogeneous map;
-    contributions: (T, d) with row t = jvp(f, x; e_t ⊙ x) = J_t x_t;
-    homogeneity_error: ‖y − jvp(f, x; x)‖ / ‖y‖; relative_error: ‖y − Σ_t rows‖ / ‖y‖.
+    output: y (d,); homogeneity: jvp(f, x; x) = J x (d,), equal to y − c for the detached map (y itself
+    for a bias-free, homogeneous one); contributions: (T, d) with row t = jvp(f, x; e_t ⊙ x) = J_t x_t;
+    constant: c (d,), the frozen map at zero input (`eqlin.linear_maps`; 0 without biases);
+    homogeneity_error: ‖y − (jvp(f, x; x) + c)‖ / ‖y‖; relative_error: ‖y − (Σ_t rows + c)‖ / ‖y‖.
     """
 
     output: Array
@@ -354,11 +425,13 @@ class MatrixFreeCheck:
     contributions: Array
     homogeneity_error: Array
     relative_error: Array
+    constant: Array | None = None
 
 
 def matrix_free_check(model: Model, inputs, *, layer: int | None = None, part: Part = "residual",
                       scope: Scope = "cumulative", detach: bool = True) -> MatrixFreeCheck:
-    """Check y = J x and per-token contributions with T + 1 Jacobian-vector products, never forming J."""
+    """Check y = J x + c and per-token contributions with T + 1 Jacobian-vector products, never forming J
+    (c: one paired forward, only for models with biases)."""
     layers = resolve_selection(model.config, layer, part, scope, one_layer="matrix_free_check")
     layer = None if layers is None else layers[0]
     x = embed(model.params, model.config, jnp.asarray(model.ids(inputs)))
@@ -373,4 +446,5 @@ def _matrix_free(params: Params, config: ModelConfig, x: Array, *, layer: int | 
     masks = jnp.eye(x.shape[0], dtype=x.dtype)[:, :, None] * x[None]  # (T, T, d): row t is e_t ⊙ x
     rows = jax.lax.map(jvp, masks)  # (T, d)
     hom = jvp(x)
-    return MatrixFreeCheck(y, hom, rows, relative_error(y, hom), relative_error(y, rows.sum(0)))
+    c = target_constant(params, config, x, y, layer, part, scope, detach)
+    return MatrixFreeCheck(y, hom, rows, relative_error(y, hom + c), relative_error(y, rows.sum(0) + c), c)

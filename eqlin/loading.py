@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from eqlin.config import ModelConfig
+from eqlin.config import BIAS_FAMILIES, ModelConfig
 from eqlin.errors import InputError, PrecisionError, WeightsError
 from eqlin.families import FamilySpec
 from eqlin.params import LayerParams, Params, expected_shapes, param_shardings
@@ -21,14 +21,12 @@ from eqlin.safetensors_io import SafetensorsFile
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Where the text decoder's tensors live: text-only checkpoints, then multimodal ones (transformers 5, 4).
-_TEXT_PREFIXES = (("model.", "lm_head."), ("model.language_model.", "lm_head."),
-                  ("language_model.model.", "language_model.lm_head."))
 # Multimodal parts eqlin deliberately leaves out (the vision tower and its projector).
 _VISION_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.")
 _PROJ_NAMES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
                "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
                "down_proj": "mlp.down_proj", "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+_BIAS_NAMES = {"q_bias": "self_attn.q_proj", "k_bias": "self_attn.k_proj", "v_bias": "self_attn.v_proj"}
 
 
 def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
@@ -143,34 +141,48 @@ def _rows(config: ModelConfig, spec: FamilySpec, fields: tuple[str, ...]) -> lis
     return [shapes[f][0] for f in fields]
 
 
-def text_prefixes(names: set[str]) -> tuple[str, str]:
-    for prefix, head in _TEXT_PREFIXES:
-        if f"{prefix}embed_tokens.weight" in names:
+def text_prefixes(names: set[str], spec: FamilySpec) -> tuple[str, str]:
+    """(model prefix, lm_head prefix) of the checkpoint's text decoder, found by its embedding's name."""
+    embed = spec.top_tensors["embed"]
+    for prefix, head in spec.prefixes:
+        if f"{prefix}{embed}" in names:
             return prefix, head
-    raise WeightsError("missing tensor: no embed_tokens.weight under model., model.language_model. or "
-                       "language_model.model.")
+    places = ", ".join(p or "the top level" for p, _ in spec.prefixes)
+    raise WeightsError(f"missing tensor: no {embed} under {places}")
 
 
-def expected_tensors(config: ModelConfig, spec: FamilySpec, prefix: str, head: str
-                     ) -> dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...]]]:
-    """HF tensor name -> (eqlin fields, layer index or None, shape) for every tensor the config implies.
-    A fused tensor (Phi-3's qkv_proj) lists several fields, stacked by rows in that order."""
+class Expected(NamedTuple):
+    """One tensor a config implies: the eqlin fields it holds (several for a fused tensor, stacked by rows
+    in that order), its layer (None: not per layer), its shape as stored, and whether it is stored
+    transposed, (in, out) (GPT-2's Conv1D)."""
+
+    fields: tuple[str, ...]
+    layer: int | None
+    shape: tuple[int, ...]
+    transposed: bool = False
+
+
+def expected_tensors(config: ModelConfig, spec: FamilySpec, prefix: str, head: str) -> dict[str, Expected]:
+    """HF tensor name -> `Expected` for every tensor the config implies."""
     d, V = config.hidden_size, config.vocab_size
-    out: dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...]]] = {
-        f"{prefix}embed_tokens.weight": (("embed",), None, (V, d)),
-        f"{prefix}norm.weight": (("final_norm",), None, (d,)),
-    }
+    top_shapes = {"embed": (V, d), "final_norm": (d,), "position_embed": (config.max_position_embeddings, d),
+                  "final_norm_bias": (d,)}
+    out = {f"{prefix}{name}": Expected((field,), None, top_shapes[field])
+           for field, name in spec.top_tensors.items()}
     if not config.tie_word_embeddings:
-        out[f"{head}weight"] = (("lm_head",), None, (V, d))
+        out[f"{head}weight"] = Expected(("lm_head",), None, (V, d))
     shapes = expected_shapes(config, tuple(spec.norm_names))
-    modules = {field: (_PROJ_NAMES | dict(spec.norm_names))[field] for field in shapes}
+    names = {**{f: f"{m}.weight" for f, m in (_PROJ_NAMES | dict(spec.norm_names)).items()},
+             **{f: f"{m}.bias" for f, m in _BIAS_NAMES.items()}, **spec.layer_tensors}
     groups = dict(spec.fused)
     fused_fields = {f for members in groups.values() for f in members}
-    groups.update({module: (field,) for field, module in modules.items() if field not in fused_fields})
-    for module, members in groups.items():
+    groups.update({names[field]: (field,) for field in shapes if field not in fused_fields})
+    for tensor, members in groups.items():
         shape = (sum(shapes[f][0] for f in members), *shapes[members[0]][1:])
+        transposed = tensor in spec.transposed
+        stored = shape[::-1] if transposed else shape
         for i in range(config.num_layers):
-            out[f"{prefix}layers.{i}.{module}.weight"] = (members, i, shape)
+            out[f"{prefix}{spec.layers_name}.{i}.{tensor}"] = Expected(members, i, stored, transposed)
     return out
 
 
@@ -188,15 +200,16 @@ def check_tied_head(files: dict[str, SafetensorsFile], config: ModelConfig, pref
 
 
 def check_tensors(files: dict[str, SafetensorsFile], config: ModelConfig, spec: FamilySpec, folder: Path
-                  ) -> dict[str, tuple[tuple[str, ...], int | None, tuple[int, ...]]]:
+                  ) -> dict[str, Expected]:
     """Every check of the checkpoint's tensors against its config, shared by loading and `eqlin convert`:
-    one WeightsError lists all missing, unexpected, mis-shaped and non-float tensors; biases are named as
-    such (they break homogeneity); a stored head that a tied config would ignore must equal the embedding.
+    one WeightsError lists all missing, unexpected, mis-shaped and non-float tensors; biases the family does
+    not have are named as such; a stored head that a tied config would ignore must equal the embedding.
     Returns `expected_tensors` for the checkpoint's name prefix."""
     names = set(files)
-    prefix, head = text_prefixes(names)
+    prefix, head = text_prefixes(names, spec)
     expected = expected_tensors(config, spec, prefix, head)
     ignorable = {f"{head}weight"} if config.tie_word_embeddings else set()
+    ignorable |= {f"{prefix}{spec.layers_name}.{i}.{b}" for i in range(config.num_layers) for b in spec.buffers}
     unexpected = sorted(n for n in names - set(expected) - ignorable
                         if not n.startswith(_VISION_PREFIXES) and not n.endswith("rotary_emb.inv_freq"))
     biases = [n for n in unexpected if n.endswith(".bias")]
@@ -207,8 +220,9 @@ def check_tensors(files: dict[str, SafetensorsFile], config: ModelConfig, spec: 
                  if files[n].header[n][0].kind != "f" and files[n].header[n][0] != jnp.bfloat16]
     if biases:
         raise WeightsError(
-            f"checkpoint has biases on the linear path ({', '.join(biases[:5])}{' …' if len(biases) > 5 else ''}); "
-            "biases break the homogeneity f(x) = Σ_t J_t x_t, and eqlin supports bias-free checkpoints only"
+            f"checkpoint has biases on the linear path ({', '.join(biases[:5])}{' …' if len(biases) > 5 else ''}) "
+            f"that a {config.family} model does not have; eqlin computes the exact affine map y = Σ_t J_t x_t + c "
+            f"only for the bias layouts of {BIAS_FAMILIES}; this checkpoint is not supported"
         )
     if missing or unexpected or misshaped or not_float:
         parts = [f"{label} ({len(items)}): {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
@@ -249,14 +263,14 @@ def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.
 
     by_field: dict[str, list[np.ndarray]] = {}
     top: dict[str, np.ndarray] = {}
-    for name, (fields, layer, _) in expected.items():
+    for name, (fields, layer, _, transposed) in expected.items():
         if layer is None:
             top[fields[0]] = arrays[name].astype(dtype, copy=False)
             continue
         rows = np.cumsum(_rows(config, spec, fields))[:-1]
-        for field, part in zip(fields, np.split(arrays[name], rows)):
+        for field, part in zip(fields, np.split(arrays[name].T if transposed else arrays[name], rows)):
             by_field.setdefault(field, [None] * config.num_layers)[layer] = part
     layers = LayerParams(**{f: np.stack(arrs).astype(dtype, copy=False) for f, arrs in by_field.items()})
-    host = Params(embed=top["embed"], layers=layers, final_norm=top["final_norm"], lm_head=top.get("lm_head"))
+    host = Params(layers=layers, **top)
     # Host arrays go straight to their devices: with a mesh, each device receives only its own shards.
     return jax.device_put(host, None if mesh is None else param_shardings(host, config, mesh))

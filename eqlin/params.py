@@ -21,34 +21,47 @@ class LayerParams:
 
     Shapes (after the L axis): q_proj (H·hd, d), k_proj/v_proj (K·hd, d), o_proj (d, H·hd),
     gate_proj/up_proj (F, d), down_proj (d, F), norms (d,), q_norm/k_norm (hd,) per head or
-    (H·hd,)/(K·hd,) over the full projection (OLMo 2).
-    A norm the family does not have is None.
+    (H·hd,)/(K·hd,) over the full projection (OLMo 2), biases q_bias (H·hd,), k_bias/v_bias (K·hd,)
+    (Qwen 2, GPT-2), o_bias (d,), up_bias (F,), down_bias (d,), attn_in_norm_bias/mlp_in_norm_bias
+    (d,) (GPT-2's LayerNorms).
+    A norm, bias or gate projection (GPT-2's MLP has none) the family does not have is None.
     """
 
     q_proj: Array
     k_proj: Array
     v_proj: Array
     o_proj: Array
-    gate_proj: Array
     up_proj: Array
     down_proj: Array
+    gate_proj: Array | None = None
     attn_in_norm: Array | None = None
     attn_out_norm: Array | None = None
     mlp_in_norm: Array | None = None
     mlp_out_norm: Array | None = None
     q_norm: Array | None = None
     k_norm: Array | None = None
+    q_bias: Array | None = None
+    k_bias: Array | None = None
+    v_bias: Array | None = None
+    o_bias: Array | None = None
+    up_bias: Array | None = None
+    down_bias: Array | None = None
+    attn_in_norm_bias: Array | None = None
+    mlp_in_norm_bias: Array | None = None
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Params:
-    """All weights of one decoder. `lm_head` is None when the unembedding is tied to `embed`."""
+    """All weights of one decoder. `lm_head` is None when the unembedding is tied to `embed`;
+    `position_embed` and `final_norm_bias` are GPT-2's (learned positions, LayerNorm bias), else None."""
 
     embed: Array  # (V, d)
     layers: LayerParams
     final_norm: Array  # (d,)
     lm_head: Array | None = None  # (V, d)
+    position_embed: Array | None = None  # (max_position_embeddings, d)
+    final_norm_bias: Array | None = None  # (d,)
 
     @property
     def unembedding(self) -> Array:
@@ -57,22 +70,27 @@ class Params:
 
 
 def expected_shapes(config: ModelConfig, norm_fields: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    """Shape of one layer's slice of every LayerParams field the family has, keyed by field name."""
-    d, hd = config.hidden_size, config.head_dim
+    """Shape of one layer's slice of every LayerParams field the family has (norms `norm_fields`, biases
+    `config.biases`), keyed by field name."""
+    d, hd, F = config.hidden_size, config.head_dim, config.intermediate_size
     shapes = {
         "q_proj": (config.q_size, d),
         "k_proj": (config.kv_size, d),
         "v_proj": (config.kv_size, d),
         "o_proj": (d, config.q_size),
-        "gate_proj": (config.intermediate_size, d),
-        "up_proj": (config.intermediate_size, d),
-        "down_proj": (d, config.intermediate_size),
+        **({"gate_proj": (F, d)} if config.gated_mlp else {}),
+        "up_proj": (F, d),
+        "down_proj": (d, F),
     }
     shapes.update({name: (d,) for name in norm_fields})
     if config.qk_norm == "head":
         shapes.update(q_norm=(hd,), k_norm=(hd,))
     elif config.qk_norm == "full":
         shapes.update(q_norm=(config.q_size,), k_norm=(config.kv_size,))
+    bias_shapes = {"q_bias": (config.q_size,), "k_bias": (config.kv_size,), "v_bias": (config.kv_size,),
+                   "o_bias": (d,), "up_bias": (F,), "down_bias": (d,), "attn_in_norm_bias": (d,),
+                   "mlp_in_norm_bias": (d,)}
+    shapes.update({name: bias_shapes[name] for name in config.biases if name in bias_shapes})
     return shapes
 
 
@@ -80,10 +98,12 @@ def partition_specs(params: Params, config: ModelConfig, n_model: int) -> Params
     """Tensor-parallel layout (Megatron style) over a mesh axis "model" of size `n_model`, as a Params
     tree of PartitionSpecs (None where `params` has None).
 
-    Column-parallel: q_proj by query heads, k/v_proj by kv heads, gate/up_proj by rows of F; row-parallel:
+    Column-parallel: q_proj by query heads, k/v_proj by kv heads, gate/up_proj by rows of F (their biases
+    alike); row-parallel:
     o_proj and down_proj on their input axis, so each device's heads and F-slice stay local and one
     all-reduce per block joins them. The embedding and lm_head split the vocabulary. A weight whose split
-    axis does not divide by `n_model` (e.g. one kv head over 2 devices) is replicated; norms are replicated.
+    axis does not divide by `n_model` (e.g. one kv head over 2 devices) is replicated; norms, the biases of
+    row-parallel products and position embeddings are replicated.
     """
     def split(ok: bool, axis: int, ndim: int) -> P:
         return P(*(MODEL_AXIS if i == axis else None for i in range(ndim))) if ok and n_model > 1 else P()
@@ -93,11 +113,11 @@ def partition_specs(params: Params, config: ModelConfig, n_model: int) -> Params
     ff = config.intermediate_size % n_model == 0
     vocab = config.vocab_size % n_model == 0
     replicated = jax.tree_util.tree_map(lambda _: P(), params)
-    layers = dataclasses.replace(
-        replicated.layers,
-        q_proj=split(heads, 1, 3), k_proj=split(kv, 1, 3), v_proj=split(kv, 1, 3), o_proj=split(heads, 2, 3),
-        gate_proj=split(ff, 1, 3), up_proj=split(ff, 1, 3), down_proj=split(ff, 2, 3),
-    )
+    splits = {"q_proj": (heads, 1, 3), "k_proj": (kv, 1, 3), "v_proj": (kv, 1, 3), "o_proj": (heads, 2, 3),
+              "gate_proj": (ff, 1, 3), "up_proj": (ff, 1, 3), "down_proj": (ff, 2, 3), "q_bias": (heads, 1, 2),
+              "k_bias": (kv, 1, 2), "v_bias": (kv, 1, 2), "up_bias": (ff, 1, 2)}
+    layers = dataclasses.replace(replicated.layers, **{name: split(*how) for name, how in splits.items()
+                                                       if getattr(params.layers, name) is not None})
     return dataclasses.replace(replicated, layers=layers, embed=split(vocab, 0, 2),
                                lm_head=None if params.lm_head is None else split(vocab, 0, 2))
 

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
 from eqlin.errors import InputError
-from eqlin.linear_maps import Linearization, cumulative_fn, finish, pull_back_rows
+from eqlin.linear_maps import Linearization, constant_term, cumulative_fn, finish, pull_back_rows
 from eqlin.memory import activation_elems, choose_chunk, format_bytes, memory_limit_bytes
 from eqlin.model import Model
 from eqlin.params import MODEL_AXIS, Params, param_shardings
@@ -54,8 +54,8 @@ def basis_mesh(devices: list | None = None) -> Mesh:
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh", "chunk"))
 def _sharded_rows(params: Params, config: ModelConfig, x: Array, *, mesh: Mesh, chunk: int | None
-                  ) -> tuple[Array, Array]:
-    """(y (d,), J (d, T, d) with rows sharded over the mesh's basis axis)."""
+                  ) -> tuple[Array, Array, Array]:
+    """(y (d,), J (d, T, d) with rows sharded over the mesh's basis axis, the constant c (d,))."""
     params = jax.lax.with_sharding_constraint(params, param_shardings(params, config, mesh))
     d, n = config.hidden_size, mesh.shape[AXIS]
     index = jnp.arange(-(-d // n) * n) % d  # padded to a multiple of n with repeats, dropped below
@@ -68,7 +68,8 @@ def _sharded_rows(params: Params, config: ModelConfig, x: Array, *, mesh: Mesh, 
 
     y, J = rows(params, x, index)
     J = jax.lax.with_sharding_constraint(J[:d], NamedSharding(mesh, P(AXIS)))
-    return y, J
+    return y, J, constant_term(lambda detach: cumulative_fn(params, config, None, "residual", detach), x, y, config,
+                               True)
 
 
 def device_memory_limit(device: jax.Device) -> int:
@@ -127,6 +128,6 @@ def detached_jacobian_sharded(model: Model, inputs, *, mesh: Mesh | None = None,
                                    device_memory_limit(mesh.devices.flat[0]) if memory_limit is None
                                    else memory_limit_bytes(memory_limit))
     x = jax.device_put(embed(params, model.config, jnp.asarray(ids)), NamedSharding(mesh, P()))
-    y, J = _sharded_rows(params, model.config, x, mesh=mesh, chunk=chunk)
-    contributions, err = finish(y, J, x)
-    return Linearization(J, x, y, contributions, err, jnp.asarray(ids))
+    y, J, c = _sharded_rows(params, model.config, x, mesh=mesh, chunk=chunk)
+    contributions, err = finish(y, J, x, c)
+    return Linearization(J, x, y, contributions, err, jnp.asarray(ids), c)

@@ -16,6 +16,10 @@ scale does not change cosines) and are decoded by cosine nearest neighbours in t
 token-combined map from the model without ever building J (Golub–Kahan–Lanczos with full
 reorthogonalization, or a randomized SVD), from one `jax.linearize` (v ↦ J v) and its
 `jax.linear_transpose` (u ↦ Jᵀu: one VJP gives every J_tᵀu).
+
+For a model with biases the map is affine, y = Σ_t J_t x_t + c (`eqlin.linear_maps`): spectra and
+decoding are those of J alone; c, which no input moves, is not part of them (report.json decodes it on
+its own), and relative errors include it.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from eqlin.checks import check_int
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
 from eqlin.errors import InputError
-from eqlin.linear_maps import Linearization, relative_error, target_map
+from eqlin.linear_maps import Linearization, relative_error, target_constant, target_map
 from eqlin.model import Model
 from eqlin.params import Params
 from eqlin.selection import Part, Scope, resolve_selection
@@ -106,7 +110,7 @@ class Spectrum:
     right_tokens        (T, k, top)                  (T, k, top): each token's block of v
     ==================  ===========================  ===========================
 
-    output: y (d_out,); relative_error: ‖y − Σ_t J_t x_t‖ / ‖y‖ of the map (); ids: the input (T,).
+    output: y (d_out,); relative_error: ‖y − (Σ_t J_t x_t + c)‖ / ‖y‖ of the map (); ids: the input (T,).
     frobenius_sq (‖J‖_F²) and effective (`EffectiveDimension`) need the full spectrum: None from
     `top_singular`. left_tokens / right_tokens: None until `decode_spectrum`.
     layer, part, scope, detach say which map it is; method is "dense", "lanczos" or "randomized".
@@ -502,10 +506,11 @@ def matrix_free_svd(jvp: Callable[[Array], Array], x: Array, k: int, *, method: 
 @functools.partial(jax.jit, static_argnames=("config", "layer", "part", "scope", "detach"))
 def _linearized(params: Params, config: ModelConfig, x: Array, *, layer: int | None, part: Part, scope: Scope,
                 detach: bool) -> tuple[Array, Callable[[Array], Array], Array, Array]:
-    """(y, v ↦ J v, the map's input, ‖y − J x‖ / ‖y‖) for the map selected by (layer, part, scope)."""
+    """(y, v ↦ J v, the map's input, ‖y − (J x + c)‖ / ‖y‖) for the map selected by (layer, part, scope)."""
     f, x_in = target_map(params, config, x, layer, part, scope, detach)
     y, jvp = jax.linearize(f, x_in)
-    return y, jvp, x_in, relative_error(y, jvp(x_in))
+    c = target_constant(params, config, x_in, y, layer, part, scope, detach)
+    return y, jvp, x_in, relative_error(y, jvp(x_in) + c)
 
 
 def top_singular(model: Model, inputs, k: int, *, layer: int | None = None, part: Part = "residual",
@@ -518,7 +523,8 @@ def top_singular(model: Model, inputs, k: int, *, layer: int | None = None, part
     Linearizes once (`jax.linearize`: v ↦ J v; its transpose u ↦ Jᵀu, one VJP for all J_tᵀu), then runs
     `matrix_free_svd` (method, steps, power_iterations, block, seed, progress: see there). Memory is the
     stored linearization plus (steps + 1) input-sized vectors, never T·d² (3.4 GB in float64 for Gemma 3
-    270M at T = 1024). The relative reconstruction error ‖y − J x‖ / ‖y‖ comes from one more JVP.
+    270M at T = 1024). The relative reconstruction error ‖y − (J x + c)‖ / ‖y‖ comes from one more JVP (and,
+    with biases, c from one paired forward).
     Returns a token-combined Spectrum (per_token False, frobenius_sq and effective None), sign-aligned
     with y.
     """

@@ -14,6 +14,10 @@ Where the map comes from and where it goes in, for `layer = l` (0 ≤ l < L):
 - J_c is computed once per (concept, layer), from the concept alone (it is the concept's map, so it
   cannot go stale); every position of the steered sequence, text and generated, gets its own v_k.
 - For l = 0, s_k ≠ 0 only where k ≡ T_c−1 (mod T_c): nothing is added before position T_c−1.
+- For a model with biases the concept's map is affine, h⁽ˡ⁾_{T_c−1} = Σ_t J_c[:, t, :] x_c,t + c_c
+  (`eqlin.linear_maps`): only the linear part J_c is applied to the steered text; c_c depends on no
+  input, so it carries nothing of the concept's tokens and is not injected (it enters only the
+  exactness check of the concept's map).
 
 Unlike the paper's reference code, the map ends at the very residual stream the vector is added to (the
 reference takes J at a layer's output but adds the vector at that layer's input: off by one), and the effect is measured, not eyeballed.
@@ -22,6 +26,8 @@ Generation is greedy and runs as one compiled program with a KV cache of B slots
 two ≥ len(text) + max_new_tokens, so texts of different lengths share the compilation): positions go
 through the layers one token at a time (the text's, then each generated one), carrying S_k. The injection
 layer and strength are traced values, so one compilation also serves a whole layer × strength sweep.
+longrope (Phi) picks its factors as transformers' KV cache does: the text's positions by the text's
+length, each generated position by the length up to it (`eqlin.decoder.rope_stack`).
 
 The lift is the mean over generated steps and concept tokens of log p(concept token), steered minus
 unsteered, each run scored on its own greedy continuation.
@@ -45,7 +51,7 @@ from eqlin.config import ModelConfig
 from eqlin.blocks import attend, attention_probs, einsum, project_qkv, visible
 from eqlin.decoder import embed, final_norm, layer_tail, optional_norm, rope_stack, streams_entering, unembed
 from eqlin.errors import InputError
-from eqlin.linear_maps import jacobian_of, relative_error
+from eqlin.linear_maps import constant_term, jacobian_of, relative_error
 from eqlin.model import Model
 from eqlin.params import Params
 from eqlin.progress import stage, steps
@@ -79,6 +85,17 @@ def concept_maps(params: Params, config: ModelConfig, x: Array, *, layers: tuple
     return J, h
 
 
+@functools.partial(jax.jit, static_argnames=("config", "layers"))
+def concept_constants(params: Params, config: ModelConfig, x: Array, *, layers: tuple[int, ...]) -> Array:
+    """The constants c (n, d) of `concept_maps`' maps (h = Σ_t J_t x_t + c; 0 without biases)."""
+    index = jnp.asarray(layers)
+
+    def make(detach):
+        return lambda v: streams_entering(params, config, v, max(layers) + 1, detach=detach)[index, -1]
+
+    return constant_term(make, x, jnp.zeros((len(layers), config.hidden_size), x.dtype), config, True)
+
+
 # --------------------------------------------------------------------------------------------------
 # Steered greedy generation with a KV cache: one token per step through every layer.
 
@@ -89,12 +106,12 @@ def cached_layer(h: Array, p, keys: Array, values: Array, pos: Array, cos: Array
     the layer's cache. h (d,); keys, values (B, K, hd) hold positions < pos; cos, sin (r,) at pos.
     Returns (h_out (d,), keys, values). The same blocks as the full forward (projections, q/k norms,
     RoPE, probabilities, layer tail), with row `pos` of the mask against the cached keys."""
-    x = optional_norm(h, p.attn_in_norm, config, detach=False)[None]  # (1, d)
+    x = optional_norm(h, p.attn_in_norm, config, detach=False, bias=p.attn_in_norm_bias)[None]  # (1, d)
     q, k, v = project_qkv(x, p, cos[None], sin[None], config, detach=False)  # (1, H, hd), (1, K, hd) ×2
     keys = jax.lax.dynamic_update_index_in_dim(keys, k[0], pos, 0)  # (B, K, hd)
     values = jax.lax.dynamic_update_index_in_dim(values, v[0], pos, 0)
     mask = visible(pos, jnp.arange(keys.shape[0]), window)[None]  # (1, B): row `pos` of attention_mask
-    attn = attend(attention_probs(q, keys, mask, config), values, p.o_proj)  # (1, d)
+    attn = attend(attention_probs(q, keys, mask, config), values, p.o_proj, p.o_bias)  # (1, d)
     h_out, _, _ = layer_tail(h[None], attn, p, config, detach=False)
     return h_out[0], keys, values
 
@@ -110,7 +127,7 @@ def generate(params: Params, config: ModelConfig, ids: Array, length: Array, J: 
     `strength`: one compilation serves a sweep). At strength 0, v = 0 exactly: the unsteered run."""
     B, d = ids.shape[0], config.hidden_size
     dtype = params.embed.dtype
-    cos_all, sin_all = rope_stack(config, B, dtype)  # (2, B, r)
+    cos_all, sin_all = rope_stack(config, B, dtype, context=length)  # (2, B, r)
     windows, ropes = jnp.asarray(config.layer_windows()), jnp.asarray(config.layer_rope_index())
     cache = jnp.zeros((config.num_layers, B, config.num_kv_heads, config.head_dim), dtype)
     scale = jnp.asarray(strength, dtype) / 2
@@ -118,7 +135,7 @@ def generate(params: Params, config: ModelConfig, ids: Array, length: Array, J: 
 
     def position(k: Array, carry):
         buf, keys, values, S, tokens, logits = carry
-        x = embed(params, config, buf[k][None])[0]  # (d,)
+        x = embed(params, config, buf[k][None], positions=k[None])[0]  # (d,)
         S = S + einsum("oe,e->o", J[:, k % J.shape[1], :], x)
         norm_S = jnp.linalg.norm(S)
         direction = jnp.where(norm_S > 0, S / jnp.where(norm_S > 0, norm_S, 1), 0)
@@ -166,7 +183,7 @@ class SteeringResult:
     steered_logits, baseline_logits: (N, V), the logits each step's token was chosen from.
     concept_tokens: ids (k,) scored; steered_logprobs, baseline_logprobs: (N, k) their log-probabilities.
     logprob_lift: mean(steered_logprobs) − mean(baseline_logprobs).
-    map_relative_error: ‖h − Σ_t J_c,t x_c,t‖ / ‖h‖ of the concept's map (exactness check).
+    map_relative_error: ‖h − (Σ_t J_c,t x_c,t + c_c)‖ / ‖h‖ of the concept's map (exactness check).
     """
 
     concept: str
@@ -230,6 +247,7 @@ def _maps(model: Model, c_ids: np.ndarray, layers: tuple[int, ...]) -> tuple[Arr
     x = embed(model.params, model.config, jnp.asarray(c_ids))
     J, h = concept_maps(model.params, model.config, x, layers=layers)
     recon = jnp.einsum("nots,ts->no", J, x, precision=jax.lax.Precision.HIGHEST)
+    recon = recon + concept_constants(model.params, model.config, x, layers=layers)
     return J, relative_error(h, recon)
 
 

@@ -33,6 +33,11 @@ torch.set_num_threads(1)
 # Configurations the family checkpoints leave off: sliding windows on Phi-3 and Qwen 3, softcapping, a stored
 # copy of a tied lm_head (see tests/fixtures.py).
 OPTION_VARIANTS = ("phi3_sliding", "qwen3_sliding", "gemma3_softcap", "llama_tied_head")
+AFFINE_VARIANTS = ("qwen2", "gpt2")  # biases: every detached map is affine, y = Σ_t J_t x_t + c
+LONGROPE_TEXTS = (  # phi3_longrope: original_max_position_embeddings 16, so short factors, then long ones
+    "The bridge out of Marin is the Golden Gate",
+    "The bridge out of Marin is the Golden Gate . the fog goes over the bay and the red bridge",
+)
 TEXT = "The bridge out of Marin is the Golden Gate"  # 9 or 10 tokens: longer than the 4-token sliding windows
 # eqlin against the float64 PyTorch reference (J, layer maps, logit maps, outputs): measured at most 3.9e-15 over
 # every variant, map, part and scope (test_linear_maps); asserted with a margin of about 8.

@@ -7,8 +7,10 @@
 have it, so the layer pattern must be derived from those two fields), `gemma3_softcap` (attention and final
 logit softcapping set; transformers' Gemma 3, and so eqlin, applies only the final one) and `llama_tied_head`
 (tied embeddings, yet `lm_head.weight` stored too, a copy of the embedding table, as some exporters write it).
-Weights are random (normal, std 0.2) and so are every RMSNorm
-weight (`1 + 0.3·randn`, Gemma's `(1 + w)` norms `0.3·randn`), so no norm is the identity.
+`phi3_longrope` has original_max_position_embeddings 16, so short inputs take longrope's short factors and
+inputs of more than 16 tokens its long ones. Weights are random (normal, std 0.2) and so are every RMSNorm
+weight (`1 + 0.3·randn`, Gemma's `(1 + w)` norms `0.3·randn`), so no norm is the identity, and every bias
+(`0.5·randn`: Qwen 2's q/k/v biases are far from zero, so the affine maps' constants are large).
 
 Tokenizers are word-level over a fixed English word list (whitespace pre-tokenizer). BOS follows the family:
 Llama, Mistral and Gemma add one through a `TemplateProcessing` post-processor; Qwen 3, Phi-3 (Phi-4-mini
@@ -39,9 +41,15 @@ VARIANTS: tuple[str, ...] = (
     "qwen3_sliding",
     "gemma3_softcap",
     "llama_tied_head",
+    "qwen2",
+    "phi3_longrope",
+    "gpt2",
 )
 # Softcaps small enough to bend the tiny models' attention scores (std ~1) and logits (std ~1.5).
 ATTN_SOFTCAP, FINAL_SOFTCAP = 1.0, 2.0
+# longrope factors of the phi3_longrope variant: one per rotated frequency (rotary dim 12: six).
+LONGROPE_SHORT = [1.0, 1.1, 1.3, 1.7, 2.2, 3.0]
+LONGROPE_LONG = [1.0, 1.5, 2.5, 4.0, 6.0, 9.0]
 
 VOCAB_SIZE = 96
 MAX_POSITIONS = 64
@@ -162,6 +170,38 @@ def _spec(variant: str) -> tuple[type[transformers.PreTrainedModel], Any, tuple[
         )
         phi_tok = {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False}
         return transformers.Phi3ForCausalLM, config, _QWEN_SPECIALS, phi_tok
+    if variant == "qwen2":
+        # Qwen 2.5-0.5B style: q/k/v biases, tied embeddings, no BOS.
+        config = transformers.Qwen2Config(
+            vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+            rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        )
+        qwen_tok = {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "add_bos": False}
+        return transformers.Qwen2ForCausalLM, config, _QWEN_SPECIALS, qwen_tok
+    if variant == "phi3_longrope":
+        # Phi-3.5-mini / Phi-4-mini style longrope, with a pretraining context of 16 and 64 positions (factor 4,
+        # attention factor sqrt(1 + ln 4 / ln 16)); untied.
+        config = transformers.Phi3Config(
+            vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+            original_max_position_embeddings=16, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 10_000.0, "partial_rotary_factor": 0.75,
+                             "short_factor": LONGROPE_SHORT, "long_factor": LONGROPE_LONG},
+            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        phi_tok = {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False}
+        return transformers.Phi3ForCausalLM, config, _QWEN_SPECIALS, phi_tok
+    if variant == "gpt2":
+        # Learned positions, LayerNorm with bias, Conv1D projections with biases, gelu_new MLP, tied, no BOS.
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB_SIZE, n_embd=48, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
+            activation_function="gelu_new", tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+            pad_token_id=0,
+        )
+        gpt_tok = {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False}
+        return transformers.GPT2LMHeadModel, config, _QWEN_SPECIALS, gpt_tok
     if variant == "olmo2":
         config = transformers.Olmo2Config(
             vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
@@ -185,10 +225,12 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
             norm_weights[id(module.weight)] = 0.0 if name.startswith("Gemma") else 1.0
         elif isinstance(module, torch.nn.LayerNorm):
             norm_weights[id(module.weight)] = 1.0
-    for _, param in model.named_parameters():
+    for name, param in model.named_parameters():
         noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
         if id(param) in norm_weights:
             param.copy_(norm_weights[id(param)] + 0.3 * noise)
+        elif name.endswith(".bias"):
+            param.copy_(0.5 * noise)
         elif param.ndim >= 2:
             param.copy_(0.2 * noise)
         else:

@@ -23,12 +23,13 @@ import eqlin
 from eqlin.analysis import SCHEMA
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, main
 from eqlin.memory import estimate_jacobian_bytes
+from eqlin.report import summary
 from tests.conftest import TEXT
 from tests.fixtures import load_torch_model
 
 REPORT_KEYS = {"schema", "next_token", "relative_error", "plain_relative_error", "model", "dtype", "tokens",
                "per_token", "layer_maps", "homogeneity_error", "logit", "top_predictions", "timings_s", "text",
-               "layers", "layer_analysis"}
+               "layers", "layer_analysis", "constant"}
 
 
 def test_analyze_on_a_tiny_model(tiny_report, checkpoint, capsys):
@@ -76,14 +77,28 @@ def test_analyze_on_a_tiny_model(tiny_report, checkpoint, capsys):
     assert [p["id"] for p in report["top_predictions"]] == top.tolist()
     np.testing.assert_allclose([p["probability"] for p in report["top_predictions"]], probs[top], rtol=2e-6)
     np.testing.assert_allclose(report["next_token"]["logit"], float(logits[top[0]]), rtol=5e-7)
+    assert report["constant"] == {"norm": 0.0, "relative_norm": 0.0, "logit": 0.0, "tokens": []}  # no biases
 
 
-def test_json_flag_prints_the_report(checkpoint, tmp_path, capsys):
-    assert main(["analyze", TEXT, "--model", str(checkpoint("qwen3")), "--out", str(tmp_path), "--layers", "none",
-                 "--json", "-q", "--no-compile-cache"]) == EXIT_OK
+def test_json_flag_prints_the_report_and_the_constant_of_a_model_with_biases(checkpoint, tmp_path, capsys):
+    """Qwen 2: y = Σ_t J_t x_t + c, with ‖c‖/‖y‖, c's share of the next token's logit and c decoded through
+    the unembedding in report.json, its own row in report.html and a line of the summary."""
+    assert main(["analyze", TEXT, "--model", str(checkpoint("qwen2")), "--out", str(tmp_path), "--layers", "none",
+                 "--top-k", "3", "--json", "-q", "--no-compile-cache"]) == EXIT_OK
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((tmp_path / "report.json").read_text())
     assert printed["layer_maps"]["layers"] == [] and printed["tokens"][0]["text"] == "The"  # Qwen adds no BOS
+    c = printed["constant"]
+    assert c["relative_norm"] > 0.1 and len(c["tokens"]) == 3 and c["norm"] > 0
+    assert printed["relative_error"] <= 1e-13 and printed["homogeneity_error"] <= 1e-13
+    logit = printed["logit"]
+    assert logit["relative_error"] <= 1e-13 and logit["constant"] == c["logit"] != 0
+    total = sum(p["logit_contribution"] for p in printed["per_token"]) + c["logit"]
+    assert abs(total - logit["value"]) <= 1e-12 * abs(logit["value"])
+    assert abs(logit["reconstructed"] - logit["value"]) <= 1e-12 * abs(logit["value"])
+    assert "<td>(constant: biases)</td>" in (tmp_path / "report.html").read_text()
+    text = summary(printed, tmp_path)
+    assert "‖y − (Σ_t J_t x_t + c)‖/‖y‖" in text and f"‖c‖/‖y‖ = {c['relative_norm']:.3g}" in text
 
 
 def test_analyze_the_embedded_model_in_float64(tmp_path, eqlin_cache_dir):

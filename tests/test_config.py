@@ -75,15 +75,85 @@ def test_unsupported_options_are_named(change, message):
         config_from_hf(hf)
 
 
-def test_phi3_partial_rotary_and_refused_longrope():
+def test_phi3_partial_rotary():
     hf = {"model_type": "phi3", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
           "intermediate_size": 128, "vocab_size": 10, "rope_parameters": {"rope_type": "default",
                                                                           "rope_theta": 1e4,
                                                                           "partial_rotary_factor": 0.75}}
     assert config_from_hf(hf).rope_dim == 12
-    hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0], "long_factor": [1.0]}
-    with pytest.raises(eqlin.ConfigError, match="unsupported RoPE type 'longrope'; supported: default, linear, llama3"):
+
+
+_SHORT, _LONG = [1.0, 1.25, 1.5, 2.0, 3.0, 5.0], [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+
+
+@pytest.mark.parametrize("extra", [{}, {"factor": 2.0}, {"attention_factor": 1.3}])
+def test_longrope_matches_transformers(extra):
+    """Short and long inverse frequencies and the cos/sin scale, as transformers computes them (its
+    float32 frequencies to float32 rounding): the factor from the context lengths, or given, and the
+    attention factor from the factor, or given."""
+    params = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75, "short_factor": _SHORT,
+              "long_factor": _LONG, **extra}
+    hf = transformers.Phi3Config(hidden_size=64, num_attention_heads=4, max_position_embeddings=4096,
+                                 original_max_position_embeddings=512, rope_parameters=dict(params))
+    spec = config_from_hf(json.loads(hf.to_json_string())).rope_full
+    assert spec.kind == "longrope" and spec.original_max_position_embeddings == 512
+    for long, length in ((False, 512), (True, 513)):
+        expected, scale = ROPE_INIT_FUNCTIONS["longrope"](hf, torch.device("cpu"), seq_len=length)
+        assert spec.uses_long(length) == long
+        np.testing.assert_allclose(spec.inv_freq(12, long=long), expected.double().numpy(), rtol=1e-6)
+        assert spec.attention_factor == pytest.approx(scale, rel=1e-15)
+    assert spec.attention_factor != 1.0
+
+
+def test_phi3_longrope_as_hub_configs_write_it():
+    """Phi-3.5-mini's layout: rope_scaling of type 'longrope' (older files: 'su'), the pretraining context at
+    the top level (taking precedence, as in transformers; Phi3Config's default 4096 where absent)."""
+    base = {"model_type": "phi3", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+            "intermediate_size": 128, "vocab_size": 10, "max_position_embeddings": 131072, "rope_theta": 1e4,
+            "partial_rotary_factor": 0.75}
+    for kind in ("longrope", "su"):
+        config = config_from_hf({**base, "original_max_position_embeddings": 4096,
+                                 "rope_scaling": {"type": kind, "short_factor": _SHORT, "long_factor": _LONG}})
+        spec = config.rope_full
+        assert (spec.kind, spec.original_max_position_embeddings, spec.factor) == ("longrope", 4096, 32.0)
+        assert spec.short_factor == tuple(_SHORT) and config.rope_dim == 12
+    nested = {"rope_type": "longrope", "short_factor": _SHORT, "long_factor": _LONG,
+              "original_max_position_embeddings": 1024}
+    assert config_from_hf({**base, "rope_parameters": nested}).rope_full.original_max_position_embeddings == 4096
+    assert config_from_hf({**base, "original_max_position_embeddings": 2048, "rope_parameters": nested}
+                          ).rope_full.original_max_position_embeddings == 2048
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"short_factor": [1.0]}, "need one value per rotated frequency, 6 each .*got 1 and 6"),
+    ({"long_factor": None}, "longrope RoPE parameters need 'long_factor', a list of positive numbers"),
+    ({"short_factor": [1.0, 1.0, 1.0, 1.0, 1.0, -1.0]}, "longrope short_factor entries must be a finite number > 0"),
+    ({"attention_factor": "1"}, "RoPE parameter 'attention_factor' must be a finite number > 0"),
+    ({"mscale": 1.0}, "RoPE parameters of type 'longrope' do not take mscale"),
+])
+def test_bad_longrope_is_refused(change, message):
+    hf = {"model_type": "phi3", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+          "intermediate_size": 128, "vocab_size": 10, "rope_parameters": {
+              "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75, "short_factor": _SHORT,
+              "long_factor": _LONG, **change}}
+    with pytest.raises(eqlin.ConfigError, match=message):
         config_from_hf(hf)
+
+
+def test_qwen2_has_qkv_biases_whatever_its_flags_say():
+    """transformers' Qwen2 always has q/k/v biases (and none elsewhere): attention_bias and mlp_bias do not
+    change it; Llama-layout families refuse bias flags, naming the layout eqlin supports."""
+    base = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
+            "intermediate_size": 64, "vocab_size": 10}
+    qwen2 = config_from_hf({**base, "model_type": "qwen2"})
+    assert qwen2.family == "qwen2" and qwen2.biases == ("q_bias", "k_bias", "v_bias") and qwen2.has_biases
+    assert config_from_hf({**base, "model_type": "qwen2", "attention_bias": False, "mlp_bias": True}) == qwen2
+    assert not config_from_hf({**base, "model_type": "qwen3"}).has_biases
+    with pytest.raises(eqlin.ConfigError, match=r"use_mrope=True \(default False\)"):
+        config_from_hf({**base, "model_type": "qwen2", "use_mrope": True})
+    with pytest.raises(eqlin.ConfigError, match="attention_bias=true: .* only for the bias layouts of qwen2 .*a qwen3 "
+                                                "model with these biases is not supported"):
+        config_from_hf({**base, "model_type": "qwen3", "attention_bias": True})
 
 
 def test_ministral_layer_types_and_olmo2_full_qk_norm():
@@ -103,14 +173,18 @@ _SIZES = {"vocab_size": 64, "hidden_size": 256, "intermediate_size": 48, "num_hi
 
 
 @pytest.mark.parametrize("cls, model_type", [
-    (transformers.LlamaConfig, "llama"), (transformers.Qwen3Config, "qwen3"), (transformers.MistralConfig, "mistral"),
+    (transformers.LlamaConfig, "llama"), (transformers.Qwen3Config, "qwen3"), (transformers.Qwen2Config, "qwen2"),
+    (transformers.MistralConfig, "mistral"),
     (transformers.MinistralConfig, "ministral"), (transformers.Phi3Config, "phi3"), (transformers.Olmo2Config, "olmo2"),
     (transformers.Gemma3TextConfig, "gemma3_text"), (transformers.Gemma3Config, "gemma3"),
+    (transformers.GPT2Config, "gpt2"),
 ])
 def test_transformers_defaults_are_accepted_and_are_eqlins(cls, model_type):
     """Every key transformers writes is handled or knowingly ignored, and where config.json leaves a key
     out, eqlin assumes transformers' default for it (rms_norm_eps, windows, positions, RoPE, ...)."""
     sizes = {} if model_type.startswith("gemma3") else _SIZES
+    if model_type == "gpt2":  # GPT-2's own names for the sizes
+        sizes = {"vocab_size": 64, "n_embd": 256, "n_inner": 48, "n_layer": 2, "n_head": 32}
     full = json.loads(cls(**sizes).to_json_string(use_diff=False))
     assert config_from_hf(full) == config_from_hf({"model_type": model_type, **sizes})
 

@@ -1,6 +1,7 @@
 """The pure JAX decoder equals transformers: stock at float32 level, float64-faithful to float64 rounding, block
 by block (embeddings; every layer's attention branch, MLP branch and residual stream, hooked off transformers' own
-modules; logits); sliding windows and softcapping are applied; jit, vmap and grad work (grad against PyTorch's)."""
+modules; logits); sliding windows and softcapping are applied; longrope below and above its original context;
+jit, vmap and grad work (grad against PyTorch's)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import torch
 import eqlin
 from eqlin.blocks import attention_mask, attention_probs
 from tests import torch_reference as ref
-from tests.conftest import CORE_VARIANTS, MORE_VARIANTS, OPTION_VARIANTS, TEXT, relative
+from tests.conftest import AFFINE_VARIANTS, CORE_VARIANTS, LONGROPE_TEXTS, MORE_VARIANTS, OPTION_VARIANTS, TEXT, relative
 from tests.fixtures import ATTN_SOFTCAP, FINAL_SOFTCAP, load_torch_model
 
-ALL_VARIANTS = CORE_VARIANTS + MORE_VARIANTS + OPTION_VARIANTS
+ALL_VARIANTS = CORE_VARIANTS + MORE_VARIANTS + OPTION_VARIANTS + AFFINE_VARIANTS
 
 LONG_TEXT = TEXT + " . the fog goes over the bay and the red bridge"  # > the 4-token sliding window
 
@@ -59,6 +60,43 @@ def test_every_block_matches_float64_faithful_transformers(variant, checkpoint, 
         for part, values in ours.items():
             assert relative(values[layer], layers[part][layer]) < 1e-14, (part, layer)
     assert relative(out.logits, logits) < 1e-14  # measured at most 2.2e-15
+
+
+@pytest.mark.parametrize("text", LONGROPE_TEXTS, ids=["short", "long"])
+def test_longrope_matches_transformers_below_and_above_the_original_context(text, checkpoint, loaded):
+    """Phi-3.5 / Phi-4-mini longrope: 9 tokens (<= original_max_position_embeddings = 16) take the short
+    factors, 20 tokens the long ones, as transformers chooses; both with the attention factor on cos/sin.
+    The choice matters: the other factors give other logits."""
+    model = loaded("phi3_longrope")
+    spec = model.config.rope_full
+    ids = model.encode(text)
+    assert spec.uses_long(len(ids)) == (len(ids) > 16) == (text == LONGROPE_TEXTS[1])
+    _, _, stock = _torch_run(checkpoint("phi3_longrope"), ids, faithful=False)
+    assert relative(model.logits(ids), stock) < 2e-6
+    emb, layers, logits = _torch_run(checkpoint("phi3_longrope"), ids, faithful=True)
+    out = model.forward(ids, collect=True)
+    assert relative(out.residuals[0], layers[0]) < 1e-12
+    assert relative(out.logits, logits) < 1e-12
+    if len(ids) > 16:  # the choice matters: the short factors give other logits
+        other = dataclasses.replace(spec, original_max_position_embeddings=64)
+        swapped = dataclasses.replace(model, config=dataclasses.replace(model.config, rope_full=other,
+                                                                        rope_sliding=other))
+        assert relative(swapped.logits(ids), logits) > 1e-3
+
+
+def test_longrope_rows_follow_the_sequence_they_belong_to(loaded):
+    """With a traced context (a ragged prompt's length, or a KV-cached generation's prompt length), row k
+    takes the long factors when max(context, k + 1) > original_max_position_embeddings (16)."""
+    from eqlin.decoder import rope_stack
+
+    config = loaded("phi3_longrope").config
+    cos, sin = jax.jit(lambda n: rope_stack(config, 24, jnp.float64, context=n))(9)
+    short, long = rope_stack(config, 16, jnp.float64), rope_stack(config, 24, jnp.float64)
+    for got, s, l in zip((cos, sin), short, long):
+        np.testing.assert_array_equal(got[:, :16], s)
+        np.testing.assert_array_equal(got[:, 16:], l[:, 16:])
+    assert np.abs(np.asarray(short[0]) - np.asarray(long[0][:, :16])).max() > 0.1
+    np.testing.assert_array_equal(jax.jit(lambda n: rope_stack(config, 24, jnp.float64, context=n))(20)[0], long[0])
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)

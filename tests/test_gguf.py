@@ -1,10 +1,10 @@
 """eqlin.gguf: GGUF files converted to eqlin-ready folders.
 
 The embedded Gemma 3 270M Q4_K_M file is checked against transformers' own GGUF loading (weights
-bit-identical, logits to float32 rounding, tokenizer identical). Tiny Llama 3 / Qwen 3 / Gemma 3 models
-are written to GGUF here the way llama.cpp's convert_hf_to_gguf.py writes them (q/k rows permuted for
-Llama, Gemma norms stored as 1 + w, Llama 3 RoPE scaling as a `rope_freqs` tensor, byte-level
-vocabularies) and must come back as the checkpoint they were written from.
+bit-identical, logits to float32 rounding, tokenizer identical). Tiny Llama 3 / Qwen 2 / Qwen 3 / Gemma 3
+models are written to GGUF here the way llama.cpp's convert_hf_to_gguf.py writes them (q/k rows permuted
+for Llama, Qwen 2's q/k/v biases as `attn_q.bias` ..., Gemma norms stored as 1 + w, Llama 3 RoPE scaling as a
+`rope_freqs` tensor, byte-level vocabularies) and must come back as the checkpoint they were written from.
 
 transformers builds a gguf.GGUFReader for every step of a GGUF load (config, tokenizer config, weights),
 ~14 s each for the 270M file's 262k-token vocabulary on a 2-core machine; the module shares one reader
@@ -177,6 +177,12 @@ def _tiny_model(arch: str, vocab: int) -> transformers.PreTrainedModel:
                 "rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, **common)
         cls = transformers.LlamaForCausalLM
+    elif arch == "qwen2":  # q/k/v biases (random, like every 1-D weight here)
+        config = transformers.Qwen2Config(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            rms_norm_eps=1e-6, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, **common)
+        cls = transformers.Qwen2ForCausalLM
     elif arch == "qwen3":  # head_dim 128 != hidden / heads = 32, as in Qwen 3
         config = transformers.Qwen3Config(
             hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -230,8 +236,9 @@ def _write_gguf(model: transformers.PreTrainedModel, arch: str, path: Path, *, v
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     rope = c.rope_parameters.get("full_attention", c.rope_parameters)
     w.add_rope_freq_base(rope["rope_theta"])
     if arch == "gemma3":
@@ -253,7 +260,8 @@ def _write_gguf(model: transformers.PreTrainedModel, arch: str, path: Path, *, v
     for hf_name, t in model.state_dict().items():
         if hf_name == "lm_head.weight" and c.tie_word_embeddings:
             continue
-        name = names.get_name(hf_name.removesuffix(".weight")) + ".weight"
+        module, kind = hf_name.rsplit(".", 1)  # kind: weight or bias
+        name = f"{names.get_name(module)}.{kind}"
         t = t.numpy()
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             t = _llama_cpp_permute(t, c.num_attention_heads if "attn_q" in name else c.num_key_value_heads)
@@ -296,7 +304,7 @@ def tiny(env, tmp_path_factory, byte_level_vocab):
     return get
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_tiny_weights_come_back(tiny, arch):
     """Exact for Llama (the permutation is undone) and Qwen 3; Gemma's (1 + w) - 1 rounds in float32.
     The GGUF was named by gguf-py's HF -> GGUF table, so this also checks eqlin's inverse of it."""
@@ -308,7 +316,7 @@ def test_tiny_weights_come_back(tiny, arch):
         np.testing.assert_allclose(w, original[name], rtol=0, atol=1e-7 if arch == "gemma3" else 0, err_msg=name)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_tiny_forward_matches_the_original(tiny, arch):
     """The converted config (RoPE scaling, window, head_dim, query scale) is the original's: float64 logits
     agree to rounding (Gemma: to its float32 norm round trip)."""
@@ -323,7 +331,7 @@ def test_tiny_forward_matches_the_original(tiny, arch):
     assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < (1e-6 if arch == "gemma3" else 1e-13)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_tiny_matches_transformers_gguf_loading(tiny, arch):
     """Weights as transformers' GGUF loader reads them (it undoes Llama's permutation the same way),
     and token ids as its byte-level tokenizer gives them (Llama adds BOS, Qwen does not). transformers
@@ -446,7 +454,7 @@ def test_unsupported_architecture(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ConfigError, match=r"'phi3' is not supported; eqlin converts gemma3, llama, qwen3"):
+    with pytest.raises(ConfigError, match=r"'phi3' is not supported; eqlin converts gemma3, llama, qwen2, qwen3"):
         eqlin_gguf.converted_folder(tmp_path / "phi.gguf", tmp_path / "cache")
 
 

@@ -65,6 +65,15 @@ def test_gram_spectra_equal_the_dense_svd(variant, engine, groups, loaded, dense
             assert got.relative_error.max() <= EXACT
 
 
+@pytest.mark.parametrize("engine", ["fwd", "rev"])
+def test_reconstruction_errors_include_the_constant(engine, loaded):
+    """Qwen 2's maps are affine: every engine's reconstruction carries each map's constant c (without it
+    the errors would be of order 1; the spectra are J's, unchanged by c)."""
+    story = layer_spectra(loaded("qwen2"), TEXT, k=2, top=2, engine=engine,
+                          scopes=SCOPES if engine == "fwd" else ("cumulative",))
+    assert story.engines["cumulative"] == engine and story.max_relative_error <= EXACT
+
+
 def test_logit_lens_and_decoding_match_a_direct_computation(loaded):
     model = loaded("gemma3")
     story = layer_spectra(model, TEXT, layers=[1, 3], k=2, top=3, scopes=("cumulative",))

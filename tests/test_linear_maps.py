@@ -1,8 +1,9 @@
 """Detached Jacobians equal the PyTorch reference (tests/torch_reference.py: transformers' own modules, float64,
 detached in memory) for the final output, for every cumulative and single-layer map and part, for the plain
 Jacobian and for logit maps, tied and untied, at <= VS_TORCH (3e-14; measured <= 6.8e-15); they reconstruct the
-output exactly (float64: <= 1e-14) and the plain Jacobian does not; jacrev, jacfwd and chunking agree; memory is
-estimated before anything is allocated."""
+output exactly (float64: <= 1e-14) and the plain Jacobian does not; models with biases are affine,
+y = Σ_t J_t x_t + c, with c computed as the frozen map at zero input (exactly 0 without biases) and equal to
+PyTorch's; jacrev, jacfwd and chunking agree; memory is estimated before anything is allocated."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from eqlin.linear_maps import (
 )
 from eqlin.memory import estimate_jacobian_bytes
 from tests import torch_reference as ref
-from tests.conftest import CORE_VARIANTS, MORE_VARIANTS, OPTION_VARIANTS, TEXT, VS_TORCH, relative
-from tests.fixtures import FINAL_SOFTCAP
+from tests.conftest import (AFFINE_VARIANTS, CORE_VARIANTS, LONGROPE_TEXTS, MORE_VARIANTS, OPTION_VARIANTS, TEXT,
+                            VS_TORCH, relative)
+from tests.fixtures import FINAL_SOFTCAP, load_torch_model
 
 EXACT = 1e-14  # reconstruction errors: measured at most 1.7e-15 (every tiny model, map, part and scope)
 
@@ -42,11 +44,13 @@ def test_final_map_and_plain_jacobian_equal_pytorch(variant, loaded, reference):
     assert relative(lin.reconstruction, lin.output) <= EXACT
     assert relative(lin.output, model.forward(TEXT).hidden[-1]) <= 1e-14
     assert relative(lin.jacobian, ref.final_jacobian(reference(variant), torch.tensor(ids))) <= VS_TORCH
+    np.testing.assert_array_equal(lin.constant, np.zeros_like(lin.output))  # no biases: c = 0 exactly
     plain = jacobian(model, TEXT)
     assert relative(plain.output, lin.output) <= 1e-14
     assert float(plain.relative_error) >= 1e-3
     expected = ref.final_jacobian(reference(variant, detached=False), torch.tensor(ids))
     assert relative(plain.jacobian, expected) <= VS_TORCH
+    np.testing.assert_array_equal(plain.constant, np.zeros_like(plain.output))
 
 
 @pytest.mark.parametrize("variant", ["llama_mha", "llama_gqa", "qwen3", "gemma3", *MORE_VARIANTS])
@@ -77,6 +81,18 @@ def test_every_layer_map_and_part_equals_pytorch(variant, scope, loaded, referen
     assert float(jnp.min(plain.relative_error)) >= 1e-3, plain.relative_error
 
 
+@pytest.mark.parametrize("scope, part", [("cumulative", "attn"), ("single", "mlp")])
+def test_layer_maps_of_a_model_with_biases_are_exact(scope, part, loaded):
+    """Qwen 2: every layer's map carries its own constant (stacked like the outputs), cumulative and single."""
+    model = loaded("qwen2")
+    lin = detached_jacobian(model, TEXT, layer="all", part=part, scope=scope)
+    assert lin.constant.shape == lin.output.shape == (2, model.config.hidden_size)
+    assert float(jnp.max(lin.relative_error)) <= EXACT
+    assert float(jnp.min(jnp.linalg.norm(lin.constant, axis=-1) / jnp.linalg.norm(lin.output, axis=-1))) > 0.1
+    one = lin.select(1)
+    assert one.constant.shape == one.output.shape and relative(one.reconstruction, one.output) <= EXACT
+
+
 def test_layer_maps_read_the_right_activations(loaded):
     model = loaded("gemma3")
     out = model.forward(TEXT, collect=True)
@@ -94,10 +110,75 @@ def test_layer_maps_read_the_right_activations(loaded):
                                detached_jacobian(model, ids).jacobian, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("variant, text", [
+    *[pytest.param(v, TEXT, id=v) for v in AFFINE_VARIANTS],
+    pytest.param("phi3_longrope", LONGROPE_TEXTS[1], id="phi3_longrope-long"),  # short factors: test_decoder
+])
+def test_affine_and_longrope_maps_equal_pytorch(variant, text, checkpoint, loaded):
+    """Models with biases and Phi's longrope (the others: test_final_map_and_plain_jacobian_equal_pytorch): J
+    equals PyTorch's detached J, and c (computed as the frozen map at zero input) equals PyTorch's
+    y − Σ_t J_t x_t, the outside reference the constant may be compared with here, relative to ‖y‖; y is
+    reconstructed exactly with c, and not without it."""
+    model = loaded(variant)
+    ids = model.encode(text)
+    torch_model = ref.make_detached(load_torch_model(checkpoint(variant)))
+    expected = ref.detached_jacobian(torch_model, torch.tensor(ids))
+    x = ref.embed(torch_model, torch.tensor(ids)).detach()
+    with torch.no_grad():
+        y = ref.final_hidden(torch_model, x).numpy()
+    lin = detached_jacobian(model, ids)
+    assert relative(lin.jacobian, expected) <= VS_TORCH
+    torch_constant = y - np.einsum("otd,td->o", expected, x.numpy())
+    assert np.linalg.norm(lin.constant - torch_constant) / np.linalg.norm(y) <= VS_TORCH
+    assert relative(lin.output, y) <= VS_TORCH
+    assert float(lin.relative_error) <= EXACT
+    if model.config.has_biases:  # an affine map: the constant matters
+        assert relative(lin.constant, lin.output) > 0.1 and relative(lin.contributions.sum(0), lin.output) > 0.1
+
+
+def test_the_constant_is_the_frozen_map_at_zero_input(loaded):
+    """c is computed from the frozen network g(v, u) (linear path v, every coefficient frozen at u), not from
+    y and J: g(v, x) = Σ_t J_t v_t + c for an arbitrary v, g(x, x) = y, and without biases g(0, x) = 0
+    exactly (Gemma 3: sandwich norms, (1 + w) scales, q/k norms; its computation is skipped in use)."""
+    from eqlin.blocks import PAIR_AXIS, PAIRED
+    from eqlin.linear_maps import cumulative_fn, frozen_at_zero
+
+    model = loaded("qwen2")
+    lin = detached_jacobian(model, TEXT)
+    x = lin.inputs
+    g = jax.jit(jax.vmap(cumulative_fn(model.params, model.config, None, "residual", PAIRED), axis_name=PAIR_AXIS))
+    v = jax.random.normal(jax.random.key(0), x.shape, x.dtype)
+    at_v, at_x = g(jnp.stack([v, x]))
+    assert relative(at_x, lin.output) <= 1e-14
+    assert relative(at_v, jnp.einsum("otd,td->o", lin.jacobian, v) + lin.constant) <= EXACT
+    np.testing.assert_array_equal(g(jnp.stack([jnp.zeros_like(x), x]))[0], lin.constant)
+    bias_free = loaded("gemma3")
+    c = jax.jit(lambda x: frozen_at_zero(cumulative_fn(bias_free.params, bias_free.config, None, "residual", PAIRED),
+                                         x))(bias_free.embed(TEXT))
+    assert c.shape == (bias_free.config.hidden_size,) and not np.any(np.asarray(c))
+
+
+def test_matrix_free_checks_and_logit_maps_carry_the_constant(loaded):
+    model = loaded("qwen2")
+    lin = detached_jacobian(model, TEXT)
+    check = matrix_free_check(model, TEXT)
+    assert float(check.homogeneity_error) <= EXACT and float(check.relative_error) <= EXACT
+    assert relative(check.constant, lin.constant) <= 1e-14
+    single = matrix_free_check(model, TEXT, layer=1, scope="single", part="attn")
+    assert float(single.homogeneity_error) <= EXACT and float(single.relative_error) <= EXACT
+    assert relative(single.constant, single.output) > 0.1  # the v bias, through o_proj
+    lm = logit_map(model, lin, [3, 5, 7])
+    logits = model.logits(TEXT)[-1][jnp.array([3, 5, 7])]
+    np.testing.assert_allclose(lm.logits, logits, rtol=1e-13)
+    np.testing.assert_allclose(lm.constant, model.params.unembedding[jnp.array([3, 5, 7])] @ lin.constant, rtol=1e-13)
+    assert float(jnp.max(lm.relative_error)) <= 1e-12
+
+
 @pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS)
 def test_the_folded_mlp_gives_the_same_map(variant, loaded):
     """Differentiating the MLP through one folded matrix per position changes rounding only (measured
-    <= 1.1e-15 relative); the value is computed unfolded, bit for bit."""
+    <= 1.1e-15 relative); the value is computed unfolded, bit for bit. (GPT-2's biased MLP folds in
+    its final map, "auto" at this size, graded against PyTorch below.)"""
     model = loaded(variant)
     unfolded = detached_jacobian(model, TEXT, fold=False)
     folded = detached_jacobian(model, TEXT, fold=True)
@@ -135,6 +216,13 @@ def test_folded_mlp_is_correct_under_any_differentiation():
         for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
             np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(jax.jacfwd(folded_mlp)(*args), jax.jacfwd(mlp_product)(*args), rtol=1e-13, atol=1e-13)
+    biased = [*args, jnp.asarray(rng.standard_normal(7))]  # GPT-2's up bias: inside the product, no x-derivative
+    np.testing.assert_array_equal(folded_mlp(*biased), mlp_product(*biased))
+    for argnums in ((0, 4),):
+        want = jax.jacrev(lambda *a: mlp_product(*a).sum(), argnums=argnums)(*biased)
+        got = jax.jacrev(lambda *a: folded_mlp(*a).sum(), argnums=argnums)(*biased)
+        for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+            np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-13)
 
 
 def test_jacrev_jacfwd_and_chunks_agree(loaded):

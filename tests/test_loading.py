@@ -168,8 +168,26 @@ def test_bias_tensors_are_refused(checkpoint, tmp_path):
     tensors = _tensors(folder)
     tensors["model.layers.0.self_attn.v_proj.bias"] = np.zeros(32, np.float32)
     write_safetensors(folder / "model.safetensors", tensors)
-    with pytest.raises(eqlin.WeightsError, match=r"biases on the linear path \(model.layers.0.self_attn.v_proj.bias\).*"
-                       r"eqlin supports bias-free checkpoints only"):
+    with pytest.raises(eqlin.WeightsError, match=r"biases on the linear path \(model.layers.0.self_attn.v_proj.bias\) "
+                                                 r"that a qwen3 model does not have; .* bias layouts of qwen2"):
+        eqlin.load(folder)
+
+
+def test_qwen2_biases_are_loaded_and_checked(checkpoint, loaded, tmp_path):
+    model = loaded("qwen2")
+    tensors = _tensors(checkpoint("qwen2"))
+    np.testing.assert_array_equal(model.params.layers.v_bias[1], tensors["model.layers.1.self_attn.v_proj.bias"])
+    assert model.params.layers.q_bias.shape == (2, 48) and model.params.layers.k_bias.shape == (2, 24)
+    folder = _copy(checkpoint("qwen2"), tmp_path / "no_bias")
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(48, np.float32)
+    write_safetensors(folder / "model.safetensors", tensors)
+    with pytest.raises(eqlin.WeightsError, match=r"biases on the linear path \(model.layers.0.self_attn.o_proj.bias\) "
+                                                 "that a qwen2 model does not have"):
+        eqlin.load(folder)
+    del tensors["model.layers.0.self_attn.o_proj.bias"]
+    write_safetensors(folder / "model.safetensors", tensors)
+    with pytest.raises(eqlin.WeightsError, match=r"missing \(1\): model.layers.1.self_attn.k_proj.bias"):
         eqlin.load(folder)
 
 
@@ -178,15 +196,36 @@ def test_bias_flags_in_config_are_refused(checkpoint, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["attention_bias"] = True
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(eqlin.ConfigError, match="attention_bias=true: biases on the linear path break.*"
-                       "eqlin supports bias-free checkpoints only"):
+    with pytest.raises(eqlin.ConfigError, match="attention_bias=true: biases on the linear path make the map affine, "
+                                                ".* only for the bias layouts of qwen2 "):
+        eqlin.load(folder)
+
+
+def test_gpt2_as_openai_wrote_it(checkpoint, loaded, tmp_path):
+    """GPT-2's original files: no "transformer." prefix, causal-mask buffers h.{i}.attn.bias (left out, as
+    transformers leaves them out); Conv1D weights (in, out) transposed on loading, c_attn split into q, k, v."""
+    tensors = {name.removeprefix("transformer."): a for name, a in _tensors(checkpoint("gpt2")).items()}
+    model = loaded("gpt2")
+    d = model.config.hidden_size
+    np.testing.assert_array_equal(model.params.layers.k_proj[1], tensors["h.1.attn.c_attn.weight"][:, d:2 * d].T)
+    np.testing.assert_array_equal(model.params.layers.v_bias[0], tensors["h.0.attn.c_attn.bias"][2 * d:])
+    np.testing.assert_array_equal(model.params.layers.down_proj[0], tensors["h.0.mlp.c_proj.weight"].T)
+    folder = _copy(checkpoint("gpt2"), tmp_path / "openai")
+    tensors.update({f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32)) for i in range(2)})
+    (folder / "model.safetensors").unlink()
+    write_safetensors(folder / "model.safetensors", tensors)
+    assert np.array_equal(eqlin.load(folder).logits(TEXT), model.logits(TEXT))
+    tensors["h.0.attn.c_proj.weight"] = tensors["h.0.attn.c_proj.weight"][:, :40]
+    write_safetensors(folder / "model.safetensors", tensors)
+    with pytest.raises(eqlin.WeightsError, match=r"wrong shape \(1\): h.0.attn.c_proj.weight: \(48, 40\) "
+                                                 r"\(expected \(48, 48\)\)"):
         eqlin.load(folder)
 
 
 def test_unknown_model_type(checkpoint, tmp_path):
-    folder = _copy(checkpoint("llama_mha"), tmp_path / "gpt2")
-    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(eqlin.ConfigError, match="unsupported model_type 'gpt2'; eqlin supports: llama, qwen3"):
+    folder = _copy(checkpoint("llama_mha"), tmp_path / "gpt_neox")
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    with pytest.raises(eqlin.ConfigError, match="unsupported model_type 'gpt_neox'; eqlin supports: llama, qwen2, qwen3"):
         eqlin.load(folder)
 
 

@@ -17,6 +17,7 @@ import torch
 
 from eqlin.errors import InputError, MemoryBudgetError
 from eqlin.linear_maps import detached_jacobian
+from eqlin.params import partition_specs
 from eqlin.sharding import detached_jacobian_sharded, device_mesh, sharded_jacobian_bytes
 from tests import torch_reference as ref
 from tests.conftest import TEXT, VS_TORCH, relative
@@ -84,6 +85,17 @@ def test_tensor_parallel_jacobian_equals_one_device(checkpoint, variant, n_model
     assert result["param_bytes_per_device"] < 0.75 * result["param_bytes"], result
     assert result["argument_bytes_per_device"] < 0.75 * result["param_bytes"], result
     assert result["all_gathers"] == 0 and result["all_reduces"] > 0, result
+
+
+def test_the_sharded_jacobian_carries_the_constant(loaded):
+    model = loaded("qwen2")
+    sharded = detached_jacobian_sharded(model, TEXT, mesh=device_mesh())
+    single = detached_jacobian(model, TEXT)
+    scale = float(np.abs(single.output).max())
+    np.testing.assert_allclose(sharded.constant, single.constant, rtol=0, atol=1e-14 * scale)
+    assert float(sharded.relative_error) <= 1e-13
+    specs = partition_specs(model.params, model.config, 2).layers
+    assert specs.q_bias == specs.k_bias == specs.v_bias == jax.sharding.PartitionSpec(None, "model")
 
 
 def test_sharded_jacobian_checks_memory_before_allocating(loaded, reference):

@@ -17,6 +17,7 @@ import torch
 import eqlin
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from eqlin.decoder import embed, final_norm, forward, layer_slice, run_layers, unembed
+from eqlin import steering
 from eqlin.steering import bucket, concept_maps, generate, steer, steering_sweep, summary
 from tests import torch_reference as ref
 from tests.conftest import VS_TORCH, relative
@@ -70,11 +71,13 @@ def test_concept_map_is_the_stream_entering_the_layer(loaded, reference):
 
 
 @pytest.mark.parametrize("variant, layer", [("gemma3", 0), ("gemma3", 2), ("gemma3", 3), ("qwen3", 1),
-                                            ("mistral", 1), ("phi3", 1), ("olmo2", 1)])
+                                            ("mistral", 1), ("phi3", 1), ("olmo2", 1), ("qwen2", 1),
+                                            ("gpt2", 1)])
 def test_injection_equals_pytorch_and_the_hand_written_forward(loaded, reference, variant, layer):
     """One step of the KV-cached generation (every family's attention details) against transformers' forward with
     the vector added by a hook to the residual stream entering `layer`, the vector built from PyTorch's own
-    concept map and text embeddings; and against eqlin's hand-written forward doing the same."""
+    concept map and text embeddings (GPT-2: the hand-written forward only); and against eqlin's hand-written
+    forward doing the same."""
     model = loaded(variant)
     J = concept_map(model, layer)
     ids = model.encode(TEXT)
@@ -86,6 +89,10 @@ def test_injection_equals_pytorch_and_the_hand_written_forward(loaded, reference
     want = hand_logits(model, ids, J, layer, 3.0)
     np.testing.assert_allclose(got, want, rtol=0, atol=5e-14)  # logits of size ~1: measured at most 5.6e-15
     assert np.abs(want - hand_logits(model, ids, J, layer, 0.0)).max() > 1e-3  # the injection does something
+    if model.config.has_biases:  # the concept's map is affine, exact with its constant; J_c alone is applied
+        assert float(steering._maps(model, model.encode(CONCEPT), (layer,))[1][0]) <= 1e-13
+    if variant == "gpt2":  # the PyTorch hook reads a `layers` list, which transformers' GPT-2 calls `h`
+        return
     torch_model = reference(variant)
     J_torch, _ = ref.stream_entering(torch_model, torch.tensor(model.encode(CONCEPT)), layer)
     directions = torch.tensor(hand_directions(J_torch, ref.embed(torch_model, torch.tensor(ids)).detach().numpy()))

@@ -18,9 +18,13 @@ position through the decoder's own final norm. Single-layer maps replace the inp
 pre-hook) and differentiate with respect to it.
 
 Supported decoders: Llama, Mistral, Qwen 3, Gemma 3 (text, and the language model inside
-Gemma3ForConditionalGeneration), Phi-3 (fused qkv/gate_up, partial rotary), OLMo 2 (post-norm, q/k norm over the
-full projection width). The replaced forwards handle one sequence in a single pass (no incremental decoding);
-masks are built from positions `0..T-1` exactly as transformers' masking_utils defines them.
+Gemma3ForConditionalGeneration), Phi-3 (fused qkv/gate_up, partial rotary, longrope), OLMo 2 (post-norm, q/k
+norm over the full projection width), Qwen 2 (q/k/v biases: the modules' own biases are kept, so the detached
+map is affine and `final_hidden(x) − Σ_t J_t x_t` is its constant), GPT-2 (learned positions: the input
+embeddings are token plus position embeddings, as eqlin's; LayerNorm with its scale detached; Conv1D
+projections; GELU(z) = z·s(z) with s detached; biases everywhere). The replaced forwards handle one sequence
+in a single pass (no incremental decoding); masks are built from positions `0..T-1` exactly as transformers'
+masking_utils defines them.
 """
 
 from __future__ import annotations
@@ -34,23 +38,25 @@ import numpy as np
 import torch
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen3", "gemma3_text", "phi3", "olmo2"})
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen3", "gemma3_text", "phi3", "olmo2", "qwen2", "gpt2"})
 # Families whose attention and MLP outputs go through a norm before the residual add.
-BRANCH_NORM_MODEL_TYPES = frozenset({"gemma3_text", "olmo2"})
+BRANCH_NORM_MODEL_TYPES = frozenset({"gemma3_text", "olmo2", "qwen2", "gpt2"})
 PARTS = ("residual", "attn", "mlp")
 
 
 def decoder(model: nn.Module) -> nn.Module:
-    """The text decoder (embed_tokens, layers, norm, rotary_emb) of a causal LM or a Gemma 3 multimodal model."""
-    inner = model.model
+    """The text decoder (embed_tokens, layers, norm, rotary_emb) of a causal LM or a Gemma 3 multimodal model
+    (GPT-2: its transformer, with wte, wpe, h, ln_f)."""
+    inner = model.model if hasattr(model, "model") else model.transformer
     return getattr(inner, "language_model", inner)
 
 
-def rope_inv_freq(config, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(config, layer_type: str | None = None, long: bool = False) -> tuple[torch.Tensor, float]:
     """float64 inverse frequencies `(rotary_dim/2,)` and the cos/sin scale, by transformers' RoPE formulas.
 
-    Covers rope_type "default", "linear" and "llama3" (and `partial_rotary_factor`); `layer_type` selects
-    Gemma 3's per-layer-type parameters.
+    Covers rope_type "default", "linear", "llama3" and "longrope" (its short factors, or with `long` its long
+    ones; the scale is its attention factor), and `partial_rotary_factor`; `layer_type` selects Gemma 3's
+    per-layer-type parameters.
     """
     params = config.rope_parameters[layer_type] if layer_type else config.rope_parameters
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -68,6 +74,14 @@ def rope_inv_freq(config, layer_type: str | None = None) -> tuple[torch.Tensor, 
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "longrope":
+        original = params["original_max_position_embeddings"]
+        factor = params.get("factor") or config.max_position_embeddings / original
+        scale = params.get("attention_factor")
+        if scale is None:
+            scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        ext = torch.tensor(params["long_factor" if long else "short_factor"], dtype=torch.float64)
+        return inv_freq / ext, scale
     elif kind != "default":
         raise NotImplementedError(f"rope_type {kind!r} is not supported by the reference")
     return inv_freq, 1.0
@@ -81,6 +95,16 @@ def _rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x * factor * (self.eqlin_offset + self.weight)
 
 
+def _layer_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm `(x − mean) · rsqrt(var + eps) · w + b` at x's dtype; the factor is detached when detaching
+    (the mean subtraction is linear and stays)."""
+    centered = x - x.mean(-1, keepdim=True)
+    factor = torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + self.eps)
+    if self.eqlin_detach:
+        factor = factor.detach()
+    return centered * factor * self.weight + self.bias
+
+
 def _rotary_forward(
     self: nn.Module, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +112,9 @@ def _rotary_forward(
     prefix = f"{layer_type}_" if layer_type else ""
     inv_freq = getattr(self, f"{prefix}inv_freq")
     scale = getattr(self, f"{prefix}attention_scaling")
+    original = getattr(self, f"{prefix}eqlin_longrope_original", None)  # longrope: factors by sequence length
+    if original is not None and int(position_ids.max()) + 1 > original:
+        inv_freq = getattr(self, f"{prefix}eqlin_long_inv_freq")
     freqs = position_ids[..., None].to(torch.float64) * inv_freq.to(torch.float64)
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
@@ -130,9 +157,12 @@ def _attention_forward(
     """
     batch, length, _ = hidden_states.shape
     config, head_dim = self.config, self.head_dim
-    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", n_heads)  # GPT-2's config has none
     if hasattr(self, "qkv_proj"):  # Phi-3
         q, k, v = self.qkv_proj(hidden_states).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
+    elif hasattr(self, "c_attn"):  # GPT-2: Conv1D, q, k, v side by side
+        q, k, v = self.c_attn(hidden_states).split(n_heads * head_dim, -1)
     else:
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
     qk_norm = hasattr(self, "q_norm")
@@ -143,8 +173,9 @@ def _attention_forward(
     if qk_norm and not full_width_norm:  # Qwen 3, Gemma 3: per head
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    cos, sin = position_embeddings
-    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    if position_embeddings is not None:  # GPT-2: learned positions, no RoPE
+        cos, sin = position_embeddings
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
 
     if past_key_values is not None:
         if past_key_values.get_seq_length(self.layer_idx) > 0:
@@ -162,11 +193,21 @@ def _attention_forward(
     if self.eqlin_detach:
         probs = probs.detach()
     out = torch.matmul(probs, v).transpose(1, 2).reshape(batch, length, n_heads * head_dim)
-    return self.o_proj(out), probs
+    return (self.c_proj(out) if hasattr(self, "c_proj") else self.o_proj(out)), probs
 
 
 def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """GLU MLP `down(act(gate(x)) ⊙ up(x))`; the activated gate is detached when detaching."""
+    """GLU MLP `down(act(gate(x)) ⊙ up(x))`; the activated gate is detached when detaching. GPT-2's
+    `c_proj(GELU(c_fc(x)))` as `c_proj(s(z) · z)`, z = c_fc(x), s = GELU(z)/z detached."""
+    if hasattr(self, "c_fc"):  # GPT-2
+        z = self.c_fc(x)
+        if type(self.act).__name__ == "GELUActivation":  # exact GELU: s = Φ
+            coefficient = 0.5 * (1 + torch.erf(z / math.sqrt(2.0)))
+        else:  # gelu_new / GELUTanh: the tanh approximation
+            coefficient = 0.5 * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * torch.pow(z, 3.0))))
+        if self.eqlin_detach:
+            coefficient = coefficient.detach()
+        return self.c_proj(coefficient * z)
     if hasattr(self, "gate_up_proj"):  # Phi-3
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
     else:
@@ -188,6 +229,10 @@ def _set_rope_buffers(rotary: nn.Module) -> None:
         setattr(rotary, f"{prefix}inv_freq", inv_freq.to(device))
         setattr(rotary, f"{prefix}original_inv_freq", inv_freq.clone().to(device))
         setattr(rotary, f"{prefix}attention_scaling", scale)
+        params = rotary.config.rope_parameters[layer_type] if layer_type else rotary.config.rope_parameters
+        if params["rope_type"] == "longrope":
+            setattr(rotary, f"{prefix}eqlin_long_inv_freq", rope_inv_freq(rotary.config, layer_type, long=True)[0])
+            setattr(rotary, f"{prefix}eqlin_longrope_original", params["original_max_position_embeddings"])
 
 
 def _patch(model: nn.Module, detach: bool) -> nn.Module:
@@ -205,6 +250,9 @@ def _patch(model: nn.Module, detach: bool) -> nn.Module:
             module.eqlin_offset = 1.0 if name.startswith("Gemma") else 0.0
             module.forward = types.MethodType(_rms_norm_forward, module)
             found.add("norm")
+        elif isinstance(module, nn.LayerNorm):  # GPT-2
+            module.forward = types.MethodType(_layer_norm_forward, module)
+            found.add("norm")
         elif name.endswith("RotaryEmbedding"):
             _set_rope_buffers(module)
             module.forward = types.MethodType(_rotary_forward, module)
@@ -218,9 +266,10 @@ def _patch(model: nn.Module, detach: bool) -> nn.Module:
         else:
             continue
         module.eqlin_detach = detach
-    if found != {"norm", "rotary", "attention", "mlp"}:
-        raise RuntimeError(f"expected norm, rotary, attention and MLP modules in {type(dec).__name__}, found {found}")
-    embedding = dec.embed_tokens
+    if found | {"rotary"} != {"norm", "rotary", "attention", "mlp"} or ("rotary" in found) == (model_type == "gpt2"):
+        raise RuntimeError(f"expected norm, rotary (not for GPT-2), attention and MLP modules in "
+                           f"{type(dec).__name__}, found {found}")
+    embedding = _token_embedding(dec)
     if hasattr(embedding, "scalar_embed_scale"):  # Gemma: sqrt(d) exactly, not its float32 rounding
         embedding.embed_scale = torch.tensor(embedding.scalar_embed_scale, dtype=torch.float64)
     return model
@@ -237,17 +286,36 @@ def make_detached(model: nn.Module) -> nn.Module:
 
 
 def is_detached(model: nn.Module) -> bool:
-    return getattr(decoder(model).norm, "eqlin_detach", False)
+    dec = decoder(model)
+    return getattr(dec.ln_f if hasattr(dec, "ln_f") else dec.norm, "eqlin_detach", False)
+
+
+def _token_embedding(dec: nn.Module) -> nn.Module:
+    return dec.wte if hasattr(dec, "wte") else dec.embed_tokens
+
+
+def _position_embeddings(dec: nn.Module, length: int) -> torch.Tensor | None:
+    """GPT-2's learned position embeddings of positions 0 … T−1 `(T, d)`, or None (RoPE families)."""
+    return dec.wpe(torch.arange(length)) if hasattr(dec, "wpe") else None
 
 
 def embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Input embeddings `(T, d)` for `input_ids (T,)` as the decoder consumes them (Gemma: scaled by √d)."""
-    return decoder(model).embed_tokens(torch.as_tensor(input_ids).reshape(-1))
+    """Input embeddings `(T, d)` for `input_ids (T,)` as the decoder consumes them (Gemma: scaled by √d;
+    GPT-2: token plus position embeddings, what its first block reads)."""
+    dec = decoder(model)
+    ids = torch.as_tensor(input_ids).reshape(-1)
+    positions = _position_embeddings(dec, ids.shape[0])
+    tokens = _token_embedding(dec)(ids)
+    return tokens if positions is None else tokens + positions
 
 
 def final_hidden(model: nn.Module, inputs_embeds: torch.Tensor) -> torch.Tensor:
-    """`(d,)`: the last position after the final norm, for `inputs_embeds (T, d)`."""
-    out = decoder(model)(inputs_embeds=inputs_embeds[None], use_cache=False)
+    """`(d,)`: the last position after the final norm, for `inputs_embeds (T, d)` (`embed`'s space: GPT-2 adds
+    its position embeddings itself, so they are taken off first)."""
+    dec = decoder(model)
+    positions = _position_embeddings(dec, inputs_embeds.shape[0])
+    tokens = inputs_embeds if positions is None else inputs_embeds - positions
+    out = dec(inputs_embeds=tokens[None], use_cache=False)
     return out.last_hidden_state[0, -1]
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 from eqlin.config import ModelConfig, check_keys
 from eqlin.errors import ConfigError
-from eqlin.families import gemma3, llama, mistral, olmo2, phi3, qwen3
+from eqlin.families import gemma3, gpt2, llama, mistral, olmo2, phi3, qwen2, qwen3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,11 +22,16 @@ class FamilySpec:
     """What differs between families.
 
     `norm_names` maps eqlin's per-layer norm fields to the HF module names under `layers.{i}.`.
-    `fused` maps an HF module holding several projections stacked by rows (Phi-3's qkv_proj) to the
-    LayerParams fields it splits into, in row order.
+    `fused` maps an HF tensor holding several projections stacked by rows (Phi-3's qkv_proj.weight) to
+    the LayerParams fields it splits into, in row order.
     `text_config` picks the language-model part of a (possibly multimodal) config.json.
     `handled_keys` are the config keys `config_from_hf` reads, `ignored_keys` those known not to change
     the computation, `default_only_keys` those supported only at transformers' default value.
+    Tensor names where a family differs from Llama's layout (GPT-2): `layers_name` (the per-layer
+    modules are `{layers_name}.{i}.`), `layer_tensors` (field -> tensor name under it), `top_tensors`
+    (Params field -> tensor name under the model prefix), `prefixes` ((model prefix, lm_head prefix)
+    candidates), `transposed` (tensors stored (in, out), Conv1D), `buffers` (per-layer tensors that are
+    not weights, left out).
     """
 
     model_types: tuple[str, ...]
@@ -37,11 +42,22 @@ class FamilySpec:
     default_only_keys: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     text_config: Callable[[dict[str, Any]], dict[str, Any]] = lambda hf: hf
+    layers_name: str = "layers"
+    layer_tensors: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    top_tensors: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType(
+        {"embed": "embed_tokens.weight", "final_norm": "norm.weight"}))
+    # Where the text decoder's tensors live: text-only checkpoints, then multimodal ones (transformers 5, 4).
+    prefixes: tuple[tuple[str, str], ...] = (("model.", "lm_head."), ("model.language_model.", "lm_head."),
+                                             ("language_model.model.", "language_model.lm_head."))
+    transposed: frozenset[str] = frozenset()
+    buffers: frozenset[str] = frozenset()
 
 
 _SPECS = (
     FamilySpec(llama.MODEL_TYPES, llama.config_from_hf, MappingProxyType(llama.NORM_NAMES), llama.HANDLED_KEYS,
                llama.IGNORED_KEYS),
+    FamilySpec(qwen2.MODEL_TYPES, qwen2.config_from_hf, MappingProxyType(qwen2.NORM_NAMES), qwen2.HANDLED_KEYS,
+               qwen2.IGNORED_KEYS, MappingProxyType(qwen2.DEFAULT_ONLY_KEYS)),
     FamilySpec(qwen3.MODEL_TYPES, qwen3.config_from_hf, MappingProxyType(qwen3.NORM_NAMES), qwen3.HANDLED_KEYS,
                qwen3.IGNORED_KEYS),
     FamilySpec(gemma3.MODEL_TYPES, gemma3.config_from_hf, MappingProxyType(gemma3.NORM_NAMES), gemma3.HANDLED_KEYS,
@@ -52,6 +68,11 @@ _SPECS = (
                phi3.IGNORED_KEYS, fused=MappingProxyType(phi3.FUSED)),
     FamilySpec(olmo2.MODEL_TYPES, olmo2.config_from_hf, MappingProxyType(olmo2.NORM_NAMES), olmo2.HANDLED_KEYS,
                olmo2.IGNORED_KEYS),
+    FamilySpec(gpt2.MODEL_TYPES, gpt2.config_from_hf, MappingProxyType(gpt2.NORM_NAMES), gpt2.HANDLED_KEYS,
+               gpt2.IGNORED_KEYS, MappingProxyType(gpt2.DEFAULT_ONLY_KEYS), fused=MappingProxyType(gpt2.FUSED),
+               layers_name="h", layer_tensors=MappingProxyType(gpt2.LAYER_TENSORS),
+               top_tensors=MappingProxyType(gpt2.TOP_TENSORS), prefixes=gpt2.PREFIXES, transposed=gpt2.TRANSPOSED,
+               buffers=gpt2.BUFFERS),
 )
 SUPPORTED_MODEL_TYPES = tuple(t for s in _SPECS for t in s.model_types)
 

@@ -36,11 +36,13 @@ DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "head_dim": N
             "bos_token_id": 1, "eos_token_id": 2}
 
 
-def config_from_hf(hf: dict[str, Any], *, defaults: dict[str, Any] = DEFAULTS, partial_rotary: bool = False
-                   ) -> ModelConfig:
+def config_from_hf(hf: dict[str, Any], *, defaults: dict[str, Any] = DEFAULTS, partial_rotary: bool = False,
+                   biases: tuple[str, ...] = ()) -> ModelConfig:
     """`ModelConfig` of a Llama-layout config.json, with the family's `defaults` for absent keys;
-    `partial_rotary` (Phi-3) allows partial_rotary_factor < 1."""
-    refuse_biases(hf)
+    `partial_rotary` (Phi-3) allows partial_rotary_factor < 1; `biases`: the bias fields the family always
+    has (Qwen 2), else the attention_bias / mlp_bias flags are refused."""
+    if not biases:
+        refuse_biases(hf)
     hidden, heads = config_int(hf, "hidden_size"), config_int(hf, "num_attention_heads")
     head_dim = config_int(hf, "head_dim", defaults["head_dim"], optional=True) or hidden // heads
     if head_dim < 1:
@@ -77,4 +79,5 @@ def config_from_hf(hf: dict[str, Any], *, defaults: dict[str, Any] = DEFAULTS, p
         bos_token_id=single_token_id(hf, "bos_token_id", defaults["bos_token_id"]),
         eos_token_id=single_token_id(hf, "eos_token_id", defaults["eos_token_id"]),
         rotary_dim=int(head_dim * fraction) if fraction != 1.0 else None,
+        biases=biases,
     )
