@@ -22,7 +22,7 @@ import torch
 import eqlin
 from eqlin.analysis import SCHEMA
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, main
-from eqlin.memory import estimate_jacobian_bytes
+from eqlin.memory import estimate_jacobian_bytes, format_bytes
 from eqlin.report import summary
 from tests.conftest import TEXT
 from tests.fixtures import load_torch_model
@@ -128,9 +128,9 @@ def test_info(checkpoint, capsys):
     assert rows["layers"] == "2" and rows["hidden size d"] == "64" and rows["heads (q / kv) x head_dim"] == "4 / 2 x 16"
     torch_model = load_torch_model(checkpoint("llama_gqa"))
     assert rows["parameters"] == f"{sum(p.numel() for p in torch_model.parameters()):,}"  # 174,272
-    assert rows["J at T=16 (d x T x d)"] == "0.5 MiB"  # 64 · 16 · 64 float64 = 524,288 bytes
+    assert rows["J at T=16 (d x T x d)"] == "512.0 KiB"  # 64 · 16 · 64 float64 = 524,288 bytes
     peak = estimate_jacobian_bytes(eqlin.load(checkpoint("llama_gqa")).config, 16, itemsize=8)
-    assert rows["peak for J at T=16"] == f"{peak / 2**30:,.2f} GiB (estimate)" and peak >= 64 * 16 * 64 * 8
+    assert rows["peak for J at T=16"] == f"{format_bytes(peak)} (estimate)" and peak >= 64 * 16 * 64 * 8
 
 
 def test_convert_round_trip(checkpoint, loaded, tmp_path):
