@@ -145,9 +145,9 @@ def _report_args(p: argparse.ArgumentParser) -> None:
                         "(fwd), one reverse pass per map (rev), or the one with fewer flops (default: auto)")
     p.add_argument("--top-k", type=int, default=5, metavar="K",
                    help="singular values per token and decoded tokens per singular vector (default: 5)")
-    p.add_argument("--batch", default="auto", metavar="N",
-                   help="with a prompt set: prompts of equal length per vmapped detached-Jacobian call; 'auto' "
-                        "is 1 (one at a time) where batching was not measured to pay, e.g. on a CPU (default: auto)")
+    p.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="with a prompt set: prompts of equal length per vmapped detached-Jacobian call (default: 1, "
+                        "one at a time: batching was measured not to pay on a CPU or an H100)")
 
 
 def _setup_jax(args: argparse.Namespace, dtype: str) -> None:
@@ -214,7 +214,7 @@ def _check_environment() -> None:
 
 
 def _check_report_args(args: argparse.Namespace) -> None:
-    """--top-k's range and --layers' syntax, before the model is found."""
+    """--top-k's range, --layers' syntax and --batch, before the model is found."""
     from eqlin.errors import InputError
     from eqlin.selection import check_layers_spec
 
@@ -222,6 +222,8 @@ def _check_report_args(args: argparse.Namespace) -> None:
         raise InputError(f"--top-k must be in 1..{MAX_TOP_K} (singular values per token, and tokens per singular "
                          f"vector: the report grows as K²), got {args.top_k}")
     check_layers_spec(args.layers)
+    if args.batch < 1:
+        raise InputError(f"--batch must be at least 1 (prompts of equal length per vmapped call), got {args.batch}")
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -246,7 +248,6 @@ def _analyze(args: argparse.Namespace) -> int:
     else:
         text = _text(args.text, "text", f"the text whose next-token prediction to analyse, {DEFAULT_TEXT_HELP}")
     _check_report_args(args)
-    _batch(args.batch)
     args.out = args.out or Path("eqlin-report")
     out = check_output_dir(args.out, "report.json")
     _check_environment()
@@ -264,31 +265,16 @@ def _analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _batch(spec: str) -> int | None:
-    """--batch: None for 'auto' (chosen by the backend once JAX is set up), else an integer >= 1."""
-    from eqlin.errors import InputError
-
-    if spec.strip().lower() == "auto":
-        return None
-    try:
-        batch = int(spec)
-    except ValueError:
-        batch = 0
-    if batch < 1:
-        raise InputError(f"--batch must be 'auto' or an integer >= 1 (prompts per vmapped call), got {spec!r}")
-    return batch
-
-
 def _prompt_set(args: argparse.Namespace, *, study: bool) -> int:
     """`analyze --prompts FILE` and `study FILE`: run the set (resuming), then summarise it."""
     from eqlin.model import checkpoint_identity
     from eqlin.outputs import json_text
-    from eqlin.prompt_sets import SetRequest, auto_batch, check_set_dir, read_prompts, run_prompt_set, set_summary
+    from eqlin.progress import stage
+    from eqlin.prompt_sets import SetRequest, check_set_dir, read_prompts, run_prompt_set, set_summary
     from eqlin.selection import parse_layers
 
     prompts = read_prompts(args.prompts)
     _check_report_args(args)
-    batch = _batch(args.batch)
     args.out = args.out or Path("eqlin-prompts")
     out = check_set_dir(args.out)
     _check_environment()
@@ -298,11 +284,10 @@ def _prompt_set(args: argparse.Namespace, *, study: bool) -> int:
     request = SetRequest(source, checkpoint_identity(source, folder), args.dtype, args.layers.strip().lower(),
                          args.top_k, args.branch_tap, args.layer_engine)
     run = run_prompt_set(prompts, out, request, config=config, folder=folder, load=lambda: _load(args, source, folder),
-                         batch=batch or auto_batch(), quiet=args.quiet)
+                         batch=args.batch, quiet=args.quiet)
     if not study:
         sys.stdout.write(json_text(run.record) if args.json else set_summary(run, out) + "\n")
         return EXIT_OK
-    from eqlin.progress import stage
     from eqlin.study import headline, summarize, write_study
 
     with stage("study", args.quiet):

@@ -11,7 +11,8 @@ mixed. When nothing is left to do, the model is not even loaded. A prompt that c
 than the context, over the memory budget, …) is skipped with the reason and the set goes on.
 
 Groups of equal length can share one vmapped detached Jacobian (`eqlin.detached_jacobians`, `batch` > 1).
-On a CPU this was measured not to pay (benchmarks/README.md), so `batch` is 1 there by default.
+Measured, it does not pay (benchmarks/README.md, "Prompt sets"): 1.16× slower on the 2-core CPU, 0.88–1.11×
+the speed of one at a time on an H100, so `batch` is 1 (one at a time) unless asked otherwise.
 
 set.json:
     schema          "eqlin.prompt_set/1"
@@ -36,11 +37,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
+
 from eqlin.analysis import SCHEMA, analyze, auto_layers
+from eqlin.batch import detached_jacobians
 from eqlin.config import ModelConfig
-from eqlin.errors import EqlinError, InputError, OutputError
+from eqlin.errors import EqlinError, InputError, MemoryBudgetError, OutputError
 from eqlin.jsonlog import JsonLog, open_log
 from eqlin.layer_story import Engine
+from eqlin.linear_maps import Linearization
 from eqlin.model import Model
 from eqlin.outputs import check_parent_writable, clean_temps, temp_path, write_json_atomic
 from eqlin.progress import steps
@@ -51,12 +56,6 @@ SET_SCHEMA = "eqlin.prompt_set/1"
 REPORTS, SET_FILE = "reports.jsonl", "set.json"
 SET_FILES = (REPORTS, SET_FILE, "study.json", "study.html")  # and PNG figures: what a set folder may hold
 EXACT = 1e-13  # the paper's float64 bound on the relative reconstruction error
-
-
-def auto_batch() -> int:
-    """Prompts per vmapped call for `--batch auto` on JAX's default backend: 1 (one at a time) wherever
-    batching was not measured to pay (benchmarks/README.md, "Prompt sets")."""
-    return 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,15 +280,16 @@ def _groups(prompts: list[Prompt], lengths: dict[int, int], batch: int) -> list[
     return [group[i:i + batch] for group in by_length.values() for i in range(0, len(group), batch)]
 
 
-def _shared_maps(model: Model, group: list[Prompt]) -> tuple[list, float]:
-    """The final detached maps of a group of equal-length prompts from one vmapped call, and its seconds."""
-    import jax
-
-    from eqlin.batch import detached_jacobians
-    from eqlin.linear_maps import Linearization
-
+def _shared_maps(model: Model, group: list[Prompt]) -> tuple[list[Linearization | None], float]:
+    """The final detached maps of a group of prompts of equal length from one vmapped call, and its seconds
+    ([None] per prompt, one at a time, for a group of one, or if the batch does not fit the memory budget)."""
+    if len(group) == 1:
+        return [None], 0.0
     start = time.perf_counter()
-    b = jax.block_until_ready(detached_jacobians(model, [p.text for p in group]))
+    try:
+        b = jax.block_until_ready(detached_jacobians(model, [p.text for p in group]))
+    except MemoryBudgetError:
+        return [None] * len(group), 0.0
     maps = [Linearization(b.jacobian[i], b.inputs[i], b.output[i], b.contributions[i], b.relative_error[i], b.ids[i])
             for i in range(len(group))]
     return maps, time.perf_counter() - start
@@ -322,7 +322,7 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
         if not quiet:
             print(f"eqlin: {len(prompts.prompts)} prompts in {prompts.name}: {reused} already in {log.path}, "
                   f"{len(todo)} to analyse", file=sys.stderr, flush=True)
-        model = None
+        model, analysed = None, 0
         if todo:
             t = time.perf_counter()
             model = load()
@@ -330,7 +330,7 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
         with steps("prompts", len(prompts.prompts), quiet, initial=len(prompts.prompts) - len(todo)) as bar:
             for group in _groups(todo, lengths, batch):
                 t = time.perf_counter()
-                maps, shared = _shared_maps(model, group) if len(group) > 1 else ([None], 0.0)
+                maps, shared = _shared_maps(model, group)
                 for p, lin in zip(group, maps):
                     one = time.perf_counter()
                     try:
@@ -348,6 +348,7 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
                         bar.write(f"eqlin: line {p.line} skipped: {e}", file=sys.stderr)
                     else:
                         done[p.text] = result.report
+                        analysed += 1
                         if not quiet:
                             r = result.report
                             bar.write(f"  line {p.line:>4} {p.text[:40]!r:<42} → {r['next_token']['text']!r} "
@@ -358,7 +359,6 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
         others = sum(1 for r in log.records if r["text"] not in texts)
         repaired = log.repaired
     skipped.sort(key=lambda s: s["line"])
-    analysed = len(todo) - sum(1 for s in skipped if s["line"] in lengths)
     record = {
         "schema": SET_SCHEMA, "prompts_file": prompts.name, "request": request.to_dict(),
         "prompts": len(prompts.prompts), "reports": sum(p.text in done for p in prompts.prompts),

@@ -193,7 +193,7 @@ def test_bad_prompt_files_are_refused(tmp_path, capsys, content, message):
     (["analyze", "--prompts", "missing.txt"], "cannot read missing.txt: No such file or directory"),
     (["analyze", "--text-file", "missing.txt"], "cannot read missing.txt"),
     (["study", "missing.txt"], "cannot read missing.txt"),
-    (["analyze", "The cat", "--batch", "0"], "--batch must be 'auto' or an integer >= 1"),
+    (["analyze", "The cat", "--batch", "0"], "--batch must be at least 1 (prompts of equal length per vmapped call)"),
 ])
 def test_bad_arguments(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
