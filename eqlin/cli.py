@@ -29,6 +29,7 @@ from typing import Sequence
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 DEFAULT_TEXT_HELP = 'e.g. "The bridge out of Marin is the"'
 MAX_TOP_K = 64
+DEFAULT_SET_DIR = "eqlin-prompts"  # analyze --prompts and study: one folder, so study reuses the reports
 INTERRUPTED = "interrupted; outputs are written whole or not at all, nothing partial was left"
 
 
@@ -75,9 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("prompts", metavar="FILE", help="UTF-8 text, one prompt per line ('-' for stdin)")
     _model_args(study)
     _report_args(study)
-    study.add_argument("--out", type=Path, default=Path("eqlin-study"), metavar="DIR",
-                       help="output folder: reports.jsonl, set.json, study.json, figures, study.html "
-                            "(default: ./eqlin-study)")
+    study.add_argument("--out", type=Path, default=None, metavar="DIR",
+                       help="output folder: reports.jsonl, set.json, study.json, figures, study.html (default: "
+                            "./eqlin-prompts, where `eqlin analyze --prompts` writes, so its reports are reused)")
     study.add_argument("--json", action="store_true", help="print study.json to stdout instead of a summary")
 
     steer = sub.add_parser(
@@ -275,7 +276,7 @@ def _prompt_set(args: argparse.Namespace, *, study: bool) -> int:
 
     prompts = read_prompts(args.prompts)
     _check_report_args(args)
-    args.out = args.out or Path("eqlin-prompts")
+    args.out = args.out or Path(DEFAULT_SET_DIR)
     out = check_set_dir(args.out)
     _check_environment()
     _setup_jax(args, args.dtype)

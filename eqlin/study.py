@@ -312,14 +312,21 @@ def render_html(summary: dict[str, Any], pngs: dict[str, bytes]) -> str:
         ["prompts", f"{summary['prompts']} distinct, {summary['reports']} reported, {len(summary['skipped'])} lines "
                     "skipped"]])
     numbers = "".join(f"<li>{html.escape(line)}</li>" for line in headline(summary))
-    sections = [f"<h2>Reconstruction</h2>{image('errors.png')}"]
+    sections = [f"<h2>Reconstruction</h2><p>For each prompt, the relative error ‖y − Σ_t J_t x_t‖/‖y‖ of the final "
+                "map (y: the final hidden state at the last position): the detached Jacobian reconstructs y exactly "
+                f"(to float64 rounding; the paper's bound is {EXACT:.0e}), the plain autograd Jacobian does not.</p>"
+                f"{image('errors.png')}"]
     if rec:
         sections.append(_table(["error", "count", "min", "median", "max"], [
             ["detached ‖y − Σ_t J_t x_t‖/‖y‖", rec["detached"]["count"], f"{rec['detached']['min']:.2e}",
              f"{rec['detached']['median']:.2e}", f"{rec['detached']['max']:.2e}"],
             ["plain Jacobian", rec["plain"]["count"], f"{rec['plain']['min']:.3g}", f"{rec['plain']['median']:.3g}",
              f"{rec['plain']['max']:.3g}"]]))
-    if summary["stable_rank"]:
+    if not summary["stable_rank"]:
+        sections.append("<h2>Layers</h2><p>No layer maps were analysed (<code>--layers none</code>): run the study "
+                        "with layers (into another --out) for stable rank by layer and where the prediction "
+                        "emerges.</p>")
+    else:
         sr, em = summary["stable_rank"], summary["emergence"]
         header = ["layer", "prompts"] + [f"{s[:3]}. {p}" for s in SCOPES for p in PARTS]
         rows = [[row["layer"], row["prompts"]] + [
@@ -330,7 +337,12 @@ def render_html(summary: dict[str, Any], pngs: dict[str, bytes]) -> str:
                         "embeddings → layer output), sin. = single (layer input → output).</p>" + _table(header, rows))
         rows = [[row["layer"], row["prompts"], f"{row['lens_top1']:.2f}", *(f"{row['u1_top1'][p]:.2f}" for p in PARTS),
                  f"{row['lens_rank_median']:g}"] for row in em["layers"]]
-        sections.append(f"<h2>Where the prediction emerges</h2>{image('emergence.png')}" + _table(
+        sections.append("<h2>Where the prediction emerges</h2><p>For each analysed layer, the fraction of prompts whose "
+                        "next token (the model's own prediction) is top-1 in the logit lens of the residual stream "
+                        "after that layer (read through the final norm and the unembedding), and the fraction whose "
+                        "cumulative map's top left singular vector u₁ decodes to it. <b>emerges at</b> (per prompt, "
+                        "below): the first analysed layer from which the next token stays top-1 in the logit lens "
+                        f"through the last analysed layer.</p>{image('emergence.png')}" + _table(
             ["layer", "prompts", "top-1 in the logit lens", "u₁ residual", "u₁ attn", "u₁ mlp", "median lens rank"],
             rows))
     tok = summary["tokens"]

@@ -102,6 +102,18 @@ def test_a_finished_set_is_resumed_without_model_work(prompt_set, checkpoint, tm
     assert "nothing to analyse: the model was not loaded" in capsys.readouterr().out
 
 
+def test_study_reuses_the_sets_reports(prompt_set, checkpoint, tmp_path, monkeypatch, capsys):
+    _, prompts, out = prompt_set
+    out = shutil.copytree(out, tmp_path / "out")
+    calls = Calls(monkeypatch)
+    assert main(["study", str(prompts), "--model", str(checkpoint("gemma3")), "--out", str(out), *OPTIONS]) == EXIT_OK
+    assert (calls.loads, calls.analyses) == (0, 0)
+    summary = json.loads((out / "study.json").read_text())
+    assert summary["reports"] == 3 and summary["stable_rank"] == {} and summary["emergence"] is None
+    assert "No layer maps were analysed" in (out / "study.html").read_text()
+    assert "3 of 3 (100 %) ≤ 1e-13" in capsys.readouterr().out
+
+
 def test_an_interrupted_set_is_finished_and_its_torn_line_repaired(prompt_set, checkpoint, tmp_path, monkeypatch,
                                                                    capsys):
     """As a crash leaves it: the last report half written. The rerun cuts it off, says so, and analyses

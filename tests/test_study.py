@@ -81,3 +81,25 @@ def test_study_html_opens_in_headless_chromium(study, tmp_path):
     match = re.search(r"data-check=\"([^\"]*)\"", run.stdout)
     assert match, run.stderr[-2000:]
     assert json.loads(match.group(1).replace("&quot;", '"')) == {"images": 3, "loaded": 3, "errors": []}
+
+
+def test_the_emergence_layer_is_where_the_next_token_stays_on_top():
+    from eqlin.study import first_layer
+
+    def report(ranks: dict[int, int]) -> dict:
+        return {"layers": [{"layer": l, "cumulative": {"residual": {"next_token_rank": k}}} for l, k in ranks.items()]}
+
+    assert first_layer(report({0: 3, 5: 0, 11: 2, 17: 0})) == 17
+    assert first_layer(report({0: 3, 5: 0, 11: 0, 17: 0})) == 5
+    assert first_layer(report({0: 0, 17: 1})) is None and first_layer({"layers": []}) is None
+
+
+def test_a_set_with_every_prompt_skipped_still_has_a_study(tmp_path):
+    from eqlin.study import render_html, summarize
+
+    record = {"prompts_file": "p.txt", "prompts": 1, "request": {"source": "m", "checkpoint": "c", "dtype": "float64",
+              "layers": "none", "top_k": 5, "branch_tap": "post", "layer_engine": "auto"},
+              "skipped": [{"line": 1, "text": "x " * 99, "reason": "100 tokens, more than the model's 64 positions"}]}
+    summary = summarize([], [], record)
+    assert summary["reconstruction"] is None and summary["reports"] == 0
+    assert "100 tokens, more than the model" in render_html(summary, {})
