@@ -97,7 +97,7 @@ def test_convert_round_trip(checkpoint, loaded, tmp_path):
     np.testing.assert_array_equal(converted.logits(ids), loaded("gemma3_multimodal").logits(ids))
 
 
-@pytest.mark.parametrize("command", [[], ["analyze"], ["info"], ["convert"]])
+@pytest.mark.parametrize("command", [[], ["analyze"], ["study"], ["info"], ["convert"]])
 def test_help_is_clear(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
