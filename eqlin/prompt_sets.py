@@ -21,9 +21,10 @@ set.json:
     prompts         distinct prompts in the file; reports: how many of them reports.jsonl holds
     skipped         [{line, text, reason}]: lines of the file not analysed, and why
     other_reports   reports in reports.jsonl of prompts that are not in this file (kept, not counted)
-    last_run        {started (UTC), analysed, reused, skipped, seconds (the whole run), model_load_s,
-                     analysis_s (analysing and appending), prompts_per_minute (analysed / analysis_s),
-                     batch, repaired (what was cut off reports.jsonl, or null), load_average (1, 5, 15 min)}
+    runs            every run into this folder, oldest first: {prompts_file, started (UTC), analysed, reused,
+                     skipped, seconds (the whole run), model_load_s, analysis_s (analysing and appending),
+                     prompts_per_minute (analysed / analysis_s), batch, repaired (what was cut off
+                     reports.jsonl, or null), load_average (1, 5, 15 min, at the end)}
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import datetime
+import json
 import os
 import sys
 import time
@@ -247,6 +249,20 @@ class SetRun:
     record: dict[str, Any]
 
 
+def _earlier_runs(path: Path) -> list[dict[str, Any]]:
+    """The runs recorded in an earlier set.json (none if absent; said if unreadable: it is only a record)."""
+    if not path.exists():
+        return []
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8")).get("runs")
+        if isinstance(runs, list):
+            return runs
+    except (OSError, ValueError, AttributeError):
+        pass
+    _note(f"{path} could not be read as a set record; its list of earlier runs starts again")
+    return []
+
+
 def _note(message: str) -> None:
     print(f"eqlin: note: {message}", file=sys.stderr, flush=True)
 
@@ -359,15 +375,15 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
         others = sum(1 for r in log.records if r["text"] not in texts)
         repaired = log.repaired
     skipped.sort(key=lambda s: s["line"])
+    this_run = {"prompts_file": prompts.name, "started": started.isoformat(timespec="seconds"), "analysed": analysed,
+                "reused": reused, "skipped": len(skipped), "seconds": round(time.perf_counter() - start, 3),
+                "model_load_s": round(timing["model_load_s"], 3), "analysis_s": round(timing["analysis_s"], 3),
+                "prompts_per_minute": round(60 * analysed / timing["analysis_s"], 3) if analysed else None,
+                "batch": batch, "repaired": repaired, "load_average": [round(v, 2) for v in os.getloadavg()]}
     record = {
         "schema": SET_SCHEMA, "prompts_file": prompts.name, "request": request.to_dict(),
         "prompts": len(prompts.prompts), "reports": sum(p.text in done for p in prompts.prompts),
-        "skipped": skipped, "other_reports": others,
-        "last_run": {"started": started.isoformat(timespec="seconds"), "analysed": analysed, "reused": reused,
-                     "skipped": len(skipped), "seconds": round(time.perf_counter() - start, 3),
-                     "model_load_s": round(timing["model_load_s"], 3), "analysis_s": round(timing["analysis_s"], 3),
-                     "prompts_per_minute": round(60 * analysed / timing["analysis_s"], 3) if analysed else None,
-                     "batch": batch, "repaired": repaired, "load_average": [round(v, 2) for v in os.getloadavg()]},
+        "skipped": skipped, "other_reports": others, "runs": [*_earlier_runs(out / SET_FILE), this_run],
     }
     write_json_atomic(out / SET_FILE, record)
     reported = [p for p in prompts.prompts if p.text in done]
@@ -376,7 +392,7 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
 
 def set_summary(run: SetRun, out: Path) -> str:
     """The terminal summary of a set run."""
-    rec, last = run.record, run.record["last_run"]
+    rec, last = run.record, run.record["runs"][-1]
     lines = [f"prompts: {rec['prompts']} in {rec['prompts_file']}: {last['analysed']} analysed now, {last['reused']} "
              f"reused from {out / REPORTS}, {len(rec['skipped'])} lines skipped"
              + (f" (reasons in {out / SET_FILE})" if rec["skipped"] else "")]

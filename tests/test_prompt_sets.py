@@ -71,7 +71,7 @@ def test_one_report_per_prompt_and_skips_recorded(prompt_set):
     assert all(r["relative_error"] <= 1e-13 and r["dtype"] == "float64" for r in reports)
     assert all(r["options"] == {"layers": [], "top_k": 3, "branch_tap": "post", "layer_engine": "auto"} for r in reports)
     record = json.loads((out / "set.json").read_text())
-    assert record["prompts"] == 4 and record["reports"] == 3 and record["last_run"]["analysed"] == 3
+    assert record["prompts"] == 4 and record["reports"] == 3 and record["runs"][-1]["analysed"] == 3
     assert [(s["line"], s["reason"]) for s in record["skipped"]] == [
         (2, "blank line"), (4, "the same prompt as line 1"),
         (5, "71 tokens, more than the model's 64 positions; shorten it")]
@@ -97,8 +97,8 @@ def test_a_finished_set_is_resumed_without_model_work(prompt_set, checkpoint, tm
                  *OPTIONS]) == EXIT_OK
     assert (calls.loads, calls.analyses) == (0, 0)
     assert (out / "reports.jsonl").read_bytes() == before
-    last = json.loads((out / "set.json").read_text())["last_run"]
-    assert (last["analysed"], last["reused"], last["model_load_s"]) == (0, 3, 0)
+    first, last = json.loads((out / "set.json").read_text())["runs"]
+    assert (first["analysed"], last["analysed"], last["reused"], last["model_load_s"]) == (3, 0, 3, 0)
     assert "nothing to analyse: the model was not loaded" in capsys.readouterr().out
 
 
@@ -164,7 +164,7 @@ def test_groups_of_equal_length_share_one_vmapped_call(prompt_set, checkpoint, t
         assert other["per_token"][3]["singular_values"] == pytest.approx(one["per_token"][3]["singular_values"],
                                                                          rel=1e-12)
     shared = [k for k in _lines(batched)[0]["timings_s"] if "vmapped over 2 prompts" in k]
-    assert shared and json.loads((batched / "set.json").read_text())["last_run"]["batch"] == 2
+    assert shared and json.loads((batched / "set.json").read_text())["runs"][-1]["batch"] == 2
 
 
 def test_text_file_is_one_prompt(checkpoint, tmp_path):
