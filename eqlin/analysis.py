@@ -6,15 +6,18 @@ figures need.
 
 report.json:
     schema            "eqlin.report/1"
-    model             {source, family, num_layers, hidden_size, vocab_size, parameters}
+    model             {source, family, num_layers, hidden_size, vocab_size, parameters, checkpoint: the identity of
+                        the checkpoint's content (`eqlin.model.checkpoint_identity`; null where not given)}
     dtype             compute dtype, e.g. "float64"
+    options           {layers: [l…] analysed, top_k, branch_tap, layer_engine}: the options that shape the report
     text              the input text
     tokens            [{position, id, text}] as the model sees them (BOS included where added)
     next_token        {id, text, probability, logit}: the greedy next token
     top_predictions   [{id, text, probability}] the top_k next tokens
     relative_error    ‖y − (Σ_t J_t x_t + c)‖ / ‖y‖ of the detached Jacobian (y: final hidden state, last
                         position; c: the constant, 0 without biases)
-    plain_relative_error   the same for the plain (non-detached) Jacobian: it does not reconstruct
+    plain_relative_error   the same for the plain (non-detached) Jacobian: it does not reconstruct (computed from
+                        one JVP, J·x = Σ_t J_t x_t, without forming the plain J)
     homogeneity_error ‖y − jvp(f, x; x)‖ / ‖y‖, matrix-free
     logit             {id, value, reconstructed, relative_error, constant}: the next token's logit,
                         Σ_t W_U[id] J_t x_t + W_U[id] c, and the constant's share W_U[id] c
@@ -60,8 +63,9 @@ import numpy as np
 
 from eqlin import display
 from eqlin.decoder import num_params
+from eqlin.errors import InputError
 from eqlin.layer_story import Engine, LayerSpectra, layer_spectra
-from eqlin.linear_maps import detached_jacobian, jacobian, logit_map, matrix_free_check
+from eqlin.linear_maps import Linearization, detached_jacobian, logit_map, matrix_free_check
 from eqlin.model import Model
 from eqlin.progress import stage
 from eqlin.selection import Tap, evenly_spaced
@@ -73,7 +77,7 @@ SCHEMA = "eqlin.report/1"
 @dataclasses.dataclass(frozen=True)
 class Analysis:
     """report: report.json's content. The arrays feed the figures: output y (d,), reconstruction
-    Σ_t J_t x_t (d,), plain_reconstruction (d,), jacobian J (d, T, d), singular_values (T, k)."""
+    Σ_t J_t x_t (d,), plain_reconstruction J_plain·x (d,), jacobian J (d, T, d), singular_values (T, k)."""
 
     report: dict[str, Any]
     output: np.ndarray
@@ -111,9 +115,12 @@ def _f(a) -> float:
 
 
 def analyze(model: Model, text: str, *, layers: tuple[int, ...] = (), top_k: int = 5, tap: Tap = "post",
-            engine: Engine = "auto", quiet: bool = True) -> Analysis:
+            engine: Engine = "auto", checkpoint: str | None = None, lin: Linearization | None = None,
+            quiet: bool = True) -> Analysis:
     """Everything `eqlin analyze` reports, for the next-token prediction after `text`: the final map,
-    and for each of `layers` the six layer maps (`eqlin.layer_story`, branches read at `tap`)."""
+    and for each of `layers` the six layer maps (`eqlin.layer_story`, branches read at `tap`).
+    `checkpoint`: the checkpoint's identity, recorded in the report. `lin`: the final detached map of
+    `text` if already computed (e.g. by `eqlin.detached_jacobians` for a batch), else it is computed here."""
     timings: dict[str, float] = {}
     ids = model.encode(text)
     strings = model.token_strings(ids)
@@ -130,10 +137,13 @@ def analyze(model: Model, text: str, *, layers: tuple[int, ...] = (), top_k: int
         logits = model.logits(ids)[-1]
         probs = np.asarray(jax.nn.softmax(logits))
     order = np.argsort(-probs)[:top_k]
-    with timed("detached Jacobian (compile + run)"):
-        lin = jax.block_until_ready(detached_jacobian(model, ids))
-    with timed("plain Jacobian"):
-        plain = jax.block_until_ready(jacobian(model, ids))
+    if lin is None:
+        with timed("detached Jacobian (compile + run)"):
+            lin = jax.block_until_ready(detached_jacobian(model, ids))
+    elif not np.array_equal(np.asarray(lin.ids), ids) or lin.jacobian.ndim != 3:
+        raise InputError("lin must be the final detached map of this text's tokens")
+    with timed("plain Jacobian's reconstruction (one JVP)"):
+        plain = jax.block_until_ready(matrix_free_check(model, ids, detach=False))
     with timed("matrix-free homogeneity check"):
         check = matrix_free_check(model, ids)
     lm = logit_map(model, lin, [int(order[0])])
@@ -169,8 +179,9 @@ def analyze(model: Model, text: str, *, layers: tuple[int, ...] = (), top_k: int
         "schema": SCHEMA,
         "model": {"source": model.source, "family": model.config.family, "num_layers": model.config.num_layers,
                   "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
-                  "parameters": num_params(model.params)},
+                  "parameters": num_params(model.params), "checkpoint": checkpoint},
         "dtype": str(model.dtype),
+        "options": {"layers": list(layers), "top_k": top_k, "branch_tap": tap, "layer_engine": engine},
         "text": text,
         "tokens": [{"position": t, "id": int(i), "text": s} for t, (i, s) in enumerate(zip(ids, strings))],
         "next_token": {"id": next_id, "text": model.token_strings([next_id])[0], "probability": float(probs[next_id]),
@@ -178,7 +189,7 @@ def analyze(model: Model, text: str, *, layers: tuple[int, ...] = (), top_k: int
         "top_predictions": [{"id": int(i), "text": model.token_strings([int(i)])[0], "probability": float(probs[i])}
                             for i in order],
         "relative_error": _f(lin.relative_error),
-        "plain_relative_error": _f(plain.relative_error),
+        "plain_relative_error": _f(plain.homogeneity_error),
         "homogeneity_error": _f(check.homogeneity_error),
         "logit": {"id": next_id, "value": _f(lm.logits[0]),
                   "reconstructed": _f(lm.contributions[:, 0].sum() + lm.constant[0]),
@@ -193,5 +204,5 @@ def analyze(model: Model, text: str, *, layers: tuple[int, ...] = (), top_k: int
         "timings_s": timings,
     }
     return Analysis(report, np.asarray(lin.output), np.asarray(lin.reconstruction),
-                    np.asarray(plain.reconstruction), np.asarray(lin.jacobian), np.asarray(spec.singular_values),
+                    np.asarray(plain.homogeneity), np.asarray(lin.jacobian), np.asarray(spec.singular_values),
                     story)

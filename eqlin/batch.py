@@ -1,7 +1,7 @@
 """Detached Jacobians of many prompts at once, vmapped over a batch axis B.
 
 Prompts of equal length T go through the single-prompt map unchanged (`cumulative_fn`, last-layer
-shortcut included). Ragged prompts are right-padded to T_max with zero embeddings and read at their
+shortcut and, where it pays and fits, the folded MLP included). Ragged prompts are right-padded to T_max with zero embeddings and read at their
 own last position n_b − 1: under the causal mask that query sees keys s <= n_b − 1 only, so every key
 beyond the prompt is masked from the readout, the padding never reaches y_b, and J_b[:, s, :] = 0
 exactly for s >= n_b. Per prompt, y_b = Σ_{t<n_b} J_b[:, t, :] x_b[t] (+ c_b for models with biases) as
@@ -22,8 +22,8 @@ from eqlin.blocks import Detach
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed, final_norm, run_layers
 from eqlin.errors import InputError
-from eqlin.linear_maps import constant_term, cumulative_fn, finish, jacobian_of
-from eqlin.memory import memory_limit_bytes, resolve_chunk
+from eqlin.linear_maps import constant_term, cumulative_fn, finish, jacobian_of, plan_fold
+from eqlin.memory import estimate_jacobian_bytes, memory_limit_bytes, resolve_chunk
 from eqlin.model import Model
 from eqlin.params import Params
 
@@ -65,16 +65,16 @@ def _ragged_fn(params: Params, config: ModelConfig, length: Array, detach: Detac
     return f
 
 
-@functools.partial(jax.jit, static_argnames=("config", "ragged", "chunk"))
+@functools.partial(jax.jit, static_argnames=("config", "ragged", "chunk", "fold"))
 def _batched(params: Params, config: ModelConfig, x: Array, lengths: Array, *, ragged: bool,
-             chunk: int | None) -> tuple[Array, Array, Array, Array]:
+             chunk: int | None, fold: bool) -> tuple[Array, Array, Array, Array, Array]:
     """vmap over prompts: (J (B, d, T, d), y (B, d), contributions (B, T, d), relative_error (B,),
-    constant (B, d))."""
+    constant (B, d)). `fold`: the folded MLP for J (equal-length prompts only)."""
     def one(x_b: Array, n_b: Array):
-        def make(detach: Detach):
+        def make(detach: Detach, folded: bool = False):
             return _ragged_fn(params, config, n_b, detach) if ragged else cumulative_fn(params, config, None,
-                                                                                        "residual", detach)
-        y, J = jacobian_of(make(True), x_b, mode="rev", chunk=chunk)
+                                                                                        "residual", detach, fold=folded)
+        y, J = jacobian_of(make(True, fold), x_b, mode="rev", chunk=chunk)
         c = constant_term(make, x_b, y, config, True)
         return (J, y, *finish(y, J, x_b, c), c)
 
@@ -95,10 +95,13 @@ def detached_jacobians(model: Model, prompts: Sequence, *, chunk: int | None = N
     for b, row in enumerate(ids):
         padded[b, :len(row)] = row
     limit = memory_limit_bytes(memory_limit, params=model.params) // B
-    chunk = resolve_chunk(model.config, T, 1, "rev", chunk, model.dtype.itemsize, limit)
-    x = jax.vmap(lambda i: embed(model.params, model.config, i))(jnp.asarray(padded))
-    x = x * (jnp.arange(T)[None, :, None] < jnp.asarray(lengths)[:, None, None])  # zero the padding
+    itemsize, config = model.dtype.itemsize, model.config
     ragged = bool((lengths != T).any())
-    J, y, contributions, err, c = _batched(model.params, model.config, x, jnp.asarray(lengths), ragged=ragged,
-                                           chunk=chunk)
+    fold = not ragged and plan_fold(config, "auto", detach=True, vectors=config.hidden_size, fits=lambda f: (
+        estimate_jacobian_bytes(config, T, chunk=1, itemsize=itemsize, fold=f) <= limit))
+    chunk = resolve_chunk(config, T, 1, "rev", chunk, itemsize, limit, fold=fold)
+    x = jax.vmap(lambda i: embed(model.params, config, i))(jnp.asarray(padded))
+    x = x * (jnp.arange(T)[None, :, None] < jnp.asarray(lengths)[:, None, None])  # zero the padding
+    J, y, contributions, err, c = _batched(model.params, config, x, jnp.asarray(lengths), ragged=ragged, chunk=chunk,
+                                           fold=fold)
     return BatchLinearization(J, x, y, contributions, err, jnp.asarray(lengths), jnp.asarray(padded), c)

@@ -1,6 +1,8 @@
 """The `eqlin` command line.
 
     eqlin analyze TEXT      the main job: the exact linear map of the next-token prediction, taken apart
+                            (--prompts FILE: every line of FILE, into reports.jsonl, resumable)
+    eqlin study FILE        a prompt set analysed (or reused) and summarised: the paper's statistics
     eqlin steer             insert a concept into unrelated text with its detached Jacobian (sweep + control)
     eqlin info MODEL        architecture, sizes and the memory a Jacobian needs
     eqlin convert SRC DST   a GGUF file or HF folder -> an eqlin-ready safetensors folder
@@ -27,6 +29,7 @@ from typing import Sequence
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 DEFAULT_TEXT_HELP = 'e.g. "The bridge out of Marin is the"'
 MAX_TOP_K = 64
+DEFAULT_SET_DIR = "eqlin-prompts"  # analyze --prompts and study: one folder, so study reuses the reports
 INTERRUPTED = "interrupted; outputs are written whole or not at all, nothing partial was left"
 
 
@@ -40,30 +43,43 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     analyze = sub.add_parser(
-        "analyze", help="take the linear map of one next-token prediction apart",
+        "analyze", help="take the linear map of one next-token prediction (or of a prompt set's) apart",
         description="Compute the detached Jacobian J of the model's next-token prediction for TEXT, check "
                     "that y = Σ_t J_t x_t holds (and that the plain Jacobian does not reconstruct), take J_t "
                     "apart by SVD with singular vectors decoded to tokens, and measure the effective "
                     "dimension of the layer maps. Prints a summary and writes report.json, PNG figures and "
-                    "report.html into --out (atomically).")
-    analyze.add_argument("text", metavar="TEXT", help=f"the input text, {DEFAULT_TEXT_HELP}")
+                    "report.html into --out (atomically). With --prompts FILE, every line of FILE is a prompt: "
+                    "one report per prompt is appended to reports.jsonl in --out, and a rerun resumes the set.")
+    analyze.add_argument("text", metavar="TEXT", nargs="?", default=None,
+                         help=f"the input text, {DEFAULT_TEXT_HELP} (or --text-file, or --prompts)")
+    analyze.add_argument("--text-file", metavar="FILE", default=None,
+                         help="read the input text from FILE (UTF-8, '-' for stdin; its final line ending is dropped)")
+    analyze.add_argument("--prompts", metavar="FILE", default=None,
+                         help="analyse every line of FILE (UTF-8, one prompt per line, '-' for stdin) into "
+                              "reports.jsonl in --out; prompts already there for the same model and options are "
+                              "skipped, so a rerun finishes an interrupted set")
     _model_args(analyze)
-    analyze.add_argument("--layers", default="auto",
-                         help="layers whose maps to take apart (both scopes, three parts each): 'auto' (every "
-                              "layer for inputs up to 16 tokens, else six evenly spaced ones, the last included), "
-                              "'all', 'none', or comma-separated 0-based indices (default: auto)")
-    analyze.add_argument("--branch-tap", choices=("post", "pre"), default="post",
-                         help="read attention and MLP branch outputs after the family's branch post-norms (post: "
-                              "what each adds to the residual stream) or before them (pre: as the paper's code "
-                              "reads Gemma); families without post-norms give the same either way (default: post)")
-    analyze.add_argument("--layer-engine", choices=("auto", "fwd", "rev"), default="auto",
-                         help="how the cumulative layer maps are computed: one forward-mode pass for all of them "
-                              "(fwd), one reverse pass per map (rev), or the one with fewer flops (default: auto)")
-    analyze.add_argument("--top-k", type=int, default=5, metavar="K",
-                         help="singular values per token and decoded tokens per singular vector (default: 5)")
-    analyze.add_argument("--out", type=Path, default=Path("eqlin-report"), metavar="DIR",
-                         help="output folder for report.json, figures and report.html (default: ./eqlin-report)")
-    analyze.add_argument("--json", action="store_true", help="print report.json to stdout instead of a summary")
+    _report_args(analyze)
+    analyze.add_argument("--out", type=Path, default=None, metavar="DIR",
+                         help="output folder: report.json, figures and report.html (default: ./eqlin-report); with "
+                              "--prompts, reports.jsonl and set.json (default: ./eqlin-prompts)")
+    analyze.add_argument("--json", action="store_true",
+                         help="print report.json (with --prompts: set.json) to stdout instead of a summary")
+
+    study = sub.add_parser(
+        "study", help="the paper's statistics over a prompt set",
+        description="Analyse every prompt of FILE (one per line) as `eqlin analyze --prompts` does, reusing the "
+                    "reports already in --out, then summarise them: reconstruction errors (detached and plain), "
+                    "stable rank of every layer map by layer (median and quartiles), where the predicted token "
+                    "emerges, the most frequent decoded tokens. Writes study.json, figures and study.html "
+                    "beside reports.jsonl.")
+    study.add_argument("prompts", metavar="FILE", help="UTF-8 text, one prompt per line ('-' for stdin)")
+    _model_args(study)
+    _report_args(study)
+    study.add_argument("--out", type=Path, default=None, metavar="DIR",
+                       help="output folder: reports.jsonl, set.json, study.json, figures, study.html (default: "
+                            "./eqlin-prompts, where `eqlin analyze --prompts` writes, so its reports are reused)")
+    study.add_argument("--json", action="store_true", help="print study.json to stdout instead of a summary")
 
     steer = sub.add_parser(
         "steer", help="insert a concept into unrelated text with the concept's detached Jacobian",
@@ -100,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
                                          "config.json, model.safetensors (float32) and tokenizer files.")
     convert.add_argument("src", metavar="SRC", help="a .gguf file, a checkpoint folder or an HF cache repo id")
     convert.add_argument("dst", type=Path, metavar="DST", help="the output folder (must not exist or be empty)")
-    for p in (analyze, steer, info, convert):
+    for p in (analyze, study, steer, info, convert):
         p.add_argument("--no-compile-cache", action="store_true",
                        help="do not use JAX's persistent compilation cache (default: in the eqlin cache folder)")
         p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -113,6 +129,26 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "Gemma 3 270M)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                    help="compute dtype (default: float64, exact to machine precision)")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    """The options that shape a report (analyze and study)."""
+    p.add_argument("--layers", default="auto",
+                   help="layers whose maps to take apart (both scopes, three parts each): 'auto' (every "
+                        "layer for inputs up to 16 tokens, else six evenly spaced ones, the last included), "
+                        "'all', 'none', or comma-separated 0-based indices (default: auto)")
+    p.add_argument("--branch-tap", choices=("post", "pre"), default="post",
+                   help="read attention and MLP branch outputs after the family's branch post-norms (post: "
+                        "what each adds to the residual stream) or before them (pre: as the paper's code "
+                        "reads Gemma); families without post-norms give the same either way (default: post)")
+    p.add_argument("--layer-engine", choices=("auto", "fwd", "rev"), default="auto",
+                   help="how the cumulative layer maps are computed: one forward-mode pass for all of them "
+                        "(fwd), one reverse pass per map (rev), or the one with fewer flops (default: auto)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K",
+                   help="singular values per token and decoded tokens per singular vector (default: 5)")
+    p.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="with a prompt set: prompts of equal length per vmapped detached-Jacobian call (default: 1, "
+                        "one at a time: batching was measured not to pay on a CPU or an H100)")
 
 
 def _setup_jax(args: argparse.Namespace, dtype: str) -> None:
@@ -178,31 +214,93 @@ def _check_environment() -> None:
     memory_limit_bytes()
 
 
-def _analyze(args: argparse.Namespace) -> int:
-    from eqlin.analysis import analyze, auto_layers
+def _check_report_args(args: argparse.Namespace) -> None:
+    """--top-k's range, --layers' syntax and --batch, before the model is found."""
     from eqlin.errors import InputError
-    from eqlin.outputs import check_output_dir, json_text
-    from eqlin.report import summary, write_report
-    from eqlin.selection import check_layers_spec, parse_layers
+    from eqlin.selection import check_layers_spec
 
-    text = _text(args.text, "text", f"the text whose next-token prediction to analyse, {DEFAULT_TEXT_HELP}")
     if not 1 <= args.top_k <= MAX_TOP_K:
         raise InputError(f"--top-k must be in 1..{MAX_TOP_K} (singular values per token, and tokens per singular "
                          f"vector: the report grows as K²), got {args.top_k}")
     check_layers_spec(args.layers)
+    if args.batch < 1:
+        raise InputError(f"--batch must be at least 1 (prompts of equal length per vmapped call), got {args.batch}")
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from eqlin.analysis import analyze, auto_layers
+    from eqlin.errors import InputError
+    from eqlin.model import checkpoint_identity
+    from eqlin.outputs import check_output_dir, json_text
+    from eqlin.prompt_sets import read_text_file
+    from eqlin.report import summary, write_report
+    from eqlin.selection import parse_layers
+
+    given = [name for name, value in (("TEXT", args.text), ("--text-file", args.text_file), ("--prompts", args.prompts))
+             if value is not None]
+    if len(given) != 1:
+        raise InputError(f"give one of TEXT, --text-file FILE or --prompts FILE, not {' and '.join(given)}" if given
+                         else f"give the text to analyse: TEXT ({DEFAULT_TEXT_HELP}), --text-file FILE, or --prompts "
+                              "FILE for a prompt set")
+    if args.prompts is not None:
+        return _prompt_set(args, study=False)
+    if args.text_file is not None:
+        text = read_text_file(args.text_file)
+    else:
+        text = _text(args.text, "text", f"the text whose next-token prediction to analyse, {DEFAULT_TEXT_HELP}")
+    _check_report_args(args)
+    args.out = args.out or Path("eqlin-report")
     out = check_output_dir(args.out, "report.json")
     _check_environment()
     _setup_jax(args, args.dtype)
     source, folder, config = _model_config(args)
     layers = parse_layers(args.layers, config.num_layers)
+    checkpoint = checkpoint_identity(source, folder)
     model = _load(args, source, folder)
     if args.layers.strip().lower() == "auto":  # every layer for short inputs (analysis.auto_layers)
         layers = auto_layers(config.num_layers, len(model.encode(text)))
     result = analyze(model, text, layers=layers, top_k=args.top_k, tap=args.branch_tap, engine=args.layer_engine,
-                     quiet=args.quiet)
+                     checkpoint=checkpoint, quiet=args.quiet)
     write_report(result, out, quiet=args.quiet)
     sys.stdout.write(json_text(result.report) if args.json else summary(result.report, out) + "\n")
     return EXIT_OK
+
+
+def _prompt_set(args: argparse.Namespace, *, study: bool) -> int:
+    """`analyze --prompts FILE` and `study FILE`: run the set (resuming), then summarise it."""
+    from eqlin.model import checkpoint_identity
+    from eqlin.outputs import json_text
+    from eqlin.progress import stage
+    from eqlin.prompt_sets import SetRequest, check_set_dir, read_prompts, run_prompt_set, set_summary
+    from eqlin.selection import parse_layers
+
+    prompts = read_prompts(args.prompts)
+    _check_report_args(args)
+    args.out = args.out or Path(DEFAULT_SET_DIR)
+    out = check_set_dir(args.out)
+    _check_environment()
+    _setup_jax(args, args.dtype)
+    source, folder, config = _model_config(args)
+    parse_layers(args.layers, config.num_layers)  # range-checked against config.json, before any weight
+    request = SetRequest(source, checkpoint_identity(source, folder), args.dtype, args.layers.strip().lower(),
+                         args.top_k, args.branch_tap, args.layer_engine)
+    run = run_prompt_set(prompts, out, request, config=config, folder=folder, load=lambda: _load(args, source, folder),
+                         batch=args.batch, quiet=args.quiet)
+    if not study:
+        sys.stdout.write(json_text(run.record) if args.json else set_summary(run, out) + "\n")
+        return EXIT_OK
+    from eqlin.study import headline, summarize, write_study
+
+    with stage("study", args.quiet):
+        summary = summarize(run.reports, run.lines, run.record)
+        write_study(summary, run.reports, out)
+    lines = [set_summary(run, out), *headline(summary), f"study: {out / 'study.html'} (and study.json, figures)"]
+    sys.stdout.write(json_text(summary) if args.json else "\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+def _study(args: argparse.Namespace) -> int:
+    return _prompt_set(args, study=True)
 
 
 def _strengths(spec: str) -> list[float]:
@@ -292,7 +390,7 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"analyze": _analyze, "steer": _steer, "info": _info, "convert": _convert}
+_COMMANDS = {"analyze": _analyze, "study": _study, "steer": _steer, "info": _info, "convert": _convert}
 
 
 class Interrupted(BaseException):
@@ -323,11 +421,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _temp_folders(args: argparse.Namespace) -> list[Path]:
-    """Where this command may hold temporary entries: beside its output, and in the GGUF caches."""
+    """Where this command may hold temporary entries: beside its output and in it (a prompt set's files),
+    and in the GGUF cache."""
     from eqlin import userdirs
 
     out = getattr(args, "out", None) or getattr(args, "dst", None)
-    return [userdirs.cache_dir() / "gguf", userdirs.cache_dir() / "embedded"] + ([Path(out).parent] if out else [])
+    return [userdirs.cache_dir() / "gguf", userdirs.cache_dir() / "embedded"] + ([Path(out).parent, Path(out)]
+                                                                                 if out else [])
 
 
 def _stop(args: argparse.Namespace, signum: int) -> None:

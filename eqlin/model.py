@@ -4,6 +4,7 @@ functions in `eqlin.decoder`, and `load`, the entry point."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError
 from eqlin.families import FamilySpec, config_from_hf, spec_for
-from eqlin.loading import is_gguf, load_params, read_json, resolve_dtype, resolve_folder
+from eqlin.loading import INDEX_FILE, SINGLE_FILE, is_gguf, load_params, read_json, resolve_dtype, resolve_folder
 from eqlin.params import Params
 from eqlin.tokenizer import Tokenizer
 
@@ -110,6 +111,33 @@ def checkpoint_folder(source: str | os.PathLike, *, cache_dir: str | Path | None
 
         return converted_folder(Path(source))
     return resolve_folder(source, cache_dir=cache_dir, download=download)
+
+
+CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", SINGLE_FILE, INDEX_FILE)
+
+
+def checkpoint_identity(source: str | os.PathLike, folder: Path) -> str:
+    """What a checkpoint is, by content, for telling whether results came from the same model.
+
+    A GGUF file's conversion folder is already named by the file's sha256 and the converter version
+    (`eqlin.gguf.converted_folder`): "gguf:<that name>", at no cost. Any other folder: "sha256:<hex>" over
+    the names and bytes of the files eqlin reads from it (config, tokenizer, weights and shards), about
+    1 s per GB."""
+    if is_gguf(source):
+        return f"gguf:{folder.name}"
+    names = [n for n in CHECKPOINT_FILES if (folder / n).is_file()]
+    if INDEX_FILE in names:
+        shards = read_json(folder / INDEX_FILE).get("weight_map", {})
+        names += sorted({s for s in shards.values() if isinstance(s, str)} if isinstance(shards, dict) else ())
+    digest = hashlib.sha256()
+    for name in names:
+        if not (folder / name).is_file():
+            continue  # loading names what is missing
+        digest.update(f"{name}\0{(folder / name).stat().st_size}\0".encode())
+        with open(folder / name, "rb") as f:
+            while block := f.read(1 << 23):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()[:32]}"
 
 
 def read_config(folder: Path) -> tuple[FamilySpec, ModelConfig]:

@@ -22,7 +22,8 @@ def stage(name: str, quiet: bool = False) -> Iterator[None]:
         print(f"eqlin: {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
-def steps(name: str, total: int, quiet: bool = False) -> tqdm:
-    """A step progress bar on stderr; use as a context manager and call `.update()` per step."""
-    return tqdm(total=total, desc=f"eqlin: {name}", file=sys.stderr, disable=quiet, leave=True,
+def steps(name: str, total: int, quiet: bool = False, initial: int = 0) -> tqdm:
+    """A step progress bar on stderr; use as a context manager and call `.update()` per step. `initial`
+    steps count as done already (the time left is estimated from the steps taken in this run)."""
+    return tqdm(total=total, initial=initial, desc=f"eqlin: {name}", file=sys.stderr, disable=quiet, leave=True,
                 bar_format="{desc}: {n}/{total} {bar} {elapsed}<{remaining}")
