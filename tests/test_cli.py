@@ -142,7 +142,7 @@ def test_convert_round_trip(checkpoint, loaded, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["analyze"], "the following arguments are required: TEXT"),
+    (["analyze", TEXT, "--dtype"], "argument --dtype: expected one argument"),
     (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate' (choose from"),
     (["analyze", TEXT, "--dtype", "float16"], "argument --dtype: invalid choice: 'float16' (choose from"),
     (["info", "--tokens", "many"], "argument --tokens: invalid int value: 'many'"),
@@ -183,7 +183,7 @@ def test_interrupt_exits_130_and_an_internal_error_1_leaving_nothing(mode, code,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == code, run.stderr[-2000:]
     if mode == "interrupt":
-        assert "eqlin: interrupted; files already written are complete, nothing partial was left" in run.stderr
+        assert "eqlin: interrupted; outputs are written whole or not at all, nothing partial was left" in run.stderr
     else:
         assert "Traceback" in run.stderr and "RuntimeError: a bug in eqlin" in run.stderr
     assert list((tmp_path / "out").iterdir()) == []

@@ -64,8 +64,8 @@ def test_configs_are_hashable_and_frozen():
 
 @pytest.mark.parametrize("change, message", [
     ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'; supported: silu"),
-    ({"mlp_bias": True}, "mlp_bias=true: biases on the linear path break the homogeneity f(x) = Σ_t J_t x_t that the "
-                         "detached Jacobian relies on; eqlin supports bias-free checkpoints only"),
+    ({"mlp_bias": True}, "mlp_bias=true: biases on the linear path make the map affine, y = Σ_t J_t x_t + c, which "
+                         "eqlin computes exactly only for the bias layouts of qwen2"),
     ({"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads"),
 ])
 def test_unsupported_options_are_named(change, message):
