@@ -40,7 +40,7 @@ from torch import nn
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen3", "gemma3_text", "phi3", "olmo2", "qwen2", "gpt2"})
 # Families whose attention and MLP outputs go through a norm before the residual add.
-BRANCH_NORM_MODEL_TYPES = frozenset({"gemma3_text", "olmo2", "qwen2", "gpt2"})
+BRANCH_NORM_MODEL_TYPES = frozenset({"gemma3_text", "olmo2"})
 PARTS = ("residual", "attn", "mlp")
 
 
@@ -312,11 +312,15 @@ def embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 def final_hidden(model: nn.Module, inputs_embeds: torch.Tensor) -> torch.Tensor:
     """`(d,)`: the last position after the final norm, for `inputs_embeds (T, d)` (`embed`'s space: GPT-2 adds
     its position embeddings itself, so they are taken off first)."""
-    dec = decoder(model)
-    positions = _position_embeddings(dec, inputs_embeds.shape[0])
-    tokens = inputs_embeds if positions is None else inputs_embeds - positions
-    out = dec(inputs_embeds=tokens[None], use_cache=False)
+    out = decoder(model)(inputs_embeds=_token_part(model, inputs_embeds)[None], use_cache=False)
     return out.last_hidden_state[0, -1]
+
+
+def _token_part(model: nn.Module, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """What the decoder takes as `inputs_embeds` for `embed`'s `(T, d)`: GPT-2 adds its position embeddings
+    itself, so they are taken off; the others take it as it is."""
+    positions = _position_embeddings(decoder(model), inputs_embeds.shape[0])
+    return inputs_embeds if positions is None else inputs_embeds - positions
 
 
 def detached_jacobian(model: nn.Module, input_ids: torch.Tensor) -> np.ndarray:
@@ -331,12 +335,17 @@ def detached_jacobian(model: nn.Module, input_ids: torch.Tensor) -> np.ndarray:
     return jac.numpy()
 
 
+def blocks(dec: nn.Module) -> nn.ModuleList:
+    """The decoder's layers (GPT-2 calls them `h`)."""
+    return dec.h if hasattr(dec, "h") else dec.layers
+
+
 def branch_modules(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """Per layer, (attention branch, MLP branch): the modules whose outputs the layer adds to its residual stream."""
     dec = decoder(model)
     if dec.config.model_type in BRANCH_NORM_MODEL_TYPES:
-        return [(layer.post_attention_layernorm, layer.post_feedforward_layernorm) for layer in dec.layers]
-    return [(layer.self_attn, layer.mlp) for layer in dec.layers]
+        return [(layer.post_attention_layernorm, layer.post_feedforward_layernorm) for layer in blocks(dec)]
+    return [(getattr(layer, "self_attn", None) or layer.attn, layer.mlp) for layer in blocks(dec)]
 
 
 @contextlib.contextmanager
@@ -345,7 +354,7 @@ def _recorded(model: nn.Module, replace: tuple[int, torch.Tensor] | None = None)
     and "mlp" branch outputs, each `(T, d)`, filled by the next forward pass. `replace=(l, h)` feeds `h (T, d)` to
     layer l in place of what the layers before it computed."""
     dec = decoder(model)
-    seen: dict[str, list] = {name: [None] * len(dec.layers) for name in ("input",) + PARTS}
+    seen: dict[str, list] = {name: [None] * len(blocks(dec)) for name in ("input",) + PARTS}
 
     def record(name: str, i: int):
         def hook(module, args, output):
@@ -366,7 +375,7 @@ def _recorded(model: nn.Module, replace: tuple[int, torch.Tensor] | None = None)
         return pre_hook
 
     handles = []
-    for i, (layer, (attn, mlp)) in enumerate(zip(dec.layers, branch_modules(model))):
+    for i, (layer, (attn, mlp)) in enumerate(zip(blocks(dec), branch_modules(model))):
         handles.append(layer.register_forward_pre_hook(feed(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(record("residual", i)))
         handles.append(attn.register_forward_hook(record("attn", i)))
@@ -383,7 +392,7 @@ def layer_outputs(model: nn.Module, inputs_embeds: torch.Tensor, replace: tuple[
     """Every layer's "input", "residual", "attn" and "mlp", each stacked `(L, T, d)`, for `inputs_embeds (T, d)`;
     `replace` as in `_recorded`."""
     with _recorded(model, replace) as seen:
-        decoder(model)(inputs_embeds=inputs_embeds[None], use_cache=False)
+        decoder(model)(inputs_embeds=_token_part(model, inputs_embeds)[None], use_cache=False)
     return {name: torch.stack(values) for name, values in seen.items()}
 
 
@@ -465,7 +474,7 @@ def logits_with_added(model: nn.Module, input_ids: torch.Tensor, layer: int,
             return (args[0] + added(args[0][0])[None], *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + added(kwargs["hidden_states"][0])[None]}
 
-    handle = decoder(model).layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handle = blocks(decoder(model))[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         with torch.no_grad():
             return model(input_ids=torch.as_tensor(input_ids)[None], use_cache=False).logits[0, -1].numpy()
