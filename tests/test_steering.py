@@ -76,8 +76,7 @@ def test_concept_map_is_the_stream_entering_the_layer(loaded, reference):
 def test_injection_equals_pytorch_and_the_hand_written_forward(loaded, reference, variant, layer):
     """One step of the KV-cached generation (every family's attention details) against transformers' forward with
     the vector added by a hook to the residual stream entering `layer`, the vector built from PyTorch's own
-    concept map and text embeddings (GPT-2: the hand-written forward only); and against eqlin's hand-written
-    forward doing the same."""
+    concept map and text embeddings; and against eqlin's hand-written forward doing the same."""
     model = loaded(variant)
     J = concept_map(model, layer)
     ids = model.encode(TEXT)
@@ -91,8 +90,6 @@ def test_injection_equals_pytorch_and_the_hand_written_forward(loaded, reference
     assert np.abs(want - hand_logits(model, ids, J, layer, 0.0)).max() > 1e-3  # the injection does something
     if model.config.has_biases:  # the concept's map is affine, exact with its constant; J_c alone is applied
         assert float(steering._maps(model, model.encode(CONCEPT), (layer,))[1][0]) <= 1e-13
-    if variant == "gpt2":  # the PyTorch hook reads a `layers` list, which transformers' GPT-2 calls `h`
-        return
     torch_model = reference(variant)
     J_torch, _ = ref.stream_entering(torch_model, torch.tensor(model.encode(CONCEPT)), layer)
     directions = torch.tensor(hand_directions(J_torch, ref.embed(torch_model, torch.tensor(ids)).detach().numpy()))

@@ -457,7 +457,7 @@ def stream_entering(model: nn.Module, input_ids: torch.Tensor, layer: int) -> tu
     x = embed(model, input_ids).detach()
 
     def entering(e: torch.Tensor) -> torch.Tensor:
-        out = decoder(model)(inputs_embeds=e[None], use_cache=False, output_hidden_states=True)
+        out = decoder(model)(inputs_embeds=_token_part(model, e)[None], use_cache=False, output_hidden_states=True)
         return out.hidden_states[layer][0, -1]
 
     with torch.no_grad():
