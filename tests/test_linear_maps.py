@@ -308,7 +308,7 @@ def test_chunk_over_the_limit_names_one_that_fits(loaded):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"layer": 4}, r"layer \[4\] out of range: the model has layers 0..3"),
-    ({"layer": "every"}, r"layer must be an int, a list of ints, 'all' or None, got 'every'"),
+    ({"layer": "every"}, r"layer must be an int, a sequence of ints, 'all' or None, got 'every'"),
     ({"layer": 1, "part": "ffn"}, r"part must be one of \('residual', 'attn', 'mlp'\), got 'ffn'"),
     ({"layer": 1, "scope": "local"}, r"scope must be one of \('cumulative', 'single'\), got 'local'"),
     ({"scope": "single"}, r"scope='single' needs a layer \(an int, a list or 'all'\)"),
