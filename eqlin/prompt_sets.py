@@ -306,8 +306,8 @@ def _shared_maps(model: Model, group: list[Prompt]) -> tuple[list[Linearization 
         b = jax.block_until_ready(detached_jacobians(model, [p.text for p in group]))
     except MemoryBudgetError:
         return [None] * len(group), 0.0
-    maps = [Linearization(b.jacobian[i], b.inputs[i], b.output[i], b.contributions[i], b.relative_error[i], b.ids[i])
-            for i in range(len(group))]
+    maps = [Linearization(b.jacobian[i], b.inputs[i], b.output[i], b.contributions[i], b.relative_error[i], b.ids[i],
+                          b.constant[i]) for i in range(len(group))]
     return maps, time.perf_counter() - start
 
 
