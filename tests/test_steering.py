@@ -140,7 +140,8 @@ def test_cached_generation_equals_naive_recompute(loaded):
     (dict(concept=CONCEPT, text=TEXT, layer=-1), r"layer \[-1\] out of range: .* l in 0\.\.3"),
     (dict(concept=CONCEPT, text=TEXT, layer=0, max_new_tokens=-2), "max_new_tokens must be at least 1, got -2"),
     (dict(concept=CONCEPT, text=TEXT, layer=0, max_new_tokens=100),
-     r"input has 113 tokens, more than the model's max_position_embeddings \(64\); shorten the text"),
+     r"the text's 13 tokens and max_new_tokens=100 make 113 positions, more than the model's "
+     r"max_position_embeddings \(64\); use max_new_tokens \(--max-new-tokens\) of at most 51"),
     (dict(concept=CONCEPT, text=TEXT, layer=0, concept_tokens=[10**6]),
      r"token ids outside the vocabulary \[0, 96\): \[1000000\]"),
 ])

@@ -287,7 +287,7 @@ def make_detached(model: nn.Module) -> nn.Module:
 
 def is_detached(model: nn.Module) -> bool:
     dec = decoder(model)
-    return getattr(dec.ln_f if hasattr(dec, "ln_f") else dec.norm, "eqlin_detach", False)
+    return getattr(final_norm(dec), "eqlin_detach", False)
 
 
 def _token_embedding(dec: nn.Module) -> nn.Module:
@@ -333,6 +333,11 @@ def detached_jacobian(model: nn.Module, input_ids: torch.Tensor) -> np.ndarray:
     x = embed(model, input_ids).detach()
     jac = torch.autograd.functional.jacobian(lambda e: final_hidden(model, e), x, vectorize=True)
     return jac.numpy()
+
+
+def final_norm(dec: nn.Module) -> nn.Module:
+    """The decoder's final norm (GPT-2: `ln_f`)."""
+    return dec.ln_f if hasattr(dec, "ln_f") else dec.norm
 
 
 def blocks(dec: nn.Module) -> nn.ModuleList:
