@@ -44,6 +44,16 @@ TEXT = "The bridge out of Marin is the Golden Gate"  # 9 or 10 tokens: longer th
 VS_TORCH = 3e-14
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compiled_functions_released():
+    """Compiled executables are dropped after each test module. Without this, one process compiling the whole
+    suite's thousands of functions crashed inside XLA's compiler (a segmentation fault in test_steering.py,
+    twice in a row; never when that module ran alone); with it, the process holds about 1,200 memory
+    mappings at every module's end."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def eqlin_cache_dir():
     """EQLIN_CACHE_DIR in a temporary folder for the whole session (subprocesses inherit it), deleted at the end:
