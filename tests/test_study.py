@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import numpy as np
 import pytest
 
 from eqlin.cli import EXIT_OK, main
+from tests.browser import needs_chromium, opened
 from tests.conftest import TEXT
-from tests.test_report import _PROBE
 
 # Ten tokens with BOS each, as TEXT: the layer maps compiled for the tiny report are reused.
 PROMPTS = [TEXT, "The small red boat crossed the river to the", "A cold wind runs over the old city of"]
@@ -66,21 +65,10 @@ def test_study_html_is_self_contained(study):
     assert {"errors.png", "stable_rank.png", "emergence.png"} <= {p.name for p in out.iterdir()}
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium package is not installed")
+@needs_chromium
 def test_study_html_opens_in_headless_chromium(study, tmp_path):
-    import subprocess
-
     _, out = study
-    probed = tmp_path / "probed.html"
-    probed.write_text((out / "study.html").read_text().replace("<head>", "<head>" + _PROBE, 1))
-    run = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
-        capture_output=True, text=True, timeout=120)
-    match = re.search(r"data-check=\"([^\"]*)\"", run.stdout)
-    assert match, run.stderr[-2000:]
-    assert json.loads(match.group(1).replace("&quot;", '"')) == {"images": 3, "loaded": 3, "errors": []}
+    assert opened(out / "study.html", tmp_path) == {"images": 3, "loaded": 3, "errors": []}
 
 
 def test_the_emergence_layer_is_where_the_next_token_stays_on_top():
