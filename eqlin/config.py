@@ -19,7 +19,7 @@ from typing import Any, Callable, Literal, Mapping
 import numpy as np
 
 from eqlin.checks import check_int, check_real
-from eqlin.errors import ConfigError
+from eqlin.errors import ConfigError, name_list
 
 Family = Literal["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "olmo2", "gpt2"]
 NormLayout = Literal["pre", "sandwich", "post"]
@@ -312,7 +312,7 @@ def check_keys(hf: dict[str, Any], family: str, handled: frozenset[str], ignored
     problems = []
     if unknown:
         problems.append(f"keys eqlin does not know for {family}: "
-                        + ", ".join(f"{k}={_show(hf[k])}" for k in unknown[:8]) + (" …" if len(unknown) > 8 else "")
+                        + name_list([f"{k}={_show(hf[k])}" for k in unknown])
                         + " (remove each from config.json only if you know it leaves the computation unchanged)")
     if changed:
         problems.append("options eqlin supports only at transformers' default: "

@@ -29,50 +29,49 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import gguf
 import numpy as np
 
 from eqlin import userdirs
-from eqlin.config import BIAS_FAMILIES, FULL_ATTENTION, SLIDING_ATTENTION, RopeSpec
+from eqlin.config import FULL_ATTENTION, SLIDING_ATTENTION, RopeSpec
 from eqlin.errors import ConfigError, OutputError, WeightsError
-from eqlin.families import config_from_hf, spec_for
+from eqlin.families import config_from_hf, gemma3, spec_for
 from eqlin.gguf_tokenizer import tokenizer_from_metadata
-from eqlin.loading import expected_tensors
+from eqlin.loading import expected_tensors, layer_modules, mismatch_text, refuse_bias_tensors
 from eqlin.memory import format_bytes
 from eqlin.outputs import clean_temps, fsync_dir, json_text, remove, replace_folder, temp_path, write_file_durable
 from eqlin.safetensors_io import SafetensorsFile, write_safetensors
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("gemma3", "llama", "qwen2", "qwen3")
-_ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# llama.cpp architecture -> (HF model_type, HF class) of the converted folder.
+_ARCHITECTURES = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM"), "llama": ("llama", "LlamaForCausalLM"),
+                  "qwen2": ("qwen2", "Qwen2ForCausalLM"), "qwen3": ("qwen3", "Qwen3ForCausalLM")}
+SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 # Bump when the converted folder's content changes: the cache folder's name carries it, so a new
 # version converts into a new folder and never replaces one that an older eqlin may be reading.
 CONVERTER_VERSION = 2
 MANIFEST = "eqlin_gguf.json"
 
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-# Where the names differ by family: llama.cpp's `ffn_norm` is the norm before the MLP in both layouts.
-_FAMILY_LAYER_NAMES = {
-    "gemma3": {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-               "post_ffw_norm": "post_feedforward_layernorm"},
-    "llama": {"ffn_norm": "post_attention_layernorm"},
-    "qwen2": {"ffn_norm": "post_attention_layernorm"},
-    "qwen3": {"ffn_norm": "post_attention_layernorm"},
+# llama.cpp's per-layer tensor names -> eqlin's LayerParams fields; each family's HF module names for these
+# (`eqlin.loading.layer_modules`) give the HF tensor. `ffn_norm` is the norm before the MLP in every layout.
+_LAYER_FIELDS = {
+    "attn_norm": "attn_in_norm",
+    "attn_q": "q_proj",
+    "attn_k": "k_proj",
+    "attn_v": "v_proj",
+    "attn_output": "o_proj",
+    "attn_q_norm": "q_norm",
+    "attn_k_norm": "k_norm",
+    "post_attention_norm": "attn_out_norm",
+    "ffn_norm": "mlp_in_norm",
+    "ffn_gate": "gate_proj",
+    "ffn_up": "up_proj",
+    "ffn_down": "down_proj",
+    "post_ffw_norm": "mlp_out_norm",
 }
 _TENSOR_NAME = re.compile(r"(?:blk\.(?P<layer>\d+)\.)?(?P<name>\w+)\.(?P<kind>weight|bias)")
 
@@ -321,10 +320,10 @@ def _hf_config(arch: str, meta: dict[str, Any], tensors: dict[str, Any], path: P
 
     if arch == "gemma3":
         window = meta.get("gemma3.attention.sliding_window") or None
-        layer_types = [SLIDING_ATTENTION if window and (i + 1) % 6 else FULL_ATTENTION for i in range(layers)]
+        layer_types = list(gemma3.default_layer_types(layers)) if window else [FULL_ATTENTION] * layers
         return {
-            "architectures": ["Gemma3ForCausalLM"],
-            "model_type": "gemma3_text",
+            "architectures": [_ARCHITECTURES[arch][1]],
+            "model_type": _ARCHITECTURES[arch][0],
             **config,
             "hidden_activation": "gelu_pytorch_tanh",
             "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
@@ -345,8 +344,8 @@ def _hf_config(arch: str, meta: dict[str, Any], tensors: dict[str, Any], path: P
     else:
         config["mlp_bias"] = False
     return {
-        "architectures": [_ARCHITECTURE_CLASSES[arch]],
-        "model_type": arch,
+        "architectures": [_ARCHITECTURES[arch][1]],
+        "model_type": _ARCHITECTURES[arch][0],
         **config,
         "hidden_act": "silu",
         "rope_parameters": full_rope,
@@ -384,15 +383,16 @@ def _dequantize(tensor: Any) -> np.ndarray:
     return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
 
 
-def _hf_name(arch: str, gguf_name: str) -> str | None:
+def _hf_name(modules: Mapping[str, str], gguf_name: str) -> str | None:
+    """The HF name of a GGUF tensor, given the family's per-layer module names (`layer_modules`)."""
     match = _TENSOR_NAME.fullmatch(gguf_name)
     if match is None:
         return None
     layer, name, kind = match["layer"], match["name"], match["kind"]
     if layer is None:
         return f"{_TOP_NAMES[name]}.{kind}" if name in _TOP_NAMES else None
-    hf = _LAYER_NAMES.get(name) or _FAMILY_LAYER_NAMES[arch].get(name)
-    return f"model.layers.{layer}.{hf}.{kind}" if hf else None
+    module = modules.get(_LAYER_FIELDS.get(name))
+    return f"model.layers.{layer}.{module}.{kind}" if module else None
 
 
 def _hf_weights(arch: str, tensors: dict[str, Any], hf_config: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
@@ -400,19 +400,15 @@ def _hf_weights(arch: str, tensors: dict[str, Any], hf_config: dict[str, Any], p
     spec = spec_for(hf_config)
     config = config_from_hf(hf_config)
     expected = expected_tensors(config, spec, "model.", "lm_head.")
-    names = {g: _hf_name(arch, g) for g in tensors if g != "rope_freqs.weight"}
+    modules = layer_modules(spec)
+    names = {g: _hf_name(modules, g) for g in tensors if g != "rope_freqs.weight"}
     biases = sorted(g for g, h in names.items() if h is not None and h.endswith(".bias") and h not in expected)
     unknown = sorted(g for g, h in names.items() if h is None or (h not in expected and g not in biases))
     missing = sorted(set(expected) - set(names.values()))
-    if biases:
-        raise WeightsError(
-            f"{path.name} has biases on the linear path ({', '.join(biases[:5])}) that a {arch} model does not have; "
-            f"eqlin computes the exact affine map y = Σ_t J_t x_t + c only for the bias layouts of {BIAS_FAMILIES}"
-        )
+    refuse_bias_tensors(biases, arch, path.name)
     if unknown or missing:
-        parts = [f"{label}: {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
-                 for label, items in (("unexpected tensors", unknown), ("missing tensors", missing)) if items]
-        raise WeightsError(f"{path.name} does not hold a {arch} model eqlin understands; " + "; ".join(parts))
+        raise WeightsError(f"{path.name} does not hold a {arch} model eqlin understands; "
+                           + mismatch_text({"unexpected tensors": unknown, "missing tensors": missing}))
 
     weights = {}
     for gguf_name, hf_name in names.items():
