@@ -234,8 +234,8 @@ def causal_work(length: int, groups: list[tuple[int, int]]) -> float:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "layers", "tap", "fold"))
-def _linearize_all(params: Params, config: ModelConfig, x: Array, prefix: Array | None, *, layers: tuple[int, ...],
-                   tap: Tap, fold: bool) -> tuple[Array, Callable[[Array], Array]]:
+def _all_maps_jvp(params: Params, config: ModelConfig, x: Array, prefix: Array | None, *, layers: tuple[int, ...],
+                  tap: Tap, fold: bool) -> tuple[Array, Callable[[Array], Array]]:
     """y (P, n, d) and the linearized map x ↦ every (part, layer) output, for x the positions after the
     first s, whose streams are held at prefix (layers run, s, d) (None: s = 0)."""
     return jax.linearize(cumulative_fn(params, config, layers, PARTS, True, fold=fold, tap=tap, prefix=prefix), x)
@@ -421,7 +421,7 @@ def _cumulative_fwd(model: Model, x: Array, layers: tuple[int, ...], tap: Tap, l
     with steps("cumulative layer maps (forward)", sum(-(-n // c) for _, n, c in plan), quiet) as bar:
         for first, n, c in plan:
             prefix = streams[:, :first] if first else None
-            y_group, jvp = _linearize_all(model.params, config, x[first:], prefix, layers=layers, tap=tap, fold=fold)
+            y_group, jvp = _all_maps_jvp(model.params, config, x[first:], prefix, layers=layers, tap=tap, fold=fold)
             if y is None:
                 y, G = y_group, jnp.zeros((*y_group.shape, d), x.dtype)
                 r = _constants_all(model.params, config, x, layers=layers, tap=tap)  # the chunks add Σ_t J_t x_t

@@ -227,10 +227,12 @@ def finish(y: Array, J: Array, x: Array, constant: Array | None = None) -> tuple
 
 @functools.partial(jax.jit, static_argnames=("config", "layers", "part", "scope", "detach", "mode", "chunk", "fold",
                                              "tap"))
-def _linearize(params: Params, config: ModelConfig, x: Array, *, layers: tuple[int, ...] | None, part: Part,
-               scope: Scope, detach: bool, mode: str, chunk: int | None, fold: bool = False, tap: Tap = "post"
-               ) -> tuple[Array, ...]:
-    """The jitted core of `detached_jacobian`: returns (J, inputs, y, contributions, relative_error, constant)."""
+def jacobian_arrays(params: Params, config: ModelConfig, x: Array, *, layers: tuple[int, ...] | None, part: Part,
+                    scope: Scope, detach: bool, mode: str, chunk: int | None, fold: bool = False, tap: Tap = "post"
+                    ) -> tuple[Array, ...]:
+    """The jitted core of `linearize` for input embeddings x (T, d): (J, inputs, y, contributions,
+    relative_error, constant), shaped as `Linearization`'s fields with a leading layer axis when `layers`
+    is given."""
     if scope == "cumulative":
         f = cumulative_fn(params, config, layers, part, detach, fold=fold, tap=tap)
         y, J = jacobian_of(f, x, mode=mode, chunk=chunk)
@@ -294,8 +296,8 @@ def linearize(model: Model, inputs, *, detach: bool, layer=None, part: Part = "r
                      fits=fits)
     chunk = resolve_chunk(config, length, n_maps, mode, chunk, itemsize, limit, fold=fold)
     x = embed(model.params, config, jnp.asarray(ids))
-    J, xs, y, contributions, err, c = _linearize(model.params, config, x, layers=layers, part=part, scope=scope,
-                                                 detach=detach, mode=mode, chunk=chunk, fold=fold, tap=tap)
+    J, xs, y, contributions, err, c = jacobian_arrays(model.params, config, x, layers=layers, part=part, scope=scope,
+                                                      detach=detach, mode=mode, chunk=chunk, fold=fold, tap=tap)
     layer_meta = layers[0] if layers is not None and single_layer(layer) else layers
     if not isinstance(layer_meta, tuple) and layers is not None:  # one layer: drop the stacking axis
         J, y, contributions, err, c = J[0], y[0], contributions[0], err[0], c[0]

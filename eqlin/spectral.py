@@ -377,8 +377,8 @@ def norm_analysis(model: Model, lin: Linearization, count: int = 5, top: int = 5
 
 
 @functools.partial(jax.jit, static_argnames=("config", "layer", "part", "scope", "detach"))
-def _linearized(params: Params, config: ModelConfig, x: Array, *, layer: int | None, part: Part, scope: Scope,
-                detach: bool) -> tuple[Array, Callable[[Array], Array], Array, Array]:
+def _map_jvp(params: Params, config: ModelConfig, x: Array, *, layer: int | None, part: Part, scope: Scope,
+             detach: bool) -> tuple[Array, Callable[[Array], Array], Array, Array]:
     """(y, v ↦ J v, the map's input, ‖y − (J x + c)‖ / ‖y‖) for the map selected by (layer, part, scope)."""
     f, x_in = target_map(params, config, x, layer, part, scope, detach)
     y, jvp = jax.linearize(f, x_in)
@@ -405,8 +405,7 @@ def top_singular(model: Model, inputs, k: int, *, layer: int | None = None, part
     layer = None if layers is None else layers[0]
     ids = model.ids(inputs)
     x = embed(model.params, model.config, jnp.asarray(ids))
-    y, jvp, x_in, err = _linearized(model.params, model.config, x, layer=layer, part=part, scope=scope,
-                                    detach=detach)
+    y, jvp, x_in, err = _map_jvp(model.params, model.config, x, layer=layer, part=part, scope=scope, detach=detach)
     s, U, V = matrix_free_svd(jvp, x_in, k, method=method, steps=steps, power_iterations=power_iterations,
                               block=block, seed=seed, progress=progress)
     U, V = align_signs(U, V, y)
