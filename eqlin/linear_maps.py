@@ -99,7 +99,7 @@ class Linearization:
     def select(self, i: int) -> Linearization:
         """The i-th map of a multi-layer Linearization."""
         if not isinstance(self.layer, tuple):
-            raise ValueError("select() needs a Linearization over several layers")
+            raise InputError("select() needs a Linearization over several layers")
         stacked = ("jacobian", "output", "contributions", "relative_error", "constant")
         if self.scope == "single":  # each layer's own input; cumulative maps share the input embeddings (T, d)
             stacked += ("inputs",)
