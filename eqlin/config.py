@@ -22,7 +22,6 @@ from eqlin.checks import check_int, check_real
 from eqlin.errors import ConfigError, name_list
 
 Family = Literal["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "olmo2", "gpt2"]
-NormLayout = Literal["pre", "sandwich", "post"]
 NormKind = Literal["rms", "layer"]
 Activation = Literal["silu", "gelu_tanh", "gelu"]
 
@@ -93,9 +92,9 @@ class RopeSpec:
 class ModelConfig:
     """Everything the pure forward pass needs to know about one decoder.
 
-    Norms: `norm_offset` is 1.0 for Gemma's `x·(1+w)` RMSNorm and 0.0 for `x·w`. `norm_layout` is
-    "pre" (Llama, Qwen, Mistral, Phi: norm before attention and MLP), "sandwich" (Gemma 3: also a norm
-    on each branch output before the residual add) or "post" (OLMo 2: only the branch-output norms).
+    Norms: `norm_offset` is 1.0 for Gemma's `x·(1+w)` RMSNorm and 0.0 for `x·w`. Which norms a layer has
+    (its layout: pre, sandwich, post) is the family's `NORM_NAMES` (`eqlin.families`): the LayerParams
+    norm fields present.
     `qk_norm` is "head" for per-head q/k RMSNorm over head_dim (Qwen 3, Gemma 3), "full" for RMSNorm
     over the whole q/k projection before the head split (OLMo 2), or None. RoPE rotates the first
     `rotary_dim` features of each head (Phi's partial rotary; None: all of head_dim).
@@ -118,7 +117,6 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     norm_offset: float
-    norm_layout: NormLayout
     qk_norm: Literal["head", "full"] | None
     activation: Activation
     embed_scale: float

@@ -93,7 +93,6 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         head_dim=config_int(hf, "head_dim", 256),
         rms_norm_eps=config_float(hf, "rms_norm_eps", 1e-6),
         norm_offset=1.0,
-        norm_layout="sandwich",
         qk_norm="head",
         activation=activation_from_hf(hf, "hidden_activation", {"gelu_pytorch_tanh": "gelu_tanh"}),
         embed_scale=float(d) ** 0.5,

@@ -64,7 +64,6 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         head_dim=head_dim,
         rms_norm_eps=config_float(hf, "layer_norm_epsilon", 1e-5),
         norm_offset=0.0,
-        norm_layout="pre",
         qk_norm=None,
         activation=activation_from_hf(hf, "activation_function", ACTIVATIONS),
         embed_scale=1.0,

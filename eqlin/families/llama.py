@@ -65,7 +65,6 @@ def config_from_hf(hf: dict[str, Any], *, defaults: dict[str, Any] = DEFAULTS, p
         head_dim=head_dim,
         rms_norm_eps=config_float(hf, "rms_norm_eps", defaults["rms_norm_eps"]),
         norm_offset=0.0,
-        norm_layout="pre",
         qk_norm=None,
         activation=activation_from_hf(hf, "hidden_act", {"silu": "silu"}),
         embed_scale=1.0,

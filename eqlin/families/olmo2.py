@@ -18,4 +18,4 @@ DEFAULTS = {**llama.DEFAULTS, "rms_norm_eps": 1e-5, "bos_token_id": None, "eos_t
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     base = llama.config_from_hf(hf, defaults=DEFAULTS)
-    return dataclasses.replace(base, family="olmo2", norm_layout="post", qk_norm="full")
+    return dataclasses.replace(base, family="olmo2", qk_norm="full")
