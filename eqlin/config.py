@@ -129,8 +129,6 @@ class ModelConfig:
     max_position_embeddings: int
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
     rotary_dim: int | None = None
     biases: tuple[str, ...] = ()
     norm_kind: NormKind = "rms"
@@ -457,10 +455,13 @@ def activation_from_hf(hf: dict[str, Any], key: str, supported: dict[str, Activa
     return supported[name]
 
 
-def single_token_id(hf: dict[str, Any], key: str, default: Any = None) -> int | None:
-    """A special token id: HF configs give eos_token_id as an int or a list; keep the first."""
-    value = hf.get(key, default)
-    if isinstance(value, list):
-        ids = [check_int(f"config.json {key!r} entries", v, 0, MAX_SIZE, FIX, error=ConfigError) for v in value]
-        return ids[0] if ids else None
-    return None if value is None else check_int(f"config.json {key!r}", value, 0, MAX_SIZE, FIX, error=ConfigError)
+def check_token_ids(hf: dict[str, Any]) -> None:
+    """Refuse a malformed bos_token_id or eos_token_id (an id, a list of ids, or null). eqlin takes its
+    special tokens from the tokenizer, so the values are only checked."""
+    for key in ("bos_token_id", "eos_token_id"):
+        value = hf.get(key)
+        if isinstance(value, list):
+            for v in value:
+                check_int(f"config.json {key!r} entries", v, 0, MAX_SIZE, FIX, error=ConfigError)
+        elif value is not None:
+            check_int(f"config.json {key!r}", value, 0, MAX_SIZE, FIX, error=ConfigError)

@@ -12,6 +12,7 @@ from eqlin.config import (
     ModelConfig,
     activation_from_hf,
     check_keys,
+    check_token_ids,
     config_bool,
     config_float,
     config_int,
@@ -20,7 +21,6 @@ from eqlin.config import (
     refuse_biases,
     rope_specs_from_hf,
     rotary_fraction,
-    single_token_id,
 )
 from eqlin.errors import ConfigError
 
@@ -82,6 +82,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     # transformers' Gemma 3 attention never applies attn_logit_softcapping (a Gemma 2 field its config keeps),
     # so a config that sets it runs uncapped there; eqlin checks the value and computes the same function.
     config_float(hf, "attn_logit_softcapping", None, optional=True)
+    check_token_ids(hf)
     return ModelConfig(
         family="gemma3",
         vocab_size=config_int(hf, "vocab_size", 262_208),
@@ -105,6 +106,4 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=config_int(hf, "max_position_embeddings", 131_072),
         final_logit_softcapping=config_float(hf, "final_logit_softcapping", None, optional=True),
         attn_logit_softcapping=None,
-        bos_token_id=single_token_id(hf, "bos_token_id", 2),
-        eos_token_id=single_token_id(hf, "eos_token_id", 1),
     )
