@@ -15,10 +15,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eqlin.blocks import attend, attention_probs, einsum, project_qkv, visible
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed, final_norm, layer_tail, optional_norm, rope_stack, unembed
+from eqlin.model import Model
 from eqlin.params import LayerParams, Params
 
 Array = jax.Array
@@ -92,3 +94,14 @@ def generate(params: Params, config: ModelConfig, ids: Array, length: Array, J: 
 def bucket(length: int) -> int:
     """The buffer size for `length` tokens: the next power of two, at least 16."""
     return max(16, 1 << (length - 1).bit_length())
+
+
+def steered_greedy(model: Model, ids: np.ndarray, J: Array, layer: int, strength: float, max_new_tokens: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """`generate` for the text `ids` (T,) in a bucketed buffer: (new token ids (N,), logits (N, V)) as host arrays.
+    J (d, T_c, d): the concept's map."""
+    buf = np.zeros(bucket(len(ids) + max_new_tokens), np.int32)
+    buf[:len(ids)] = ids
+    tokens, logits = generate(model.params, model.config, jnp.asarray(buf), jnp.int32(len(ids)), J,
+                              jnp.int32(layer), jnp.asarray(strength, model.dtype), max_new_tokens=max_new_tokens)
+    return np.asarray(tokens), np.asarray(logits)

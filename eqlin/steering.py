@@ -46,7 +46,7 @@ from eqlin.checks import check_int, check_real
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed, streams_entering
 from eqlin.errors import InputError
-from eqlin.generation import bucket, generate
+from eqlin.generation import steered_greedy
 from eqlin.linear_maps import constant_term, jacobian_of, relative_error
 from eqlin.model import Model
 from eqlin.params import Params
@@ -170,15 +170,6 @@ def _maps(model: Model, c_ids: np.ndarray, layers: tuple[int, ...]) -> tuple[Arr
     return J, relative_error(h, recon)
 
 
-def _run(model: Model, t_ids: np.ndarray, J: Array, layer: int, strength: float, max_new_tokens: int
-         ) -> tuple[np.ndarray, np.ndarray]:
-    buf = np.zeros(bucket(len(t_ids) + max_new_tokens), np.int32)
-    buf[:len(t_ids)] = t_ids
-    tokens, logits = generate(model.params, model.config, jnp.asarray(buf), jnp.int32(len(t_ids)), J,
-                              jnp.int32(layer), jnp.asarray(strength, model.dtype), max_new_tokens=max_new_tokens)
-    return np.asarray(tokens), np.asarray(logits)
-
-
 def _logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """log p (N, k) of the target ids under logits (N, V)."""
     return np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))[:, targets]
@@ -193,8 +184,8 @@ def steer(model: Model, concept: str, text: str, *, layer: int, strength: float,
     strength = check_real("strength", strength, "the vector's norm is strength/2 · ‖h_k‖")
     c_ids, t_ids, targets = _check(model, concept, text, max_new_tokens, concept_tokens)
     J, err = _maps(model, c_ids, (layer,))
-    steered = _run(model, t_ids, J[0], layer, strength, max_new_tokens)
-    baseline = _run(model, t_ids, J[0], layer, 0.0, max_new_tokens)
+    steered = steered_greedy(model, t_ids, J[0], layer, strength, max_new_tokens)
+    baseline = steered_greedy(model, t_ids, J[0], layer, 0.0, max_new_tokens)
     lp_s, lp_b = _logprobs(steered[1], targets), _logprobs(baseline[1], targets)
     return SteeringResult(concept, text, layer, strength, targets, steered[0], baseline[0],
                           model.decode(steered[0]), model.decode(baseline[0]), steered[1], baseline[1], lp_s, lp_b,
@@ -239,7 +230,7 @@ def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[in
     timings["concept maps"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
     with stage("baseline generation (compile + run)", quiet):
-        base_ids, base_logits = _run(model, t_ids, J[0], layers[0], 0.0, max_new_tokens)
+        base_ids, base_logits = steered_greedy(model, t_ids, J[0], layers[0], 0.0, max_new_tokens)
     timings["baseline generation"] = round(time.perf_counter() - start, 3)
     base_lp = float(_logprobs(base_logits, targets).mean())
     lift = np.zeros((len(layers), len(strengths)))
@@ -251,7 +242,7 @@ def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[in
             for j, lam in enumerate(strengths):
                 runs = {}
                 for name, op in (("steered", J[i]), ("control", controls[i])):
-                    ids, logits = _run(model, t_ids, op, l, float(lam), max_new_tokens)
+                    ids, logits = steered_greedy(model, t_ids, op, l, float(lam), max_new_tokens)
                     runs[name] = (model.decode(ids), float(_logprobs(logits, targets).mean()) - base_lp)
                     bar.update()
                 lift[i, j], control_lift[i, j] = runs["steered"][1], runs["control"][1]
