@@ -43,8 +43,7 @@ from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed, final_norm, layer_slice, run_layers, streams_entering
 from eqlin.errors import InputError
-from eqlin.linear_maps import (constant_term, cumulative_fn, plan_fold, pull_back_rows, relative_error,
-                               single_layer_fn)
+from eqlin.linear_maps import constant_term, cumulative_fn, layer_fn, plan_fold, pull_back_rows, relative_error
 from eqlin.memory import activation_elems, choose_chunk, fold_elems, fold_pays, format_bytes, memory_limit_bytes
 from eqlin.model import Model
 from eqlin.params import Params
@@ -291,13 +290,10 @@ def _single_layer(params: Params, config: ModelConfig, h_in: Array, layer: Array
                   ) -> tuple[Array, Array, Array]:
     """The three single-scope maps of layer `layer` (traced) from its input stream h_in (T, d):
     y (P, d), G (P, d, d), r (P, d)."""
-    p = jax.tree_util.tree_map(lambda a: a[layer], params.layers)
-    window, rope = jnp.asarray(config.layer_windows())[layer], jnp.asarray(config.layer_rope_index())[layer]
-    f = single_layer_fn(params, config, PARTS, True, h_in.shape[0], fold=fold, tap=tap)
-    y, vjp = jax.vjp(lambda v: f(p, window, rope, v), h_in)
+    y, vjp = jax.vjp(layer_fn(params, config, layer, PARTS, True, h_in.shape[0], fold=fold, tap=tap), h_in)
     rows = pull_back_rows(vjp, y, jnp.arange(y.size), chunk).reshape(*y.shape, -1)  # (P, d, T·d)
-    c = constant_term(lambda d: lambda v: single_layer_fn(params, config, PARTS, d, h_in.shape[0], tap=tap)(
-        p, window, rope, v), h_in, y, config, True)
+    c = constant_term(lambda d: layer_fn(params, config, layer, PARTS, d, h_in.shape[0], tap=tap), h_in, y, config,
+                      True)
     return y, jax.vmap(_gram)(rows), jnp.einsum("pok,k->po", rows, h_in.reshape(-1), precision=HIGHEST) + c
 
 

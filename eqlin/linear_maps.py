@@ -186,6 +186,15 @@ def single_layer_fn(params: Params, config: ModelConfig, part: Part | tuple[Part
     return f
 
 
+def layer_fn(params: Params, config: ModelConfig, layer: int | Array, part: Part | tuple[Part, ...], detach: Detach,
+             length: int, *, fold: bool = False, tap: Tap = "post") -> Callable[[Array], Array]:
+    """`single_layer_fn` bound to layer `layer` (an int or a traced index): h_in (T, d) -> (d,) or (P, d)."""
+    f = single_layer_fn(params, config, part, detach, length, fold=fold, tap=tap)
+    p = jax.tree_util.tree_map(lambda a: a[layer], params.layers)
+    window, rope = jnp.asarray(config.layer_windows())[layer], jnp.asarray(config.layer_rope_index())[layer]
+    return lambda h_in: f(p, window, rope, h_in)
+
+
 # --------------------------------------------------------------------------------------------------
 # Jacobian of a function R^(T×d) -> R^(...×d_out), linearized once, basis pushed through in chunks.
 
@@ -398,10 +407,7 @@ def target_fn(params: Params, config: ModelConfig, length: int, layer: int | Non
     if scope == "cumulative":
         f = cumulative_fn(params, config, None if layer is None else (layer,), part, detach)
         return f if layer is None else (lambda v: f(v)[0])
-    g = single_layer_fn(params, config, part, detach, length)
-    p = jax.tree_util.tree_map(lambda a: a[layer], params.layers)
-    w, r = config.layer_windows()[layer], config.layer_rope_index()[layer]
-    return lambda v: g(p, jnp.asarray(w), jnp.asarray(r), v)
+    return layer_fn(params, config, layer, part, detach, length)
 
 
 def target_constant(params: Params, config: ModelConfig, v: Array, y: Array, layer: int | None, part: Part,
