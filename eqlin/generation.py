@@ -26,8 +26,8 @@ from eqlin.params import LayerParams, Params
 Array = jax.Array
 
 
-def cached_layer(h: Array, p: LayerParams, keys: Array, values: Array, pos: Array, cos: Array, sin: Array, window: Array,
-                 config: ModelConfig) -> tuple[Array, Array, Array]:
+def cached_layer(h: Array, p: LayerParams, keys: Array, values: Array, pos: Array, cos: Array, sin: Array,
+                 window: Array, config: ModelConfig) -> tuple[Array, Array, Array]:
     """`eqlin.decoder.decoder_layer` for the one token at position `pos`, its keys and values written into
     the layer's cache. h (d,); keys, values (B, K, hd) hold positions < pos; cos, sin (r,) at pos.
     Returns (h_out (d,), keys, values). The same blocks as the full forward (projections, q/k norms,
