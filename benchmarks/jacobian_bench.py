@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eqlin  # noqa: E402
 from eqlin.batch import detached_jacobians  # noqa: E402
-from eqlin.linear_maps import _linearize  # noqa: E402
+from eqlin.linear_maps import jacobian_arrays  # noqa: E402
 from eqlin.memory import estimate_jacobian_bytes, fold_pays, memory_limit_bytes, resolve_chunk  # noqa: E402
 from eqlin.outputs import write_json_atomic  # noqa: E402
 from tests import torch_reference as ref  # noqa: E402
@@ -148,7 +148,7 @@ def eqlin_case(model: eqlin.Model, ids: np.ndarray, fold: bool) -> dict:
     x = model.embed(ids)
     kw = dict(layers=None, part="residual", scope="cumulative", detach=True, mode="rev", chunk=chunk, fold=fold)
     start = time.perf_counter()
-    compiled = _linearize.lower(model.params, model.config, x, **kw).compile()
+    compiled = jacobian_arrays.lower(model.params, model.config, x, **kw).compile()
     compile_s = time.perf_counter() - start
     with PeakRSS() as mem:
         run_s, out = best_of(lambda: jax.block_until_ready(compiled(model.params, x)))

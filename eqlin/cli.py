@@ -321,7 +321,8 @@ def _steer(args: argparse.Namespace) -> int:
     from eqlin.errors import InputError
     from eqlin.outputs import check_output_dir, json_text
     from eqlin.selection import check_layers_spec, parse_layers
-    from eqlin.steering import steering_sweep, summary, write_sweep
+    from eqlin.steering import steering_sweep
+    from eqlin.steering_report import summary, write_sweep
 
     example = "both, e.g. --concept \"The bridge out of Marin is the Golden\" --text \"Here is a painting of the\""
     concept, text = _text(args.concept, "--concept", example), _text(args.text, "--text", example)

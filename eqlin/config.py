@@ -19,10 +19,9 @@ from typing import Any, Callable, Literal, Mapping
 import numpy as np
 
 from eqlin.checks import check_int, check_real
-from eqlin.errors import ConfigError
+from eqlin.errors import ConfigError, name_list
 
 Family = Literal["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "olmo2", "gpt2"]
-NormLayout = Literal["pre", "sandwich", "post"]
 NormKind = Literal["rms", "layer"]
 Activation = Literal["silu", "gelu_tanh", "gelu"]
 
@@ -93,9 +92,9 @@ class RopeSpec:
 class ModelConfig:
     """Everything the pure forward pass needs to know about one decoder.
 
-    Norms: `norm_offset` is 1.0 for Gemma's `x·(1+w)` RMSNorm and 0.0 for `x·w`. `norm_layout` is
-    "pre" (Llama, Qwen, Mistral, Phi: norm before attention and MLP), "sandwich" (Gemma 3: also a norm
-    on each branch output before the residual add) or "post" (OLMo 2: only the branch-output norms).
+    Norms: `norm_offset` is 1.0 for Gemma's `x·(1+w)` RMSNorm and 0.0 for `x·w`. Which norms a layer has
+    (its layout: pre, sandwich, post) is the family's `NORM_NAMES` (`eqlin.families`): the LayerParams
+    norm fields present.
     `qk_norm` is "head" for per-head q/k RMSNorm over head_dim (Qwen 3, Gemma 3), "full" for RMSNorm
     over the whole q/k projection before the head split (OLMo 2), or None. RoPE rotates the first
     `rotary_dim` features of each head (Phi's partial rotary; None: all of head_dim).
@@ -118,7 +117,6 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     norm_offset: float
-    norm_layout: NormLayout
     qk_norm: Literal["head", "full"] | None
     activation: Activation
     embed_scale: float
@@ -131,8 +129,6 @@ class ModelConfig:
     max_position_embeddings: int
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
     rotary_dim: int | None = None
     biases: tuple[str, ...] = ()
     norm_kind: NormKind = "rms"
@@ -312,7 +308,7 @@ def check_keys(hf: dict[str, Any], family: str, handled: frozenset[str], ignored
     problems = []
     if unknown:
         problems.append(f"keys eqlin does not know for {family}: "
-                        + ", ".join(f"{k}={_show(hf[k])}" for k in unknown[:8]) + (" …" if len(unknown) > 8 else "")
+                        + name_list([f"{k}={_show(hf[k])}" for k in unknown])
                         + " (remove each from config.json only if you know it leaves the computation unchanged)")
     if changed:
         problems.append("options eqlin supports only at transformers' default: "
@@ -459,10 +455,13 @@ def activation_from_hf(hf: dict[str, Any], key: str, supported: dict[str, Activa
     return supported[name]
 
 
-def single_token_id(hf: dict[str, Any], key: str, default: Any = None) -> int | None:
-    """A special token id: HF configs give eos_token_id as an int or a list; keep the first."""
-    value = hf.get(key, default)
-    if isinstance(value, list):
-        ids = [check_int(f"config.json {key!r} entries", v, 0, MAX_SIZE, FIX, error=ConfigError) for v in value]
-        return ids[0] if ids else None
-    return None if value is None else check_int(f"config.json {key!r}", value, 0, MAX_SIZE, FIX, error=ConfigError)
+def check_token_ids(hf: dict[str, Any]) -> None:
+    """Refuse a malformed bos_token_id or eos_token_id (an id, a list of ids, or null). eqlin takes its
+    special tokens from the tokenizer, so the values are only checked."""
+    for key in ("bos_token_id", "eos_token_id"):
+        value = hf.get(key)
+        if isinstance(value, list):
+            for v in value:
+                check_int(f"config.json {key!r} entries", v, 0, MAX_SIZE, FIX, error=ConfigError)
+        elif value is not None:
+            check_int(f"config.json {key!r}", value, 0, MAX_SIZE, FIX, error=ConfigError)

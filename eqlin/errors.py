@@ -3,6 +3,8 @@ fix it; the CLI turns every one of them into exit code 2."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 
 class EqlinError(ValueError):
     """Base class: bad input, an unsupported model or an unusable environment."""
@@ -34,3 +36,8 @@ class OutputError(InputError):
 
 class NonFiniteError(EqlinError):
     """A result holds NaN or infinity (an overflow, usually in float32); nothing was written."""
+
+
+def name_list(items: Sequence[str], most: int = 8) -> str:
+    """The first `most` items comma-separated, then ' …' if there are more: how messages list names."""
+    return ", ".join(items[:most]) + (" …" if len(items) > most else "")

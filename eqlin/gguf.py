@@ -16,7 +16,7 @@ llama.cpp conventions undone here (each mirrors its converter, convert_hf_to_ggu
   to the `llama3` rope parameters it came from (and refused if it matches none);
 - Gemma 3 facts llama.cpp hard-codes rather than stores: every 6th layer global, local RoPE base 10k,
   query scale 1/sqrt(head_dim) (1/sqrt(d/heads) for the 62-layer 27B).
-The tokenizer is rebuilt from the vocabulary in the metadata the way transformers rebuilds it.
+The tokenizer is rebuilt from the vocabulary in the metadata (`eqlin.gguf_tokenizer`).
 """
 
 from __future__ import annotations
@@ -29,62 +29,51 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import gguf
 import numpy as np
-import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from eqlin import userdirs
-from eqlin.config import BIAS_FAMILIES, FULL_ATTENTION, SLIDING_ATTENTION, RopeSpec
+from eqlin.config import FULL_ATTENTION, SLIDING_ATTENTION, RopeSpec
 from eqlin.errors import ConfigError, OutputError, WeightsError
-from eqlin.families import config_from_hf, spec_for
-from eqlin.loading import expected_tensors
+from eqlin.families import config_from_hf, gemma3, spec_for
+from eqlin.gguf_tokenizer import tokenizer_from_metadata
+from eqlin.loading import expected_tensors, layer_modules, mismatch_text, refuse_bias_tensors
 from eqlin.memory import format_bytes
 from eqlin.outputs import clean_temps, fsync_dir, json_text, remove, replace_folder, temp_path, write_file_durable
 from eqlin.safetensors_io import SafetensorsFile, write_safetensors
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("gemma3", "llama", "qwen2", "qwen3")
-_ARCHITECTURE_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# llama.cpp architecture -> (HF model_type, HF class) of the converted folder.
+_ARCHITECTURES = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM"), "llama": ("llama", "LlamaForCausalLM"),
+                  "qwen2": ("qwen2", "Qwen2ForCausalLM"), "qwen3": ("qwen3", "Qwen3ForCausalLM")}
+SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 # Bump when the converted folder's content changes: the cache folder's name carries it, so a new
 # version converts into a new folder and never replaces one that an older eqlin may be reading.
 CONVERTER_VERSION = 2
 MANIFEST = "eqlin_gguf.json"
 
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-# Where the names differ by family: llama.cpp's `ffn_norm` is the norm before the MLP in both layouts.
-_FAMILY_LAYER_NAMES = {
-    "gemma3": {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-               "post_ffw_norm": "post_feedforward_layernorm"},
-    "llama": {"ffn_norm": "post_attention_layernorm"},
-    "qwen2": {"ffn_norm": "post_attention_layernorm"},
-    "qwen3": {"ffn_norm": "post_attention_layernorm"},
+# llama.cpp's per-layer tensor names -> eqlin's LayerParams fields; each family's HF module names for these
+# (`eqlin.loading.layer_modules`) give the HF tensor. `ffn_norm` is the norm before the MLP in every layout.
+_LAYER_FIELDS = {
+    "attn_norm": "attn_in_norm",
+    "attn_q": "q_proj",
+    "attn_k": "k_proj",
+    "attn_v": "v_proj",
+    "attn_output": "o_proj",
+    "attn_q_norm": "q_norm",
+    "attn_k_norm": "k_norm",
+    "post_attention_norm": "attn_out_norm",
+    "ffn_norm": "mlp_in_norm",
+    "ffn_gate": "gate_proj",
+    "ffn_up": "up_proj",
+    "ffn_down": "down_proj",
+    "post_ffw_norm": "mlp_out_norm",
 }
 _TENSOR_NAME = re.compile(r"(?:blk\.(?P<layer>\d+)\.)?(?P<name>\w+)\.(?P<kind>weight|bias)")
-
-# Pre-tokenizer splits of the byte-level vocabularies eqlin's families use (as transformers spells them).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_BYTE_LEVEL_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-                      "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 def default_model_path() -> Path:
@@ -175,7 +164,7 @@ def convert_gguf(path: Path, out: Path) -> Path:
     tensors = {t.name: t for t in reader.tensors}
     try:
         hf_config = _hf_config(arch, meta, tensors, path)
-        tokenizer = _tokenizer(arch, meta, path)
+        tokenizer = tokenizer_from_metadata(arch, meta, path)
     except (TypeError, KeyError, IndexError, AttributeError) as e:
         raise WeightsError(f"{path}: malformed metadata ({type(e).__name__}: {e}); the file is corrupt") from None
 
@@ -331,10 +320,10 @@ def _hf_config(arch: str, meta: dict[str, Any], tensors: dict[str, Any], path: P
 
     if arch == "gemma3":
         window = meta.get("gemma3.attention.sliding_window") or None
-        layer_types = [SLIDING_ATTENTION if window and (i + 1) % 6 else FULL_ATTENTION for i in range(layers)]
+        layer_types = list(gemma3.default_layer_types(layers)) if window else [FULL_ATTENTION] * layers
         return {
-            "architectures": ["Gemma3ForCausalLM"],
-            "model_type": "gemma3_text",
+            "architectures": [_ARCHITECTURES[arch][1]],
+            "model_type": _ARCHITECTURES[arch][0],
             **config,
             "hidden_activation": "gelu_pytorch_tanh",
             "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
@@ -355,8 +344,8 @@ def _hf_config(arch: str, meta: dict[str, Any], tensors: dict[str, Any], path: P
     else:
         config["mlp_bias"] = False
     return {
-        "architectures": [_ARCHITECTURE_CLASSES[arch]],
-        "model_type": arch,
+        "architectures": [_ARCHITECTURES[arch][1]],
+        "model_type": _ARCHITECTURES[arch][0],
         **config,
         "hidden_act": "silu",
         "rope_parameters": full_rope,
@@ -394,15 +383,16 @@ def _dequantize(tensor: Any) -> np.ndarray:
     return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
 
 
-def _hf_name(arch: str, gguf_name: str) -> str | None:
+def _hf_name(modules: Mapping[str, str], gguf_name: str) -> str | None:
+    """The HF name of a GGUF tensor, given the family's per-layer module names (`layer_modules`)."""
     match = _TENSOR_NAME.fullmatch(gguf_name)
     if match is None:
         return None
     layer, name, kind = match["layer"], match["name"], match["kind"]
     if layer is None:
         return f"{_TOP_NAMES[name]}.{kind}" if name in _TOP_NAMES else None
-    hf = _LAYER_NAMES.get(name) or _FAMILY_LAYER_NAMES[arch].get(name)
-    return f"model.layers.{layer}.{hf}.{kind}" if hf else None
+    module = modules.get(_LAYER_FIELDS.get(name))
+    return f"model.layers.{layer}.{module}.{kind}" if module else None
 
 
 def _hf_weights(arch: str, tensors: dict[str, Any], hf_config: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
@@ -410,19 +400,15 @@ def _hf_weights(arch: str, tensors: dict[str, Any], hf_config: dict[str, Any], p
     spec = spec_for(hf_config)
     config = config_from_hf(hf_config)
     expected = expected_tensors(config, spec, "model.", "lm_head.")
-    names = {g: _hf_name(arch, g) for g in tensors if g != "rope_freqs.weight"}
+    modules = layer_modules(spec)
+    names = {g: _hf_name(modules, g) for g in tensors if g != "rope_freqs.weight"}
     biases = sorted(g for g, h in names.items() if h is not None and h.endswith(".bias") and h not in expected)
     unknown = sorted(g for g, h in names.items() if h is None or (h not in expected and g not in biases))
     missing = sorted(set(expected) - set(names.values()))
-    if biases:
-        raise WeightsError(
-            f"{path.name} has biases on the linear path ({', '.join(biases[:5])}) that a {arch} model does not have; "
-            f"eqlin computes the exact affine map y = Σ_t J_t x_t + c only for the bias layouts of {BIAS_FAMILIES}"
-        )
+    refuse_bias_tensors(biases, arch, path.name)
     if unknown or missing:
-        parts = [f"{label}: {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
-                 for label, items in (("unexpected tensors", unknown), ("missing tensors", missing)) if items]
-        raise WeightsError(f"{path.name} does not hold a {arch} model eqlin understands; " + "; ".join(parts))
+        raise WeightsError(f"{path.name} does not hold a {arch} model eqlin understands; "
+                           + mismatch_text({"unexpected tensors": unknown, "missing tensors": missing}))
 
     weights = {}
     for gguf_name, hf_name in names.items():
@@ -444,132 +430,6 @@ def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     the rows as interleaved (even, odd) pairs; HF keeps the two rotary halves contiguous."""
     rows = w.shape[0]
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-# --- tokenizer --------------------------------------------------------------------------------------
-
-
-def _tokenizer(arch: str, meta: dict[str, Any], path: Path) -> tuple[tokenizers.Tokenizer, dict[str, Any]] | None:
-    """The tokenizer described by the metadata, as transformers' GGUF loader rebuilds it, and its
-    tokenizer_config.json; None if the file carries no vocabulary."""
-    kind = meta.get("tokenizer.ggml.model")
-    if kind is None:
-        return None
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    token_types: list[int] = meta.get("tokenizer.ggml.token_type") or []
-    if kind == "llama" and arch == "gemma3":
-        tok, vocab = _gemma_tokenizer(tokens)
-        byte_level = False
-    elif kind == "gpt2":
-        tok, vocab = _byte_level_tokenizer(meta, path)
-        byte_level = True
-    else:
-        raise ConfigError(
-            f"{path.name}: tokenizer model {kind!r} for architecture {arch!r} is not supported; eqlin rebuilds "
-            "'llama' (sentencepiece) vocabularies for gemma3 and 'gpt2' (byte-level BPE) ones for llama, qwen2 and "
-            "qwen3"
-        )
-
-    # Control tokens are special; user-defined ones are matched whole but are not special.
-    alphabet = set(_bytes_to_unicode().values())
-    control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, token_types)
-               if k == _CONTROL and (not byte_level or set(t) <= alphabet)]
-    tok.add_special_tokens(control)
-    known = set(vocab) | {t.content for t in control}
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, token_types)
-                    if k == _USER_DEFINED and t in known])
-
-    def role(id_key: str) -> str | None:
-        token_id = meta.get(f"tokenizer.ggml.{id_key}")
-        return tokens[token_id] if token_id is not None and token_id < len(tokens) else None
-
-    bos, eos = role("bos_token_id"), role("eos_token_id")
-    # llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")) and bos is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-    special = [(bos, meta["tokenizer.ggml.bos_token_id"])] if add_bos else []
-    special += [(eos, meta["tokenizer.ggml.eos_token_id"])] if add_eos else []
-    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
-    tokenizer_config = {
-        "tokenizer_class": "GemmaTokenizer" if kind == "llama" else "PreTrainedTokenizerFast",
-        "bos_token": bos,
-        "eos_token": eos,
-        "unk_token": role("unknown_token_id"),
-        "pad_token": role("padding_token_id"),
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "model_max_length": meta.get(f"{arch}.context_length"),
-        "clean_up_tokenization_spaces": False,
-    }
-    return tok, tokenizer_config
-
-
-def _gemma_tokenizer(tokens: list[str]) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
-    """Gemma's sentencepiece vocabulary as a BPE with byte fallback (transformers' GemmaTokenizer).
-
-    Two repairs, as transformers makes them: tokens made of 2+ spaces are stored as real spaces but
-    looked up as "▁▁…", so they are respelled; and the file has no merges, so they are rebuilt from
-    the vocabulary with the file order (not the scores) as the merge priority.
-    """
-    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    priority = {t: -i for i, t in enumerate(tokens)}
-    model = models.BPE(vocab=vocab, merges=_merges_from_vocab(vocab, priority), fuse_unk=True, unk_token="<unk>",
-                       dropout=None, byte_fallback=True)
-    tok = tokenizers.Tokenizer(model)
-    tok.normalizer = normalizers.Replace(" ", "\u2581")
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    return tok, vocab
-
-
-def _merges_from_vocab(vocab: dict[str, int], priority: dict[str, int]) -> list[tuple[str, str]]:
-    """Every split of a token into two tokens, best first: by the token's priority (higher first), then
-    longer left part, then longer right part (transformers' `generate_merges`, same tie order)."""
-    merges = []
-    for token, score in priority.items():
-        local = [(token[:i], token[i:], score) for i in range(1, len(token))
-                 if token[:i] in vocab and token[i:] in vocab]
-        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(left, right) for left, right, _ in merges]
-
-
-def _byte_level_tokenizer(meta: dict[str, Any], path: Path) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
-    """A byte-level BPE (Llama 3, Qwen 2, Qwen 3) from the file's tokens and merges, with the pre-tokenizer
-    split its `tokenizer.ggml.pre` names."""
-    pre = meta.get("tokenizer.ggml.pre")
-    if pre not in _BYTE_LEVEL_SPLITS:
-        raise ConfigError(
-            f"{path.name}: byte-level pre-tokenizer {pre!r} is not supported; "
-            f"supported: {', '.join(_BYTE_LEVEL_SPLITS)}"
-        )
-    if "tokenizer.ggml.merges" not in meta:
-        raise WeightsError(f"{path.name}: a byte-level (gpt2) vocabulary without tokenizer.ggml.merges")
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-             for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
-    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                          end_of_word_suffix="", fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_BYTE_LEVEL_SPLITS[pre]), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    return tok, vocab
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table: printable Latin-1 bytes stand for
-    themselves, the other 68 bytes for chr(256), chr(257), ..."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 # --- cache ------------------------------------------------------------------------------------------

@@ -43,8 +43,7 @@ from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed, final_norm, layer_slice, run_layers, streams_entering
 from eqlin.errors import InputError
-from eqlin.linear_maps import (constant_term, cumulative_fn, plan_fold, pull_back_rows, relative_error,
-                               single_layer_fn)
+from eqlin.linear_maps import constant_term, cumulative_fn, layer_fn, plan_fold, pull_back_rows, relative_error
 from eqlin.memory import activation_elems, choose_chunk, fold_elems, fold_pays, format_bytes, memory_limit_bytes
 from eqlin.model import Model
 from eqlin.params import Params
@@ -234,8 +233,8 @@ def causal_work(length: int, groups: list[tuple[int, int]]) -> float:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "layers", "tap", "fold"))
-def _linearize_all(params: Params, config: ModelConfig, x: Array, prefix: Array | None, *, layers: tuple[int, ...],
-                   tap: Tap, fold: bool) -> tuple[Array, Callable[[Array], Array]]:
+def _all_maps_jvp(params: Params, config: ModelConfig, x: Array, prefix: Array | None, *, layers: tuple[int, ...],
+                  tap: Tap, fold: bool) -> tuple[Array, Callable[[Array], Array]]:
     """y (P, n, d) and the linearized map x ↦ every (part, layer) output, for x the positions after the
     first s, whose streams are held at prefix (layers run, s, d) (None: s = 0)."""
     return jax.linearize(cumulative_fn(params, config, layers, PARTS, True, fold=fold, tap=tap, prefix=prefix), x)
@@ -291,13 +290,10 @@ def _single_layer(params: Params, config: ModelConfig, h_in: Array, layer: Array
                   ) -> tuple[Array, Array, Array]:
     """The three single-scope maps of layer `layer` (traced) from its input stream h_in (T, d):
     y (P, d), G (P, d, d), r (P, d)."""
-    p = jax.tree_util.tree_map(lambda a: a[layer], params.layers)
-    window, rope = jnp.asarray(config.layer_windows())[layer], jnp.asarray(config.layer_rope_index())[layer]
-    f = single_layer_fn(params, config, PARTS, True, h_in.shape[0], fold=fold, tap=tap)
-    y, vjp = jax.vjp(lambda v: f(p, window, rope, v), h_in)
+    y, vjp = jax.vjp(layer_fn(params, config, layer, PARTS, True, h_in.shape[0], fold=fold, tap=tap), h_in)
     rows = pull_back_rows(vjp, y, jnp.arange(y.size), chunk).reshape(*y.shape, -1)  # (P, d, T·d)
-    c = constant_term(lambda d: lambda v: single_layer_fn(params, config, PARTS, d, h_in.shape[0], tap=tap)(
-        p, window, rope, v), h_in, y, config, True)
+    c = constant_term(lambda d: layer_fn(params, config, layer, PARTS, d, h_in.shape[0], tap=tap), h_in, y, config,
+                      True)
     return y, jax.vmap(_gram)(rows), jnp.einsum("pok,k->po", rows, h_in.reshape(-1), precision=HIGHEST) + c
 
 
@@ -421,7 +417,7 @@ def _cumulative_fwd(model: Model, x: Array, layers: tuple[int, ...], tap: Tap, l
     with steps("cumulative layer maps (forward)", sum(-(-n // c) for _, n, c in plan), quiet) as bar:
         for first, n, c in plan:
             prefix = streams[:, :first] if first else None
-            y_group, jvp = _linearize_all(model.params, config, x[first:], prefix, layers=layers, tap=tap, fold=fold)
+            y_group, jvp = _all_maps_jvp(model.params, config, x[first:], prefix, layers=layers, tap=tap, fold=fold)
             if y is None:
                 y, G = y_group, jnp.zeros((*y_group.shape, d), x.dtype)
                 r = _constants_all(model.params, config, x, layers=layers, tap=tap)  # the chunks add Σ_t J_t x_t

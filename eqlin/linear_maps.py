@@ -99,7 +99,7 @@ class Linearization:
     def select(self, i: int) -> Linearization:
         """The i-th map of a multi-layer Linearization."""
         if not isinstance(self.layer, tuple):
-            raise ValueError("select() needs a Linearization over several layers")
+            raise InputError("select() needs a Linearization over several layers")
         stacked = ("jacobian", "output", "contributions", "relative_error", "constant")
         if self.scope == "single":  # each layer's own input; cumulative maps share the input embeddings (T, d)
             stacked += ("inputs",)
@@ -186,6 +186,15 @@ def single_layer_fn(params: Params, config: ModelConfig, part: Part | tuple[Part
     return f
 
 
+def layer_fn(params: Params, config: ModelConfig, layer: int | Array, part: Part | tuple[Part, ...], detach: Detach,
+             length: int, *, fold: bool = False, tap: Tap = "post") -> Callable[[Array], Array]:
+    """`single_layer_fn` bound to layer `layer` (an int or a traced index): h_in (T, d) -> (d,) or (P, d)."""
+    f = single_layer_fn(params, config, part, detach, length, fold=fold, tap=tap)
+    p = jax.tree_util.tree_map(lambda a: a[layer], params.layers)
+    window, rope = jnp.asarray(config.layer_windows())[layer], jnp.asarray(config.layer_rope_index())[layer]
+    return lambda h_in: f(p, window, rope, h_in)
+
+
 # --------------------------------------------------------------------------------------------------
 # Jacobian of a function R^(T×d) -> R^(...×d_out), linearized once, basis pushed through in chunks.
 
@@ -227,10 +236,12 @@ def finish(y: Array, J: Array, x: Array, constant: Array | None = None) -> tuple
 
 @functools.partial(jax.jit, static_argnames=("config", "layers", "part", "scope", "detach", "mode", "chunk", "fold",
                                              "tap"))
-def _linearize(params: Params, config: ModelConfig, x: Array, *, layers: tuple[int, ...] | None, part: Part,
-               scope: Scope, detach: bool, mode: str, chunk: int | None, fold: bool = False, tap: Tap = "post"
-               ) -> tuple[Array, ...]:
-    """The jitted core of `detached_jacobian`: returns (J, inputs, y, contributions, relative_error, constant)."""
+def jacobian_arrays(params: Params, config: ModelConfig, x: Array, *, layers: tuple[int, ...] | None, part: Part,
+                    scope: Scope, detach: bool, mode: str, chunk: int | None, fold: bool = False, tap: Tap = "post"
+                    ) -> tuple[Array, ...]:
+    """The jitted core of `linearize` for input embeddings x (T, d): (J, inputs, y, contributions,
+    relative_error, constant), shaped as `Linearization`'s fields with a leading layer axis when `layers`
+    is given."""
     if scope == "cumulative":
         f = cumulative_fn(params, config, layers, part, detach, fold=fold, tap=tap)
         y, J = jacobian_of(f, x, mode=mode, chunk=chunk)
@@ -294,8 +305,8 @@ def linearize(model: Model, inputs, *, detach: bool, layer=None, part: Part = "r
                      fits=fits)
     chunk = resolve_chunk(config, length, n_maps, mode, chunk, itemsize, limit, fold=fold)
     x = embed(model.params, config, jnp.asarray(ids))
-    J, xs, y, contributions, err, c = _linearize(model.params, config, x, layers=layers, part=part, scope=scope,
-                                                 detach=detach, mode=mode, chunk=chunk, fold=fold, tap=tap)
+    J, xs, y, contributions, err, c = jacobian_arrays(model.params, config, x, layers=layers, part=part, scope=scope,
+                                                      detach=detach, mode=mode, chunk=chunk, fold=fold, tap=tap)
     layer_meta = layers[0] if layers is not None and single_layer(layer) else layers
     if not isinstance(layer_meta, tuple) and layers is not None:  # one layer: drop the stacking axis
         J, y, contributions, err, c = J[0], y[0], contributions[0], err[0], c[0]
@@ -396,10 +407,7 @@ def target_fn(params: Params, config: ModelConfig, length: int, layer: int | Non
     if scope == "cumulative":
         f = cumulative_fn(params, config, None if layer is None else (layer,), part, detach)
         return f if layer is None else (lambda v: f(v)[0])
-    g = single_layer_fn(params, config, part, detach, length)
-    p = jax.tree_util.tree_map(lambda a: a[layer], params.layers)
-    w, r = config.layer_windows()[layer], config.layer_rope_index()[layer]
-    return lambda v: g(p, jnp.asarray(w), jnp.asarray(r), v)
+    return layer_fn(params, config, layer, part, detach, length)
 
 
 def target_constant(params: Params, config: ModelConfig, v: Array, y: Array, layer: int | None, part: Part,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from eqlin.config import BIAS_FAMILIES, ModelConfig
-from eqlin.errors import InputError, PrecisionError, WeightsError
+from eqlin.errors import InputError, PrecisionError, WeightsError, name_list
 from eqlin.families import FamilySpec
 from eqlin.params import LayerParams, Params, expected_shapes, param_shardings
 from eqlin.safetensors_io import SafetensorsFile
@@ -135,6 +135,27 @@ def open_weight_files(folder: Path) -> dict[str, SafetensorsFile]:
     )
 
 
+def layer_modules(spec: FamilySpec) -> dict[str, str]:
+    """eqlin's per-layer weight fields -> HF module names under `layers.{i}.` (Llama's layout)."""
+    return _PROJ_NAMES | dict(spec.norm_names)
+
+
+def refuse_bias_tensors(biases: Sequence[str], family: str, source: str) -> None:
+    """Refuse `biases`, bias tensors in `source` (a checkpoint, a file) that a `family` model does not have:
+    on the linear path they would make the map affine, which eqlin computes only for BIAS_FAMILIES."""
+    if biases:
+        raise WeightsError(
+            f"{source} has biases on the linear path ({name_list(biases, 5)}) that a {family} model does not have; "
+            f"eqlin computes the exact affine map y = Σ_t J_t x_t + c only for the bias layouts of {BIAS_FAMILIES}; "
+            "this checkpoint is not supported"
+        )
+
+
+def mismatch_text(groups: Mapping[str, Sequence[str]]) -> str:
+    """'label (n): names; …' for each non-empty group of tensor names (missing, unexpected, …)."""
+    return "; ".join(f"{label} ({len(items)}): {name_list(items)}" for label, items in groups.items() if items)
+
+
 def _rows(config: ModelConfig, spec: FamilySpec, fields: tuple[str, ...]) -> list[int]:
     """Rows each field takes in a (possibly fused) tensor."""
     shapes = expected_shapes(config, tuple(spec.norm_names))
@@ -172,7 +193,7 @@ def expected_tensors(config: ModelConfig, spec: FamilySpec, prefix: str, head: s
     if not config.tie_word_embeddings:
         out[f"{head}weight"] = Expected(("lm_head",), None, (V, d))
     shapes = expected_shapes(config, tuple(spec.norm_names))
-    names = {**{f: f"{m}.weight" for f, m in (_PROJ_NAMES | dict(spec.norm_names)).items()},
+    names = {**{f: f"{m}.weight" for f, m in layer_modules(spec).items()},
              **{f: f"{m}.bias" for f, m in _BIAS_NAMES.items()}, **spec.layer_tensors}
     groups = dict(spec.fused)
     fused_fields = {f for members in groups.values() for f in members}
@@ -218,18 +239,11 @@ def check_tensors(files: dict[str, SafetensorsFile], config: ModelConfig, spec: 
                  for n in sorted(names & set(expected)) if files[n].header[n][1] != expected[n][2]]
     not_float = [f"{n}: {files[n].header[n][0]}" for n in sorted(names & set(expected))
                  if files[n].header[n][0].kind != "f" and files[n].header[n][0] != jnp.bfloat16]
-    if biases:
-        raise WeightsError(
-            f"checkpoint has biases on the linear path ({', '.join(biases[:5])}{' …' if len(biases) > 5 else ''}) "
-            f"that a {config.family} model does not have; eqlin computes the exact affine map y = Σ_t J_t x_t + c "
-            f"only for the bias layouts of {BIAS_FAMILIES}; this checkpoint is not supported"
-        )
+    refuse_bias_tensors(biases, config.family, "checkpoint")
     if missing or unexpected or misshaped or not_float:
-        parts = [f"{label} ({len(items)}): {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped),
-                                      ("not floating point (quantized checkpoints are not supported)", not_float))
-                 if items]
-        raise WeightsError(f"weights in {folder} do not match config.json: " + "; ".join(parts))
+        raise WeightsError(f"weights in {folder} do not match config.json: " + mismatch_text({
+            "missing": missing, "unexpected": unexpected, "wrong shape": misshaped,
+            "not floating point (quantized checkpoints are not supported)": not_float}))
     check_tied_head(files, config, prefix, head)
     return expected
 
@@ -247,7 +261,7 @@ def read_finite(files: dict[str, SafetensorsFile], names, dtype: np.dtype) -> di
         arrays[name] = a
     if bad:
         raise WeightsError(f"tensors hold NaN or infinite values (as {np.dtype(dtype).name}): "
-                           f"{', '.join(bad[:8])}{' …' if len(bad) > 8 else ''}; the checkpoint is corrupt (or "
+                           f"{name_list(bad)}; the checkpoint is corrupt (or "
                            "out of this dtype's range): replace it")
     return arrays
 

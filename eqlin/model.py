@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from eqlin import decoder as fwd
+from eqlin import decoder
 from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError
@@ -24,8 +24,8 @@ from eqlin.tokenizer import Tokenizer
 
 Array = jax.Array
 
-forward_jit = jax.jit(fwd.forward, static_argnames=("config", "detach", "collect"))
-_embed_jit = jax.jit(fwd.embed, static_argnames=("config",))
+forward_jit = jax.jit(decoder.forward, static_argnames=("config", "detach", "collect"))
+_embed_jit = jax.jit(decoder.embed, static_argnames=("config",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Model:
         (Gemma: table rows × √d)."""
         return _embed_jit(self.params, self.config, jnp.asarray(self.ids(inputs)))
 
-    def forward(self, inputs, *, detach: bool = False, collect: bool = False) -> fwd.ForwardOutput:
+    def forward(self, inputs, *, detach: bool = False, collect: bool = False) -> decoder.ForwardOutput:
         """The ordinary (or detached) forward pass on text or ids; see `eqlin.decoder.forward`."""
         return forward_jit(self.params, self.config, self.embed(inputs), detach=detach, collect=collect)
 

@@ -9,7 +9,7 @@ or analyses a layer map, and the CLI's `--layers` syntax on top of it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ def single_layer(layer) -> bool:
     return arr is not None and arr.ndim == 0 and np.issubdtype(arr.dtype, np.integer)
 
 
-def _indices(layer) -> tuple[int, ...] | None:
+def layer_indices(layer) -> tuple[int, ...] | None:
     """The layer indices in an int, an integer array or a sequence of ints; None for anything else."""
     if isinstance(layer, (str, bytes, dict, set, frozenset, bool, np.bool_)):
         return None
@@ -57,16 +57,23 @@ def resolve_layers(config: ModelConfig, layer) -> tuple[int, ...] | None:
         if layer != "all":
             raise InputError(f"layer must be an int, a sequence of ints, 'all' or None, got {layer!r}")
         return tuple(range(config.num_layers))
-    listed = _indices(layer)
+    listed = layer_indices(layer)
     if listed is None:
         raise InputError(f"layer must be an int, a sequence of ints, 'all' or None (bools and floats are not layer "
                          f"indices), got {layer!r:.80}")
     if not listed:
         raise InputError(f"layer is empty: give at least one layer index in 0..{config.num_layers - 1}")
-    bad = [l for l in listed if not 0 <= l < config.num_layers]
-    if bad:
-        raise InputError(f"layer {bad} out of range: the model has layers 0..{config.num_layers - 1}")
+    check_range(listed, config.num_layers)
     return listed
+
+
+def check_range(layers: Sequence[int], num_layers: int, meaning: str = "the model has layers",
+                label: str | None = None) -> None:
+    """The one layer-range check: refuse indices outside 0..num_layers−1, as
+    "{label} out of range: {meaning} 0..num_layers−1" (label default: "layer [the bad indices]")."""
+    bad = [l for l in layers if not 0 <= l < num_layers]
+    if bad:
+        raise InputError(f"{label or f'layer {bad}'} out of range: {meaning} 0..{num_layers - 1}")
 
 
 def check_tap(tap: str) -> None:
@@ -129,6 +136,5 @@ def parse_layers(spec: str, num_layers: int, auto: tuple[int, ...] | None = None
         return tuple(range(num_layers))
     if layers == "auto":
         return evenly_spaced(num_layers, 3) if auto is None else auto
-    if max(layers) >= num_layers:
-        raise InputError(f"--layers {spec!r} out of range: the model has layers 0..{num_layers - 1}")
+    check_range(layers, num_layers, label=f"--layers {spec!r}")
     return layers

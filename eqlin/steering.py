@@ -22,12 +22,8 @@ Where the map comes from and where it goes in, for `layer = l` (0 ≤ l < L):
 Unlike the paper's reference code, the map ends at the very residual stream the vector is added to (the
 reference takes J at a layer's output but adds the vector at that layer's input: off by one), and the effect is measured, not eyeballed.
 
-Generation is greedy and runs as one compiled program with a KV cache of B slots (B = the next power of
-two ≥ len(text) + max_new_tokens, so texts of different lengths share the compilation): positions go
-through the layers one token at a time (the text's, then each generated one), carrying S_k. The injection
-layer and strength are traced values, so one compilation also serves a whole layer × strength sweep.
-longrope (Phi) picks its factors as transformers' KV cache does: the text's positions by the text's
-length, each generated position by the length up to it (`eqlin.decoder.rope_stack`).
+Generation is greedy, KV-cached and steered by the rule above (`eqlin.generation`); one compilation
+serves a whole layer × strength sweep.
 
 The lift is the mean over generated steps and concept tokens of log p(concept token), steered minus
 unsteered, each run scored on its own greedy continuation.
@@ -38,23 +34,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from eqlin import display
+from eqlin.blocks import Detach
 from eqlin.checks import check_int, check_real
 from eqlin.config import ModelConfig
-from eqlin.blocks import attend, attention_probs, einsum, project_qkv, visible
-from eqlin.decoder import embed, final_norm, layer_tail, optional_norm, rope_stack, streams_entering, unembed
+from eqlin.decoder import embed, streams_entering
 from eqlin.errors import InputError
+from eqlin.generation import steered_greedy
 from eqlin.linear_maps import constant_term, jacobian_of, relative_error
 from eqlin.model import Model
 from eqlin.params import Params
 from eqlin.progress import stage, steps
+from eqlin.selection import check_range, layer_indices
 
 Array = jax.Array
 SCHEMA = "eqlin.steering/1"
@@ -68,6 +65,13 @@ CONVENTION = ("J_c: detached Jacobian from the concept's input embeddings to the
 # The concept's map.
 
 
+def _entering_last(params: Params, config: ModelConfig, layers: tuple[int, ...], detach: Detach
+                   ) -> Callable[[Array], Array]:
+    """x (T_c, d) -> (n, d): the residual streams entering each of `layers`, at the last position."""
+    index = jnp.asarray(layers)
+    return lambda v: streams_entering(params, config, v, max(layers) + 1, detach=detach)[index, -1]
+
+
 @functools.partial(jax.jit, static_argnames=("config", "layers", "chunk"))
 def concept_maps(params: Params, config: ModelConfig, x: Array, *, layers: tuple[int, ...], chunk: int | None = 128
                  ) -> tuple[Array, Array]:
@@ -76,98 +80,15 @@ def concept_maps(params: Params, config: ModelConfig, x: Array, *, layers: tuple
 
     Returns (J, h): J (n, d, T_c, d) and h (n, d), the residual streams themselves (h = Σ_t J_t x_t).
     """
-    index = jnp.asarray(layers)
-
-    def streams(v: Array) -> Array:  # (n, d): what enters each listed layer, at the last position
-        return streams_entering(params, config, v, max(layers) + 1, detach=True)[index, -1]
-
-    h, J = jacobian_of(streams, x, mode="rev", chunk=chunk)
+    h, J = jacobian_of(_entering_last(params, config, layers, True), x, mode="rev", chunk=chunk)
     return J, h
 
 
 @functools.partial(jax.jit, static_argnames=("config", "layers"))
 def concept_constants(params: Params, config: ModelConfig, x: Array, *, layers: tuple[int, ...]) -> Array:
     """The constants c (n, d) of `concept_maps`' maps (h = Σ_t J_t x_t + c; 0 without biases)."""
-    index = jnp.asarray(layers)
-
-    def make(detach):
-        return lambda v: streams_entering(params, config, v, max(layers) + 1, detach=detach)[index, -1]
-
-    return constant_term(make, x, jnp.zeros((len(layers), config.hidden_size), x.dtype), config, True)
-
-
-# --------------------------------------------------------------------------------------------------
-# Steered greedy generation with a KV cache: one token per step through every layer.
-
-
-def cached_layer(h: Array, p, keys: Array, values: Array, pos: Array, cos: Array, sin: Array, window: Array,
-                 config: ModelConfig) -> tuple[Array, Array, Array]:
-    """`eqlin.decoder.decoder_layer` for the one token at position `pos`, its keys and values written into
-    the layer's cache. h (d,); keys, values (B, K, hd) hold positions < pos; cos, sin (r,) at pos.
-    Returns (h_out (d,), keys, values). The same blocks as the full forward (projections, q/k norms,
-    RoPE, probabilities, layer tail), with row `pos` of the mask against the cached keys."""
-    x = optional_norm(h, p.attn_in_norm, config, detach=False, bias=p.attn_in_norm_bias)[None]  # (1, d)
-    q, k, v = project_qkv(x, p, cos[None], sin[None], config, detach=False)  # (1, H, hd), (1, K, hd) ×2
-    keys = jax.lax.dynamic_update_index_in_dim(keys, k[0], pos, 0)  # (B, K, hd)
-    values = jax.lax.dynamic_update_index_in_dim(values, v[0], pos, 0)
-    mask = visible(pos, jnp.arange(keys.shape[0]), window)[None]  # (1, B): row `pos` of attention_mask
-    attn = attend(attention_probs(q, keys, mask, config), values, p.o_proj, p.o_bias)  # (1, d)
-    h_out, _, _ = layer_tail(h[None], attn, p, config, detach=False)
-    return h_out[0], keys, values
-
-
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
-def generate(params: Params, config: ModelConfig, ids: Array, length: Array, J: Array, layer: Array,
-             strength: Array, *, max_new_tokens: int) -> tuple[Array, Array]:
-    """Greedy steered generation: (new token ids (N,), logits (N, V)) for N = max_new_tokens.
-
-    ids (B,): the text's ids in the first `length` slots of a buffer with B ≥ length + N (the KV cache
-    has B slots). Positions k = 0 … length+N−2 go through the layers one at a time; at each, S_k (the
-    running sum) is carried and v_k = λ/2 ‖h_k‖ S_k/‖S_k‖ is added entering `layer` (traced, like
-    `strength`: one compilation serves a sweep). At strength 0, v = 0 exactly: the unsteered run."""
-    B, d = ids.shape[0], config.hidden_size
-    dtype = params.embed.dtype
-    cos_all, sin_all = rope_stack(config, B, dtype, context=length)  # (2, B, r)
-    windows, ropes = jnp.asarray(config.layer_windows()), jnp.asarray(config.layer_rope_index())
-    cache = jnp.zeros((config.num_layers, B, config.num_kv_heads, config.head_dim), dtype)
-    scale = jnp.asarray(strength, dtype) / 2
-    length = jnp.asarray(length, jnp.int32)
-
-    def position(k: Array, carry):
-        buf, keys, values, S, tokens, logits = carry
-        x = embed(params, config, buf[k][None], positions=k[None])[0]  # (d,)
-        S = S + einsum("oe,e->o", J[:, k % J.shape[1], :], x)
-        norm_S = jnp.linalg.norm(S)
-        direction = jnp.where(norm_S > 0, S / jnp.where(norm_S > 0, norm_S, 1), 0)
-
-        def layer_step(h, xs):
-            p, ck, cv, window, rope, i = xs
-            h = jnp.where(i == layer, h + scale * jnp.linalg.norm(h) * direction, h)
-            h, ck, cv = cached_layer(h, p, ck, cv, k, cos_all[rope, k], sin_all[rope, k], window, config)
-            return h, (ck, cv)
-
-        h, (keys, values) = jax.lax.scan(
-            layer_step, x, (params.layers, keys, values, windows, ropes, jnp.arange(config.num_layers)))
-
-        def emit(state):  # generated step: logits, greedy token, written after position k
-            buf, tokens, logits = state
-            step_logits = unembed(params, config, final_norm(params, config, h, detach=False))  # (V,)
-            token = jnp.argmax(step_logits).astype(buf.dtype)
-            j = k - (length - 1)
-            return buf.at[k + 1].set(token), tokens.at[j].set(token), logits.at[j].set(step_logits)
-
-        buf, tokens, logits = jax.lax.cond(k >= length - 1, emit, lambda state: state, (buf, tokens, logits))
-        return buf, keys, values, S, tokens, logits
-
-    init = (ids, cache, cache, jnp.zeros(d, dtype), jnp.zeros(max_new_tokens, ids.dtype),
-            jnp.zeros((max_new_tokens, config.vocab_size), dtype))
-    *_, tokens, logits = jax.lax.fori_loop(0, length + max_new_tokens - 1, position, init)
-    return tokens, logits
-
-
-def bucket(length: int) -> int:
-    """The buffer size for `length` tokens: the next power of two, at least 16."""
-    return max(16, 1 << (length - 1).bit_length())
+    return constant_term(functools.partial(_entering_last, params, config, layers), x,
+                         jnp.zeros((len(layers), config.hidden_size), x.dtype), config, True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,18 +130,13 @@ class SteeringResult:
         return display.steering_html(self)
 
 
-def _check(model: Model, concept: str, text: str, layers: Sequence[int], max_new_tokens: int,
-           concept_tokens: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check(model: Model, concept: str, text: str, max_new_tokens: int, concept_tokens: Sequence[int] | None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate inputs; returns (concept ids, text ids, concept token ids)."""
     if not isinstance(concept, str) or not concept.strip():
         raise InputError("empty concept: give the concept prompt, e.g. \"The bridge out of Marin is the Golden\"")
     if not isinstance(text, str) or not text.strip():
         raise InputError("empty text: give the unrelated text to steer, e.g. \"Here is a painting of the\"")
-    L = model.config.num_layers
-    bad = [l for l in layers if not 0 <= l < L]
-    if bad or not len(layers):
-        raise InputError(f"layer {bad or list(layers)} out of range: steering injects into the residual stream "
-                         f"entering layer l, l in 0..{L - 1}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
     c_ids, t_ids = model.encode(concept), model.encode(text)
@@ -234,12 +150,15 @@ def _check(model: Model, concept: str, text: str, layers: Sequence[int], max_new
     return c_ids, t_ids, targets
 
 
-def _layers(layers) -> tuple[int, ...]:
-    """The sweep's layers as sorted unique ints; bools and floats are refused."""
-    if isinstance(layers, (str, bytes)) or not all(
-            isinstance(l, (int, np.integer)) and not isinstance(l, (bool, np.bool_)) for l in layers):
+def _layers(layers, num_layers: int) -> tuple[int, ...]:
+    """The layers to inject into as sorted unique ints in 0..num_layers−1; bools and floats are refused."""
+    listed = layer_indices(layers)
+    if listed is None:
         raise InputError(f"layers must be a sequence of layer indices (ints), got {layers!r:.80}")
-    return tuple(sorted({int(l) for l in layers}))
+    if not listed:
+        raise InputError(f"layers is empty: give at least one layer to inject into, in 0..{num_layers - 1}")
+    check_range(listed, num_layers, "steering injects into the residual stream entering layer l, l in")
+    return tuple(sorted(set(listed)))
 
 
 def _maps(model: Model, c_ids: np.ndarray, layers: tuple[int, ...]) -> tuple[Array, Array]:
@@ -249,15 +168,6 @@ def _maps(model: Model, c_ids: np.ndarray, layers: tuple[int, ...]) -> tuple[Arr
     recon = jnp.einsum("nots,ts->no", J, x, precision=jax.lax.Precision.HIGHEST)
     recon = recon + concept_constants(model.params, model.config, x, layers=layers)
     return J, relative_error(h, recon)
-
-
-def _run(model: Model, t_ids: np.ndarray, J: Array, layer: int, strength: float, max_new_tokens: int
-         ) -> tuple[np.ndarray, np.ndarray]:
-    buf = np.zeros(bucket(len(t_ids) + max_new_tokens), np.int32)
-    buf[:len(t_ids)] = t_ids
-    tokens, logits = generate(model.params, model.config, jnp.asarray(buf), jnp.int32(len(t_ids)), J,
-                              jnp.int32(layer), jnp.asarray(strength, model.dtype), max_new_tokens=max_new_tokens)
-    return np.asarray(tokens), np.asarray(logits)
 
 
 def _logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -270,12 +180,12 @@ def steer(model: Model, concept: str, text: str, *, layer: int, strength: float,
     """Insert `concept` into the greedy continuation of `text`: J_c of the concept at `layer`, the vector
     v (module docstring) added to the residual stream entering `layer`. concept_tokens: ids whose
     log-probability lift is measured (default: the concept prompt's last token)."""
-    (layer,) = _layers([layer])
+    (layer,) = _layers([layer], model.config.num_layers)
     strength = check_real("strength", strength, "the vector's norm is strength/2 · ‖h_k‖")
-    c_ids, t_ids, targets = _check(model, concept, text, [layer], max_new_tokens, concept_tokens)
+    c_ids, t_ids, targets = _check(model, concept, text, max_new_tokens, concept_tokens)
     J, err = _maps(model, c_ids, (layer,))
-    steered = _run(model, t_ids, J[0], layer, strength, max_new_tokens)
-    baseline = _run(model, t_ids, J[0], layer, 0.0, max_new_tokens)
+    steered = steered_greedy(model, t_ids, J[0], layer, strength, max_new_tokens)
+    baseline = steered_greedy(model, t_ids, J[0], layer, 0.0, max_new_tokens)
     lp_s, lp_b = _logprobs(steered[1], targets), _logprobs(baseline[1], targets)
     return SteeringResult(concept, text, layer, strength, targets, steered[0], baseline[0],
                           model.decode(steered[0]), model.decode(baseline[0]), steered[1], baseline[1], lp_s, lp_b,
@@ -304,9 +214,10 @@ def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[in
                    quiet: bool = True) -> dict[str, Any]:
     """Steer over layers × strengths, beside a control: a random operator of J_c's Frobenius norm (seeded
     by `seed`) in place of J_c. Returns the table, a `SteeringSweep` (a JSON-serializable dict; `lift[i][j]`,
-    `control_lift[i][j]` for layers[i], strengths[j]; `cells` with texts). Write it with `write_sweep`."""
-    layers = _layers(layers)
-    c_ids, t_ids, targets = _check(model, concept, text, layers, max_new_tokens, concept_tokens)
+    `control_lift[i][j]` for layers[i], strengths[j]; `cells` with texts). Write it with
+    `eqlin.steering_report.write_sweep`."""
+    layers = _layers(layers, model.config.num_layers)
+    c_ids, t_ids, targets = _check(model, concept, text, max_new_tokens, concept_tokens)
     if isinstance(strengths, (str, bytes)) or not len(strengths):
         raise InputError(f"give at least one strength (a sequence of numbers), got {strengths!r:.80}")
     strengths = [check_real("each strength", lam, "the vector's norm is strength/2 · ‖h_k‖") for lam in strengths]
@@ -319,7 +230,7 @@ def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[in
     timings["concept maps"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
     with stage("baseline generation (compile + run)", quiet):
-        base_ids, base_logits = _run(model, t_ids, J[0], layers[0], 0.0, max_new_tokens)
+        base_ids, base_logits = steered_greedy(model, t_ids, J[0], layers[0], 0.0, max_new_tokens)
     timings["baseline generation"] = round(time.perf_counter() - start, 3)
     base_lp = float(_logprobs(base_logits, targets).mean())
     lift = np.zeros((len(layers), len(strengths)))
@@ -331,7 +242,7 @@ def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[in
             for j, lam in enumerate(strengths):
                 runs = {}
                 for name, op in (("steered", J[i]), ("control", controls[i])):
-                    ids, logits = _run(model, t_ids, op, l, float(lam), max_new_tokens)
+                    ids, logits = steered_greedy(model, t_ids, op, l, float(lam), max_new_tokens)
                     runs[name] = (model.decode(ids), float(_logprobs(logits, targets).mean()) - base_lp)
                     bar.update()
                 lift[i, j], control_lift[i, j] = runs["steered"][1], runs["control"][1]
@@ -359,67 +270,3 @@ def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[in
         "cells": cells,
         "timings_s": timings,
     })
-
-
-def heatmap_png(table: dict[str, Any]) -> bytes:
-    """Two heat maps side by side (steered lift, random-control lift) on one shared colour scale that
-    holds every value of both (symmetric logarithmic beyond ±1 nat, so lifts of a few nats and control
-    losses of a hundred both show), every cell annotated with its value."""
-    from eqlin.report import render_png
-
-    return render_png(_heatmap(table), (11, 0.55 * len(table["layers"]) + 2.8))
-
-
-def _heatmap(table: dict[str, Any]):
-    """heatmap_png's drawing, `draw(fig)`."""
-    from matplotlib.colors import SymLogNorm
-
-    lift, control = np.asarray(table["lift"]), np.asarray(table["control_lift"])
-    lim = max(float(np.abs(lift).max()), float(np.abs(control).max()), 1.0)
-    norm = SymLogNorm(linthresh=1.0, vmin=-lim, vmax=lim, base=10)
-    tokens = " ".join(repr(t["text"]) for t in table["concept_tokens"])
-
-    def draw(fig):
-        axes = fig.subplots(1, 2, sharey=True)
-        for ax, values, title in ((axes[0], lift, "concept map J_c"),
-                                  (axes[1], control, "control: random operator with J_c's Frobenius norm")):
-            im = ax.imshow(values, cmap="RdBu_r", norm=norm, aspect="auto")
-            ax.set_xticks(range(len(table["strengths"])), [f"{s:g}" for s in table["strengths"]])
-            ax.set_yticks(range(len(table["layers"])), [str(l) for l in table["layers"]])
-            ax.set_xlabel("strength λ (‖v‖ = λ/2 · ‖h‖)")
-            ax.set_title(title, fontsize=10)
-            for (i, j), v in np.ndenumerate(values):
-                ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if abs(norm(v) - 0.5) > 0.3 else "black")
-        axes[0].set_ylabel("layer l (v added to the stream entering it)")
-        bar = fig.colorbar(im, ax=list(axes), fraction=0.04)
-        bar.set_label(f"lift of mean log p({tokens}) over the unsteered run, nats\n(one scale for both panels; "
-                      "linear within ±1, logarithmic beyond)", fontsize=8)
-        fig.suptitle(f"Steering {table['text']!r} with the concept {table['concept']!r}\n"
-                     f"greedy, {table['max_new_tokens']} new tokens, {table['dtype']}", fontsize=10)
-
-    return draw
-
-
-def write_sweep(table: dict[str, Any], out: Path) -> list[Path]:
-    """Write steering.json and steering.png as the whole content of `out`, swapped into place as one set."""
-    from eqlin.outputs import json_text, write_folder_atomic
-
-    return write_folder_atomic(out, {"steering.json": json_text(table).encode(), "steering.png": heatmap_png(table)})
-
-
-def summary(table: dict[str, Any], out: Path) -> str:
-    """The terminal summary of a sweep: lift and control lift per (layer, strength), both continuations each."""
-    tokens = " ".join(repr(t["text"]) for t in table["concept_tokens"])
-    lines = [
-        f"model: {table['model']['source']} ({table['model']['family']}), dtype {table['dtype']}",
-        f"concept: {table['concept']!r}   text: {table['text']!r}   scored tokens: {tokens}",
-        f"baseline continuation: {table['baseline']['text']!r} (mean log p {table['baseline']['mean_logprob']:.3f})",
-        "",
-        "layer  strength      lift   control   continuations: steered, then control",
-    ]
-    for c in table["cells"]:
-        lines += [f"{c['layer']:>5} {c['strength']:>9g} {c['lift']:>9.3f} {c['control_lift']:>9.3f}   {c['steered_text']!r}",
-                  f"{'':>35}   {c['control_text']!r}"]
-    lines += ["", f"table: {out / 'steering.json'}, heat map: {out / 'steering.png'}"]
-    return "\n".join(lines)

@@ -68,10 +68,6 @@ class Tokenizer:
                                "vocabulary; fix bos_token (or add_bos_token) in tokenizer_config.json")
         return cls(inner, bos_id, add_bos)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.inner.get_vocab_size(with_added_tokens=True)
-
     def encode(self, text: str) -> np.ndarray:
         """Token ids (T,) for `text`, BOS included where the tokenizer adds one."""
         ids = self.inner.encode(check_text(text), add_special_tokens=True).ids

@@ -108,6 +108,11 @@ def reference(checkpoint):
     return get
 
 
+def subspace_cosines(A, B) -> np.ndarray:
+    """Cosines of the principal angles between the column spans of A and B (orthonormal columns)."""
+    return np.linalg.svd(np.asarray(A).T @ np.asarray(B), compute_uv=False)
+
+
 def relative(a, b) -> float:
     """‖a − b‖ / ‖b‖."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

@@ -45,7 +45,7 @@ def test_rope_rotates_each_half_split_pair_by_position_times_frequency():
 def _config(**changes) -> ModelConfig:
     spec = RopeSpec(theta=10_000.0)
     base = ModelConfig(family="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=4,
-                       num_kv_heads=2, head_dim=2, rms_norm_eps=1e-6, norm_offset=0.0, norm_layout="pre",
+                       num_kv_heads=2, head_dim=2, rms_norm_eps=1e-6, norm_offset=0.0,
                        qk_norm=None, activation="silu", embed_scale=1.0, query_scale=0.5,
                        layer_types=("full_attention",), sliding_window=None, rope_full=spec, rope_sliding=spec,
                        tie_word_embeddings=True, max_position_embeddings=16)

@@ -13,7 +13,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import eqlin
 from eqlin.config import FULL_ATTENTION, SLIDING_ATTENTION, RopeSpec
-from eqlin.families import config_from_hf
+from eqlin.families import config_from_hf, spec_for
 
 
 def test_llama3_rope_matches_transformers():
@@ -164,7 +164,8 @@ def test_ministral_layer_types_and_olmo2_full_qk_norm():
                                 "layer_types": [SLIDING_ATTENTION, FULL_ATTENTION]})  # transformers' default is 8
     np.testing.assert_array_equal(ministral.layer_windows(), [8, 0])
     olmo = config_from_hf({**base, "model_type": "olmo2"})
-    assert olmo.qk_norm == "full" and olmo.norm_layout == "post"
+    assert olmo.qk_norm == "full" and set(spec_for(base | {"model_type": "olmo2"}).norm_names) == {
+        "attn_out_norm", "mlp_out_norm"}  # post-norm only
 
 
 # --- every key accounted for, every value checked ---------------------------------------------------------

@@ -107,23 +107,6 @@ def test_long_inputs_thin_their_labels(analysis):
         assert fig.axes[0].get_legend() is None
 
 
-def test_the_steering_heat_map_has_one_scale_for_both_panels():
-    """The control's large losses are on the colour scale, not saturated beyond it."""
-    from matplotlib.colors import SymLogNorm
-
-    from eqlin.steering import _heatmap
-
-    table = {"lift": [[0.5, 4.2], [-1.0, 2.0]], "control_lift": [[-23.0, -137.2], [1.3, -5.5]], "layers": [3, 9],
-             "strengths": [0.5, 2.0], "concept_tokens": [{"text": " Golden"}], "text": "Here is a painting of the",
-             "concept": "The bridge out of Marin is the Golden", "max_new_tokens": 16, "dtype": "float32"}
-    fig = report.figure(_heatmap(table), (11, 4))
-    assert_readable(fig)
-    norms = {im.norm for ax in fig.axes for im in ax.images}
-    assert len(norms) == 1 and isinstance(*norms, SymLogNorm)
-    (norm,) = norms
-    assert norm.vmin <= -137.2 and norm.vmax >= 137.2
-
-
 def test_block_extremes_keep_every_extreme_and_stay_within_each_token():
     rng = np.random.default_rng(1)
     J = rng.normal(size=(50, 3, 40))

@@ -1,14 +1,13 @@
 """Spectra: dense SVDs are NumPy's SVDs of J_t and of the token-combined map, sign-aligned with y; matrix-free
-top-k (Lanczos, randomized) equals NumPy's SVD of the PyTorch reference's map and the dense top-k on tiny models,
-and a known spectrum; all to float64 rounding (measured <= 3.6e-15); decoding returns the known tokens of
-constructed maps; effective dimensions match closed forms; results survive a JSON round trip; long-input
-top_singular reports progress."""
+top-k (Lanczos, randomized) equals NumPy's SVD of the PyTorch reference's map and the dense top-k on tiny models
+(a known spectrum: tests/test_lanczos.py); all to float64 rounding (measured <= 3.6e-15); decoding returns the
+known tokens of constructed maps; effective dimensions match closed forms; results survive a JSON round trip;
+long-input top_singular reports progress."""
 
 from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,13 +18,12 @@ from eqlin.linear_maps import Linearization, detached_jacobian
 from eqlin.spectral import (
     decode_spectrum,
     effective_dimension,
-    matrix_free_svd,
     norm_analysis,
     spectrum,
     top_singular,
 )
 from tests import torch_reference as ref
-from tests.conftest import TEXT
+from tests.conftest import TEXT, subspace_cosines
 
 K = 4  # one k for the tiny models: one compiled Lanczos shape
 SVD = 2e-14  # singular values, vectors and rebuilt maps against NumPy's SVD: measured at most 1.9e-15
@@ -40,11 +38,6 @@ def model(loaded) -> eqlin.Model:
 @pytest.fixture(scope="module")
 def lin(model) -> Linearization:
     return detached_jacobian(model, TEXT)
-
-
-def subspace_cosines(A, B) -> np.ndarray:
-    """Cosines of the principal angles between the column spans of A and B (orthonormal columns)."""
-    return np.linalg.svd(np.asarray(A).T @ np.asarray(B), compute_uv=False)
 
 
 def fake_linearization(J: np.ndarray, y: np.ndarray) -> Linearization:
@@ -114,25 +107,6 @@ def test_matrix_free_top_k_equals_numpys_svd_of_the_pytorch_map(layer, scope, pa
     assert float(free.relative_error) <= 1e-14
     assert (free.layer, free.scope, free.part, free.method, free.per_token) == (layer, scope, part, method, False)
     assert free.frobenius_sq is None and free.effective is None
-
-
-def _matvec(A: jax.Array, v: jax.Array) -> jax.Array:
-    return A @ v.reshape(-1)
-
-
-@pytest.mark.parametrize("method", ["lanczos", "randomized"])
-def test_matrix_free_svd_recovers_a_known_decaying_spectrum(method):
-    d_out, shape, k = 40, (6, 20), 5
-    rng = np.random.default_rng(0)
-    U = np.linalg.qr(rng.normal(size=(d_out, d_out)))[0]
-    V = np.linalg.qr(rng.normal(size=(120, d_out)))[0]
-    s = 3 * 0.7 ** np.arange(d_out)
-    A = jnp.asarray(U * s @ V.T)
-    got_s, got_U, got_V = matrix_free_svd(jax.tree_util.Partial(_matvec, A), jnp.zeros(shape), k, method=method)
-    assert got_U.shape == (d_out, k) and got_V.shape == (*shape, k)
-    np.testing.assert_allclose(got_s, s[:k], rtol=1e-14)  # measured 1.7e-15
-    assert np.all(np.abs(subspace_cosines(U[:, :k], got_U) - 1) <= 1e-14)  # measured 6.7e-16
-    assert np.all(np.abs(subspace_cosines(V[:, :k], got_V.reshape(-1, k)) - 1) <= 1e-14)
 
 
 def _known_tokens(model) -> tuple[int, np.ndarray, int, np.ndarray]:

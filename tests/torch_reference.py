@@ -5,7 +5,7 @@ float64 model, and keeps float32-rounded buffers (inv_freq, Gemma's embed_scale)
 model's own RMSNorm, rotary-embedding, attention and MLP *instances* is replaced (no library function is
 touched) by the same math with every op at the model's dtype, and the buffers are recomputed in float64.
 
-Detached additionally stops the gradient through every nonlinear coefficient (DESIGN.md §1): the RMSNorm factor
+Detached additionally stops the gradient through every nonlinear coefficient (docs/method.md §1): the RMSNorm factor
 `rsqrt(mean(x²)+eps)` (all norms, q/k norms and the final norm included), the activated gate `act(gate(x))` of
 the GLU MLP, and the attention probabilities. The decoder is then linear in its input embeddings along the
 gradient path, so `final_hidden(x) = Σ_t J_t x_t`.

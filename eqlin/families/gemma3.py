@@ -12,6 +12,7 @@ from eqlin.config import (
     ModelConfig,
     activation_from_hf,
     check_keys,
+    check_token_ids,
     config_bool,
     config_float,
     config_int,
@@ -20,7 +21,6 @@ from eqlin.config import (
     refuse_biases,
     rope_specs_from_hf,
     rotary_fraction,
-    single_token_id,
 )
 from eqlin.errors import ConfigError
 
@@ -46,6 +46,13 @@ DEFAULT_ONLY_KEYS = {"use_bidirectional_attention": False}
 MULTIMODAL_KEYS = frozenset({"model_type", "text_config", "tie_word_embeddings", "bos_token_id", "eos_token_id"})
 IMAGE_KEYS = frozenset({"vision_config", "mm_tokens_per_image", "boi_token_index", "eoi_token_index",
                         "image_token_index", "image_token_id", "boi_token_id", "eoi_token_id"})
+# Every 6th layer global: transformers' default (llama.cpp hard-codes it).
+SLIDING_WINDOW_PATTERN = 6
+
+
+def default_layer_types(num_layers: int, pattern: int = SLIDING_WINDOW_PATTERN) -> tuple[str, ...]:
+    """Every `pattern`-th layer full attention, the others sliding-window."""
+    return tuple(SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(num_layers))
 
 
 def text_config(hf: dict[str, Any]) -> dict[str, Any]:
@@ -69,14 +76,13 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise ConfigError("partial_rotary_factor: Gemma 3 rotates the whole head; this config is not supported")
     d = config_int(hf, "hidden_size", 2304)
     layers = config_int(hf, "num_hidden_layers", 26, high=MAX_LAYERS)
-    pattern = config_int(hf, "sliding_window_pattern", 6)
-    layer_types = config_layer_types(hf) or tuple(
-        SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(layers)
-    )
+    pattern = config_int(hf, "sliding_window_pattern", SLIDING_WINDOW_PATTERN)
+    layer_types = config_layer_types(hf) or default_layer_types(layers, pattern)
     rope_full, rope_sliding = rope_specs_from_hf(hf, default_theta=1_000_000.0, local_theta=10_000.0)
     # transformers' Gemma 3 attention never applies attn_logit_softcapping (a Gemma 2 field its config keeps),
     # so a config that sets it runs uncapped there; eqlin checks the value and computes the same function.
     config_float(hf, "attn_logit_softcapping", None, optional=True)
+    check_token_ids(hf)
     return ModelConfig(
         family="gemma3",
         vocab_size=config_int(hf, "vocab_size", 262_208),
@@ -88,7 +94,6 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         head_dim=config_int(hf, "head_dim", 256),
         rms_norm_eps=config_float(hf, "rms_norm_eps", 1e-6),
         norm_offset=1.0,
-        norm_layout="sandwich",
         qk_norm="head",
         activation=activation_from_hf(hf, "hidden_activation", {"gelu_pytorch_tanh": "gelu_tanh"}),
         embed_scale=float(d) ** 0.5,
@@ -101,6 +106,4 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=config_int(hf, "max_position_embeddings", 131_072),
         final_logit_softcapping=config_float(hf, "final_logit_softcapping", None, optional=True),
         attn_logit_softcapping=None,
-        bos_token_id=single_token_id(hf, "bos_token_id", 2),
-        eos_token_id=single_token_id(hf, "eos_token_id", 1),
     )

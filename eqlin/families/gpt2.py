@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from eqlin.config import (FULL_ATTENTION, MAX_LAYERS, ModelConfig, RopeSpec, activation_from_hf, config_bool,
-                          config_float, config_int, single_token_id)
+from eqlin.config import (FULL_ATTENTION, MAX_LAYERS, ModelConfig, RopeSpec, activation_from_hf, check_token_ids,
+                          config_bool, config_float, config_int)
 from eqlin.errors import ConfigError
 
 MODEL_TYPES = ("gpt2",)
@@ -53,6 +53,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     layers = config_int(hf, "n_layer", 12, high=MAX_LAYERS)
     head_dim = d // heads
     unused = RopeSpec(theta=10_000.0)  # learned positions: no RoPE
+    check_token_ids(hf)
     return ModelConfig(
         family="gpt2",
         vocab_size=config_int(hf, "vocab_size", 50257),
@@ -64,7 +65,6 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         head_dim=head_dim,
         rms_norm_eps=config_float(hf, "layer_norm_epsilon", 1e-5),
         norm_offset=0.0,
-        norm_layout="pre",
         qk_norm=None,
         activation=activation_from_hf(hf, "activation_function", ACTIVATIONS),
         embed_scale=1.0,
@@ -75,8 +75,6 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         rope_sliding=unused,
         tie_word_embeddings=config_bool(hf, "tie_word_embeddings", True),
         max_position_embeddings=config_int(hf, "n_positions", 1024),
-        bos_token_id=single_token_id(hf, "bos_token_id", 50256),
-        eos_token_id=single_token_id(hf, "eos_token_id", 50256),
         biases=BIASES,
         norm_kind="layer",
         positions="learned",

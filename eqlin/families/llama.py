@@ -9,13 +9,13 @@ from eqlin.config import (
     MAX_LAYERS,
     ModelConfig,
     activation_from_hf,
+    check_token_ids,
     config_bool,
     config_float,
     config_int,
     refuse_biases,
     rope_specs_from_hf,
     rotary_fraction,
-    single_token_id,
 )
 from eqlin.errors import ConfigError
 
@@ -32,8 +32,8 @@ HANDLED_KEYS = frozenset({
 IGNORED_KEYS = frozenset({"pretraining_tp"})
 # transformers' defaults for keys config.json may leave out, where the Llama-layout families differ (each
 # family passes its own); None: head_dim = hidden_size / heads, num_key_value_heads = heads.
-DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "head_dim": None, "num_key_value_heads": None,
-            "bos_token_id": 1, "eos_token_id": 2}
+DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "head_dim": None,
+            "num_key_value_heads": None}
 
 
 def config_from_hf(hf: dict[str, Any], *, defaults: dict[str, Any] = DEFAULTS, partial_rotary: bool = False,
@@ -54,6 +54,7 @@ def config_from_hf(hf: dict[str, Any], *, defaults: dict[str, Any] = DEFAULTS, p
         raise ConfigError(f"partial_rotary_factor {fraction}: a {hf.get('model_type')} model rotates the whole head "
                           "(only phi3 supports partial rotary embeddings); this config is not supported")
     rope, _ = rope_specs_from_hf(hf, default_theta=10000.0)
+    check_token_ids(hf)
     return ModelConfig(
         family="llama",
         vocab_size=config_int(hf, "vocab_size"),
@@ -65,7 +66,6 @@ def config_from_hf(hf: dict[str, Any], *, defaults: dict[str, Any] = DEFAULTS, p
         head_dim=head_dim,
         rms_norm_eps=config_float(hf, "rms_norm_eps", defaults["rms_norm_eps"]),
         norm_offset=0.0,
-        norm_layout="pre",
         qk_norm=None,
         activation=activation_from_hf(hf, "hidden_act", {"silu": "silu"}),
         embed_scale=1.0,
@@ -76,8 +76,6 @@ def config_from_hf(hf: dict[str, Any], *, defaults: dict[str, Any] = DEFAULTS, p
         rope_sliding=rope,
         tie_word_embeddings=config_bool(hf, "tie_word_embeddings", False),
         max_position_embeddings=config_int(hf, "max_position_embeddings", defaults["max_position_embeddings"]),
-        bos_token_id=single_token_id(hf, "bos_token_id", defaults["bos_token_id"]),
-        eos_token_id=single_token_id(hf, "eos_token_id", defaults["eos_token_id"]),
         rotary_dim=int(head_dim * fraction) if fraction != 1.0 else None,
         biases=biases,
     )

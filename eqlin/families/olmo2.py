@@ -13,9 +13,9 @@ MODEL_TYPES = ("olmo2",)
 NORM_NAMES = {"attn_out_norm": "post_attention_layernorm", "mlp_out_norm": "post_feedforward_layernorm"}
 HANDLED_KEYS = llama.HANDLED_KEYS
 IGNORED_KEYS = llama.IGNORED_KEYS
-DEFAULTS = {**llama.DEFAULTS, "rms_norm_eps": 1e-5, "bos_token_id": None, "eos_token_id": 50279}
+DEFAULTS = {**llama.DEFAULTS, "rms_norm_eps": 1e-5}
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     base = llama.config_from_hf(hf, defaults=DEFAULTS)
-    return dataclasses.replace(base, family="olmo2", norm_layout="post", qk_norm="full")
+    return dataclasses.replace(base, family="olmo2", qk_norm="full")

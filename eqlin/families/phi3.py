@@ -17,7 +17,7 @@ FUSED = {"self_attn.qkv_proj.weight": ("q_proj", "k_proj", "v_proj"),
 HANDLED_KEYS = llama.HANDLED_KEYS | {"sliding_window", "original_max_position_embeddings"}
 # Dropout (training only).
 IGNORED_KEYS = llama.IGNORED_KEYS | {"resid_pdrop", "embd_pdrop"}
-DEFAULTS = {**llama.DEFAULTS, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "eos_token_id": 32000}
+DEFAULTS = {**llama.DEFAULTS, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096}
 # transformers' Phi3Config: its own default for the pretraining context, and the legacy RoPE type names it
 # reads as longrope.
 ORIGINAL_MAX_POSITION_EMBEDDINGS = 4096

@@ -22,8 +22,7 @@ HANDLED_KEYS = (llama.HANDLED_KEYS - {"attention_bias", "mlp_bias"}) | {"use_sli
 IGNORED_KEYS = llama.IGNORED_KEYS | {"attention_bias", "mlp_bias"}
 # Multimodal rotary sections (Qwen2-VL) are not a text decoder's.
 DEFAULT_ONLY_KEYS = {"use_mrope": False}
-DEFAULTS = {**llama.DEFAULTS, "max_position_embeddings": 32_768, "num_key_value_heads": 32, "bos_token_id": None,
-            "eos_token_id": None}
+DEFAULTS = {**llama.DEFAULTS, "max_position_embeddings": 32_768, "num_key_value_heads": 32}
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:

@@ -13,8 +13,7 @@ MODEL_TYPES = ("qwen3",)
 NORM_NAMES = llama.NORM_NAMES
 HANDLED_KEYS = llama.HANDLED_KEYS | {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
 IGNORED_KEYS = llama.IGNORED_KEYS
-DEFAULTS = {**llama.DEFAULTS, "max_position_embeddings": 32_768, "head_dim": 128, "num_key_value_heads": 32,
-            "bos_token_id": None, "eos_token_id": None}
+DEFAULTS = {**llama.DEFAULTS, "max_position_embeddings": 32_768, "head_dim": 128, "num_key_value_heads": 32}
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
