@@ -25,7 +25,7 @@ from eqlin.cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, 
 from eqlin.memory import estimate_jacobian_bytes, format_bytes
 from eqlin.report import summary
 from tests.conftest import TEXT
-from tests.fixtures import load_torch_model
+from eqlin.reference import load_transformers
 
 REPORT_KEYS = {"schema", "next_token", "relative_error", "plain_relative_error", "model", "dtype", "tokens",
                "per_token", "layer_maps", "homogeneity_error", "logit", "top_predictions", "timings_s", "text",
@@ -71,7 +71,7 @@ def test_analyze_on_a_tiny_model(tiny_report, checkpoint, capsys):
     # 2.9e-8 on the logit).
     ids = [t["id"] for t in report["tokens"]]
     with torch.no_grad():
-        logits = load_torch_model(checkpoint("gemma3"))(input_ids=torch.tensor([ids])).logits[0, -1]
+        logits = load_transformers(checkpoint("gemma3"))(input_ids=torch.tensor([ids])).logits[0, -1]
     probs = torch.softmax(logits, -1).numpy()
     top = np.argsort(-probs)[:len(report["top_predictions"])]
     assert [p["id"] for p in report["top_predictions"]] == top.tolist()

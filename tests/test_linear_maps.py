@@ -1,4 +1,4 @@
-"""Detached Jacobians equal the PyTorch reference (tests/torch_reference.py: transformers' own modules, float64,
+"""Detached Jacobians equal the PyTorch reference (eqlin/reference.py: transformers' own modules, float64,
 detached in memory) for the final output, for every cumulative and single-layer map and part, for the plain
 Jacobian and for logit maps, tied and untied, at <= VS_TORCH (3e-14; measured <= 6.8e-15); they reconstruct the
 output exactly (float64: <= 1e-14) and the plain Jacobian does not; models with biases are affine,
@@ -23,10 +23,10 @@ from eqlin.linear_maps import (
     matrix_free_check,
 )
 from eqlin.memory import estimate_jacobian_bytes
-from tests import torch_reference as ref
+from eqlin import reference as ref
 from tests.conftest import (AFFINE_VARIANTS, CORE_VARIANTS, LONGROPE_TEXTS, MORE_VARIANTS, OPTION_VARIANTS, TEXT,
                             VS_TORCH, relative)
-from tests.fixtures import FINAL_SOFTCAP, load_torch_model
+from tests.fixtures import FINAL_SOFTCAP
 
 EXACT = 1e-14  # reconstruction errors: measured at most 1.7e-15 (every tiny model, map, part and scope)
 
@@ -121,7 +121,7 @@ def test_affine_and_longrope_maps_equal_pytorch(variant, text, checkpoint, loade
     reconstructed exactly with c, and not without it."""
     model = loaded(variant)
     ids = model.encode(text)
-    torch_model = ref.make_detached(load_torch_model(checkpoint(variant)))
+    torch_model = ref.make_detached(ref.load_transformers(checkpoint(variant)))
     expected = ref.detached_jacobian(torch_model, torch.tensor(ids))
     x = ref.embed(torch_model, torch.tensor(ids)).detach()
     with torch.no_grad():

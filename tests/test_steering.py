@@ -19,7 +19,7 @@ from eqlin.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from eqlin.decoder import embed, final_norm, forward, layer_slice, run_layers, unembed
 from eqlin import steering
 from eqlin.steering import bucket, concept_maps, generate, steer, steering_sweep, summary
-from tests import torch_reference as ref
+from eqlin import reference as ref
 from tests.conftest import VS_TORCH, relative
 
 CONCEPT = "The bridge out of Marin is the Golden"
