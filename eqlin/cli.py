@@ -27,9 +27,12 @@ from pathlib import Path
 from typing import Sequence
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-DEFAULT_TEXT_HELP = 'e.g. "The bridge out of Marin is the"'
+EXIT_MISMATCH = 1  # eqlin validate: eqlin and transformers differ beyond tolerance
+DEFAULT_TEXT = "The bridge out of Marin is the"
+DEFAULT_TEXT_HELP = f'e.g. "{DEFAULT_TEXT}"'
 MAX_TOP_K = 64
 DEFAULT_SET_DIR = "eqlin-prompts"  # analyze --prompts and study: one folder, so study reuses the reports
+SAVED_JACOBIAN = "jacobian.safetensors"  # analyze --save-jacobian, in --out
 INTERRUPTED = "interrupted; outputs are written whole or not at all, nothing partial was left"
 
 
@@ -65,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                               "--prompts, reports.jsonl and set.json (default: ./eqlin-prompts)")
     analyze.add_argument("--json", action="store_true",
                          help="print report.json (with --prompts: set.json) to stdout instead of a summary")
+    analyze.add_argument("--save-jacobian", action="store_true",
+                         help="also write the detached Jacobian (the Linearization: J, x, y, contributions, constant, "
+                              "error, token strings, model and checkpoint) to jacobian.safetensors in --out, bit for "
+                              "bit; read it with eqlin.Linearization.load")
 
     study = sub.add_parser(
         "study", help="the paper's statistics over a prompt set",
@@ -243,6 +250,9 @@ def _analyze(args: argparse.Namespace) -> int:
                          else f"give the text to analyse: TEXT ({DEFAULT_TEXT_HELP}), --text-file FILE, or --prompts "
                               "FILE for a prompt set")
     if args.prompts is not None:
+        if args.save_jacobian:
+            raise InputError("--save-jacobian saves one text's map; with --prompts, save maps from Python "
+                             "(eqlin.detached_jacobian(model, text).save(path, model))")
         return _prompt_set(args, study=False)
     if args.text_file is not None:
         text = read_text_file(args.text_file)
@@ -261,8 +271,15 @@ def _analyze(args: argparse.Namespace) -> int:
         layers = auto_layers(config.num_layers, len(model.encode(text)))
     result = analyze(model, text, layers=layers, top_k=args.top_k, tap=args.branch_tap, engine=args.layer_engine,
                      checkpoint=checkpoint, quiet=args.quiet)
-    write_report(result, out, quiet=args.quiet)
-    sys.stdout.write(json_text(result.report) if args.json else summary(result.report, out) + "\n")
+    extra = {}
+    if args.save_jacobian:
+        from eqlin.persistence import linearization_bytes
+
+        extra[SAVED_JACOBIAN] = linearization_bytes(result.linearization, model, checkpoint=checkpoint)
+    write_report(result, out, quiet=args.quiet, extra=extra)
+    lines = summary(result.report, out) + "".join(f"\ndetached Jacobian: {out / name} (eqlin.Linearization.load)"
+                                                  for name in extra)
+    sys.stdout.write(json_text(result.report) if args.json else lines + "\n")
     return EXIT_OK
 
 

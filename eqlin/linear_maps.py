@@ -106,6 +106,22 @@ class Linearization:
         arrays = {f: getattr(self, f)[i] for f in stacked if getattr(self, f) is not None}
         return dataclasses.replace(self, **arrays, layer=self.layer[i])
 
+    def save(self, path, model: Model | None = None, *, checkpoint: str | None = None):
+        """Write this map to `path` as one safetensors file, bit for bit, atomically (`eqlin.persistence`);
+        with `model`, its source, family, checkpoint identity (`checkpoint`, else computed from the source)
+        and the input's token strings are recorded too. Returns the path."""
+        from eqlin.persistence import save_linearization
+
+        return save_linearization(self, path, model, checkpoint=checkpoint)
+
+    @classmethod
+    def load(cls, path) -> Linearization:
+        """The Linearization saved at `path` by `save`, bit for bit; InputError for any other file
+        (`eqlin.persistence.saved_metadata(path)` gives what was recorded with it)."""
+        from eqlin.persistence import load_linearization
+
+        return load_linearization(path)
+
     def __repr__(self) -> str:  # shapes and the error, never J itself
         return display.linearization_repr(self)
 

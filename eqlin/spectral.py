@@ -174,6 +174,20 @@ class Spectrum:
         """`json.dumps(self.to_dict(), **kwargs)`."""
         return json.dumps(self.to_dict(), **kwargs)
 
+    def save(self, path, model: Model | None = None, *, checkpoint: str | None = None):
+        """Write this spectrum (decoded tokens included) to `path` as one safetensors file, bit for bit,
+        atomically; `model` and `checkpoint` as in `Linearization.save`. Returns the path."""
+        from eqlin.persistence import save_spectrum
+
+        return save_spectrum(self, path, model, checkpoint=checkpoint)
+
+    @classmethod
+    def load(cls, path) -> Spectrum:
+        """The Spectrum saved at `path` by `save`, bit for bit; InputError for any other file."""
+        from eqlin.persistence import load_spectrum
+
+        return load_spectrum(path)
+
     def __repr__(self) -> str:
         return display.spectrum_repr(self)
 

@@ -141,6 +141,30 @@ def test_convert_round_trip(checkpoint, loaded, tmp_path):
     np.testing.assert_array_equal(converted.logits(ids), loaded("gemma3_multimodal").logits(ids))
 
 
+def test_analyze_saves_the_jacobian_with_the_report(checkpoint, loaded, tmp_path, capsys):
+    """--save-jacobian adds jacobian.safetensors to the report's set: the detached map bit for bit (affine
+    here: the constant too) with its token strings and checkpoint; a rerun without it replaces the whole set."""
+    from eqlin.persistence import saved_metadata
+
+    out = tmp_path / "o"
+    run = ["analyze", TEXT, "--model", str(checkpoint("qwen2")), "--out", str(out), "--layers", "none", "-q",
+           "--no-compile-cache"]
+    assert main([*run, "--save-jacobian"]) == EXIT_OK
+    assert f"detached Jacobian: {out / 'jacobian.safetensors'}" in capsys.readouterr().out
+    saved = eqlin.Linearization.load(out / "jacobian.safetensors")
+    lin = eqlin.detached_jacobian(loaded("qwen2"), TEXT)
+    for name in ("jacobian", "inputs", "output", "contributions", "relative_error", "ids", "constant"):
+        np.testing.assert_array_equal(getattr(saved, name), getattr(lin, name), err_msg=name)
+    meta = saved_metadata(out / "jacobian.safetensors")
+    report = json.loads((out / "report.json").read_text())
+    assert meta["model"]["checkpoint"] == report["model"]["checkpoint"] is not None
+    assert meta["tokens"] == [t["text"] for t in report["tokens"]]
+    assert main(run) == EXIT_OK
+    assert not (out / "jacobian.safetensors").exists()
+    err = _bad(["analyze", "--prompts", str(tmp_path / "p.txt"), "--save-jacobian"], capsys)
+    assert "--save-jacobian saves one text's map; with --prompts, save maps from Python" in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["analyze", TEXT, "--dtype"], "argument --dtype: expected one argument"),
     (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate' (choose from"),
