@@ -368,31 +368,53 @@ def _steer(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from eqlin.decoder import num_params
+    import jax.numpy as jnp
+
     from eqlin.errors import InputError
-    from eqlin.memory import estimate_jacobian_bytes, format_bytes
+    from eqlin.gguf import default_model_path
+    from eqlin.memory import budget_basis, estimate_jacobian_bytes, format_bytes, largest_fitting, memory_limit_bytes
+    from eqlin.model import count_parameters, source_config
+    from eqlin.progress import stage
 
     if args.tokens is not None and args.tokens < 1:
         raise InputError(f"--tokens must be at least 1 (the input length for the memory estimate), got {args.tokens}")
     _setup_jax(args, args.dtype)
-    source, folder, c = _model_config(args)
-    T = min(128, c.max_position_embeddings) if args.tokens is None else args.tokens
-    if T > c.max_position_embeddings:
-        raise InputError(f"--tokens {T} is more than the model's max_position_embeddings "
-                         f"({c.max_position_embeddings}); give an input length it can take")
-    model = _load(args, source, folder)
-    itemsize = model.dtype.itemsize
-    jac = estimate_jacobian_bytes(c, T, itemsize=itemsize)
+    source = args.model if args.model is not None else default_model_path()
+    with stage("read config and tensor headers", args.quiet):
+        spec, c, folder = source_config(source)
+        T = min(128, c.max_position_embeddings) if args.tokens is None else args.tokens
+        if T > c.max_position_embeddings:
+            raise InputError(f"--tokens {T} is more than the model's max_position_embeddings "
+                             f"({c.max_position_embeddings}); give an input length it can take")
+        parameters = count_parameters(spec, c, folder)
+    itemsize = jnp.dtype(args.dtype).itemsize
+    weights = parameters * itemsize
+    limit = memory_limit_bytes(weights=weights)
+
+    def peak(length: int, chunk: int | None = None) -> int:
+        return estimate_jacobian_bytes(c, length, itemsize=itemsize, chunk=chunk)
+
+    if peak(T) <= limit:
+        at_T = "fits, all basis vectors in one pass"
+    elif peak(T, 1) <= limit:
+        at_T = f"fits, {largest_fitting(lambda n: peak(T, n), c.hidden_size, limit)} basis vectors per pass"
+    else:
+        at_T = "does not fit"
+    longest = (f"T={largest_fitting(lambda t: peak(t, 1), c.max_position_embeddings, limit):,} (one basis vector "
+               "per pass)" if peak(1, 1) <= limit else "none: not even T=1")
     rows = [
-        ("source", model.source), ("family", c.family), ("dtype", str(model.dtype)),
-        ("parameters", f"{num_params(model.params):,}"), ("layers", c.num_layers),
-        ("hidden size d", c.hidden_size), ("MLP size", c.intermediate_size),
+        ("source", str(source)), ("family", c.family), ("dtype", args.dtype),
+        ("parameters", f"{parameters:,}"), (f"weights in {args.dtype}", format_bytes(weights)),
+        ("layers", c.num_layers), ("hidden size d", c.hidden_size), ("MLP size", c.intermediate_size),
         ("heads (q / kv) x head_dim", f"{c.num_heads} / {c.num_kv_heads} x {c.head_dim}"),
         ("vocabulary", f"{c.vocab_size:,}"), ("max positions", f"{c.max_position_embeddings:,}"),
         ("attention", ", ".join(sorted({f"{t} x{c.layer_types.count(t)}" for t in c.layer_types}))),
         ("sliding window", c.sliding_window), ("tied embeddings", c.tie_word_embeddings),
         (f"J at T={T} (d x T x d)", format_bytes(c.hidden_size * T * c.hidden_size * itemsize)),
-        (f"peak for J at T={T}", f"{format_bytes(jac)} (estimate)"),
+        (f"peak for J at T={T}", f"{format_bytes(peak(T))} (estimate)"),
+        ("the peak assumes", "the final map, reverse mode, all d basis vectors in one pass; weights not counted"),
+        ("memory budget", f"{format_bytes(limit)} ({budget_basis()})"),
+        (f"J at T={T} here", at_T), ("longest input whose J fits", longest),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError
 from eqlin.families import FamilySpec, config_from_hf, spec_for
-from eqlin.loading import INDEX_FILE, SINGLE_FILE, is_gguf, load_params, read_json, resolve_dtype, resolve_folder
+from eqlin.loading import (INDEX_FILE, SINGLE_FILE, check_tensors, expected_tensors, is_gguf, load_params,
+                           open_weight_files, read_json, resolve_dtype, resolve_folder)
 from eqlin.params import Params
 from eqlin.tokenizer import Tokenizer
 
@@ -144,6 +146,32 @@ def read_config(folder: Path) -> tuple[FamilySpec, ModelConfig]:
     """The family and the checked `ModelConfig` of the checkpoint in `folder` (config.json only: cheap)."""
     hf = read_json(folder / "config.json")
     return spec_for(hf), config_from_hf(hf)
+
+
+def source_config(source: str | os.PathLike, *, cache_dir: str | Path | None = None
+                  ) -> tuple[FamilySpec, ModelConfig, Path | None]:
+    """(family, checked config, checkpoint folder) of `source` from its config.json alone, or for a GGUF file
+    from its header (memory-mapped: nothing converted or dequantized; folder None)."""
+    if is_gguf(source):
+        from eqlin.gguf import header_config
+
+        hf = header_config(Path(source))
+        return spec_for(hf), config_from_hf(hf), None
+    folder = checkpoint_folder(source, cache_dir=cache_dir)
+    return *read_config(folder), folder
+
+
+def count_parameters(spec: FamilySpec, config: ModelConfig, folder: Path | None) -> int:
+    """The checkpoint's number of parameters without reading any weight: a folder's tokenizer files and tensor
+    headers are checked as `load` checks them (names, shapes, dtypes, layout); with no folder (a GGUF header),
+    from the config alone."""
+    if folder is None:
+        expected = expected_tensors(config, spec, *spec.prefixes[0])
+    else:
+        if (folder / "tokenizer.json").is_file():
+            Tokenizer.from_folder(folder)
+        expected = check_tensors(open_weight_files(folder), config, spec, folder)
+    return sum(math.prod(e.shape) for e in expected.values())
 
 
 def load(
