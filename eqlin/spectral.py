@@ -110,7 +110,8 @@ class Spectrum:
     right_tokens        (T, k, top)                  (T, k, top): each token's block of v
     ==================  ===========================  ===========================
 
-    output: y (d_out,); relative_error: ‖y − (Σ_t J_t x_t + c)‖ / ‖y‖ of the map (); ids: the input (T,).
+    output: y (d_out,); relative_error: ‖y − (Σ_t J_t x_t + c)‖ / ‖y‖ of the map (); ids: the input (T,) (None
+    for a map at embeddings given directly).
     frobenius_sq (‖J‖_F²) and effective (`EffectiveDimension`) need the full spectrum: None from
     `top_singular`. left_tokens / right_tokens: None until `decode_spectrum`.
     layer, part, scope, detach say which map it is; method is "dense", "lanczos" or "randomized".
@@ -121,7 +122,7 @@ class Spectrum:
     V: Array
     output: Array
     relative_error: Array
-    ids: Array
+    ids: Array | None
     frobenius_sq: Array | None
     effective: EffectiveDimension | None
     per_token: bool
