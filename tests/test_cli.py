@@ -263,7 +263,7 @@ def test_interrupt_exits_130_and_an_internal_error_1_leaving_nothing(mode, code,
     assert list((tmp_path / "out").iterdir()) == []
 
 
-@pytest.mark.parametrize("command", [[], ["analyze"], ["study"], ["info"], ["convert"]])
+@pytest.mark.parametrize("command", [[], ["analyze"], ["study"], ["info"], ["convert"], ["validate"]])
 def test_help_is_clear(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
