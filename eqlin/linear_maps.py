@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from pathlib import Path
 from typing import Callable, Literal
 
 import jax
@@ -106,7 +108,8 @@ class Linearization:
         arrays = {f: getattr(self, f)[i] for f in stacked if getattr(self, f) is not None}
         return dataclasses.replace(self, **arrays, layer=self.layer[i])
 
-    def save(self, path, model: Model | None = None, *, checkpoint: str | None = None):
+    def save(self, path: str | os.PathLike, model: Model | None = None, *, checkpoint: str | None = None
+             ) -> Path:
         """Write this map to `path` as one safetensors file, bit for bit, atomically (`eqlin.persistence`);
         with `model`, its source, family, checkpoint identity (`checkpoint`, else computed from the source)
         and the input's token strings are recorded too. Returns the path."""
@@ -115,7 +118,7 @@ class Linearization:
         return save_linearization(self, path, model, checkpoint=checkpoint)
 
     @classmethod
-    def load(cls, path) -> Linearization:
+    def load(cls, path: str | os.PathLike) -> Linearization:
         """The Linearization saved at `path` by `save`, bit for bit; InputError for any other file
         (`eqlin.persistence.saved_metadata(path)` gives what was recorded with it)."""
         from eqlin.persistence import load_linearization

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import jax
@@ -175,7 +177,8 @@ class Spectrum:
         """`json.dumps(self.to_dict(), **kwargs)`."""
         return json.dumps(self.to_dict(), **kwargs)
 
-    def save(self, path, model: Model | None = None, *, checkpoint: str | None = None):
+    def save(self, path: str | os.PathLike, model: Model | None = None, *, checkpoint: str | None = None
+             ) -> Path:
         """Write this spectrum (decoded tokens included) to `path` as one safetensors file, bit for bit,
         atomically; `model` and `checkpoint` as in `Linearization.save`. Returns the path."""
         from eqlin.persistence import save_spectrum
@@ -183,7 +186,7 @@ class Spectrum:
         return save_spectrum(self, path, model, checkpoint=checkpoint)
 
     @classmethod
-    def load(cls, path) -> Spectrum:
+    def load(cls, path: str | os.PathLike) -> Spectrum:
         """The Spectrum saved at `path` by `save`, bit for bit; InputError for any other file."""
         from eqlin.persistence import load_spectrum
 
