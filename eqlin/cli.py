@@ -10,8 +10,8 @@
 
 Exit codes: 0 success; 2 bad input or usage, or an unusable environment (the message says what to
 change); 1 an unexpected internal error (a bug), or for `validate` a mismatch with transformers; 130
-interrupted (SIGINT), 143 terminated (SIGTERM): eqlin says "stopping…" at once and ends without waiting for the running computation; outputs are
-swapped into place whole, so nothing partial is left.
+interrupted (SIGINT), 143 terminated (SIGTERM): eqlin says "stopping…" at once and ends without waiting for
+the running computation; outputs are swapped into place whole, so nothing partial is left.
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", type=Path, metavar="DST", help="the output folder (must not exist or be empty)")
     for p in (analyze, study, steer, info, convert, validate):
         p.add_argument("--no-compile-cache", action="store_true",
-                       help="do not use JAX's persistent compilation cache (default: in the eqlin cache folder)")
+                       help="do not use JAX's persistent compilation cache (default: in the eqlin cache folder, or "
+                            "$JAX_COMPILATION_CACHE_DIR if set)")
         p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return parser
 
@@ -176,7 +177,8 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def _setup_jax(args: argparse.Namespace, dtype: str) -> None:
-    """x64 for float64, and the persistent compilation cache unless turned off (or unwritable: said so)."""
+    """x64 for float64, and the persistent compilation cache unless turned off (or unwritable: said so); a
+    user's own $JAX_COMPILATION_CACHE_DIR, which JAX reads itself, is left as it is."""
     import jax
 
     from eqlin import userdirs
@@ -184,7 +186,7 @@ def _setup_jax(args: argparse.Namespace, dtype: str) -> None:
 
     if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    if args.no_compile_cache or os.environ.get("EQLIN_NO_COMPILE_CACHE"):
+    if args.no_compile_cache or any(os.environ.get(v) for v in ("EQLIN_NO_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")):
         return
     cache = userdirs.cache_dir() / "xla"
     try:

@@ -399,6 +399,19 @@ def test_unwritable_compile_cache_is_said_not_fatal(checkpoint, tmp_path, capsys
     assert "JAX's compilation cache is off: cannot write" in capsys.readouterr().err
 
 
+def test_a_users_own_compile_cache_is_left_alone(checkpoint, tmp_path, capsys, monkeypatch):
+    """JAX reads $JAX_COMPILATION_CACHE_DIR itself (at import): eqlin neither replaces it with its own folder nor
+    creates that folder."""
+    import jax
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("EQLIN_CACHE_DIR", str(tmp_path / "eqlin-cache"))
+    monkeypatch.delenv("EQLIN_NO_COMPILE_CACHE", raising=False)
+    before = jax.config.jax_compilation_cache_dir
+    assert main(["info", str(checkpoint("llama_mha")), "-q"]) == EXIT_OK
+    assert jax.config.jax_compilation_cache_dir == before and not (tmp_path / "eqlin-cache").exists()
+
+
 def test_out_with_other_files_is_left_alone(checkpoint, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
