@@ -3,7 +3,7 @@
 For each model, dtype and length T: eqlin's full J (compile time, run time; with the folded MLP as
 `fold="auto"` chooses it, and unfolded), the PyTorch approach (`torch.autograd.functional.jacobian(
 vectorize=True)`, reverse mode, on transformers' model made detached at run time by
-`tests.torch_reference.make_detached`: same weights, input and dtype), achieved GFLOP/s and the fraction
+`eqlin.reference.make_detached`: same weights, input and dtype), achieved GFLOP/s and the fraction
 of the naive work floor, peak memory, and torch time / eqlin time. Optionally the batched throughput
 (`eqlin.batch`) and the warm-cache end-to-end CLI (`eqlin analyze --layers none`).
 
@@ -53,8 +53,8 @@ from eqlin.batch import detached_jacobians  # noqa: E402
 from eqlin.linear_maps import jacobian_arrays  # noqa: E402
 from eqlin.memory import estimate_jacobian_bytes, fold_pays, memory_limit_bytes, resolve_chunk  # noqa: E402
 from eqlin.outputs import write_json_atomic  # noqa: E402
-from tests import torch_reference as ref  # noqa: E402
-from tests.fixtures import load_torch_model, make_checkpoint  # noqa: E402
+from eqlin import reference as ref  # noqa: E402
+from tests.fixtures import make_checkpoint  # noqa: E402
 
 TEXT = ("The Golden Gate Bridge is a suspension bridge spanning the Golden Gate, the strait connecting San "
         "Francisco Bay and the Pacific Ocean. It links San Francisco to Marin County, carrying both U.S. Route "
@@ -168,7 +168,7 @@ def torch_jacobian(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def torch_case(folder: Path, ids: np.ndarray, dtype: str) -> dict:
     """The reference approach on transformers' model made detached at run time (on CUDA if available)."""
     torch.set_num_threads(os.cpu_count())
-    model = ref.make_detached(load_torch_model(folder, torch_dtype=getattr(torch, dtype))).to(TORCH_DEVICE)
+    model = ref.make_detached(ref.load_transformers(folder, dtype=getattr(torch, dtype))).to(TORCH_DEVICE)
     ids_t = torch.tensor(ids, device=TORCH_DEVICE)
     torch_jacobian(model, ids_t[:2])  # warm-up (allocator, kernels)
     with PeakRSS() as mem:

@@ -17,6 +17,7 @@ from eqlin.linear_maps import (
     LogitMap,
     MatrixFreeCheck,
     detached_jacobian,
+    detached_jacobian_at,
     jacobian,
     logit_map,
     matrix_free_check,
@@ -43,8 +44,8 @@ __all__ = [
     "ModelConfig", "RopeSpec", "ForwardOutput", "embed", "final_hidden", "forward", "Model", "load", "LayerParams",
     "Params",
     # linear maps
-    "Linearization", "LogitMap", "MatrixFreeCheck", "detached_jacobian", "jacobian", "logit_map",
-    "matrix_free_check", "estimate_jacobian_bytes",
+    "Linearization", "LogitMap", "MatrixFreeCheck", "detached_jacobian", "detached_jacobian_at", "jacobian",
+    "logit_map", "matrix_free_check", "estimate_jacobian_bytes",
     # taking maps apart
     "LayerSpectra", "MapSpectra", "layer_spectra", "Spectrum", "decode_spectrum", "effective_dimension",
     "norm_analysis", "spectrum", "top_singular",

@@ -77,7 +77,8 @@ SCHEMA = "eqlin.report/1"
 @dataclasses.dataclass(frozen=True)
 class Analysis:
     """report: report.json's content. The arrays feed the figures: output y (d,), reconstruction
-    Σ_t J_t x_t (d,), plain_reconstruction J_plain·x (d,), jacobian J (d, T, d), singular_values (T, k)."""
+    Σ_t J_t x_t (d,), plain_reconstruction J_plain·x (d,), jacobian J (d, T, d), singular_values (T, k).
+    linearization: the final detached map itself (`Linearization.save` writes it)."""
 
     report: dict[str, Any]
     output: np.ndarray
@@ -86,6 +87,7 @@ class Analysis:
     jacobian: np.ndarray
     singular_values: np.ndarray
     layer_spectra: LayerSpectra | None = None
+    linearization: Linearization | None = None
 
     def __repr__(self) -> str:
         return display.analysis_repr(self)
@@ -205,4 +207,4 @@ def analyze(model: Model, text: str, *, layers: tuple[int, ...] = (), top_k: int
     }
     return Analysis(report, np.asarray(lin.output), np.asarray(lin.reconstruction),
                     np.asarray(plain.homogeneity), np.asarray(lin.jacobian), np.asarray(spec.singular_values),
-                    story)
+                    story, lin)

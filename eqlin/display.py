@@ -202,7 +202,8 @@ def linearization_html(lin: Any) -> str:
             ("J (.jacobian)", f"{shape_text(J)}, {nbytes_text(J)}: y = Σ_t J_t x_t"),
             ("x (.inputs)", shape_text(lin.inputs)), ("y (.output)", shape_text(lin.output)),
             ("relative reconstruction error ‖y − Σ_t J_t x_t‖ / ‖y‖", error_text(lin.relative_error))]
-    ids, contributions = concrete(lin.ids), concrete(lin.contributions)
+    ids = None if lin.ids is None else concrete(lin.ids)  # None: a map at embeddings given directly
+    contributions = concrete(lin.contributions)
     body = _fields(rows)
     if isinstance(lin.layer, tuple) and err is not None:
         body += _table([[str(l), f"{e:.1e}"] for l, e in list(zip(lin.layer, err))[:MAX_ROWS]],
@@ -241,10 +242,10 @@ def spectrum_html(spec: Any) -> str:
               "v_i → the input embeddings nearest to v_i (cosine); top token of each, best first.</p>")
     eff = concrete(spec.effective.stable_rank) if spec.effective is not None else None
     if spec.per_token:
-        ids = concrete(spec.ids)
+        ids = None if spec.ids is None else concrete(spec.ids)  # None: a map at embeddings given directly
         table = []
         for t in range(min(s.shape[0], MAX_ROWS)):
-            row = [str(t), str(ids[t]), ", ".join(f"{v:.3g}" for v in s[t])]
+            row = [str(t), "—" if ids is None else str(ids[t]), ", ".join(f"{v:.3g}" for v in s[t])]
             row += [] if eff is None else [f"{eff[t]:.2f}"]
             row += [] if left is None else [tokens_html([left[t][i][0] for i in range(len(left[t]))])]
             row += [] if right is None else [tokens_html([right[t][i][0] for i in range(len(right[t]))])]

@@ -276,6 +276,24 @@ def _gguf_version() -> str:
 # --- config -----------------------------------------------------------------------------------------
 
 
+def header_config(path: Path) -> dict[str, Any]:
+    """The config.json that converting the GGUF file `path` would write, from its header alone: the file is
+    memory-mapped and no tensor is read or dequantized (`eqlin info`)."""
+    path = Path(path).expanduser()
+    _check_gguf_file(path)
+    reader = _open_reader(path)
+    meta = {name: _field_value(field, path) for name, field in reader.fields.items()  # the vocabulary left out
+            if not name.startswith("tokenizer.ggml.") or name.endswith("_token_id")}
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(f"{path.name}: GGUF architecture {arch!r} is not supported; eqlin converts "
+                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    try:
+        return _hf_config(arch, meta, {t.name: t for t in reader.tensors}, path)
+    except (TypeError, KeyError, IndexError, AttributeError) as e:
+        raise WeightsError(f"{path}: malformed metadata ({type(e).__name__}: {e}); the file is corrupt") from None
+
+
 def _hf_config(arch: str, meta: dict[str, Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
     """The HF config.json for this file (model_type gemma3_text, llama, qwen2 or qwen3)."""
 

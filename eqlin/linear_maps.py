@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from pathlib import Path
 from typing import Callable, Literal
 
 import jax
@@ -49,7 +51,7 @@ from eqlin.config import ModelConfig
 from eqlin.decoder import (LAST_ROWS, decoder_layer, embed, final_norm, layer_slice, rope_stack, run_layers_last,
                            streams_entering)
 from eqlin.errors import InputError
-from eqlin.memory import estimate_jacobian_bytes, fold_pays, memory_limit_bytes, resolve_chunk
+from eqlin.memory import check_chunk, estimate_jacobian_bytes, fold_pays, memory_limit_bytes, resolve_chunk
 from eqlin.model import Model
 from eqlin.params import Params
 from eqlin.selection import PARTS, Part, Scope, Tap, check_tap, resolve_selection, single_layer
@@ -70,7 +72,7 @@ class Linearization:
     contributions: rows J_t x_t, (T, d_out) or (n, T, d_out); with the constant they sum to the
         reconstruction.
     relative_error: ‖y − (Σ_t J_t x_t + c)‖ / ‖y‖, () or (n,).
-    ids: the token ids (T,).
+    ids: the token ids (T,); None for a map at embeddings given directly (`detached_jacobian_at`).
     constant: c, shaped like `output`: the frozen map at zero input (module docstring), exactly 0 for
         bias-free models and for the plain Jacobian; eqlin always sets it (None, from other
         constructors, reads as 0).
@@ -82,7 +84,7 @@ class Linearization:
     output: Array
     contributions: Array
     relative_error: Array
-    ids: Array
+    ids: Array | None
     constant: Array | None = None
     layer: int | tuple[int, ...] | None = dataclasses.field(metadata=dict(static=True), default=None)
     part: str = dataclasses.field(metadata=dict(static=True), default="residual")
@@ -105,6 +107,23 @@ class Linearization:
             stacked += ("inputs",)
         arrays = {f: getattr(self, f)[i] for f in stacked if getattr(self, f) is not None}
         return dataclasses.replace(self, **arrays, layer=self.layer[i])
+
+    def save(self, path: str | os.PathLike, model: Model | None = None, *, checkpoint: str | None = None
+             ) -> Path:
+        """Write this map to `path` as one safetensors file, bit for bit, atomically (`eqlin.persistence`);
+        with `model`, its source, family, checkpoint identity (`checkpoint`, else computed from the source)
+        and the input's token strings are recorded too. Returns the path."""
+        from eqlin.persistence import save_linearization
+
+        return save_linearization(self, path, model, checkpoint=checkpoint)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Linearization:
+        """The Linearization saved at `path` by `save`, bit for bit; InputError for any other file
+        (`eqlin.persistence.saved_metadata(path)` gives what was recorded with it)."""
+        from eqlin.persistence import load_linearization
+
+        return load_linearization(path)
 
     def __repr__(self) -> str:  # shapes and the error, never J itself
         return display.linearization_repr(self)
@@ -280,18 +299,67 @@ def plan_fold(config: ModelConfig, fold: bool | str, *, detach: bool, vectors: i
     return bool(fold) and detach
 
 
+def auto_mode(scope: Scope, n_maps: int, length: int) -> Literal["rev", "fwd"]:
+    """What mode="auto" picks: reverse pushes n·d cotangents, forward T·d tangents (per map in single scope)."""
+    return "rev" if scope == "single" or n_maps <= length else "fwd"
+
+
+def detached_jacobian_at(params: Params, config: ModelConfig, x: Array, *, layer=None, part: Part = "residual",
+                         scope: Scope = "cumulative", mode: Mode = "auto", chunk: int | None = None,
+                         fold: bool = False, tap: Tap = "post", detach: bool = True, ids: Array | None = None
+                         ) -> Linearization:
+    """The detached Jacobian at input embeddings x (T, d) given directly (soft prompts, perturbed or
+    interpolated embeddings): the exact map y = Σ_t J_t x_t (+ c with biases) of the decoder
+    `(params, config)` at x, computed as `detached_jacobian` computes it (the same jitted core; it is
+    `detached_jacobian` once the text is embedded). A pure function of (params, x): it works under `jit`
+    (config and the keyword arguments static) and `vmap` over x (a batch of inputs (B, T, d) gives every
+    array of the result a leading B axis).
+
+    layer, part, scope, mode, tap: as in `detached_jacobian`. chunk: basis vectors per pass; None pushes
+    them all at once: nothing is planned against a memory budget here (`eqlin.estimate_jacobian_bytes`
+    says what a call needs). fold: True or False (`detached_jacobian`'s "auto" plans memory).
+    detach=False gives the plain Jacobian. ids (T,): the tokens x came from, if any, recorded in the result.
+    """
+    x = jnp.asarray(x)
+    layers = resolve_selection(config, layer, part, scope)
+    check_tap(tap)
+    if fold not in (True, False):
+        raise InputError(f"fold must be True or False, got {fold!r} ('auto' plans memory: use detached_jacobian)")
+    if x.ndim != 2 or x.shape[1] != config.hidden_size or not 1 <= x.shape[0] <= config.max_position_embeddings:
+        raise InputError(f"x must be input embeddings of shape (T, {config.hidden_size}) with 1 <= T <= "
+                         f"{config.max_position_embeddings} (vmap over a leading batch axis), got {x.shape}")
+    if x.dtype != params.embed.dtype:
+        raise InputError(f"x is {x.dtype} but the weights are {params.embed.dtype}: cast x to the weights' dtype "
+                         "(a mixed computation would not be the model's map)")
+    n_maps = 1 if layers is None else len(layers)
+    if mode == "auto":
+        mode = auto_mode(scope, n_maps, x.shape[0])
+    if mode not in ("rev", "fwd"):
+        raise InputError(f"mode must be 'auto', 'rev' or 'fwd', got {mode!r}")
+    J, xs, y, contributions, err, c = jacobian_arrays(params, config, x, layers=layers, part=part, scope=scope,
+                                                      detach=detach, mode=mode, chunk=check_chunk(chunk),
+                                                      fold=fold and detach, tap=tap)
+    layer_meta = layers[0] if layers is not None and single_layer(layer) else layers
+    if not isinstance(layer_meta, tuple) and layers is not None:  # one layer: drop the stacking axis
+        J, y, contributions, err, c = J[0], y[0], contributions[0], err[0], c[0]
+        xs = xs[0] if scope == "single" else xs
+    return Linearization(J, xs, y, contributions, err, None if ids is None else jnp.asarray(ids), c,
+                         layer=layer_meta, part=part, scope=scope, detach=detach, tap=tap)
+
+
 def linearize(model: Model, inputs, *, detach: bool, layer=None, part: Part = "residual",
               scope: Scope = "cumulative", mode: Mode = "auto", chunk: int | None = None,
               memory_limit: int | None = None, fold: bool | str = "auto", tap: Tap = "post") -> Linearization:
     """The Jacobian J = ∂f/∂x of the map selected by (layer, part, scope) at `inputs` (text or ids),
-    with (`detach=True`) or without the nonlinear coefficients frozen. See the module docstring."""
+    with (`detach=True`) or without the nonlinear coefficients frozen, its chunk and fold planned against
+    the memory budget; then `detached_jacobian_at` the input embeddings. See the module docstring."""
     config = model.config
     layers = resolve_selection(config, layer, part, scope)
     check_tap(tap)
     ids = model.ids(inputs)
     length, n_maps = len(ids), 1 if layers is None else len(layers)
-    if mode == "auto":  # reverse pushes n·d cotangents, forward T·d tangents (per map in single scope)
-        mode = "rev" if scope == "single" or n_maps <= length else "fwd"
+    if mode == "auto":
+        mode = auto_mode(scope, n_maps, length)
     if mode not in ("rev", "fwd"):
         raise InputError(f"mode must be 'auto', 'rev' or 'fwd', got {mode!r}")
     limit, itemsize = memory_limit_bytes(memory_limit, params=model.params), model.dtype.itemsize
@@ -305,14 +373,8 @@ def linearize(model: Model, inputs, *, detach: bool, layer=None, part: Part = "r
                      fits=fits)
     chunk = resolve_chunk(config, length, n_maps, mode, chunk, itemsize, limit, fold=fold)
     x = embed(model.params, config, jnp.asarray(ids))
-    J, xs, y, contributions, err, c = jacobian_arrays(model.params, config, x, layers=layers, part=part, scope=scope,
-                                                      detach=detach, mode=mode, chunk=chunk, fold=fold, tap=tap)
-    layer_meta = layers[0] if layers is not None and single_layer(layer) else layers
-    if not isinstance(layer_meta, tuple) and layers is not None:  # one layer: drop the stacking axis
-        J, y, contributions, err, c = J[0], y[0], contributions[0], err[0], c[0]
-        xs = xs[0] if scope == "single" else xs
-    return Linearization(J, xs, y, contributions, err, jnp.asarray(ids), c, layer=layer_meta, part=part,
-                         scope=scope, detach=detach, tap=tap)
+    return detached_jacobian_at(model.params, config, x, layer=layer, part=part, scope=scope, mode=mode, chunk=chunk,
+                                fold=fold, tap=tap, detach=detach, ids=ids)
 
 
 def detached_jacobian(model: Model, inputs, *, layer=None, part: Part = "residual", scope: Scope = "cumulative",

@@ -20,10 +20,11 @@ from eqlin.config import ModelConfig
 from eqlin.errors import InputError, MemoryBudgetError
 
 
-def memory_limit_bytes(limit: int | None = None, *, params=None) -> int:
+def memory_limit_bytes(limit: int | None = None, *, params=None, weights: int | None = None) -> int:
     """The budget in bytes: `limit` if given (a positive integer), else $EQLIN_MEMORY_LIMIT_GB if set (a
-    positive number of GiB), else `default_budget` for the device holding `params` (a pytree of arrays;
-    None: 80 % of physical memory)."""
+    positive number of GiB), else `default_budget` for the device holding `params` (a pytree of arrays), or
+    for JAX's default device once it holds `weights` bytes of weights not loaded yet (`eqlin info`); with
+    neither, 80 % of physical memory."""
     if limit is not None:
         return check_int("memory_limit", limit, 1, None, "bytes; None: the default budget")
     setting = os.environ.get("EQLIN_MEMORY_LIMIT_GB", "").strip()
@@ -37,10 +38,24 @@ def memory_limit_bytes(limit: int | None = None, *, params=None) -> int:
                              "or unset it to use 80 % of physical memory")
         return int(gib * 2**30)
     host = int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    if params is None:
+    if params is not None:
+        device = next(iter(jax.tree_util.tree_leaves(params)[0].devices()))
+        resident = resident_bytes(params, device)
+    elif weights is not None:
+        device, resident = jax.devices()[0], weights
+    else:
         return host
-    device = next(iter(jax.tree_util.tree_leaves(params)[0].devices()))
-    return default_budget(device.platform, device.memory_stats() or {}, host, resident_bytes(params, device))
+    return default_budget(device.platform, device.memory_stats() or {}, host, resident)
+
+
+def budget_basis() -> str:
+    """What `memory_limit_bytes(weights=…)` is taken from, in words."""
+    if os.environ.get("EQLIN_MEMORY_LIMIT_GB", "").strip():
+        return "EQLIN_MEMORY_LIMIT_GB"
+    device = jax.devices()[0]
+    if device.platform != "cpu" and "bytes_limit" in (device.memory_stats() or {}):
+        return f"the {device.platform.upper()} allocator's limit less the weights"
+    return "80 % of physical memory less the weights; set EQLIN_MEMORY_LIMIT_GB to change it"
 
 
 def default_budget(platform: str, stats: dict, host: int, resident: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError
 from eqlin.families import FamilySpec, config_from_hf, spec_for
-from eqlin.loading import INDEX_FILE, SINGLE_FILE, is_gguf, load_params, read_json, resolve_dtype, resolve_folder
+from eqlin.loading import (INDEX_FILE, SINGLE_FILE, check_tensors, expected_tensors, is_gguf, load_params,
+                           open_weight_files, read_json, resolve_dtype, resolve_folder)
 from eqlin.params import Params
 from eqlin.tokenizer import Tokenizer
 
@@ -62,24 +64,8 @@ class Model:
         return self.tokenizer.token_strings(ids)
 
     def check_ids(self, ids) -> np.ndarray:
-        """Validate token ids: a non-empty 1-D integer sequence, inside the vocabulary, no longer than
-        the model's maximum positions. Returns them as int32 (T,)."""
-        arr = np.asarray(ids)
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) and arr.size:
-            raise InputError(f"token ids must be a 1-D integer sequence, got shape {arr.shape} dtype {arr.dtype}")
-        if arr.size == 0:
-            raise InputError("empty input: give at least one token")
-        bad = arr[(arr < 0) | (arr >= self.config.vocab_size)]
-        if bad.size:
-            raise InputError(
-                f"token ids outside the vocabulary [0, {self.config.vocab_size}): {sorted(set(bad.tolist()))[:10]}"
-            )
-        if arr.size > self.config.max_position_embeddings:
-            raise InputError(
-                f"input has {arr.size} tokens, more than the model's max_position_embeddings "
-                f"({self.config.max_position_embeddings}); shorten the text"
-            )
-        return arr.astype(np.int32)
+        """Validate token ids (`check_ids`); returns them as int32 (T,)."""
+        return check_ids(ids, self.config)
 
     def ids(self, inputs) -> np.ndarray:
         """Token ids for text or ids, validated."""
@@ -97,6 +83,28 @@ class Model:
     def logits(self, inputs) -> Array:
         """Logits (T, V) at every position."""
         return self.forward(inputs).logits
+
+
+def check_ids(ids, config: ModelConfig) -> np.ndarray:
+    """Validate token ids: a non-empty 1-D integer sequence, inside the vocabulary, no longer than the
+    model's maximum positions (config.json alone: checked before any weight is read). Returns them as
+    int32 (T,)."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) and arr.size:
+        raise InputError(f"token ids must be a 1-D integer sequence, got shape {arr.shape} dtype {arr.dtype}")
+    if arr.size == 0:
+        raise InputError("empty input: give at least one token")
+    bad = arr[(arr < 0) | (arr >= config.vocab_size)]
+    if bad.size:
+        raise InputError(
+            f"token ids outside the vocabulary [0, {config.vocab_size}): {sorted(set(bad.tolist()))[:10]}"
+        )
+    if arr.size > config.max_position_embeddings:
+        raise InputError(
+            f"input has {arr.size} tokens, more than the model's max_position_embeddings "
+            f"({config.max_position_embeddings}); shorten the text"
+        )
+    return arr.astype(np.int32)
 
 
 def checkpoint_folder(source: str | os.PathLike, *, cache_dir: str | Path | None = None, download: bool = False
@@ -144,6 +152,32 @@ def read_config(folder: Path) -> tuple[FamilySpec, ModelConfig]:
     """The family and the checked `ModelConfig` of the checkpoint in `folder` (config.json only: cheap)."""
     hf = read_json(folder / "config.json")
     return spec_for(hf), config_from_hf(hf)
+
+
+def source_config(source: str | os.PathLike, *, cache_dir: str | Path | None = None
+                  ) -> tuple[FamilySpec, ModelConfig, Path | None]:
+    """(family, checked config, checkpoint folder) of `source` from its config.json alone, or for a GGUF file
+    from its header (memory-mapped: nothing converted or dequantized; folder None)."""
+    if is_gguf(source):
+        from eqlin.gguf import header_config
+
+        hf = header_config(Path(source))
+        return spec_for(hf), config_from_hf(hf), None
+    folder = checkpoint_folder(source, cache_dir=cache_dir)
+    return *read_config(folder), folder
+
+
+def count_parameters(spec: FamilySpec, config: ModelConfig, folder: Path | None) -> int:
+    """The checkpoint's number of parameters without reading any weight: a folder's tokenizer files and tensor
+    headers are checked as `load` checks them (names, shapes, dtypes, layout); with no folder (a GGUF header),
+    from the config alone."""
+    if folder is None:
+        expected = expected_tensors(config, spec, *spec.prefixes[0])
+    else:
+        if (folder / "tokenizer.json").is_file():
+            Tokenizer.from_folder(folder)
+        expected = check_tensors(open_weight_files(folder), config, spec, folder)
+    return sum(math.prod(e.shape) for e in expected.values())
 
 
 def load(

@@ -27,7 +27,7 @@ from typing import Any
 
 from eqlin.errors import NonFiniteError, OutputError
 
-OUTPUT_SUFFIXES = (".json", ".html", ".png")  # what eqlin's commands write into an output folder
+OUTPUT_SUFFIXES = (".json", ".html", ".png", ".safetensors")  # what eqlin's commands write into an output folder
 _TEMP = re.compile(r"\.eqlin-(tmp|old)-(\d+)-([A-Za-z0-9-]*)-[0-9a-f]{8}$")
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 

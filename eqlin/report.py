@@ -399,13 +399,15 @@ residual stream after layer l; <b>max error</b>: the largest reconstruction erro
 {_table(header, body, raw=True)}"""
 
 
-def write_report(result: Analysis, out: Path, *, quiet: bool = True) -> list[Path]:
-    """Write report.json, the PNG figures and report.html as the whole content of `out`, swapped into
-    place as one set (`eqlin.outputs.write_folder_atomic`). Returns the paths."""
+def write_report(result: Analysis, out: Path, *, quiet: bool = True, extra: dict[str, bytes] | None = None
+                 ) -> list[Path]:
+    """Write report.json, the PNG figures, report.html and the `extra` files ({name: bytes}, e.g. the saved
+    Jacobian) as the whole content of `out`, swapped into place as one set
+    (`eqlin.outputs.write_folder_atomic`). Returns the paths."""
     with stage("figures and report", quiet):
         pngs = figures(result)
         files = {**pngs, "report.json": json_text(result.report).encode(),
-                 "report.html": render_html(result.report, pngs).encode()}
+                 "report.html": render_html(result.report, pngs).encode(), **(extra or {})}
         return write_folder_atomic(out, files)
 
 

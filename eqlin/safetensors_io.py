@@ -39,7 +39,8 @@ _MAX_HEADER = 100_000_000  # the safetensors library's own limit on the header s
 
 
 class SafetensorsFile:
-    """Lazily read tensors of one .safetensors file. `header` maps name -> (dtype, shape)."""
+    """Lazily read tensors of one .safetensors file. `header` maps name -> (dtype, shape); `metadata` is the
+    header's `__metadata__` (names to strings; {} where absent)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -64,6 +65,7 @@ class SafetensorsFile:
         if metadata is not None and not (isinstance(metadata, dict)
                                          and all(isinstance(v, str) for v in metadata.values())):
             self._corrupt("__metadata__ must map names to strings")
+        self.metadata: dict[str, str] = metadata or {}
         self._entries = {name: self._entry(name, info) for name, info in raw.items()}
         self._check_layout(size - self._data_start)
 

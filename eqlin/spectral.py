@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import jax
@@ -109,7 +111,8 @@ class Spectrum:
     right_tokens        (T, k, top)                  (T, k, top): each token's block of v
     ==================  ===========================  ===========================
 
-    output: y (d_out,); relative_error: ‖y − (Σ_t J_t x_t + c)‖ / ‖y‖ of the map (); ids: the input (T,).
+    output: y (d_out,); relative_error: ‖y − (Σ_t J_t x_t + c)‖ / ‖y‖ of the map (); ids: the input (T,) (None
+    for a map at embeddings given directly).
     frobenius_sq (‖J‖_F²) and effective (`EffectiveDimension`) need the full spectrum: None from
     `top_singular`. left_tokens / right_tokens: None until `decode_spectrum`.
     layer, part, scope, detach say which map it is; method is "dense", "lanczos" or "randomized".
@@ -120,7 +123,7 @@ class Spectrum:
     V: Array
     output: Array
     relative_error: Array
-    ids: Array
+    ids: Array | None
     frobenius_sq: Array | None
     effective: EffectiveDimension | None
     per_token: bool
@@ -172,6 +175,21 @@ class Spectrum:
     def to_json(self, **kwargs) -> str:
         """`json.dumps(self.to_dict(), **kwargs)`."""
         return json.dumps(self.to_dict(), **kwargs)
+
+    def save(self, path: str | os.PathLike, model: Model | None = None, *, checkpoint: str | None = None
+             ) -> Path:
+        """Write this spectrum (decoded tokens included) to `path` as one safetensors file, bit for bit,
+        atomically; `model` and `checkpoint` as in `Linearization.save`. Returns the path."""
+        from eqlin.persistence import save_spectrum
+
+        return save_spectrum(self, path, model, checkpoint=checkpoint)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Spectrum:
+        """The Spectrum saved at `path` by `save`, bit for bit; InputError for any other file."""
+        from eqlin.persistence import load_spectrum
+
+        return load_spectrum(path)
 
     def __repr__(self) -> str:
         return display.spectrum_repr(self)

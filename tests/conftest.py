@@ -21,12 +21,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import eqlin  # noqa: E402
-from tests.fixtures import load_torch_model, make_checkpoint  # noqa: E402
+from eqlin.reference import load_transformers  # noqa: E402
+from tests.fixtures import make_checkpoint  # noqa: E402
 
 CORE_VARIANTS = ("llama_mha", "llama_gqa", "qwen3", "gemma3", "gemma3_multimodal")
 MORE_VARIANTS = ("mistral", "phi3", "olmo2")
 # The PyTorch references run tiny models, where one intra-op thread is as fast and never spin-waits (OpenMP) for a
-# descheduled second thread: on a busy 2-core machine test_torch_reference.py took 59-85 s with two threads and
+# descheduled second thread: on a busy 2-core machine test_reference.py took 59-85 s with two threads and
 # 7-10 s with one.
 torch.set_num_threads(1)
 
@@ -94,14 +95,14 @@ def loaded(checkpoint) -> Callable[[str], eqlin.Model]:
 @pytest.fixture(scope="session")
 def reference(checkpoint):
     """reference(variant, detached=True) -> the transformers model of that checkpoint in float64, made
-    float64-faithful (and, with `detached`, detached) in memory by tests/torch_reference.py; once per session."""
-    from tests import torch_reference as ref
+    float64-faithful (and, with `detached`, detached) in memory by eqlin/reference.py; once per session."""
+    from eqlin import reference as ref
 
     models: dict = {}
 
     def get(variant: str, detached: bool = True):
         if (variant, detached) not in models:
-            model = load_torch_model(checkpoint(variant))
+            model = load_transformers(checkpoint(variant))
             models[variant, detached] = ref.make_detached(model) if detached else ref.make_float64_faithful(model)
         return models[variant, detached]
 

@@ -284,10 +284,3 @@ def make_checkpoint(
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
         safetensors.torch.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
-
-
-def load_torch_model(folder: pathlib.Path, *, torch_dtype: torch.dtype = torch.float64) -> transformers.PreTrainedModel:
-    """Load a checkpoint with the class named in its config, eager attention, in eval mode."""
-    config = transformers.AutoConfig.from_pretrained(folder)
-    model_cls = getattr(transformers, config.architectures[0])
-    return model_cls.from_pretrained(folder, dtype=torch_dtype, attn_implementation="eager").eval()

@@ -10,7 +10,7 @@ import torch
 
 from eqlin.batch import detached_jacobians
 from eqlin.linear_maps import detached_jacobian
-from tests import torch_reference as ref
+from eqlin import reference as ref
 from tests.conftest import LONGROPE_TEXTS, TEXT, VS_TORCH, relative
 
 EXACT = 1e-14  # measured at most 1.1e-15

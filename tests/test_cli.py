@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import pathlib
 import re
 import shutil
 import signal
@@ -25,7 +26,7 @@ from eqlin.cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, 
 from eqlin.memory import estimate_jacobian_bytes, format_bytes
 from eqlin.report import summary
 from tests.conftest import TEXT
-from tests.fixtures import load_torch_model
+from eqlin.reference import load_transformers
 
 REPORT_KEYS = {"schema", "next_token", "relative_error", "plain_relative_error", "model", "dtype", "tokens",
                "per_token", "layer_maps", "homogeneity_error", "logit", "top_predictions", "timings_s", "text",
@@ -71,7 +72,7 @@ def test_analyze_on_a_tiny_model(tiny_report, checkpoint, capsys):
     # 2.9e-8 on the logit).
     ids = [t["id"] for t in report["tokens"]]
     with torch.no_grad():
-        logits = load_torch_model(checkpoint("gemma3"))(input_ids=torch.tensor([ids])).logits[0, -1]
+        logits = load_transformers(checkpoint("gemma3"))(input_ids=torch.tensor([ids])).logits[0, -1]
     probs = torch.softmax(logits, -1).numpy()
     top = np.argsort(-probs)[:len(report["top_predictions"])]
     assert [p["id"] for p in report["top_predictions"]] == top.tolist()
@@ -118,19 +119,68 @@ def test_analyze_the_embedded_model_in_float64(tmp_path, eqlin_cache_dir):
     assert any((eqlin_cache_dir / "xla").iterdir())
 
 
-def test_info(checkpoint, capsys):
-    """The figures, not only the labels: parameters as transformers counts them, J's size by hand, the peak as
-    eqlin.memory estimates it (and at least J itself)."""
-    assert main(["info", str(checkpoint("llama_gqa")), "--tokens", "16", "-q", "--no-compile-cache"]) == EXIT_OK
+def _info_rows(args: list[str], capsys) -> dict[str, str]:
+    assert main(["info", *args, "-q", "--no-compile-cache"]) == EXIT_OK
     printed = capsys.readouterr().out
-    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in printed.strip().splitlines())
-    assert rows["family"] == "llama" and rows["dtype"] == "float64" and rows["tied embeddings"] == "False"
-    assert rows["layers"] == "2" and rows["hidden size d"] == "64" and rows["heads (q / kv) x head_dim"] == "4 / 2 x 16"
-    torch_model = load_torch_model(checkpoint("llama_gqa"))
-    assert rows["parameters"] == f"{sum(p.numel() for p in torch_model.parameters()):,}"  # 174,272
-    assert rows["J at T=16 (d x T x d)"] == "512.0 KiB"  # 64 · 16 · 64 float64 = 524,288 bytes
-    peak = estimate_jacobian_bytes(eqlin.load(checkpoint("llama_gqa")).config, 16, itemsize=8)
-    assert rows["peak for J at T=16"] == f"{format_bytes(peak)} (estimate)" and peak >= 64 * 16 * 64 * 8
+    return dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in printed.strip().splitlines())
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "gpt2", "gemma3"])
+def test_info(variant, checkpoint, loaded, capsys, monkeypatch):
+    """The figures, not only the labels, from config.json and the tensor headers alone (no weight is read):
+    parameters as transformers counts them, J's size by hand, the peak as eqlin.memory estimates it (and at
+    least J itself), and what fits under a budget set by EQLIN_MEMORY_LIMIT_GB."""
+    from eqlin import model as eqlin_model
+    from eqlin.memory import largest_fitting
+    from eqlin.safetensors_io import SafetensorsFile
+
+    config = loaded(variant).config
+    d = config.hidden_size
+
+    def peak(length: int, chunk: int | None = None) -> int:
+        return estimate_jacobian_bytes(config, length, itemsize=8, chunk=chunk)
+
+    monkeypatch.setenv("EQLIN_MEMORY_LIMIT_GB", str((peak(16, 2) + 0.5) / 2**30))  # 2 basis vectors per pass
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("eqlin info read weights")
+
+    monkeypatch.setattr(SafetensorsFile, "read", no_weights)
+    monkeypatch.setattr(eqlin_model, "load_params", no_weights)
+    rows = _info_rows([str(checkpoint(variant)), "--tokens", "16"], capsys)
+    assert rows["family"] == config.family and rows["dtype"] == "float64"
+    assert rows["layers"] == str(config.num_layers) and rows["hidden size d"] == str(d)
+    torch_model = load_transformers(checkpoint(variant))
+    parameters = sum(p.numel() for p in torch_model.parameters())  # llama_gqa: 174,272
+    assert rows["parameters"] == f"{parameters:,}" and rows["weights in float64"] == format_bytes(8 * parameters)
+    assert rows["J at T=16 (d x T x d)"] == format_bytes(d * 16 * d * 8)
+    assert rows["peak for J at T=16"] == f"{format_bytes(peak(16))} (estimate)" and peak(16) >= d * 16 * d * 8
+    assert rows["memory budget"] == f"{format_bytes(peak(16, 2))} (EQLIN_MEMORY_LIMIT_GB)"
+    assert rows["J at T=16 here"] == "fits, 2 basis vectors per pass"
+    longest = largest_fitting(lambda t: peak(t, 1), config.max_position_embeddings, peak(16, 2))
+    assert longest >= 16 and rows["longest input whose J fits"] == f"T={longest:,} (one basis vector per pass)"
+
+
+def test_info_says_what_the_default_budget_is(checkpoint, capsys, monkeypatch):
+    monkeypatch.delenv("EQLIN_MEMORY_LIMIT_GB", raising=False)
+    rows = _info_rows([str(checkpoint("llama_gqa"))], capsys)
+    assert rows["memory budget"].endswith("(80 % of physical memory less the weights; set EQLIN_MEMORY_LIMIT_GB "
+                                          "to change it)")
+    assert rows["J at T=64 here"] == "fits, all basis vectors in one pass"
+    assert rows["longest input whose J fits"] == "T=64 (one basis vector per pass)"
+
+
+@pytest.mark.slow
+def test_info_on_the_embedded_model_reads_only_headers(eqlin_cache_dir):
+    """Under 1 GB peak (measured 0.87 GB, most of it gguf-py's reader of the 250 MB file; loading the weights
+    took 4.3 GB): the GGUF header alone (test_gguf.py: nothing converted)."""
+    script = ("import resource, sys; from eqlin.cli import main; code = main(['info', '-q']); "
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(code)")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert run.returncode == EXIT_OK, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert any(re.fullmatch(r"parameters +268,098,176", line) for line in lines) and int(lines[-1]) < 2**30
 
 
 def test_convert_round_trip(checkpoint, loaded, tmp_path):
@@ -139,6 +189,30 @@ def test_convert_round_trip(checkpoint, loaded, tmp_path):
     converted = eqlin.load(dst)
     ids = loaded("gemma3_multimodal").encode(TEXT)
     np.testing.assert_array_equal(converted.logits(ids), loaded("gemma3_multimodal").logits(ids))
+
+
+def test_analyze_saves_the_jacobian_with_the_report(checkpoint, loaded, tmp_path, capsys):
+    """--save-jacobian adds jacobian.safetensors to the report's set: the detached map bit for bit (affine
+    here: the constant too) with its token strings and checkpoint; a rerun without it replaces the whole set."""
+    from eqlin.persistence import saved_metadata
+
+    out = tmp_path / "o"
+    run = ["analyze", TEXT, "--model", str(checkpoint("qwen2")), "--out", str(out), "--layers", "none", "-q",
+           "--no-compile-cache"]
+    assert main([*run, "--save-jacobian"]) == EXIT_OK
+    assert f"detached Jacobian: {out / 'jacobian.safetensors'}" in capsys.readouterr().out
+    saved = eqlin.Linearization.load(out / "jacobian.safetensors")
+    lin = eqlin.detached_jacobian(loaded("qwen2"), TEXT)
+    for name in ("jacobian", "inputs", "output", "contributions", "relative_error", "ids", "constant"):
+        np.testing.assert_array_equal(getattr(saved, name), getattr(lin, name), err_msg=name)
+    meta = saved_metadata(out / "jacobian.safetensors")
+    report = json.loads((out / "report.json").read_text())
+    assert meta["model"]["checkpoint"] == report["model"]["checkpoint"] is not None
+    assert meta["tokens"] == [t["text"] for t in report["tokens"]]
+    assert main(run) == EXIT_OK
+    assert not (out / "jacobian.safetensors").exists()
+    err = _bad(["analyze", "--prompts", str(tmp_path / "p.txt"), "--save-jacobian"], capsys)
+    assert "--save-jacobian saves one text's map; with --prompts, save maps from Python" in err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -189,7 +263,7 @@ def test_interrupt_exits_130_and_an_internal_error_1_leaving_nothing(mode, code,
     assert list((tmp_path / "out").iterdir()) == []
 
 
-@pytest.mark.parametrize("command", [[], ["analyze"], ["study"], ["info"], ["convert"]])
+@pytest.mark.parametrize("command", [[], ["analyze"], ["study"], ["info"], ["convert"], ["validate"]])
 def test_help_is_clear(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
@@ -323,6 +397,19 @@ def test_unwritable_compile_cache_is_said_not_fatal(checkpoint, tmp_path, capsys
     monkeypatch.delenv("EQLIN_NO_COMPILE_CACHE", raising=False)
     assert main(["info", str(checkpoint("llama_mha")), "-q"]) == EXIT_OK
     assert "JAX's compilation cache is off: cannot write" in capsys.readouterr().err
+
+
+def test_a_users_own_compile_cache_is_left_alone(checkpoint, tmp_path, capsys, monkeypatch):
+    """JAX reads $JAX_COMPILATION_CACHE_DIR itself (at import): eqlin neither replaces it with its own folder nor
+    creates that folder."""
+    import jax
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("EQLIN_CACHE_DIR", str(tmp_path / "eqlin-cache"))
+    monkeypatch.delenv("EQLIN_NO_COMPILE_CACHE", raising=False)
+    before = jax.config.jax_compilation_cache_dir
+    assert main(["info", str(checkpoint("llama_mha")), "-q"]) == EXIT_OK
+    assert jax.config.jax_compilation_cache_dir == before and not (tmp_path / "eqlin-cache").exists()
 
 
 def test_out_with_other_files_is_left_alone(checkpoint, tmp_path, capsys):

@@ -15,9 +15,9 @@ import torch
 
 import eqlin
 from eqlin.blocks import attention_mask, attention_probs
-from tests import torch_reference as ref
+from eqlin import reference as ref
 from tests.conftest import AFFINE_VARIANTS, CORE_VARIANTS, LONGROPE_TEXTS, MORE_VARIANTS, OPTION_VARIANTS, TEXT, relative
-from tests.fixtures import ATTN_SOFTCAP, FINAL_SOFTCAP, load_torch_model
+from tests.fixtures import ATTN_SOFTCAP, FINAL_SOFTCAP
 
 ALL_VARIANTS = CORE_VARIANTS + MORE_VARIANTS + OPTION_VARIANTS + AFFINE_VARIANTS
 
@@ -26,8 +26,8 @@ LONG_TEXT = TEXT + " . the fog goes over the bay and the red bridge"  # > the 4-
 
 def _torch_run(folder, ids: np.ndarray, *, faithful: bool):
     """(embeddings (T, d), every layer's {"residual", "attn", "mlp"} (L, T, d), logits (T, V)) from transformers in
-    float64; the layer outputs are hooked off its own modules (tests/torch_reference.py, `layer_outputs`)."""
-    model = load_torch_model(folder)
+    float64; the layer outputs are hooked off its own modules (eqlin/reference.py, `layer_outputs`)."""
+    model = ref.load_transformers(folder)
     if faithful:
         ref.make_float64_faithful(model)
     t_ids = torch.tensor(ids)

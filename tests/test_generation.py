@@ -15,7 +15,7 @@ from eqlin import steering
 from eqlin.decoder import embed, final_norm, layer_slice, run_layers, unembed
 from eqlin.generation import bucket, generate
 from eqlin.steering import concept_maps, steer
-from tests import torch_reference as ref
+from eqlin import reference as ref
 from tests.conftest import VS_TORCH, relative
 from tests.test_steering import CONCEPT, TEXT
 

@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -522,7 +523,8 @@ def test_an_unwritable_cache_is_exit_2(tiny_llama, tmp_path, capsys, monkeypatch
     path = _write_gguf(tiny_llama, "llama", tmp_path / "m.gguf")
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("EQLIN_CACHE_DIR", str(tmp_path / "file" / "cache"))
-    assert main(["info", str(path), "-q", "--no-compile-cache"]) == EXIT_BAD_INPUT
+    assert main(["analyze", "x", "--model", str(path), "--out", str(tmp_path / "o"), "-q", "--no-compile-cache"]
+                ) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "cannot write the converted model into the cache folder" in err and "set EQLIN_CACHE_DIR" in err
 
@@ -531,6 +533,28 @@ def test_an_uppercase_extension_is_a_gguf_file(tiny_llama, tmp_path, monkeypatch
     monkeypatch.setenv("EQLIN_CACHE_DIR", str(tmp_path / "cache"))
     path = _write_gguf(tiny_llama, "llama", tmp_path / "M.GGUF")
     assert eqlin.load(path, dtype="float32").config.family == "llama"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_info_reads_the_header_and_converts_nothing(tiny, arch, tmp_path, capsys, monkeypatch):
+    """`eqlin info x.gguf`: the config a conversion would write (`header_config`), parameters as transformers
+    counts them, from the header alone: no conversion, nothing written to the cache."""
+    from eqlin.cli import EXIT_OK
+
+    hf_folder, path = tiny(arch)
+    monkeypatch.setenv("EQLIN_CACHE_DIR", str(tmp_path / "cache"))
+    converted = eqlin_gguf.converted_folder(path, tmp_path / "elsewhere")
+    assert eqlin_gguf.header_config(path) == json.loads((converted / "config.json").read_text())
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("eqlin info converted the GGUF file")
+
+    monkeypatch.setattr(eqlin_gguf, "convert_gguf", no_conversion)
+    assert main(["info", str(path), "-q", "--no-compile-cache"]) == EXIT_OK
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in capsys.readouterr().out.strip().splitlines())
+    parameters = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(hf_folder).parameters())
+    assert rows["parameters"] == f"{parameters:,}"
+    assert not (tmp_path / "cache").exists()
 
 
 # --- eqlin convert of a GGUF ----------------------------------------------------------------------------

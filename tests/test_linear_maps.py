@@ -1,4 +1,4 @@
-"""Detached Jacobians equal the PyTorch reference (tests/torch_reference.py: transformers' own modules, float64,
+"""Detached Jacobians equal the PyTorch reference (eqlin/reference.py: transformers' own modules, float64,
 detached in memory) for the final output, for every cumulative and single-layer map and part, for the plain
 Jacobian and for logit maps, tied and untied, at <= VS_TORCH (3e-14; measured <= 6.8e-15); they reconstruct the
 output exactly (float64: <= 1e-14) and the plain Jacobian does not; models with biases are affine,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,10 +24,10 @@ from eqlin.linear_maps import (
     matrix_free_check,
 )
 from eqlin.memory import estimate_jacobian_bytes
-from tests import torch_reference as ref
+from eqlin import reference as ref
 from tests.conftest import (AFFINE_VARIANTS, CORE_VARIANTS, LONGROPE_TEXTS, MORE_VARIANTS, OPTION_VARIANTS, TEXT,
                             VS_TORCH, relative)
-from tests.fixtures import FINAL_SOFTCAP, load_torch_model
+from tests.fixtures import FINAL_SOFTCAP
 
 EXACT = 1e-14  # reconstruction errors: measured at most 1.7e-15 (every tiny model, map, part and scope)
 
@@ -121,7 +122,7 @@ def test_affine_and_longrope_maps_equal_pytorch(variant, text, checkpoint, loade
     reconstructed exactly with c, and not without it."""
     model = loaded(variant)
     ids = model.encode(text)
-    torch_model = ref.make_detached(load_torch_model(checkpoint(variant)))
+    torch_model = ref.make_detached(ref.load_transformers(checkpoint(variant)))
     expected = ref.detached_jacobian(torch_model, torch.tensor(ids))
     x = ref.embed(torch_model, torch.tensor(ids)).detach()
     with torch.no_grad():
@@ -134,6 +135,52 @@ def test_affine_and_longrope_maps_equal_pytorch(variant, text, checkpoint, loade
     assert float(lin.relative_error) <= EXACT
     if model.config.has_biases:  # an affine map: the constant matters
         assert relative(lin.constant, lin.output) > 0.1 and relative(lin.contributions.sum(0), lin.output) > 0.1
+
+
+def test_the_map_at_embeddings_is_detached_jacobians_under_jit_and_vmap(loaded, reference):
+    """detached_jacobian_at(params, config, x) at x = embed(ids) is detached_jacobian bit for bit (the same
+    jitted core); it jits (bit for bit), and vmaps over several x: soft prompts halfway between two texts'
+    embeddings and a perturbed one, each exact, each its own call's map, and each PyTorch's detached J at
+    that x (Qwen 2: affine, so the constant too)."""
+    model = loaded("qwen2")
+    params, config = model.params, model.config
+    ids = model.encode(TEXT)
+    x = model.embed(ids)
+    lin = detached_jacobian(model, TEXT, fold=False)
+    at = eqlin.detached_jacobian_at(params, config, x)
+    assert at.ids is None and (at.layer, at.part, at.scope, at.detach) == (None, "residual", "cumulative", True)
+    for name in ("jacobian", "inputs", "output", "contributions", "relative_error", "constant"):
+        np.testing.assert_array_equal(getattr(at, name), getattr(lin, name), err_msg=name)
+    jitted = jax.jit(eqlin.detached_jacobian_at, static_argnames=("config", "layer", "part"))
+    maps = jitted(params, config, x, layer=(0, 1), part="mlp")
+    np.testing.assert_array_equal(maps.jacobian, detached_jacobian(model, TEXT, layer=[0, 1], part="mlp",
+                                                                   fold=False).jacobian)
+    other = model.embed(model.encode("The red bridge over the cold water of the bay"))[:len(ids)]
+    xs = jnp.stack([x, (x + other) / 2, x + 0.01 * jax.random.normal(jax.random.key(0), x.shape, x.dtype)])
+    batch = jax.vmap(lambda v: eqlin.detached_jacobian_at(params, config, v))(xs)
+    d, T = config.hidden_size, len(ids)
+    chex.assert_shape([batch.jacobian, batch.constant, batch.relative_error], [(3, d, T, d), (3, d), (3,)])
+    torch_model = reference("qwen2")
+    for b in range(3):
+        one = eqlin.detached_jacobian_at(params, config, xs[b])
+        assert relative(batch.jacobian[b], one.jacobian) <= 1e-14 and float(batch.relative_error[b]) <= EXACT
+        assert relative(batch.output[b], eqlin.forward(params, config, xs[b]).hidden[-1]) <= 1e-14
+        e = torch.tensor(np.asarray(xs[b]))
+        expected = torch.autograd.functional.jacobian(lambda v: ref.final_hidden(torch_model, v), e, vectorize=True)
+        assert relative(batch.jacobian[b], expected.numpy()) <= VS_TORCH
+
+
+@pytest.mark.parametrize("x, kwargs, message", [
+    (lambda x: x[None], {}, r"x must be input embeddings of shape \(T, 64\) with 1 <= T <= 64 .*got \(1, 10, 64\)"),
+    (lambda x: x[:, :8], {}, r"x must be input embeddings of shape \(T, 64\)"),
+    (lambda x: x.astype(jnp.float32), {}, "x is float32 but the weights are float64: cast x to the weights' dtype"),
+    (lambda x: x, {"fold": "auto"}, "fold must be True or False, got 'auto' .*use detached_jacobian"),
+    (lambda x: x, {"chunk": 0}, "chunk must be an integer >= 1"),
+])
+def test_bad_embeddings_are_refused(x, kwargs, message, loaded):
+    model = loaded("llama_gqa")
+    with pytest.raises(eqlin.InputError, match=message):
+        eqlin.detached_jacobian_at(model.params, model.config, x(model.embed(TEXT)), **kwargs)
 
 
 def test_the_constant_is_the_frozen_map_at_zero_input(loaded):

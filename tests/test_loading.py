@@ -17,7 +17,7 @@ import torch
 import eqlin
 from eqlin.convert import convert
 from eqlin.safetensors_io import SafetensorsFile, write_safetensors
-from tests import torch_reference as ref
+from eqlin import reference as ref
 from tests.conftest import TEXT
 from tests.fixtures import make_checkpoint
 

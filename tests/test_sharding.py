@@ -19,7 +19,7 @@ from eqlin.errors import InputError, MemoryBudgetError
 from eqlin.linear_maps import detached_jacobian
 from eqlin.params import partition_specs
 from eqlin.sharding import detached_jacobian_sharded, device_mesh, sharded_jacobian_bytes
-from tests import torch_reference as ref
+from eqlin import reference as ref
 from tests.conftest import TEXT, VS_TORCH, relative
 
 SCRIPT = textwrap.dedent("""

@@ -22,7 +22,7 @@ from eqlin.spectral import (
     spectrum,
     top_singular,
 )
-from tests import torch_reference as ref
+from eqlin import reference as ref
 from tests.conftest import TEXT, subspace_cosines
 
 K = 4  # one k for the tiny models: one compiled Lanczos shape

@@ -17,7 +17,7 @@ from eqlin.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from eqlin.decoder import embed, forward, layer_slice, run_layers
 from eqlin.steering import concept_maps, steer, steering_sweep
 from eqlin.steering_report import summary
-from tests import torch_reference as ref
+from eqlin import reference as ref
 from tests.conftest import VS_TORCH, relative
 
 CONCEPT = "The bridge out of Marin is the Golden"

@@ -1,5 +1,9 @@
 """The PyTorch reference: a transformers model made float64-faithful, and detached, at run time and in memory.
 
+Needs the torch extra (`pip install "eqlin[torch]"`: torch and transformers, pinned). `eqlin validate`
+(`eqlin.validate`) and the tests grade eqlin against it; `load_transformers` loads a checkpoint folder as
+they do.
+
 transformers computes RMSNorm, the RoPE tables (inv_freq and cos/sin) and softmax in float32 even for a
 float64 model, and keeps float32-rounded buffers (inv_freq, Gemma's embed_scale). Here the `forward` of the
 model's own RMSNorm, rotary-embedding, attention and MLP *instances* is replaced (no library function is
@@ -42,6 +46,16 @@ SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen3", "gemma3_text", "
 # Families whose attention and MLP outputs go through a norm before the residual add.
 BRANCH_NORM_MODEL_TYPES = frozenset({"gemma3_text", "olmo2"})
 PARTS = ("residual", "attn", "mlp")
+
+
+def load_transformers(folder, *, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """The checkpoint in `folder` as transformers loads it: the class named in its config.json, eager
+    attention, `dtype`, eval mode (stock: apply `make_float64_faithful` / `make_detached` for the reference)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model_cls = getattr(transformers, config.architectures[0])
+    return model_cls.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()
 
 
 def decoder(model: nn.Module) -> nn.Module:

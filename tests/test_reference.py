@@ -1,4 +1,4 @@
-"""Self-check of the tiny checkpoints (tests/fixtures.py) and the PyTorch reference (tests/torch_reference.py)."""
+"""Self-check of the tiny checkpoints (tests/fixtures.py) and the PyTorch reference (eqlin/reference.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from torch.overrides import TorchFunctionMode
 
-from tests import torch_reference as ref
-from tests.fixtures import VARIANTS, load_torch_model, make_checkpoint
+from eqlin import reference as ref
+from tests.fixtures import VARIANTS, make_checkpoint
 
 TEXT = "The bridge out of Marin is the Golden Gate"  # 9 words; 10 tokens with BOS
 ADDS_BOS = {"llama_mha", "llama_gqa", "gemma3", "gemma3_multimodal", "mistral", "gemma3_softcap", "llama_tied_head"}
@@ -64,8 +64,8 @@ class _DtypeRecorder(TorchFunctionMode):
 def test_faithful_matches_stock_and_is_deterministic(checkpoints, variant):
     folder = checkpoints[variant]
     ids = _ids(folder)
-    stock = _logits(load_torch_model(folder), ids)
-    model = ref.make_float64_faithful(load_torch_model(folder))
+    stock = _logits(ref.load_transformers(folder), ids)
+    model = ref.make_float64_faithful(ref.load_transformers(folder))
     faithful = _logits(model, ids)
     err = _rel(faithful, stock)
     print(f"{variant}: faithful vs stock logits rel {err:.2e}")
@@ -78,8 +78,8 @@ def test_faithful_forward_has_no_float32(checkpoints, variant):
     folder, ids = checkpoints[variant], _ids(checkpoints[variant])
     stock, faithful = _DtypeRecorder(), _DtypeRecorder()
     with stock:
-        _logits(load_torch_model(folder), ids)
-    model = ref.make_float64_faithful(load_torch_model(folder))
+        _logits(ref.load_transformers(folder), ids)
+    model = ref.make_float64_faithful(ref.load_transformers(folder))
     with faithful:
         _logits(model, ids)
     if variant != "gpt2":  # GPT-2 has no float32 upcasts to see
@@ -90,8 +90,8 @@ def test_faithful_forward_has_no_float32(checkpoints, variant):
 @pytest.mark.parametrize("variant", ROPE)
 def test_rope_buffers_are_float64_versions_of_transformers(checkpoints, variant):
     folder = checkpoints[variant]
-    stock = ref.decoder(load_torch_model(folder)).rotary_emb
-    model = ref.make_float64_faithful(load_torch_model(folder))
+    stock = ref.decoder(ref.load_transformers(folder)).rotary_emb
+    model = ref.make_float64_faithful(ref.load_transformers(folder))
     rotary = ref.decoder(model).rotary_emb
     names = [n for n, _ in stock.named_buffers() if n.endswith("inv_freq")]
     assert names
@@ -104,7 +104,7 @@ def test_rope_buffers_are_float64_versions_of_transformers(checkpoints, variant)
 
 
 def test_llama3_rope_scaling_changes_frequencies(checkpoints):
-    config = load_torch_model(checkpoints["llama_gqa"]).config
+    config = ref.load_transformers(checkpoints["llama_gqa"]).config
     scaled, _ = ref.rope_inv_freq(config)
     plain = 1.0 / 500_000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
     ratio = plain / scaled
@@ -117,7 +117,7 @@ def test_llama3_rope_scaling_changes_frequencies(checkpoints):
 def test_detached_equals_faithful_values(checkpoints, variant):
     folder = checkpoints[variant]
     ids = _ids(folder)
-    model = ref.make_float64_faithful(load_torch_model(folder))
+    model = ref.make_float64_faithful(ref.load_transformers(folder))
     x = ref.embed(model, ids).detach()
     faithful_logits, faithful_y = _logits(model, ids), ref.final_hidden(model, x).detach()
     ref.make_detached(model)
@@ -129,7 +129,7 @@ def test_detached_equals_faithful_values(checkpoints, variant):
 def test_detached_jacobian_reconstructs_and_plain_does_not(checkpoints, variant):
     folder = checkpoints[variant]
     ids = _ids(folder)
-    model = ref.make_float64_faithful(load_torch_model(folder))
+    model = ref.make_float64_faithful(ref.load_transformers(folder))
     x = ref.embed(model, ids).detach()
     y = ref.final_hidden(model, x).detach()
     plain = torch.autograd.functional.jacobian(lambda e: ref.final_hidden(model, e), x, vectorize=True)
@@ -158,9 +158,9 @@ def test_detached_jacobian_reconstructs_and_plain_does_not(checkpoints, variant)
 def test_sliding_window_mask_matters(checkpoints, variant):
     folder = checkpoints[variant]
     ids = _ids(folder)
-    config = ref.decoder(load_torch_model(folder)).config
+    config = ref.decoder(ref.load_transformers(folder)).config
     assert ids.shape[0] > config.sliding_window
-    model = ref.make_float64_faithful(load_torch_model(folder))
+    model = ref.make_float64_faithful(ref.load_transformers(folder))
     windowed = _logits(model, ids)
     for module in ref.decoder(model).modules():
         if type(module).__name__.endswith("Attention"):
@@ -176,7 +176,7 @@ def test_hooked_branches_add_up_to_each_layer(checkpoints, variant):
     """The hooks read what each layer adds: its input + attention branch + MLP branch is its output, every layer;
     the last layer's output through the final norm is the final hidden state."""
     folder = checkpoints[variant]
-    model = ref.make_float64_faithful(load_torch_model(folder))
+    model = ref.make_float64_faithful(ref.load_transformers(folder))
     with torch.no_grad():
         x = ref.embed(model, _ids(folder))
         out = ref.layer_outputs(model, x)
@@ -191,7 +191,7 @@ def test_layer_maps_of_the_last_layer_are_the_final_map(checkpoints):
     """The cumulative residual map of the last layer is the Jacobian of the final hidden state; the single-layer
     map of layer 0 is the cumulative one (its input is the input embeddings)."""
     folder = checkpoints["gemma3"]
-    model = ref.make_detached(load_torch_model(folder))
+    model = ref.make_detached(ref.load_transformers(folder))
     ids = _ids(folder)
     L = ref.decoder(model).config.num_hidden_layers
     J, x, y = ref.layer_maps(model, ids, [0, L - 1])
@@ -206,7 +206,7 @@ def test_layer_maps_of_the_last_layer_are_the_final_map(checkpoints):
 
 def test_single_pass_only(checkpoints):
     folder = checkpoints["llama_gqa"]
-    model = ref.make_float64_faithful(load_torch_model(folder))
+    model = ref.make_float64_faithful(ref.load_transformers(folder))
     ids = _ids(folder)
     with torch.no_grad():
         cache = model(input_ids=ids[None], use_cache=True).past_key_values
@@ -285,10 +285,10 @@ def test_bf16_checkpoint_writes_and_reloads(tmp_path, checkpoints, variant):
     assert config["dtype"] == "bfloat16"
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert {f.get_slice(n).get_dtype() for n in f.keys()} == {"BF16"}
-    upcast = load_torch_model(folder)
-    full = load_torch_model(checkpoints[variant])
+    upcast = ref.load_transformers(folder)
+    full = ref.load_transformers(checkpoints[variant])
     for (name, p), (_, q) in zip(upcast.named_parameters(), full.named_parameters(), strict=True):
         assert p.dtype == torch.float64
         assert torch.equal(p, q.to(torch.bfloat16).to(torch.float64)), name
-    logits = _logits(load_torch_model(folder, torch_dtype=torch.bfloat16), _ids(folder))
+    logits = _logits(ref.load_transformers(folder, dtype=torch.bfloat16), _ids(folder))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
