@@ -44,7 +44,7 @@ class Mutation:
 
 
 MUTATIONS = (
-    Mutation("branch-swap", "eqlin/decoder.py", "    return h + m, a, m\n", "    return h + m, m, a\n",
+    Mutation("branch-swap", "eqlin/decoder.py", "    return (h + m, a, m) if tap", "    return (h + m, m, a) if tap",
              "layer_tail returns the MLP branch as the attention branch and vice versa (their sum is unchanged)"),
     Mutation("window-off-by-one", "eqlin/blocks.py", "(t - s < window)", "(t - s <= window)",
              "the sliding-window mask lets one key too many through"),
@@ -60,7 +60,7 @@ MUTATIONS = (
              "        return last[0][-1], None\n", "        return last[0][-2], None\n",
              "the final output is read at the second-to-last of the last rows instead of the last position"),
     Mutation("qwen3-max-window-layers-off-by-one", "eqlin/families/qwen3.py",
-             'i >= hf.get("max_window_layers", 0)', 'i > hf.get("max_window_layers", 0)',
+             "i >= first_sliding", "i > first_sliding",
              "Qwen 3 starts sliding one layer after max_window_layers"),
     # (Unfreezing the MLP gate alone would be an equivalent mutant: the gate reads a frozen copy of x.)
     Mutation("rmsnorm-coefficient-not-frozen", "eqlin/blocks.py",
