@@ -308,8 +308,8 @@ def _per_token_section(report: dict[str, Any]) -> str:
         rows.append([str(p["position"]), token_html(p["token"]), f"{p['contribution_norm']:.3g}",
                      f"{p['logit_contribution']:+.3g}", f"{p['effective_dimension']['stable_rank']:.2f}",
                      *triplets, " ".join(token_html(t) for t in p["left_tokens"][0])])
-    c = report.get("constant") or {}
-    if c.get("norm"):  # a model with biases: y = Σ_t J_t x_t + c, c in its own row
+    c = _constant(report)
+    if c:  # a model with biases: c in its own row
         rows.append(["c", "(constant: biases)", f"{c['norm']:.3g}", f"{c['logit']:+.3g}", "", *[""] * k,
                      " ".join(token_html(t) for t in c["tokens"])])
     return f"""<p>One row per input token t and its map J_t (d × d), where y = Σ_t J_t x_t.
@@ -323,12 +323,21 @@ tokens, best first. Tokens are shown with their spaces as ␣.</p>
 {_table(header, rows, raw=True)}"""
 
 
+def _constant(report: dict[str, Any]) -> dict[str, Any] | None:
+    """report.json's "constant" for a model with biases (y = Σ_t J_t x_t + c, c ≠ 0), else None."""
+    c = report.get("constant") or {}
+    return c if c.get("norm") else None
+
+
+def _reconstructed_as(report: dict[str, Any]) -> str:
+    """What the detached map reconstructs y with: Σ_t J_t x_t, plus c for a model with biases."""
+    return "(Σ_t J_t x_t + c)" if _constant(report) else "Σ_t J_t x_t"
+
+
 def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
     """A self-contained page: the numbers, the token heat maps, per-token and layer tables with what
     their columns mean, and every figure inlined as a data URI with a caption."""
     nt, logit = report["next_token"], report["logit"]
-    has_c = bool((report.get("constant") or {}).get("norm"))  # a model with biases: y = Σ_t J_t x_t + c
-    linear = "(Σ_t J_t x_t + c)" if has_c else "Σ_t J_t x_t"
     top = ", ".join(f"{token_html(p['text'])} {p['probability']:.3f}" for p in report["top_predictions"])
     images = "".join(
         f"<figure><img alt=\"{html.escape(FIGURES[name])}\" src=\"data:image/png;base64,"
@@ -342,12 +351,12 @@ def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
         ("input tokens", " ".join(token_html(t["text"]) for t in report["tokens"])),
         ("next token", f"{token_html(nt['text'])} p = {nt['probability']:.4f} (top {len(report['top_predictions'])}: "
                        f"{top})"),
-        (f"detached reconstruction error ‖y − {linear}‖ / ‖y‖", f"{report['relative_error']:.2e} (exact up to "
-                                                              "rounding)"),
+        (f"detached reconstruction error ‖y − {_reconstructed_as(report)}‖ / ‖y‖",
+         f"{report['relative_error']:.2e} (exact up to rounding)"),
         ("plain Jacobian reconstruction error", f"{report['plain_relative_error']:.2e} (the ordinary Jacobian does "
                                                 "not reconstruct y)"),
         ("homogeneity error ‖y − jvp(f, x; x)‖ / ‖y‖ (matrix-free)", f"{report['homogeneity_error']:.2e}"),
-        (f"next-token logit: value / Σ_t W_U[next] · J_t x_t{' + W_U[next] · c' if has_c else ''}",
+        (f"next-token logit: value / Σ_t W_U[next] · J_t x_t{' + W_U[next] · c' if _constant(report) else ''}",
          f"{logit['value']:.6f} / {logit['reconstructed']:.6f}"),
     ]
     return f"""<!doctype html>
@@ -446,16 +455,17 @@ def _layer_lines(report: dict[str, Any]) -> list[str]:
 def summary(report: dict[str, Any], out: Path) -> str:
     """The terminal summary of a report."""
     nt = report["next_token"]
-    c = report.get("constant") or {}
-    has_c = bool(c.get("norm"))
+    c = _constant(report)
     lines = [
         f"model: {report['model']['source']} ({report['model']['family']}), dtype {report['dtype']}",
         f"input: {[t['text'] for t in report['tokens']]}",
         f"next token: {nt['text']!r}  p = {nt['probability']:.4f}",
-        f"relative reconstruction error ‖y − {'(Σ_t J_t x_t + c)' if has_c else 'Σ_t J_t x_t'}‖/‖y‖: detached "
+        f"relative reconstruction error ‖y − {_reconstructed_as(report)}‖/‖y‖: detached "
         f"{report['relative_error']:.2e}, "
         f"plain {report['plain_relative_error']:.2e}",
         f"matrix-free homogeneity error ‖y − jvp(f, x; x)‖/‖y‖: {report['homogeneity_error']:.2e}",
+        *([f"constant c (biases; y = Σ_t J_t x_t + c): ‖c‖/‖y‖ = {c['relative_norm']:.3g}, "
+           f"through the unembedding {c['tokens'][:3]!r}"] if c else []),
         "",
         "per input token: top singular values of J_t, top-1 token of u_i (unembedding) / v_i (nearest embedding)",
     ]
@@ -463,9 +473,6 @@ def summary(report: dict[str, Any], out: Path) -> str:
         pairs = ", ".join(f"{s:.3g} [{u[0]!r} / {v[0]!r}]"
                           for s, u, v in zip(p["singular_values"], p["left_tokens"], p["right_tokens"]))
         lines.append(f"  {p['position']:>3} {_rjust(repr(p['token']), 14)}  {pairs}")
-    if has_c:
-        lines.insert(5, f"constant c (biases; y = Σ_t J_t x_t + c): ‖c‖/‖y‖ = {c['relative_norm']:.3g}, "
-                        f"through the unembedding {c['tokens'][:3]!r}")
     if report["layers"]:
         lines += [""] + _layer_lines(report)
     lines += ["", f"report: {out / 'report.html'} (and report.json, figures)"]
