@@ -122,7 +122,7 @@ def converted_folder(path: Path, cache_dir: Path | None = None) -> Path:
     """
     path = Path(path).expanduser()
     _check_gguf_file(path)
-    digest = _sha256(path)
+    digest = _content_digest(path)
     root = Path(cache_dir).expanduser() if cache_dir is not None else userdirs.cache_dir() / "gguf"
     folder = root / f"{path.stem}-{digest[:16]}-v{CONVERTER_VERSION}"
     problem = _problem(folder)
@@ -451,6 +451,17 @@ def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 # --- cache ------------------------------------------------------------------------------------------
+
+
+def _content_digest(path: Path) -> str:
+    """The file's sha256 in hex. A file in the Hugging Face cache (a snapshot's link to
+    `<cache>/models--<org>--<name>/blobs/<sha256>`) is named by it already (the hub names a large (LFS)
+    file's blob by the sha256 it serves as the file's etag), so it is read from the name, not hashed."""
+    blob = path.resolve()
+    if (blob.parent.name == "blobs" and blob.parent.parent.name.startswith("models--")
+            and re.fullmatch(r"[0-9a-f]{64}", blob.name)):
+        return blob.name
+    return _sha256(path)
 
 
 def _sha256(path: Path) -> str:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -73,15 +74,36 @@ def resolve_folder(source: str | Path, *, cache_dir: str | Path | None = None, d
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(str(source), cache_dir=cache_dir, local_files_only=not download,
+        if download:
+            return _download(str(source), cache_dir)
+        return Path(snapshot_download(str(source), cache_dir=cache_dir, local_files_only=True,
                                       allow_patterns=["*.json", "*.safetensors"]))
     except HFValidationError:
         raise WeightsError(f"{source!r} is neither a folder nor a valid Hugging Face repo id") from None
     except LocalEntryNotFoundError:
+        if download:  # the hub could not be reached, and nothing of it is cached
+            raise WeightsError(f"cannot download {source!r}: the Hugging Face Hub cannot be reached and the repo is "
+                               "not in the local cache; connect, or pass a checkpoint folder") from None
         raise WeightsError(
             f"{source!r} is not a folder and is not in the local Hugging Face cache; download it first with "
             f"`hf download {source}`, or pass a checkpoint folder"
         ) from None
+    except OSError as e:  # the hub's HTTP errors (a missing, gated or private repo) and disk errors
+        raise WeightsError(f"cannot get {source!r} from the Hugging Face Hub or its cache: {e}") from None
+
+
+def _download(repo: str, cache_dir: str | Path | None) -> Path:
+    """Download what eqlin reads of `repo` into the HF cache and return its snapshot folder: first the JSON
+    files (config, tokenizer, shard index), then only the weight files the index lists, or the single
+    `model.safetensors` without one; never other weights a repo also holds (Mistral's
+    `consolidated.safetensors`, a second copy of every weight). Both calls pin the first one's commit."""
+    from huggingface_hub import snapshot_download
+
+    meta = Path(snapshot_download(repo, cache_dir=cache_dir, allow_patterns=["*.json"]))
+    weight_map = read_json(meta / INDEX_FILE).get("weight_map") if (meta / INDEX_FILE).is_file() else None
+    shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else [SINGLE_FILE]
+    literal = [re.sub(r"([*?[])", r"[\1]", str(name)) for name in shards]  # names, not glob patterns
+    return Path(snapshot_download(repo, cache_dir=cache_dir, revision=meta.name, allow_patterns=["*.json", *literal]))
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from eqlin.errors import InputError
 from eqlin.families import FamilySpec, config_from_hf, spec_for
 from eqlin.loading import (INDEX_FILE, SINGLE_FILE, check_tensors, expected_tensors, is_gguf, load_params,
                            open_weight_files, read_json, resolve_dtype, resolve_folder)
-from eqlin.params import Params
+from eqlin.params import Params, check_mesh
 from eqlin.tokenizer import Tokenizer
 
 Array = jax.Array
@@ -196,8 +196,8 @@ def load(
     as they load, for models whose weights do not fit one device. Everything cheap (config, tokenizer,
     tensor names and shapes) is checked before any weight is read."""
     jdtype = resolve_dtype(dtype)
-    if mesh is not None and not isinstance(mesh, Mesh):
-        raise InputError(f"mesh must be a jax.sharding.Mesh, e.g. eqlin.device_mesh(model=2), got {mesh!r:.80}")
+    if mesh is not None:
+        check_mesh(mesh)
     folder = checkpoint_folder(source, cache_dir=cache_dir, download=download)
     spec, config = read_config(folder)
     tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from eqlin.config import ModelConfig
+from eqlin.errors import InputError
 
 Array = jax.Array
+BASIS_AXIS = "basis"  # the mesh axis that the rows of J (the output's basis vectors) are split over
 MODEL_AXIS = "model"  # the mesh axis that tensor-parallel weights are split over
 
 
@@ -120,6 +122,17 @@ def partition_specs(params: Params, config: ModelConfig, n_model: int) -> Params
                                                        if getattr(params.layers, name) is not None})
     return dataclasses.replace(replicated, layers=layers, embed=split(vocab, 0, 2),
                                lm_head=None if params.lm_head is None else split(vocab, 0, 2))
+
+
+def check_mesh(mesh: object) -> Mesh:
+    """`mesh` itself if it is a `Mesh` with axes ("basis", "model"), both `AxisType.Auto` (eqlin leaves the
+    "model" axis to XLA's partitioner and makes "basis" manual itself); else an InputError naming the fix."""
+    if not (isinstance(mesh, Mesh) and set(mesh.axis_names) == {BASIS_AXIS, MODEL_AXIS}
+            and all(t == AxisType.Auto for t in mesh.axis_types)):
+        raise InputError(f"mesh must be a jax.sharding.Mesh with axes ('basis', 'model') of type AxisType.Auto, got "
+                         f"{mesh!r:.120}; build it with eqlin.device_mesh(model=k) (jax.make_mesh types its axes "
+                         "Explicit unless given axis_types=(AxisType.Auto,) * 2)")
+    return mesh
 
 
 def param_shardings(params: Params, config: ModelConfig, mesh: Mesh) -> Params:

@@ -23,8 +23,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed
@@ -32,19 +31,22 @@ from eqlin.errors import InputError
 from eqlin.linear_maps import Linearization, constant_term, cumulative_fn, finish, pull_back_rows
 from eqlin.memory import activation_elems, choose_chunk, format_bytes, memory_limit_bytes
 from eqlin.model import Model
-from eqlin.params import MODEL_AXIS, Params, param_shardings
+from eqlin.params import BASIS_AXIS, MODEL_AXIS, Params, check_mesh, param_shardings
 
 Array = jax.Array
-AXIS = "basis"
 
 
 def device_mesh(devices: list | None = None, *, model: int = 1) -> Mesh:
     """A (n / model, model) mesh with axes ("basis", "model") over `devices` (default: all, every
-    host's included). Devices that share a "basis" index hold one tensor-parallel copy of the weights."""
-    devs = np.asarray(devices if devices is not None else jax.devices())
-    if isinstance(model, bool) or not isinstance(model, int) or model < 1 or devs.size % model:
-        raise InputError(f"model={model!r} must be a positive divisor of the {devs.size} devices")
-    return Mesh(devs.reshape(devs.size // model, model), (AXIS, MODEL_AXIS))
+    host's included), built by `jax.make_mesh`, which orders the devices by the physical topology where it
+    knows one (TPU) and keeps the given order elsewhere. Devices that share a "basis" index hold one
+    tensor-parallel copy of the weights. Both axes are `AxisType.Auto`: shardings are left to XLA's
+    partitioner (the "model" axis) or made manual by `jax.shard_map` (the "basis" axis), not typed."""
+    devs = list(devices) if devices is not None else jax.devices()
+    if isinstance(model, bool) or not isinstance(model, int) or model < 1 or not devs or len(devs) % model:
+        raise InputError(f"model={model!r} must be a positive divisor of the {len(devs)} devices")
+    return jax.make_mesh((len(devs) // model, model), (BASIS_AXIS, MODEL_AXIS), (AxisType.Auto, AxisType.Auto),
+                         devices=devs)
 
 
 def basis_mesh(devices: list | None = None) -> Mesh:
@@ -57,17 +59,18 @@ def _sharded_rows(params: Params, config: ModelConfig, x: Array, *, mesh: Mesh, 
                   ) -> tuple[Array, Array, Array]:
     """(y (d,), J (d, T, d) with rows sharded over the mesh's basis axis, the constant c (d,))."""
     params = jax.lax.with_sharding_constraint(params, param_shardings(params, config, mesh))
-    d, n = config.hidden_size, mesh.shape[AXIS]
+    d, n = config.hidden_size, mesh.shape[BASIS_AXIS]
     index = jnp.arange(-(-d // n) * n) % d  # padded to a multiple of n with repeats, dropped below
 
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P(AXIS)), out_specs=(P(), P(AXIS)),
-                       axis_names={AXIS}, check_vma=False)  # y is the same in every basis group
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P(BASIS_AXIS)),
+                       out_specs=(P(), P(BASIS_AXIS)), axis_names={BASIS_AXIS},
+                       check_vma=False)  # y is the same in every basis group
     def rows(p: Params, x: Array, i: Array) -> tuple[Array, Array]:  # i: this group's basis indices
         y, vjp = jax.vjp(cumulative_fn(p, config, None, "residual", True), x)
         return y, pull_back_rows(vjp, y, i, chunk)  # (d/n, T, d)
 
     y, J = rows(params, x, index)
-    J = jax.lax.with_sharding_constraint(J[:d], NamedSharding(mesh, P(AXIS)))
+    J = jax.lax.with_sharding_constraint(J[:d], NamedSharding(mesh, P(BASIS_AXIS)))
     return y, J, constant_term(lambda detach: cumulative_fn(params, config, None, "residual", detach), x, y, config,
                                True)
 
@@ -86,7 +89,7 @@ def sharded_jacobian_bytes(config: ModelConfig, length: int, mesh: Mesh, *, chun
     """Peak bytes on one device (an upper estimate): its weights (`param_bytes`), its block of J's rows,
     the stored linearization and `chunk` cotangents in flight (activations counted unsplit)."""
     d, L = config.hidden_size, config.num_layers
-    rows = -(-d // mesh.shape[AXIS])
+    rows = -(-d // mesh.shape[BASIS_AXIS])
     in_flight = min(chunk or rows, rows)
     act = activation_elems(config, length)
     return param_bytes + itemsize * (rows * length * d + L * act + in_flight * (act + length * d + d))
@@ -103,7 +106,7 @@ def _resolve_sharded_chunk(config: ModelConfig, length: int, mesh: Mesh, chunk: 
                 f"vector at a time, over the {format_bytes(limit)} per-device limit; add devices to the "
                 "\"basis\" axis (J's rows) or the \"model\" axis (the weights), or use fewer tokens")
 
-    return choose_chunk(cost, chunk, -(-config.hidden_size // mesh.shape[AXIS]), limit,
+    return choose_chunk(cost, chunk, -(-config.hidden_size // mesh.shape[BASIS_AXIS]), limit,
                         nothing_fits=nothing_fits, per=" per device")
 
 
@@ -117,10 +120,7 @@ def detached_jacobian_sharded(model: Model, inputs, *, mesh: Mesh | None = None,
     the largest that fits `memory_limit` bytes per device, default `device_memory_limit`), checked
     before anything is allocated.
     """
-    mesh = basis_mesh() if mesh is None else mesh
-    if not isinstance(mesh, Mesh) or set(mesh.axis_names) != {AXIS, MODEL_AXIS}:
-        raise InputError(f"mesh must be a jax.sharding.Mesh with axes ('basis', 'model'), got {mesh!r:.80}; build it "
-                         "with eqlin.device_mesh()")
+    mesh = basis_mesh() if mesh is None else check_mesh(mesh)
     params = jax.device_put(model.params, param_shardings(model.params, model.config, mesh))
     ids = model.ids(inputs)
     param_bytes = sum(a.addressable_shards[0].data.nbytes for a in jax.tree_util.tree_leaves(params))

@@ -4,6 +4,7 @@ with its own longrope factors, for Phi's longrope)."""
 
 from __future__ import annotations
 
+import chex
 import numpy as np
 import pytest
 import torch
@@ -24,7 +25,7 @@ def test_each_prompt_equals_its_unbatched_map_and_pytorchs(prompts, loaded, refe
     batch = detached_jacobians(model, prompts)
     lengths = [len(model.encode(p)) for p in prompts]
     assert list(np.asarray(batch.lengths)) == lengths
-    assert batch.jacobian.shape == (len(prompts), model.config.hidden_size, max(lengths), model.config.hidden_size)
+    chex.assert_shape(batch.jacobian, (len(prompts), model.config.hidden_size, max(lengths), model.config.hidden_size))
     assert float(np.max(batch.relative_error)) <= EXACT
     for b, text in enumerate(prompts):
         single = detached_jacobian(model, text)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,8 +105,7 @@ def test_detach_changes_no_value(variant, loaded):
     model = loaded(variant)
     ids = model.encode(LONG_TEXT)
     plain, detached = model.forward(ids, collect=True), model.forward(ids, detach=True, collect=True)
-    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(detached)):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(plain, detached)
 
 
 def test_branches_add_up_to_the_residual_stream(loaded):

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -407,6 +408,24 @@ def test_changed_content_or_converter_converts_again(tiny_llama, tmp_path):
     assert json.loads(manifest.read_text())["converter_version"] == eqlin_gguf.CONVERTER_VERSION
     assert (second / "model.safetensors").stat().st_mtime_ns != stamp
     assert sorted(p.name for p in cache.iterdir()) == sorted([first.name, second.name])  # nothing left over
+
+
+def test_a_gguf_in_the_hf_cache_is_named_by_its_blob_not_hashed(tiny_llama, tmp_path, monkeypatch):
+    outside = _write_gguf(tiny_llama, "llama", tmp_path / "tiny.gguf")
+    digest = eqlin_gguf._sha256(outside)
+    repo = tmp_path / "hub" / "models--org--tiny-GGUF"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / "0123abc").mkdir(parents=True)
+    os.replace(outside, repo / "blobs" / digest)  # as huggingface_hub lays out a downloaded LFS file
+    (repo / "snapshots" / "0123abc" / "tiny.gguf").symlink_to(Path("..", "..", "blobs", digest))
+    shutil.copy(repo / "blobs" / digest, outside)
+    cache = tmp_path / "cache"
+    hashed = eqlin_gguf.converted_folder(outside, cache)
+    monkeypatch.setattr(eqlin_gguf, "_sha256", lambda path: pytest.fail(f"{path} was hashed"))
+    assert eqlin_gguf.converted_folder(repo / "snapshots" / "0123abc" / "tiny.gguf", cache) == hashed
+    assert hashed.name == f"tiny-{digest[:16]}-v{eqlin_gguf.CONVERTER_VERSION}"
+    with pytest.raises(pytest.fail.Exception, match="was hashed"):  # outside the cache it is hashed
+        eqlin_gguf.converted_folder(outside, cache)
 
 
 def test_interrupted_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ spectrum and its singular subspaces to float64 rounding."""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +26,7 @@ def test_matrix_free_svd_recovers_a_known_decaying_spectrum(method):
     s = 3 * 0.7 ** np.arange(d_out)
     A = jnp.asarray(U * s @ V.T)
     got_s, got_U, got_V = matrix_free_svd(jax.tree_util.Partial(_matvec, A), jnp.zeros(shape), k, method=method)
-    assert got_U.shape == (d_out, k) and got_V.shape == (*shape, k)
+    chex.assert_shape([got_s, got_U, got_V], [(k,), (d_out, k), (*shape, k)])
     np.testing.assert_allclose(got_s, s[:k], rtol=1e-14)  # measured 1.7e-15
     assert np.all(np.abs(subspace_cosines(U[:, :k], got_U) - 1) <= 1e-14)  # measured 6.7e-16
     assert np.all(np.abs(subspace_cosines(V[:, :k], got_V.reshape(-1, k)) - 1) <= 1e-14)

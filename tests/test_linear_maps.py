@@ -40,7 +40,7 @@ def test_final_map_and_plain_jacobian_equal_pytorch(variant, loaded, reference):
     ids = model.encode(TEXT)
     lin = detached_jacobian(model, TEXT)
     T, d = len(ids), model.config.hidden_size
-    assert lin.jacobian.shape == (d, T, d) and lin.contributions.shape == (T, d)
+    chex.assert_shape([lin.jacobian, lin.contributions], [(d, T, d), (T, d)])
     assert float(lin.relative_error) <= EXACT
     assert relative(lin.reconstruction, lin.output) <= EXACT
     assert relative(lin.output, model.forward(TEXT).hidden[-1]) <= 1e-14
@@ -68,7 +68,8 @@ def test_every_layer_map_and_part_equals_pytorch(variant, scope, loaded, referen
     J, inputs, outputs = ref.layer_maps(reference(variant), torch.tensor(ids), layers, scope=scope)
     for i, part in enumerate(ref.PARTS):
         lin = detached_jacobian(model, TEXT, layer="all", part=part, scope=scope)
-        assert lin.jacobian.shape == (L, d, T, d) and lin.layer == tuple(layers)
+        chex.assert_shape(lin.jacobian, (L, d, T, d))
+        assert lin.layer == tuple(layers)
         assert float(jnp.max(lin.relative_error)) <= EXACT, (part, lin.relative_error)
         assert relative(lin.inputs, inputs) <= VS_TORCH, part
         for l in layers:
@@ -87,11 +88,12 @@ def test_layer_maps_of_a_model_with_biases_are_exact(scope, part, loaded):
     """Qwen 2: every layer's map carries its own constant (stacked like the outputs), cumulative and single."""
     model = loaded("qwen2")
     lin = detached_jacobian(model, TEXT, layer="all", part=part, scope=scope)
-    assert lin.constant.shape == lin.output.shape == (2, model.config.hidden_size)
+    chex.assert_shape([lin.constant, lin.output], (2, model.config.hidden_size))
     assert float(jnp.max(lin.relative_error)) <= EXACT
     assert float(jnp.min(jnp.linalg.norm(lin.constant, axis=-1) / jnp.linalg.norm(lin.output, axis=-1))) > 0.1
     one = lin.select(1)
-    assert one.constant.shape == one.output.shape and relative(one.reconstruction, one.output) <= EXACT
+    chex.assert_equal_shape([one.constant, one.output])
+    assert relative(one.reconstruction, one.output) <= EXACT
 
 
 def test_layer_maps_read_the_right_activations(loaded):
@@ -202,7 +204,8 @@ def test_the_constant_is_the_frozen_map_at_zero_input(loaded):
     bias_free = loaded("gemma3")
     c = jax.jit(lambda x: frozen_at_zero(cumulative_fn(bias_free.params, bias_free.config, None, "residual", PAIRED),
                                          x))(bias_free.embed(TEXT))
-    assert c.shape == (bias_free.config.hidden_size,) and not np.any(np.asarray(c))
+    chex.assert_shape(c, (bias_free.config.hidden_size,))
+    assert not np.any(np.asarray(c))
 
 
 def test_matrix_free_checks_and_logit_maps_carry_the_constant(loaded):
@@ -260,16 +263,14 @@ def test_folded_mlp_is_correct_under_any_differentiation():
     for argnums in (0, 1, 2, 3, (0, 2)):
         want = jax.jacrev(lambda *a: mlp_product(*a).sum(), argnums=argnums)(*args)
         got = jax.jacrev(lambda *a: folded_mlp(*a).sum(), argnums=argnums)(*args)
-        for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
-            np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-13)
+        chex.assert_trees_all_close(got, want, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(jax.jacfwd(folded_mlp)(*args), jax.jacfwd(mlp_product)(*args), rtol=1e-13, atol=1e-13)
     biased = [*args, jnp.asarray(rng.standard_normal(7))]  # GPT-2's up bias: inside the product, no x-derivative
     np.testing.assert_array_equal(folded_mlp(*biased), mlp_product(*biased))
     for argnums in ((0, 4),):
         want = jax.jacrev(lambda *a: mlp_product(*a).sum(), argnums=argnums)(*biased)
         got = jax.jacrev(lambda *a: folded_mlp(*a).sum(), argnums=argnums)(*biased)
-        for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
-            np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-13)
+        chex.assert_trees_all_close(got, want, rtol=1e-13, atol=1e-13)
 
 
 def test_jacrev_jacfwd_and_chunks_agree(loaded):
@@ -325,7 +326,7 @@ def test_logit_map_equals_pytorch_and_reconstructs_the_predicted_logit(variant, 
     assert int(lm.token_ids[0]) == int(np.argmax(logits))
     assert float(lm.relative_error[0]) <= EXACT
     chosen = logit_map(model, lin, [3, 5, 7])
-    assert chosen.jacobian.shape == (3, len(ids), model.config.hidden_size)
+    chex.assert_shape(chosen.jacobian, (3, len(ids), model.config.hidden_size))
     J, expected = ref.logit_jacobian(reference(variant), torch.tensor(ids), [3, 5, 7])
     assert relative(chosen.jacobian, J) <= VS_TORCH
     assert relative(chosen.logits, expected) <= VS_TORCH
@@ -416,7 +417,7 @@ def test_select_is_the_one_layer_map(scope, loaded):
         logit_map(model, many)
     picked, one = many.select(1), detached_jacobian(model, TEXT, layer=2, scope=scope, part="mlp")
     assert (picked.layer, picked.scope, picked.part) == (one.layer, one.scope, one.part) == (2, scope, "mlp")
-    for field in ("jacobian", "inputs", "output", "contributions", "relative_error"):
-        assert getattr(picked, field).shape == getattr(one, field).shape, field
-        np.testing.assert_allclose(getattr(picked, field), getattr(one, field), rtol=1e-14, atol=1e-15, err_msg=field)
+    fields = ("jacobian", "inputs", "output", "contributions", "relative_error")
+    chex.assert_trees_all_close({f: getattr(picked, f) for f in fields}, {f: getattr(one, f) for f in fields},
+                                rtol=1e-14, atol=1e-15)  # shapes included
     np.testing.assert_allclose(logit_map(model, picked).logits, logit_map(model, one).logits, rtol=1e-14)

@@ -8,11 +8,16 @@ import shutil
 import subprocess
 import sys
 
+import chex
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.utils import filter_repo_objects
+from jax.sharding import AxisType
 
 import eqlin
 from eqlin.convert import convert
@@ -32,8 +37,8 @@ def _tensors(folder) -> dict[str, np.ndarray]:
     return {name: np.array(f.read(name)) for name in f.header}
 
 
-def test_sharded_index_loads_the_same_model(checkpoint, loaded, tmp_path):
-    folder = _copy(checkpoint("qwen3"), tmp_path / "sharded")
+def _shard(folder):
+    """Split `folder`'s model.safetensors into two shards and an index, in place."""
     tensors = _tensors(folder)
     (folder / "model.safetensors").unlink()
     names = sorted(tensors)
@@ -42,6 +47,11 @@ def test_sharded_index_loads_the_same_model(checkpoint, loaded, tmp_path):
         write_safetensors(folder / shard, {n: tensors[n] for n in members})
     weight_map = {n: shard for shard, members in shards.items() for n in members}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_sharded_index_loads_the_same_model(checkpoint, loaded, tmp_path):
+    folder = _shard(_copy(checkpoint("qwen3"), tmp_path / "sharded"))
     ids = loaded("qwen3").encode(TEXT)
     np.testing.assert_array_equal(eqlin.load(folder).logits(ids), loaded("qwen3").logits(ids))
 
@@ -66,6 +76,56 @@ def test_repo_id_from_local_hf_cache(checkpoint, loaded, tmp_path):
     model = eqlin.load("tiny-org/tiny-llama", cache_dir=cache)
     ids = loaded("llama_mha").encode(TEXT)
     np.testing.assert_array_equal(model.logits(ids), loaded("llama_mha").logits(ids))
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_download_fetches_only_the_weights_eqlin_reads(checkpoint, loaded, tmp_path, monkeypatch, sharded):
+    """download=True takes the JSON files, then only the shards the index lists (or model.safetensors),
+    never a repo's other weight files (Mistral's consolidated.safetensors), at one pinned commit. The hub
+    here is a local folder; which files a call takes is decided by huggingface_hub's own pattern filter."""
+    remote = _copy(checkpoint("llama_mha"), tmp_path / "remote")
+    shutil.copy(_shard(_copy(remote, tmp_path / "s")) / "model-00001-of-00002.safetensors", tmp_path / "first")
+    if sharded:
+        _shard(remote)
+    shutil.copy(tmp_path / "first", remote / "consolidated.safetensors")
+    shutil.copy(tmp_path / "first", remote / "model-00001-of-00003.safetensors")  # listed by no index
+    calls = []
+
+    def snapshot_download(repo, *, cache_dir, allow_patterns, revision=None, local_files_only=False):
+        calls.append((revision, allow_patterns))
+        snapshot = cache_dir / repo.replace("/", "--") / (revision or "c0ffee")
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name in filter_repo_objects(sorted(p.name for p in remote.iterdir()), allow_patterns=allow_patterns):
+            shutil.copy(remote / name, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model = eqlin.load("tiny-org/tiny-llama", cache_dir=tmp_path / "hub", download=True)
+    ids = loaded("llama_mha").encode(TEXT)
+    np.testing.assert_array_equal(model.logits(ids), loaded("llama_mha").logits(ids))
+    weights = (["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] if sharded
+               else ["model.safetensors"])
+    json_files = [p.name for p in remote.glob("*.json")]
+    assert "config.json" in json_files and ("model.safetensors.index.json" in json_files) == sharded
+    snapshot = tmp_path / "hub" / "tiny-org--tiny-llama" / "c0ffee"
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted(json_files + weights)
+    assert [revision for revision, _ in calls] == [None, "c0ffee"]
+
+
+@pytest.mark.parametrize("error, message", [
+    (LocalEntryNotFoundError("offline"),
+     "cannot download 'tiny-org/tiny-llama': the Hugging Face Hub cannot be reached and the repo is not in the local "
+     "cache; connect, or pass a checkpoint folder"),
+    (OSError(28, "No space left on device"),
+     "cannot get 'tiny-org/tiny-llama' from the Hugging Face Hub or its cache: .*No space left on device"),
+])
+def test_a_failed_download_says_why(tmp_path, monkeypatch, error, message):
+    def snapshot_download(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(eqlin.WeightsError, match=message):
+        eqlin.load("tiny-org/tiny-llama", cache_dir=tmp_path, download=True)
 
 
 def test_repo_id_missing_from_cache_is_not_downloaded(tmp_path):
@@ -177,7 +237,7 @@ def test_qwen2_biases_are_loaded_and_checked(checkpoint, loaded, tmp_path):
     model = loaded("qwen2")
     tensors = _tensors(checkpoint("qwen2"))
     np.testing.assert_array_equal(model.params.layers.v_bias[1], tensors["model.layers.1.self_attn.v_proj.bias"])
-    assert model.params.layers.q_bias.shape == (2, 48) and model.params.layers.k_bias.shape == (2, 24)
+    chex.assert_shape([model.params.layers.q_bias, model.params.layers.k_bias], [(2, 48), (2, 24)])
     folder = _copy(checkpoint("qwen2"), tmp_path / "no_bias")
     del tensors["model.layers.1.self_attn.k_proj.bias"]
     tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(48, np.float32)
@@ -322,7 +382,9 @@ def test_non_finite_and_integer_weights_are_refused(checkpoint, tmp_path):
 @pytest.mark.parametrize("call, message", [
     (lambda folder: eqlin.load(None), "source must be a checkpoint folder, .*got None"),
     (lambda folder: eqlin.load(""), "source must be a checkpoint folder"),
-    (lambda folder: eqlin.load(folder, mesh="2x4"), "mesh must be a jax.sharding.Mesh, e.g. eqlin.device_mesh"),
+    (lambda folder: eqlin.load(folder, mesh="2x4"), "mesh must be a jax.sharding.Mesh with axes"),
+    (lambda folder: eqlin.load(folder, mesh=jax.make_mesh((1, 1), ("basis", "model"), (AxisType.Explicit,) * 2)),
+     "of type AxisType.Auto, got Mesh.*Explicit.*eqlin.device_mesh"),
     (lambda folder: eqlin.load(folder, dtype="float16"), "unsupported dtype 'float16'; choose one of float64"),
     (lambda folder: eqlin.load(folder, dtype=object()), "unsupported dtype"),
 ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import numpy as np
 import pytest
 
@@ -28,7 +29,7 @@ def test_embed_is_scaled_for_gemma(loaded):
 
 def test_logits_shape(loaded):
     model = loaded("llama_gqa")
-    assert model.logits(TEXT).shape == (len(model.encode(TEXT)), model.config.vocab_size)
+    chex.assert_shape(model.logits(TEXT), (len(model.encode(TEXT)), model.config.vocab_size))
 
 
 def test_empty_text(loaded):

@@ -1,12 +1,15 @@
 """The repository keeps its promises: CI runs exactly the README's test command (the slow tests included),
-and fails loudly rather than skip the browser test when Chromium cannot be had."""
+tests the declared version floors, and fails loudly rather than skip the browser test when Chromium cannot be
+had."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import shutil
+import re
 import subprocess
+import tomllib
 
 import pytest
 
@@ -17,6 +20,23 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert "pytest" in ci and "--run-slow" in ci
     assert f"\n{ci}\n" in (ROOT / "README.md").read_text()
+
+
+def _name(requirement: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group()).lower()
+
+
+def test_ci_tests_every_declared_floor():
+    """Each `>=` floor of the dependencies and the test extra is pinned in .ci/floors.txt at that version (and
+    nothing else is), and CI installs those pins before it runs the suite."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floors = {_name(r): r.split(">=")[1] for r in project["dependencies"] + project["optional-dependencies"]["test"]
+              if ">=" in r}
+    pins = dict(line.split("==") for line in (ROOT / ".ci" / "floors.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert {_name(n): v for n, v in pins.items()} == {n: v + ".0" * (2 - v.count(".")) for n, v in floors.items()}
+    assert {"jax", "jaxlib", "numpy"} <= floors.keys()
+    assert '-e ".[test]" -c .ci/floors.txt' in (ROOT / ".ci" / "run").read_text()
 
 
 @pytest.mark.parametrize("allow, code, message", [

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from jax.sharding import AxisType
 
 from eqlin.errors import InputError, MemoryBudgetError
 from eqlin.linear_maps import detached_jacobian
@@ -124,7 +125,19 @@ def test_sharded_jacobian_checks_memory_before_allocating(loaded, reference):
     assert relative(auto.jacobian, expected) <= VS_TORCH  # the sharded path, graded by PyTorch too
 
 
-@pytest.mark.parametrize("mesh", ["2x4", 8, jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("x",))])
+EXPLICIT = jax.make_mesh((1, 1), ("basis", "model"), (AxisType.Explicit, AxisType.Explicit))  # make_mesh's default
+
+
+@pytest.mark.parametrize("mesh", ["2x4", 8, jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("x",)), EXPLICIT])
 def test_a_bad_mesh_is_refused(loaded, mesh):
-    with pytest.raises(InputError, match="mesh must be a jax.sharding.Mesh with axes \\('basis', 'model'\\)"):
+    with pytest.raises(InputError, match="mesh must be a jax.sharding.Mesh with axes \\('basis', 'model'\\) of type "
+                       "AxisType.Auto.*eqlin.device_mesh"):
         detached_jacobian_sharded(loaded("llama_mha"), TEXT, mesh=mesh)
+
+
+def test_device_mesh_is_made_by_make_mesh_with_auto_axes():
+    mesh = device_mesh()
+    assert mesh.axis_names == ("basis", "model") and mesh.axis_types == (AxisType.Auto, AxisType.Auto)
+    assert mesh.devices.shape == (len(jax.devices()), 1) and list(mesh.devices.flat) == jax.devices()
+    with pytest.raises(InputError, match="model=3 must be a positive divisor of the 1 devices"):
+        device_mesh(model=3)

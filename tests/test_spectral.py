@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -52,13 +53,13 @@ def test_dense_spectra_are_the_svds_of_each_token_and_of_the_combined_map(lin):
     J = np.asarray(lin.jacobian)
     d, T, _ = J.shape
     per = spectrum(lin)
-    assert per.singular_values.shape == (T, d) and per.U.shape == per.V.shape == (T, d, d)
+    chex.assert_shape([per.singular_values, per.U, per.V], [(T, d), (T, d, d), (T, d, d)])
     for t in (0, T - 1):
         np.testing.assert_allclose(per.singular_values[t], np.linalg.svd(J[:, t], compute_uv=False), rtol=SVD)
         rebuilt = np.einsum("ok,k,ik->oi", per.U[t], per.singular_values[t], per.V[t])
         np.testing.assert_allclose(rebuilt, J[:, t], rtol=0, atol=SVD)  # |J| <= 0.6
     combined = spectrum(lin, K, per_token=False)
-    assert combined.singular_values.shape == (K,) and combined.U.shape == (d, K) and combined.V.shape == (T, d, K)
+    chex.assert_shape([combined.singular_values, combined.U, combined.V], [(K,), (d, K), (T, d, K)])
     np.testing.assert_allclose(combined.singular_values, np.linalg.svd(J.reshape(d, -1), compute_uv=False)[:K],
                                rtol=SVD)
     np.testing.assert_allclose(np.einsum("otd,tdk->ok", J, combined.V), combined.U * combined.singular_values,
@@ -72,7 +73,7 @@ def test_dense_spectra_are_the_svds_of_each_token_and_of_the_combined_map(lin):
 def test_a_multi_layer_spectrum_is_the_stack_of_its_layers(model):
     many = detached_jacobian(model, TEXT, layer=[1, 3], part="attn")
     stacked = spectrum(many, K, per_token=False)
-    assert stacked.singular_values.shape == (2, K) and stacked.effective.stable_rank.shape == (2,)
+    chex.assert_shape([stacked.singular_values, stacked.effective.stable_rank], [(2, K), (2,)])
     one = spectrum(many.select(1), K, per_token=False)
     picked = stacked.select(1)
     assert picked.layer == one.layer == 3 and picked.part == "attn"
@@ -125,7 +126,7 @@ def test_decoding_a_rank_one_map_returns_its_tokens_and_sign_alignment_flips_bac
     J = np.einsum("o,t,i->oti", u, np.arange(1.0, T + 1), v)  # J_t = t·u vᵀ
     spec = decode_spectrum(model, spectrum(fake_linearization(J, 2 * u), 1, per_token=per_token), top=3)
     left, right = spec.left_tokens, spec.right_tokens
-    assert left.ids.shape == ((T, 1, 3) if per_token else (1, 3)) and right.ids.shape == (T, 1, 3)
+    chex.assert_shape([left.ids, right.ids], [(T, 1, 3) if per_token else (1, 3), (T, 1, 3)])
     assert np.all(left.ids[..., 0, 0] == j) and np.all(right.ids[:, 0, 0] == i)
     np.testing.assert_allclose(right.scores[:, 0, 0], 1, rtol=1e-12)  # cosine of v with its own row
     assert left.tokens == np.array(model.token_strings(left.ids.reshape(-1)), dtype=object).reshape(
@@ -146,7 +147,7 @@ def test_norm_analysis_finds_and_decodes_the_largest_column_and_row(model):
     J[:, 0, c] = 3 * u  # token 0: one nonzero column, the unembedding direction of j
     J[r, 1, :] = 3 * v  # token 1: one nonzero row, the embedding of i
     result = norm_analysis(model, fake_linearization(J, u), count=2, top=3)
-    assert result.columns.shape == result.rows.shape == (2, 2) and result.column_tokens.ids.shape == (2, 2, 3)
+    chex.assert_shape([result.columns, result.rows, result.column_tokens.ids], [(2, 2), (2, 2), (2, 2, 3)])
     assert int(result.columns[0, 0]) == c and int(result.column_tokens.ids[0, 0, 0]) == j
     assert int(result.rows[1, 0]) == r and int(result.row_tokens.ids[1, 0, 0]) == i
     np.testing.assert_allclose(result.column_norms[0, c], 3, rtol=1e-12)
@@ -205,7 +206,7 @@ def test_top_singular_at_moderate_length_reports_progress_and_matches_dense(mode
     free = top_singular(model, ids, K, block=8, progress=lambda done, total: calls.append((done, total)))
     steps = 2 * K + 20
     assert calls == [(min(2 * s, 2 * steps), 2 * steps) for s in range(8, steps + 8, 8)]
-    assert free.V.shape == (60, model.config.hidden_size, K)
+    chex.assert_shape(free.V, (60, model.config.hidden_size, K))
     dense = spectrum(detached_jacobian(model, ids), K, per_token=False)
     np.testing.assert_allclose(free.singular_values, dense.singular_values, rtol=TOP_K)  # measured 1.6e-15
     data = json.loads(decode_spectrum(model, free, top=2).to_json())

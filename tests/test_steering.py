@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def test_concept_map_is_the_stream_entering_the_layer(loaded, reference):
     for i, l in enumerate((0, 2, 3)):  # transformers' hidden_states[l] at the last position, and its Jacobian
         J_torch, h_torch = ref.stream_entering(reference("gemma3"), torch.tensor(ids), l)
         assert relative(J[i], J_torch) <= VS_TORCH and relative(h[i], h_torch) <= VS_TORCH, l
-    assert J.shape == (3, c.hidden_size, x.shape[0], c.hidden_size)
+    chex.assert_shape(J, (3, c.hidden_size, x.shape[0], c.hidden_size))
     np.testing.assert_array_equal(J[0, :, -1], np.eye(c.hidden_size))  # layer 0: identity on the last embedding
     np.testing.assert_array_equal(J[0, :, :-1], 0)
     for i, l in enumerate((0, 2, 3)):  # h: raw residual entering layer l (output of l-1, no final norm)
