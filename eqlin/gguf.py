@@ -42,6 +42,7 @@ from eqlin.gguf_tokenizer import tokenizer_from_metadata
 from eqlin.loading import expected_tensors, layer_modules, mismatch_text, refuse_bias_tensors
 from eqlin.memory import format_bytes
 from eqlin.outputs import clean_temps, fsync_dir, json_text, remove, replace_folder, temp_path, write_file_durable
+from eqlin.paths import file_kind
 from eqlin.safetensors_io import SafetensorsFile, write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -179,9 +180,8 @@ def convert_gguf(path: Path, out: Path) -> Path:
         _write_json(tmp / "config.json", hf_config)
         if tokenizer is not None:
             inner, tokenizer_config = tokenizer
-            inner.save(str(tmp / "tokenizer.json"))
-            with open(tmp / "tokenizer.json", "rb") as f:
-                os.fsync(f.fileno())
+            # Written here, not by the Rust library's save, whose errors (a full disk) are not OSErrors.
+            write_file_durable(tmp / "tokenizer.json", inner.to_str(pretty=True).encode())
             _write_json(tmp / "tokenizer_config.json", tokenizer_config)
         _write_json(tmp / MANIFEST, {
             "converter_version": CONVERTER_VERSION,
@@ -201,10 +201,10 @@ def convert_gguf(path: Path, out: Path) -> Path:
 
 
 def _check_gguf_file(path: Path) -> None:
-    if not path.exists():
-        raise WeightsError(f"GGUF file not found: {path}")
-    if not path.is_file():
-        raise WeightsError(f"{path} is not a file; pass the path of a .gguf file")
+    if not path.is_file():  # checked before opening: a FIFO or a device could block the open forever
+        what = f"GGUF file not found: {path}" if not path.exists() else f"{path} is {file_kind(path)}, not a GGUF file"
+        raise WeightsError(f"{what}; pass the path of an existing .gguf file, a checkpoint folder, or a repo id "
+                           "in the local Hugging Face cache (`hf download ORG/NAME` puts one there)")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":

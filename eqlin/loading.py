@@ -17,6 +17,7 @@ from eqlin.config import BIAS_FAMILIES, ModelConfig
 from eqlin.errors import InputError, PrecisionError, WeightsError, name_list
 from eqlin.families import FamilySpec
 from eqlin.params import LayerParams, Params, expected_shapes, param_shardings
+from eqlin.paths import file_kind
 from eqlin.safetensors_io import SafetensorsFile
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -51,6 +52,8 @@ def is_gguf(source: str | Path) -> bool:
     path = Path(source).expanduser()
     if path.suffix.lower() == ".gguf":
         return True
+    if not path.is_file():  # never open a FIFO or a device: opening or reading one can block forever
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"GGUF"
@@ -64,9 +67,12 @@ def resolve_folder(source: str | Path, *, cache_dir: str | Path | None = None, d
     path = Path(source).expanduser()
     if path.is_dir():
         return path
-    if path.exists():
+    if path.is_file():
         raise WeightsError(f"{source} is a file, not a checkpoint folder; pass the folder holding config.json "
                            "(or a .gguf file)")
+    if path.exists():
+        raise WeightsError(f"{source} is {file_kind(path)}, not a checkpoint folder or a .gguf file; pass the folder "
+                           "holding config.json, a .gguf file or a repo id in the local Hugging Face cache")
     if path.is_absolute() or str(source).startswith((".", "~")):
         raise WeightsError(f"{source} does not exist; pass a checkpoint folder, a .gguf file or a repo id that is "
                            "in the local Hugging Face cache")
@@ -109,11 +115,14 @@ def _download(repo: str, cache_dir: str | Path | None) -> Path:
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON file holding an object, with a clear error if it is missing, unreadable or malformed."""
     if not path.is_file():
-        raise WeightsError(f"missing {path.name} in {path.parent}")
+        raise WeightsError(f"missing {path.name} in {path.parent}; pass a checkpoint folder that holds it (as "
+                           "`hf download ORG/NAME` writes one), a .gguf file or a repo id in the local Hugging Face "
+                           "cache")
     try:
         data = json.loads(path.read_bytes())
     except OSError as e:
-        raise WeightsError(f"cannot read {path}: {e.strerror or e}") from None
+        raise WeightsError(f"cannot read {path}: {e.strerror or e}; make it readable, or pass another checkpoint "
+                           "folder, .gguf file or repo id") from None
     except RecursionError:
         raise WeightsError(f"{path} is nested too deeply to be a checkpoint file; replace it") from None
     except ValueError as e:  # JSON syntax, UTF-8, oversized numbers
@@ -124,23 +133,45 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_index(folder: Path) -> dict[str, str]:
+    """The weight map (tensor name -> shard file name) of `folder`'s model.safetensors.index.json, every
+    shard name checked before any shard is opened: a name must stay inside the folder lexically (relative, no `..`, not absolute; where a
+    name is a symlink, as in the Hugging Face cache's snapshots, its target does not matter) and name a
+    regular file there. Every reader of shards (loading, `info`, `convert`, the checkpoint identity) goes
+    through here."""
+    index = folder / INDEX_FILE
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(f"{index} needs a weight_map object mapping tensor names to shard file names, got "
+                           f"{type(weight_map).__name__}; replace the index")
+    names = sorted(set(weight_map.values()))
+    outside = [n for n in names if not _inside(n)]
+    if outside:
+        raise WeightsError(f"{index} names shard files outside its folder: {name_list(outside, 5)}; shards must be "
+                           "plain file names relative to the checkpoint folder (no '..', no absolute path)")
+    missing = [n for n in names if not (folder / n).exists()]
+    if missing:
+        raise WeightsError(f"{index} names shard files that are missing: {name_list(missing)}; download them "
+                           "again (`hf download REPO`) or replace the index")
+    irregular = [f"{n} ({file_kind(folder / n)})" for n in names if not (folder / n).is_file()]
+    if irregular:
+        raise WeightsError(f"{index} names shards that are not regular files: {name_list(irregular)}; replace them "
+                           "with the safetensors files")
+    return weight_map
+
+
+def _inside(name: str) -> bool:
+    """Whether the shard name `name` stays inside its folder by its letters alone: relative, no `..` part,
+    not empty or the folder itself, no NUL byte."""
+    parts = Path(name).parts
+    return bool(parts) and "\0" not in name and not Path(name).is_absolute() and ".." not in parts
+
+
 def open_weight_files(folder: Path) -> dict[str, SafetensorsFile]:
     """Map every tensor name to the open safetensors file holding it (single file or sharded index)."""
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise WeightsError(f"{index} needs a weight_map object mapping tensor names to shard file names, got "
-                               f"{type(weight_map).__name__}; replace the index")
-        root = folder.resolve()
-        outside = sorted({f for f in weight_map.values()
-                          if Path(f).is_absolute() or root not in (root / f).resolve().parents})
-        if outside:
-            raise WeightsError(f"{index} names shard files outside its folder: {', '.join(outside[:5])}; shards "
-                               "must be files in the checkpoint folder")
-        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
-        if missing:
-            raise WeightsError(f"{index} names shard files that are missing: {', '.join(missing)}")
+        weight_map = read_index(folder)
         shards = {f: SafetensorsFile(folder / f) for f in sorted(set(weight_map.values()))}
         files = {}
         for name, shard in weight_map.items():

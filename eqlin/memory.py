@@ -19,6 +19,8 @@ from eqlin.checks import check_int
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError, MemoryBudgetError
 
+_MAX_LIMIT_GIB = 2**20  # 1 PiB: beyond any one machine's memory, and far inside what an int of bytes can count
+
 
 def memory_limit_bytes(limit: int | None = None, *, params=None, weights: int | None = None) -> int:
     """The budget in bytes: `limit` if given (a positive integer), else $EQLIN_MEMORY_LIMIT_GB if set (a
@@ -35,6 +37,10 @@ def memory_limit_bytes(limit: int | None = None, *, params=None, weights: int | 
             gib = math.nan
         if not (math.isfinite(gib) and gib * 2**30 >= 1):
             raise InputError(f"EQLIN_MEMORY_LIMIT_GB={setting!r} is not a positive number of GiB; set it to e.g. 16, "
+                             "or unset it to use 80 % of physical memory")
+        if gib > _MAX_LIMIT_GIB:
+            raise InputError(f"EQLIN_MEMORY_LIMIT_GB={setting!r} is more than any machine has (at most "
+                             f"{_MAX_LIMIT_GIB} GiB, 1 PiB, is accepted); set it to the memory eqlin may use, e.g. 16, "
                              "or unset it to use 80 % of physical memory")
         return int(gib * 2**30)
     host = int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

@@ -20,7 +20,7 @@ from eqlin.config import ModelConfig
 from eqlin.errors import InputError
 from eqlin.families import FamilySpec, config_from_hf, spec_for
 from eqlin.loading import (INDEX_FILE, SINGLE_FILE, check_tensors, expected_tensors, is_gguf, load_params,
-                           open_weight_files, read_json, resolve_dtype, resolve_folder)
+                           open_weight_files, read_index, read_json, resolve_dtype, resolve_folder)
 from eqlin.params import Params, check_mesh
 from eqlin.tokenizer import Tokenizer
 
@@ -134,13 +134,10 @@ def checkpoint_identity(source: str | os.PathLike, folder: Path) -> str:
     if is_gguf(source):
         return f"gguf:{folder.name}"
     names = [n for n in CHECKPOINT_FILES if (folder / n).is_file()]
-    if INDEX_FILE in names:
-        shards = read_json(folder / INDEX_FILE).get("weight_map", {})
-        names += sorted({s for s in shards.values() if isinstance(s, str)} if isinstance(shards, dict) else ())
+    if INDEX_FILE in names:  # shard names are checked (inside the folder, regular files) before any is opened
+        names += sorted(set(read_index(folder).values()))
     digest = hashlib.sha256()
     for name in names:
-        if not (folder / name).is_file():
-            continue  # loading names what is missing
         digest.update(f"{name}\0{(folder / name).stat().st_size}\0".encode())
         with open(folder / name, "rb") as f:
             while block := f.read(1 << 23):

@@ -21,7 +21,8 @@ import ml_dtypes
 import numpy as np
 
 from eqlin.errors import WeightsError
-from eqlin.outputs import honour_umask, temp_path
+from eqlin.outputs import temp_path
+from eqlin.paths import file_kind
 
 _DTYPES = {
     "F64": np.dtype("<f8"),
@@ -44,6 +45,11 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        if not self.path.is_file():  # never open a FIFO or a device: the open or the read could block forever
+            kind = file_kind(self.path)
+            raise WeightsError(f"cannot read {self.path}: " + ("no such file" if kind == "missing" else
+                                                                f"it is {kind}, not a safetensors file")
+                               + "; pass the path of an existing .safetensors file")
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
@@ -51,11 +57,15 @@ class SafetensorsFile:
                 if len(prefix) < 8:
                     self._corrupt(f"{size} bytes, less than the 8-byte header length")
                 (n,) = struct.unpack("<Q", prefix)
-                if n > min(size - 8, _MAX_HEADER):
-                    self._corrupt(f"header length {n} exceeds the file size {size}")
-                raw = json.loads(f.read(n))
+                text = f.read(n) if n <= min(size - 8, _MAX_HEADER) else None
         except OSError as e:
-            raise WeightsError(f"cannot read {self.path}: {e.strerror or e}") from None
+            raise WeightsError(f"cannot read {self.path}: {e.strerror or e} (make it readable); re-download or "
+                               "re-convert it") from None
+        if text is None:
+            self._corrupt(f"header length {n} exceeds the file size {size}" if n > size - 8
+                          else f"header length {n} exceeds the limit of {_MAX_HEADER} bytes")
+        try:
+            raw = json.loads(text)
         except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
             self._corrupt(f"its header is not valid JSON: {e}")
         if not isinstance(raw, dict):
@@ -128,15 +138,33 @@ class SafetensorsFile:
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Write tensors to `path` atomically and durably (a temporary file in the same folder, fsynced, then
-    renamed). `save_file` creates files 0600; the file gets the mode the umask gives any new file."""
-    from safetensors.numpy import save_file
-
+    renamed), in the format above: tensors in name order, the header padded with spaces to a multiple of 8
+    bytes (as the `safetensors` library writes it, so every tensor stays aligned). Written here rather than
+    with `safetensors.numpy.save_file`, whose errors (a full disk among them) are not OSErrors: here every
+    write failure is an OSError carrying its errno, for the caller to name the fix. The file gets the mode
+    the umask gives any new file."""
     path = Path(path)
+    codes = {dtype: code for code, dtype in _DTYPES.items()}
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in sorted(tensors):
+        array = np.asarray(tensors[name])
+        code = codes.get(array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype)
+        if code is None:
+            raise TypeError(f"cannot store {name!r} of dtype {array.dtype} in safetensors")
+        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
     tmp = temp_path(path)
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
-        honour_umask(tmp)
-        with open(tmp, "rb") as f:
+        with open(tmp, "xb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            for name in sorted(tensors):
+                array = np.asarray(tensors[name])
+                little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+                f.write(little.reshape(-1).view(np.uint8).data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

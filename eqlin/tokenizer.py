@@ -50,7 +50,8 @@ class Tokenizer:
     def from_folder(cls, folder: Path) -> Tokenizer:
         path = folder / "tokenizer.json"
         if not path.is_file():
-            raise WeightsError(f"missing tokenizer.json in {folder}")
+            raise WeightsError(f"missing tokenizer.json in {folder}; copy the model's tokenizer.json there (`hf "
+                               "download ORG/NAME tokenizer.json`), or pass token ids instead of text")
         try:
             inner = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises a bare Exception for unreadable files

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -283,6 +285,41 @@ def test_unknown_model_path(tmp_path, capsys):
     assert f"{tmp_path / 'nowhere'} does not exist; pass a checkpoint folder, a .gguf file or a repo id" in err
 
 
+def test_a_missing_gguf_file_names_what_to_pass(tmp_path, capsys):
+    err = _bad(["analyze", TEXT, "--model", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o")], capsys)
+    assert (f"GGUF file not found: {tmp_path / 'missing.gguf'}; pass the path of an existing .gguf file, a checkpoint "
+            "folder, or a repo id in the local Hugging Face cache (`hf download ORG/NAME` puts one there)") in err
+
+
+@pytest.mark.parametrize("command", ["info", "analyze"])
+@pytest.mark.parametrize("name, message", [
+    ("model", "model is a FIFO (named pipe), not a checkpoint folder or a .gguf file; pass the folder holding "
+              "config.json, a .gguf file or a repo id"),
+    ("model.gguf", "model.gguf is a FIFO (named pipe), not a GGUF file; pass the path of an existing .gguf file"),
+])
+def test_a_model_that_is_a_fifo_is_refused_without_opening_it(tmp_path, capsys, command, name, message):
+    """Opening a FIFO blocks until a writer comes: `--model FIFO` once hung forever. If it ever opens it again, a
+    writer comes after 60 s and the test fails instead of hanging."""
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+
+    def unblock():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader: nothing is blocked
+            pass
+
+    watchdog = threading.Timer(60, unblock)
+    watchdog.start()
+    try:
+        args = ["info", str(fifo)] if command == "info" else ["analyze", TEXT, "--model", str(fifo), "--out",
+                                                              str(tmp_path / "o")]
+        err = _bad(args, capsys)
+    finally:
+        watchdog.cancel()
+    assert message in err and not (tmp_path / "o").exists()
+
+
 def test_non_gguf_file_named_gguf(tmp_path, capsys):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"this is not a gguf file at all" * 10)
@@ -391,6 +428,12 @@ def test_bad_memory_limit_setting(tmp_path, capsys, monkeypatch, setting):
     monkeypatch.setenv("EQLIN_MEMORY_LIMIT_GB", setting)
     err = _bad(["analyze", TEXT, "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], capsys)
     assert f"EQLIN_MEMORY_LIMIT_GB='{setting}' is not a positive number of GiB" in err
+
+
+def test_a_huge_memory_limit_setting_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EQLIN_MEMORY_LIMIT_GB", "1e308")  # was an OverflowError, exit 1
+    err = _bad(["analyze", TEXT, "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], capsys)
+    assert "EQLIN_MEMORY_LIMIT_GB='1e308' is more than any machine has" in err and not (tmp_path / "o").exists()
 
 
 def test_unwritable_compile_cache_is_said_not_fatal(checkpoint, tmp_path, capsys, monkeypatch):

@@ -22,6 +22,17 @@ def test_bad_memory_limit_setting_is_refused(monkeypatch, setting):
         memory_limit_bytes()
 
 
+@pytest.mark.parametrize("setting", ["1e308", "1048577"])
+def test_a_memory_limit_setting_beyond_any_machine_is_refused(monkeypatch, setting):
+    """1e308 GiB once overflowed converting to bytes (OverflowError); 1 PiB is the most accepted."""
+    monkeypatch.setenv("EQLIN_MEMORY_LIMIT_GB", setting)
+    with pytest.raises(InputError, match=f"EQLIN_MEMORY_LIMIT_GB='{setting}' is more than any machine has \\(at most "
+                                         "1048576 GiB, 1 PiB, is accepted\\); set it to the memory eqlin may use"):
+        memory_limit_bytes()
+    monkeypatch.setenv("EQLIN_MEMORY_LIMIT_GB", "1048576")
+    assert memory_limit_bytes() == 2**50
+
+
 def test_memory_limit_setting_and_argument(monkeypatch):
     monkeypatch.setenv("EQLIN_MEMORY_LIMIT_GB", "0.5")
     assert memory_limit_bytes() == 2**29 and memory_limit_bytes(1000) == 1000
