@@ -3,7 +3,10 @@ checkpoint can be wrong, each with a message that names the problem."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +24,7 @@ from jax.sharding import AxisType
 
 import eqlin
 from eqlin.convert import convert
+from eqlin.model import checkpoint_identity, count_parameters, read_config
 from eqlin.safetensors_io import SafetensorsFile, write_safetensors
 from eqlin import reference as ref
 from tests.conftest import TEXT
@@ -340,6 +344,69 @@ def test_fused_phi3_projections_are_split_in_order(checkpoint, loaded):
 
 def _with_index(folder, weight_map) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _hub_layout(source, cache, repo):
+    """Lay out the checkpoint folder `source` as huggingface_hub stores a download of `repo` in `cache`:
+    blobs/<sha256 of the file>, snapshots/<revision>/<name> -> ../../blobs/<sha256>, refs/main."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    revision = "a" * 40
+    snapshot = root / "snapshots" / revision
+    for folder in (root / "blobs", root / "refs", snapshot):
+        folder.mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    for file in sorted(source.iterdir()):
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, root / "blobs" / blob)
+        (snapshot / file.name).symlink_to(f"../../blobs/{blob}")
+    return snapshot
+
+
+def test_a_sharded_checkpoint_in_the_hub_cache_loads_by_repo_id(checkpoint, loaded, tmp_path):
+    """Every file of a hub snapshot is a symlink into blobs/, outside the snapshot folder: shards are inside
+    by the names the index gives, not by where the hub's links point (they were all refused). Run as a user
+    runs it: `eqlin analyze --model me/tiny` in a fresh process with HF_HUB_CACHE set, saving the map."""
+    snapshot = _hub_layout(_shard(_copy(checkpoint("llama_mha"), tmp_path / "sharded")), tmp_path / "hub", "me/tiny")
+    assert (snapshot / "model-00001-of-00002.safetensors").is_symlink()
+    out = tmp_path / "o"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "eqlin.cli", "analyze", TEXT, "--model", "me/tiny", "--layers", "none",
+                          "--save-jacobian", "--out", str(out), "-q", "--no-compile-cache"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr
+    saved = eqlin.Linearization.load(out / "jacobian.safetensors")
+    unsharded = eqlin.detached_jacobian(loaded("llama_mha"), TEXT)
+    for name in ("jacobian", "inputs", "output", "contributions", "relative_error", "ids"):
+        np.testing.assert_array_equal(getattr(saved, name), getattr(unsharded, name), err_msg=name)
+
+
+@pytest.mark.parametrize("call", [
+    lambda folder: eqlin.load(folder),
+    lambda folder: checkpoint_identity(str(folder), folder),  # analyze and prompt sets: hashed before loading
+    lambda folder: count_parameters(*read_config(folder), folder),  # eqlin info
+])
+def test_index_names_are_checked_before_any_file_is_opened(checkpoint, tmp_path, call):
+    """Shard names outside the folder once were hashed (opened and read to the end: a 200 GB file named by an
+    absolute path hung `analyze`) before loading refused them; every reader now refuses them first."""
+    folder = _copy(checkpoint("llama_mha"), tmp_path / "indexed")
+    names = SafetensorsFile(folder / "model.safetensors").header
+    outside = tmp_path / "outside.safetensors"
+    shutil.copyfile(folder / "model.safetensors", outside)
+    for name in (str(outside), "../outside.safetensors", "sub/../../outside.safetensors"):
+        _with_index(folder, dict.fromkeys(names, name))
+        with pytest.raises(eqlin.WeightsError, match=f"names shard files outside its folder: {re.escape(name)}; "
+                                                     "shards must be plain file names relative to the checkpoint "
+                                                     r"folder \(no '..', no absolute path\)"):
+            call(folder)
+    os.mkfifo(folder / "pipe.safetensors")  # inside, but opening it would block
+    _with_index(folder, dict.fromkeys(names, "pipe.safetensors"))
+    with pytest.raises(eqlin.WeightsError, match=r"names shards that are not regular files: pipe.safetensors \(a FIFO "
+                                                 r"\(named pipe\)\); replace them with the safetensors files"):
+        call(folder)
+    _with_index(folder, dict.fromkeys(names, "gone.safetensors"))
+    with pytest.raises(eqlin.WeightsError, match=r"names shard files that are missing: gone.safetensors; download them "
+                                                 r"again \(`hf download REPO`\) or replace the index"):
+        call(folder)
 
 
 def test_index_weight_map_must_be_an_object_inside_the_folder(checkpoint, tmp_path):
