@@ -19,10 +19,14 @@ style) and OLMo 2 add none.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
-from typing import Any
+import shutil
+import subprocess
+from typing import Any, Iterator
 
+import pytest
 import safetensors.torch
 import torch
 import transformers
@@ -284,3 +288,20 @@ def make_checkpoint(
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
         safetensors.torch.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+@contextlib.contextmanager
+def small_filesystem(folder: pathlib.Path, size: str = "64k") -> Iterator[pathlib.Path]:
+    """A real filesystem of `size` (a tmpfs) mounted at the new folder `folder` for the block: writing more than
+    fits fails as on a full disk (ENOSPC). Mounting needs root (CI runs as root); elsewhere the test is skipped."""
+    folder.mkdir()
+    mount = shutil.which("mount") and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                                      str(folder)], capture_output=True, text=True)
+    if not mount or mount.returncode != 0:
+        pytest.skip(f"a full disk is a small tmpfs, and mounting one is not permitted here "
+                    f"({mount.stderr.strip() if mount else 'no mount command'}); "
+                    "run as root, as CI does")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

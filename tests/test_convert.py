@@ -3,7 +3,6 @@ never a silently different model, never a half-written or clobbered destination.
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 import shutil
@@ -14,6 +13,7 @@ import pytest
 from eqlin import convert as convert_module
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from eqlin.safetensors_io import SafetensorsFile, write_safetensors
+from tests.fixtures import small_filesystem
 
 
 def _broken(checkpoint, tmp_path, change) -> object:
@@ -74,15 +74,15 @@ def test_a_destination_filled_meanwhile_is_left_to_its_writer(checkpoint, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
 
 
-def test_disk_full_while_converting(checkpoint, tmp_path, capsys, monkeypatch):
-    def disk_full(path, tensors, **kwargs):
-        path.write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(convert_module, "write_safetensors", disk_full)
-    code, err = _convert(checkpoint("llama_mha"), tmp_path / "dst", capsys)
-    assert code == EXIT_BAD_INPUT and "No space left on device; nothing was left there; free space" in err
-    assert list(tmp_path.iterdir()) == []
+def test_disk_full_while_converting(checkpoint, tmp_path, capsys):
+    """A real full disk (a 64 KiB filesystem; the float32 weights take 107 KiB): the safetensors library's
+    SafetensorError once came out as a traceback, exit 1."""
+    with small_filesystem(tmp_path / "disk") as disk:
+        code, err = _convert(checkpoint("llama_mha"), disk / "dst", capsys)
+        assert code == EXIT_BAD_INPUT, err
+        assert (f"cannot write {disk / 'dst'}: No space left on device; nothing was left there; free space on that "
+                "disk or choose another destination") in err
+        assert list(disk.iterdir()) == []
 
 
 def test_a_non_empty_destination_is_refused(checkpoint, tmp_path, capsys):

@@ -36,8 +36,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 import eqlin
 import eqlin.gguf as eqlin_gguf
 from eqlin.cli import EXIT_BAD_INPUT, main
-from eqlin.errors import ConfigError, WeightsError
+from eqlin.errors import ConfigError, OutputError, WeightsError
 from eqlin.outputs import temp_path
+from tests.fixtures import small_filesystem
 
 TEXTS = (
     "The bridge out of Marin is the",
@@ -440,6 +441,18 @@ def test_interrupted_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         eqlin_gguf.converted_folder(path, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_disk_full_while_converting_into_the_cache(tiny_llama, tmp_path):
+    """A real full disk under the cache (a 64 KiB filesystem): exit 2 naming the fix, not a SafetensorError."""
+    path = _write_gguf(tiny_llama, "llama", tmp_path / "m.gguf")
+    with small_filesystem(tmp_path / "disk") as disk:
+        with pytest.raises(OutputError, match=re.escape(
+                f"cannot write the converted model into the cache folder {disk / 'cache'}: No space left on device; "
+                "free space there (the float32 conversion takes several times the GGUF file's size) or set "
+                "EQLIN_CACHE_DIR to a writable folder")):
+            eqlin_gguf.converted_folder(path, disk / "cache")
+        assert list((disk / "cache").iterdir()) == []
 
 
 def test_random_bytes_are_not_gguf(tmp_path):

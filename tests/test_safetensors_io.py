@@ -4,8 +4,10 @@ damaged header never turns header bytes or garbage into weights."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -70,9 +72,46 @@ def test_a_short_file_and_a_huge_header_length(tmp_path):
     path.write_bytes(b"\x01\x02")
     with pytest.raises(WeightsError, match="less than the 8-byte header length"):
         SafetensorsFile(path)
-    path.write_bytes(struct.pack("<Q", 2**60) + b"{}")
-    with pytest.raises(WeightsError, match="header length 1152921504606846976 exceeds the file size 10"):
+    for n, why in ((2**60, f"header length {2**60} exceeds the file size 10"),
+                   (2**62, f"header length {2**62} exceeds the file size 10")):  # once wrapped in "not valid JSON"
+        path.write_bytes(struct.pack("<Q", n) + b"{}")
+        with pytest.raises(WeightsError) as refused:
+            SafetensorsFile(path)
+        assert str(refused.value) == f"{path} is not a valid safetensors file ({why}); re-download or re-convert it"
+    path.write_bytes(struct.pack("<Q", 100_000_001))
+    os.truncate(path, 8 + 100_000_001)  # sparse: takes no disk
+    with pytest.raises(WeightsError, match=r"\(header length 100000001 exceeds the limit of 100000000 bytes\)"):
         SafetensorsFile(path)
+
+
+def test_a_fifo_or_a_missing_file_is_refused_before_it_is_opened(tmp_path):
+    os.mkfifo(tmp_path / "pipe.safetensors")  # opening it would block until a writer came
+    with pytest.raises(WeightsError, match="pipe.safetensors: it is a FIFO \\(named pipe\\), not a safetensors file; "
+                                           "pass the path of an existing .safetensors file"):
+        SafetensorsFile(tmp_path / "pipe.safetensors")
+    with pytest.raises(WeightsError, match="gone.safetensors: no such file; pass the path of an existing"):
+        SafetensorsFile(tmp_path / "gone.safetensors")
+
+
+def test_written_files_are_read_by_the_safetensors_library(tmp_path):
+    """write_safetensors writes the format itself (so that a full disk is an OSError, see test_convert.py):
+    every dtype eqlin writes, big-endian input, 0-d and empty tensors and metadata come back from the
+    reference library as given; the file gets the umask's mode and the header is padded to 8 bytes."""
+    tensors = {"f64": np.arange(6.0).reshape(2, 3).T, "big": np.arange(3, dtype=">f4"), "scalar": np.float64(2.5),
+               "bf16": np.arange(4).astype(ml_dtypes.bfloat16), "empty": np.zeros((0, 4), np.float32),
+               "i64": np.arange(3, dtype=np.int64)}
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, tensors, metadata={"format": "pt"})
+    with safe_open(str(path), "np") as f:
+        assert f.metadata() == {"format": "pt"} and sorted(f.keys()) == sorted(tensors)
+        for name, value in tensors.items():
+            back = f.get_tensor(name)
+            assert back.shape == np.shape(value) and back.dtype == np.asarray(value).dtype.newbyteorder("=")
+            np.testing.assert_array_equal(back.astype(np.float64), np.asarray(value).astype(np.float64))
+    assert struct.unpack("<Q", path.read_bytes()[:8])[0] % 8 == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_round_trip_with_an_empty_tensor_and_no_debris(tmp_path):
