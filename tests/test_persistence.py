@@ -18,6 +18,7 @@ import pytest
 from eqlin.errors import InputError, OutputError, PrecisionError
 from eqlin.linear_maps import Linearization, detached_jacobian, jacobian
 from eqlin.model import checkpoint_identity
+from eqlin.safetensors_io import SafetensorsFile, write_safetensors
 from eqlin.persistence import LINEARIZATION_SCHEMA, SPECTRUM_SCHEMA, eqlin_version, saved_metadata
 from eqlin.spectral import Spectrum, decode_spectrum, spectrum, top_singular
 from tests.conftest import TEXT
@@ -142,3 +143,73 @@ def test_saved_files_follow_the_umask(loaded, tmp_path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o640
     assert json.loads(json.dumps(saved_metadata(path)))["map"]["tap"] == "post"
+
+
+def _tampered(good, tmp_path, name, tensors=None, edit=None, eqlin_json=None):
+    """A copy of the saved file `good` with some tensors replaced (None: removed) and/or its eqlin metadata
+    edited (a function of the parsed JSON) or replaced (raw text)."""
+    f = SafetensorsFile(good)
+    arrays = {n: np.array(f.read(n)) for n in f.header}
+    for n, a in (tensors or {}).items():
+        arrays.pop(n) if a is None else arrays.__setitem__(n, a)
+    meta = json.loads(f.metadata["eqlin"])
+    text = eqlin_json if eqlin_json is not None else json.dumps(edit(meta) if edit else meta)
+    write_safetensors(tmp_path / name, arrays, metadata={"schema": f.metadata["schema"], "eqlin": text})
+    return tmp_path / name
+
+
+def _map(**changes):
+    return lambda meta: {**meta, "map": {**meta["map"], **changes}}
+
+
+@pytest.mark.parametrize("tensors, edit, eqlin_json, message", [
+    (None, None, "[]", "the eqlin metadata must be a JSON object, got list"),
+    (None, None, "[" * 100_000 + "]" * 100_000, "its eqlin metadata is missing, not JSON or nested too deeply"),
+    (None, lambda m: {"dtype": "float64"}, None, "the eqlin metadata field 'map' must be a JSON object, got NoneType"),
+    (None, _map(scope="sideways"), None, r"map field 'scope' must be one of \('cumulative', 'single'\), got 'sideways'; "
+                                   "it was changed after saving or not written by eqlin: save the result again"),
+    (None, _map(layer={"x": 1}), None, r"map field 'layer' must be null, a layer index or a list of distinct ones, "
+                                       r"got \{'x': 1\}"),
+    (None, _map(detach="yes"), None, "map field 'detach' must be true or false, got 'yes'"),
+    (None, _map(tap=None), None, r"map field 'tap' must be one of \('post', 'pre'\), got None"),
+    (None, lambda m: {**m, "dtype": "float16"}, None, "the eqlin metadata field 'dtype' must be 'float32' or 'float64', got 'float16'"),
+    (None, lambda m: {**m, "tokens": ["a"]}, None,
+     "the eqlin metadata field 'tokens' must be null or one string per input token"),
+    ({"jacobian": np.zeros((32, 7, 32))}, None, None,
+     r"tensor 'contributions' has shape \(\d+, 32\), but the file's other arrays and map imply \(7, 32\)"),
+    ({"jacobian": np.zeros((32, 4))}, None, None, r"tensor 'jacobian' has shape \(32, 4\), not \('d_out', 'T', 'd_in'\)"),
+    ({"jacobian": np.ones((32, 4, 32), np.int8)}, None, None, "tensor 'jacobian' has dtype int8, not float64"),
+    ({"output": np.zeros(32, np.float32)}, None, None, "tensor 'output' has dtype float32, not float64"),
+    ({"ids": np.zeros(3)}, None, None, "tensor 'ids' has dtype float64, not integer"),
+    ({"extra": np.zeros(3)}, None, None, "tensors extra are not part of this kind of result"),
+])
+def test_a_tampered_linearization_is_refused_naming_the_field(loaded, tmp_path, tensors, edit, eqlin_json, message):
+    """Each once loaded silently as an inconsistent map, or failed with a TypeError, KeyError or RecursionError."""
+    good = detached_jacobian(loaded("llama_mha"), TEXT).save(tmp_path / "good.safetensors", loaded("llama_mha"))
+    path = _tampered(good, tmp_path, "bad.safetensors", tensors, edit, eqlin_json)
+    with pytest.raises(InputError, match=f"cannot load {path}: {message}"):
+        Linearization.load(path)
+    Linearization.load(good)
+
+
+def test_a_tampered_spectrum_is_refused_naming_the_field(loaded, tmp_path):
+    model = loaded("llama_mha")
+    good = decode_spectrum(model, spectrum(detached_jacobian(model, TEXT, layer=[0, 1]), 3), top=2).save(
+        tmp_path / "good.safetensors", model)
+    f = SafetensorsFile(good)
+    ids = np.array(f.read("left_tokens.ids"))
+    for name, tensors, edit, message in [
+        ("method", None, _map(method="magic"), "map field 'method' must be one of"),
+        ("per_token", None, _map(per_token=False), r"tensor 'U' has shape \(2, \d+, 32, 3\), but the file's other "
+                                                   r"arrays and map imply \(2, 32, 3\)"),
+        ("layers", None, _map(layer=[0, 1, 2]), r"tensor 'V' has shape \(2, \d+, 32, 3\), not \(3, 'T', 'd_in', 'k'\)"),
+        ("decoded", None, lambda m: {**m, "decoded": {**m["decoded"], "left_tokens": [["a"]]}},
+         "the eqlin metadata field 'decoded.left_tokens' must hold one token string per id of left_tokens.ids"),
+        ("pair", {"left_tokens.scores": None}, None, "tensors hold left_tokens.ids without its pair"),
+        ("top", {"left_tokens.ids": ids[..., :1]}, None, "tensor 'left_tokens.scores' has shape"),
+        ("effective", {"effective.rank_90": None}, None, "tensors hold only some fields of the effective dimension"),
+    ]:
+        path = _tampered(good, tmp_path, f"{name}.safetensors", tensors, edit)
+        with pytest.raises(InputError, match=f"cannot load {path}: {message}"):
+            Spectrum.load(path)
+    Spectrum.load(good)
