@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ import eqlin
 from eqlin.convert import convert
 from eqlin.model import checkpoint_identity, count_parameters, read_config
 from eqlin.safetensors_io import SafetensorsFile, write_safetensors
+from eqlin.tokenizer import Tokenizer
 from eqlin import reference as ref
 from tests.conftest import TEXT
 from tests.fixtures import make_checkpoint
@@ -458,3 +460,27 @@ def test_non_finite_and_integer_weights_are_refused(checkpoint, tmp_path):
 def test_bad_load_arguments(checkpoint, call, message):
     with pytest.raises(eqlin.InputError, match=message):
         call(checkpoint("llama_mha"))
+
+
+def test_not_found_and_unreadable_name_what_to_pass(checkpoint, tmp_path, monkeypatch):
+    folder = _copy(checkpoint("llama_mha"), tmp_path / "ck")
+    (folder / "config.json").rename(tmp_path / "config.json")
+    with pytest.raises(eqlin.WeightsError, match=re.escape(
+            f"missing config.json in {folder}; pass a checkpoint folder that holds it (as `hf download ORG/NAME` writes "
+            "one), a .gguf file or a repo id in the local Hugging Face cache")):
+        eqlin.load(folder)
+    (tmp_path / "config.json").rename(folder / "config.json")
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(eqlin.WeightsError, match=re.escape(
+            f"missing tokenizer.json in {folder}; copy the model's tokenizer.json there (`hf download ORG/NAME "
+            "tokenizer.json`), or pass token ids instead of text")):
+        Tokenizer.from_folder(folder)
+
+    def denied(path):  # root reads any file whatever its mode: the error as an unprivileged user gets it
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", denied)
+    with pytest.raises(eqlin.WeightsError, match=re.escape(
+            f"cannot read {folder / 'config.json'}: Permission denied; make it readable, or pass another checkpoint "
+            "folder, .gguf file or repo id")):
+        eqlin.load(folder)
