@@ -135,10 +135,10 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def read_index(folder: Path) -> dict[str, str]:
     """The weight map (tensor name -> shard file name) of `folder`'s model.safetensors.index.json, every
-    shard name checked before any shard is opened: a name must stay inside the folder lexically (relative, no `..`, not absolute; where a
-    name is a symlink, as in the Hugging Face cache's snapshots, its target does not matter) and name a
-    regular file there. Every reader of shards (loading, `info`, `convert`, the checkpoint identity) goes
-    through here."""
+    shard name checked before any shard is opened: a name must stay inside the folder by its letters
+    (relative, no `..`, not absolute; where the file is a symlink, as in the Hugging Face cache's snapshots
+    into blobs/, its target does not matter) and name a regular file there. Every reader of shards
+    (loading, `info`, `convert`, the checkpoint identity of `analyze` and prompt sets) goes through here."""
     index = folder / INDEX_FILE
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
