@@ -14,7 +14,9 @@ Tensors: a Linearization's `jacobian`, `inputs`, `output`, `contributions`, `rel
 `constant` where set; a Spectrum's `singular_values`, `U`, `V`, `output`, `relative_error`, and where
 present `ids`, `frobenius_sq`, `effective.<field>`, `left_tokens.ids|scores`, `right_tokens.ids|scores`.
 Files are written atomically (a temporary sibling, fsynced, renamed into place) and read with eqlin's
-strict safetensors reader (`eqlin.safetensors_io`), never unpickled.
+strict safetensors reader (`eqlin.safetensors_io`), never unpickled; loading checks everything it reads
+against everything else (map fields, the recorded dtype, every shape implied by the others and the map's
+layers, token strings per id) and names the file and the field of the first thing that disagrees.
 """
 
 from __future__ import annotations

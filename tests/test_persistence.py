@@ -189,6 +189,9 @@ def test_a_tampered_linearization_is_refused_naming_the_field(loaded, tmp_path, 
     path = _tampered(good, tmp_path, "bad.safetensors", tensors, edit, eqlin_json)
     with pytest.raises(InputError, match=f"cannot load {path}: {message}"):
         Linearization.load(path)
+    if eqlin_json == "[]":  # saved_metadata reads the header alone, and refuses it too
+        with pytest.raises(InputError, match=f"cannot load {path}: {message}"):
+            saved_metadata(path)
     Linearization.load(good)
 
 
