@@ -199,12 +199,10 @@ def check_dtype_name(meta: dict[str, Any], path: str | Path) -> str:
     return dtype
 
 
-def check_tokens(meta: dict[str, Any], tensors: dict[str, np.ndarray], path: str | Path) -> None:
-    """`tokens` (the input's token strings) is null or one string per input token (ids' length)."""
+def check_tokens(meta: dict[str, Any], T: int, path: str | Path) -> None:
+    """`tokens` (the input's token strings) is null or one string per input token (T of them)."""
     tokens = meta.get("tokens")
-    if tokens is None:
-        return
-    if not nested_strings(tokens, tensors["ids"].shape if "ids" in tensors else (len(tokens),)):
+    if tokens is not None and not nested_strings(tokens, (T,)):
         invalid(path, "the eqlin metadata field 'tokens'", "must be null or one string per input token")
 
 
@@ -256,7 +254,7 @@ def load_linearization(path: str | Path) -> Linearization:
     shapes = {"jacobian": J.shape, "inputs": (*each, T, d_in), "output": (*lead, d_out), "constant": (*lead, d_out),
               "contributions": (*lead, T, d_out), "relative_error": lead, "ids": (T,)}
     check_arrays(tensors, shapes, {**dict.fromkeys(shapes, dtype), "ids": "integer"}, path)
-    check_tokens(meta, tensors, path)
+    check_tokens(meta, T, path)
     arrays = {name: jnp.asarray(tensors[name]) for name in (*_LIN_ARRAYS, "ids", "constant") if name in tensors}
     return Linearization(**{"ids": None, **arrays}, layer=_layer_from_json(m["layer"]), part=m["part"],
                          scope=m["scope"], detach=m["detach"], tap=m["tap"])
@@ -347,7 +345,7 @@ def check_spectrum_arrays(tensors: dict[str, np.ndarray], meta: dict[str, Any], 
                                                                           tensors[f"{name}.ids"].shape)):
             invalid(path, f"the eqlin metadata field 'decoded.{name}'", "must hold one token string per id of "
                                                                         f"{name}.ids")
-    check_tokens(meta, tensors, path)
+    check_tokens(meta, T, path)
 
 
 def load_spectrum(path: str | Path) -> Spectrum:
