@@ -27,7 +27,7 @@ Activation = Literal["silu", "gelu_tanh", "gelu"]
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 MAX_SIZE = 2**31 - 1  # sizes, windows and ids live in int32 arrays
 MAX_LAYERS = 10_000
 FIX = "fix that value in config.json"
@@ -42,7 +42,9 @@ class RopeSpec:
     3.1's wavelength-dependent interpolation between the two) or "longrope" (Phi-3.5 / Phi-4-mini: each
     frequency divided by its own factor, `short_factor` for sequences of at most
     `original_max_position_embeddings` tokens and `long_factor` beyond, and cos and sin multiplied by
-    `attention_factor`, as transformers does).
+    `attention_factor`, as transformers does) or "yarn" (YaRN: frequencies blended between θ^(-2i/r) and
+    θ^(-2i/r)/factor by a linear ramp over the dimensions from beta_fast to beta_slow rotations in
+    `original_max_position_embeddings`, and cos and sin multiplied by `attention_factor`).
     """
 
     theta: float
@@ -54,6 +56,9 @@ class RopeSpec:
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     attention_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
     def inv_freq(self, rotary_dim: int, *, long: bool = False) -> np.ndarray:
         """Inverse frequencies, shape (rotary_dim // 2,), computed in float64. `long`: longrope's long
@@ -65,6 +70,8 @@ class RopeSpec:
             return inv / self.factor
         if self.kind == "longrope":
             return inv / np.asarray(self.long_factor if long else self.short_factor, dtype=np.float64)
+        if self.kind == "yarn":
+            return self._yarn(inv, rotary_dim)
         # llama3: long wavelengths divided by factor, short kept, a smooth blend in between.
         low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
         high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
@@ -76,6 +83,25 @@ class RopeSpec:
         blended = (1 - smooth) * scaled / self.factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return np.where(medium, blended, scaled)
+
+    def _yarn(self, inv: np.ndarray, rotary_dim: int) -> np.ndarray:
+        """YaRN (transformers' `_compute_yarn_parameters`, in float64): dimension d of r rotates
+        n(d) = L / (2π·θ^(d/r)) times in L = original_max_position_embeddings positions, so n(d) = β at
+        d(β) = r·ln(L / (2πβ)) / (2 ln θ). The ramp over frequency index i, clip((i − lo) / (hi − lo), 0, 1)
+        with lo = max(d(beta_fast), 0), hi = min(d(beta_slow), r − 1) (floored and ceiled if `truncate`; hi
+        nudged by 0.001 where equal), weighs inv/factor (interpolation, ramp 1) against inv (ramp 0)."""
+        def dim(rotations: float) -> float:
+            return rotary_dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+                2 * math.log(self.theta))
+
+        low, high = dim(self.beta_fast), dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rotary_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+        return inv / self.factor * ramp + inv * (1 - ramp)
 
     @property
     def switches(self) -> bool:
@@ -234,6 +260,12 @@ _ROPE_KEYS = MappingProxyType({
                          "high_freq_factor", "original_max_position_embeddings"}),
     "longrope": frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor", "short_factor", "long_factor",
                            "factor", "attention_factor", "original_max_position_embeddings"}),
+    # attn_factor: the original YaRN code's name, which DeepSeek-R1-0528-Qwen3-8B's config carries (0.878...,
+    # 1 / its default attention factor). transformers does not read it (only attention_factor), so neither does
+    # eqlin, whose model is transformers' (docs/config_keys.md: vLLM multiplies it in).
+    "yarn": frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "attention_factor",
+                       "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "original_max_position_embeddings",
+                       "truncate", "attn_factor"}),
 })
 
 
@@ -322,6 +354,11 @@ def _same(value: Any, default: Any) -> bool:
     return type(value) is type(default) and value == default
 
 
+# RoPE types whose pretraining context a top-level original_max_position_embeddings sets (transformers'
+# standardize_rope_params).
+_ORIGINAL_FROM_TOP = ("llama3", "longrope", "yarn")
+
+
 def rope_specs_from_hf(hf: dict[str, Any], *, default_theta: float, local_theta: float | None = None) -> tuple[
     RopeSpec, RopeSpec
 ]:
@@ -333,6 +370,10 @@ def rope_specs_from_hf(hf: dict[str, Any], *, default_theta: float, local_theta:
         if extra:
             raise ConfigError(f"config.json 'rope_parameters' is nested by layer type but also has {extra}; "
                               f"keep only {FULL_ATTENTION!r} and {SLIDING_ATTENTION!r}")
+        if any(isinstance(v, dict) and v.get("truncate", True) is not True for v in params.values()):
+            raise ConfigError("config.json 'rope_parameters' nested by layer type sets yarn's 'truncate': "
+                              "transformers reads it only from un-nested rope_parameters (and truncates here), "
+                              "so remove it")
         full = _rope_spec(config_object(params, FULL_ATTENTION, "rope_parameters") or {}, default_theta, hf)
         sliding = _rope_spec(config_object(params, SLIDING_ATTENTION, "rope_parameters") or {},
                              local_theta or default_theta, hf)
@@ -340,8 +381,7 @@ def rope_specs_from_hf(hf: dict[str, Any], *, default_theta: float, local_theta:
     merged = dict(params or {})
     merged.update(config_object(hf, "rope_scaling") or {})
     merged.setdefault("rope_theta", hf.get("rope_theta", default_theta))
-    if "original_max_position_embeddings" in hf and merged.get("rope_type", merged.get("type")) in ("llama3",
-                                                                                                     "longrope"):
+    if "original_max_position_embeddings" in hf and merged.get("rope_type", merged.get("type")) in _ORIGINAL_FROM_TOP:
         # transformers' standardize_rope_params: a top-level value (Phi-3 writes one) takes precedence.
         merged["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
     full = _rope_spec(merged, default_theta, hf)
@@ -378,6 +418,8 @@ def _rope_spec(p: dict[str, Any], default_theta: float, hf: dict[str, Any]) -> R
 
     if kind == "longrope":
         return _longrope_spec(p, theta, original(), hf, number)
+    if kind == "yarn":
+        return _yarn_spec(p, theta, original(), hf, number)
     low, high = number("low_freq_factor"), number("high_freq_factor")
     if high <= low:
         raise ConfigError(f"RoPE high_freq_factor ({high}) must be greater than low_freq_factor ({low}); {FIX}")
@@ -413,6 +455,37 @@ def _longrope_spec(p: dict[str, Any], theta: float, original: int, hf: dict[str,
     return RopeSpec(theta=theta, kind="longrope", factor=factor, original_max_position_embeddings=original,
                     short_factor=factors("short_factor"), long_factor=factors("long_factor"),
                     attention_factor=attention)
+
+
+def _yarn_spec(p: dict[str, Any], theta: float, original: int, hf: dict[str, Any],
+               number: Callable[..., float]) -> RopeSpec:
+    """YaRN as transformers computes it (`_compute_yarn_parameters`): `factor` required (null: max_position_embeddings
+    / original_max_position_embeddings); beta_fast 32 and beta_slow 1 where absent or null; `truncate` true by
+    default; the cos/sin scale `attention_factor` if given, else m(factor, mscale) / m(factor, mscale_all_dim)
+    when both are set, else m(factor, 1), with m(s, μ) = 0.1·μ·ln(s) + 1 (1 where s <= 1)."""
+    if theta == 1.0:
+        raise ConfigError(f"yarn needs rope_theta != 1 (its ramp divides by ln(rope_theta)); {FIX}")
+    if "factor" in p and p["factor"] is None:
+        factor = config_int(hf, "max_position_embeddings") / original
+    else:
+        factor = number("factor")
+    truncate = p.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"RoPE parameter 'truncate' must be true or false, got {_show(truncate)}; {FIX}")
+
+    def given(key: str, default: float | None = None) -> float | None:
+        return default if p.get(key) is None else number(key)
+
+    def m(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention, mscale, mscale_all_dim = given("attention_factor"), given("mscale"), given("mscale_all_dim")
+    if attention is None:
+        both = mscale is not None and mscale_all_dim is not None
+        attention = m(factor, mscale) / m(factor, mscale_all_dim) if both else m(factor)
+    return RopeSpec(theta=theta, kind="yarn", factor=factor, original_max_position_embeddings=original,
+                    attention_factor=attention, beta_fast=given("beta_fast", 32.0),
+                    beta_slow=given("beta_slow", 1.0), truncate=truncate)
 
 
 def rotary_fraction(hf: dict[str, Any]) -> float:

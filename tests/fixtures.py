@@ -8,7 +8,9 @@ have it, so the layer pattern must be derived from those two fields), `gemma3_so
 logit softcapping set; transformers' Gemma 3, and so eqlin, applies only the final one) and `llama_tied_head`
 (tied embeddings, yet `lm_head.weight` stored too, a copy of the embedding table, as some exporters write it).
 `phi3_longrope` has original_max_position_embeddings 16, so short inputs take longrope's short factors and
-inputs of more than 16 tokens its long ones. Weights are random (normal, std 0.2) and so are every RMSNorm
+inputs of more than 16 tokens its long ones. `qwen3_yarn` is DeepSeek-R1-0528-Qwen3-8B's layout (Qwen 3 with
+YaRN factor 4, its rope_scaling keys and values, `attn_factor` included) with the pretraining context shrunk from
+32768 to 16 positions, so inputs of more than 16 tokens are past it. Weights are random (normal, std 0.2) and so are every RMSNorm
 weight (`1 + 0.3·randn`, Gemma's `(1 + w)` norms `0.3·randn`), so no norm is the identity, and every bias
 (`0.5·randn`: Qwen 2's q/k/v biases are far from zero, so the affine maps' constants are large).
 
@@ -44,7 +46,12 @@ VARIANTS: tuple[str, ...] = (
     "qwen2",
     "phi3_longrope",
     "gpt2",
+    "qwen3_yarn",
 )
+# DeepSeek-R1-0528-Qwen3-8B's rope_scaling with original_max_position_embeddings shrunk from 32768 (head_dim 32,
+# theta 1e6: YaRN's ramp keeps frequency 0, blends 1 and divides the rest by the factor).
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+        "attn_factor": 0.8782488562869419}
 # Softcaps small enough to bend the tiny models' attention scores (std ~1) and logits (std ~1.5).
 ATTN_SOFTCAP, FINAL_SOFTCAP = 1.0, 2.0
 # longrope factors of the phi3_longrope variant: one per rotated frequency (rotary dim 12: six).
@@ -122,6 +129,15 @@ def _spec(variant: str) -> tuple[type[transformers.PreTrainedModel], Any, tuple[
             tie_word_embeddings=False, **llama_ids,
         )
         return transformers.LlamaForCausalLM, config, _LLAMA_SPECIALS, llama_tok
+    if variant == "qwen3_yarn":
+        config = transformers.Qwen3Config(
+            vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=MAX_POSITIONS,
+            rms_norm_eps=1e-6, rope_parameters={"rope_theta": 1_000_000.0, **YARN},
+            tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        )
+        qwen_tok = {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "add_bos": False}
+        return transformers.Qwen3ForCausalLM, config, _QWEN_SPECIALS, qwen_tok
     if variant in ("qwen3", "qwen3_sliding"):
         # qwen3_sliding: window 4 from layer max_window_layers = 1 on, so layer 0 full, layer 1 sliding.
         sliding = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}

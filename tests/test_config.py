@@ -141,6 +141,65 @@ def test_bad_longrope_is_refused(change, message):
         config_from_hf(hf)
 
 
+@pytest.mark.parametrize("cls, extra", [
+    (transformers.Qwen3Config, {}),  # DeepSeek-R1-0528-Qwen3-8B: defaults, attention factor 0.1·ln 4 + 1
+    (transformers.LlamaConfig, {"mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 0.5}),
+    (transformers.Qwen2Config, {"attention_factor": 1.3, "truncate": False}),
+    (transformers.MistralConfig, {"beta_fast": None, "beta_slow": None, "rope_theta": 1e4}),
+])
+def test_yarn_matches_transformers(cls, extra):
+    """YaRN's inverse frequencies (transformers': float32, so to float32 rounding) and its cos/sin scale (to
+    float64 rounding), from every optional parameter, in each family transformers gives it; the ramp leaves
+    frequencies kept, blended and divided by the factor."""
+    params = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16, **extra}
+    hf = cls(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
+             rope_parameters=dict(params))
+    expected, scale = ROPE_INIT_FUNCTIONS["yarn"](hf, torch.device("cpu"))
+    spec = config_from_hf(json.loads(hf.to_json_string())).rope_full
+    got = spec.inv_freq(32)
+    assert spec.kind == "yarn" and spec.original_max_position_embeddings == 16
+    np.testing.assert_allclose(got, expected.double().numpy(), rtol=1e-6)
+    assert spec.attention_factor == pytest.approx(scale, rel=1e-15) and spec.attention_factor != 1.0
+    ratio = RopeSpec(theta=params["rope_theta"]).inv_freq(32) / got
+    assert ratio[0] == 1.0 and ((ratio > 1.0) & (ratio < 4.0)).any() and ratio[-1] == pytest.approx(4.0, rel=1e-15)
+
+
+def test_yarn_as_the_hub_writes_it():
+    """DeepSeek-R1-0528-Qwen3-8B's config (transformers 4.51): rope_scaling with attn_factor, which
+    transformers does not read (its YaRN takes attention_factor), so the scale is YaRN's default; a top-level
+    original_max_position_embeddings takes precedence, as in transformers."""
+    base = {"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "head_dim": 32, "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 10, "rope_theta": 1000000,
+            "max_position_embeddings": 131072, "rope_scaling": {
+                "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
+                "attn_factor": 0.8782488562869419}}
+    spec = config_from_hf(base).rope_full
+    assert (spec.kind, spec.factor, spec.original_max_position_embeddings) == ("yarn", 4.0, 32768)
+    assert spec.attention_factor == 0.1 * np.log(4.0) + 1
+    assert config_from_hf({**base, "original_max_position_embeddings": 4096}
+                          ).rope_full.original_max_position_embeddings == 4096
+    implicit = {**base, "rope_scaling": {**base["rope_scaling"], "factor": None}}
+    assert config_from_hf(implicit).rope_full == spec  # factor null: 131072 / 32768
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"factor": "4"}, "RoPE parameter 'factor' must be a finite number > 0"),
+    ({"truncate": "no"}, "RoPE parameter 'truncate' must be true or false, got 'no'"),
+    ({"beta_fast": 0}, "RoPE parameter 'beta_fast' must be a finite number > 0"),
+    ({"rope_theta": 1}, r"yarn needs rope_theta != 1 \(its ramp divides by ln\(rope_theta\)\)"),
+    ({"short_factor": [1.0]}, "RoPE parameters of type 'yarn' do not take short_factor"),
+])
+def test_bad_yarn_is_refused(change, message):
+    hf = {"model_type": "qwen3", **_SIZES, "head_dim": 8, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16, **change}}
+    with pytest.raises(eqlin.ConfigError, match=message):
+        config_from_hf(hf)
+    nested = {"model_type": "gemma3_text", "rope_parameters": {
+        FULL_ATTENTION: {"rope_type": "yarn", "factor": 4.0, "truncate": False}, SLIDING_ATTENTION: {}}}
+    with pytest.raises(eqlin.ConfigError, match="nested by layer type sets yarn's 'truncate'"):
+        config_from_hf(nested)
+
+
 def test_qwen2_has_qkv_biases_whatever_its_flags_say():
     """transformers' Qwen2 always has q/k/v biases (and none elsewhere): attention_bias and mlp_bias do not
     change it; Llama-layout families refuse bias flags, naming the layout eqlin supports."""

@@ -14,7 +14,7 @@ MODEL_TYPES = ("phi3",)
 NORM_NAMES = llama.NORM_NAMES
 FUSED = {"self_attn.qkv_proj.weight": ("q_proj", "k_proj", "v_proj"),
          "mlp.gate_up_proj.weight": ("gate_proj", "up_proj")}
-HANDLED_KEYS = llama.HANDLED_KEYS | {"sliding_window", "original_max_position_embeddings"}
+HANDLED_KEYS = llama.HANDLED_KEYS | {"sliding_window"}
 # Dropout (training only).
 IGNORED_KEYS = llama.IGNORED_KEYS | {"resid_pdrop", "embd_pdrop"}
 DEFAULTS = {**llama.DEFAULTS, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096}
