@@ -235,21 +235,57 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------
 # Reading HF config.json values: every value is type- and range-checked, and every key is accounted for.
 
-# Keys of transformers' configs that never change a decoder's forward pass at inference: bookkeeping,
-# generation settings, training-only dropout and initialisation, token ids eqlin does not use.
-BOOKKEEPING_KEYS = frozenset({
-    "_name_or_path", "_attn_implementation", "architectures", "auto_map", "transformers_version", "torch_dtype",
-    "dtype", "use_cache", "cache_implementation", "initializer_range", "attention_dropout", "pad_token_id",
-    "sep_token_id", "decoder_start_token_id", "output_attentions", "output_hidden_states", "return_dict",
-    "return_dict_in_generate", "output_scores", "torchscript", "use_bfloat16", "tf_legacy_loss",
-    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
-    "cross_attention_hidden_size", "tie_encoder_decoder", "id2label", "label2id", "problem_type", "finetuning_task",
-    "task_specific_params", "tokenizer_class", "prefix", "max_length", "min_length", "do_sample", "early_stopping",
-    "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
-    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-})
+def _reasons(*groups: tuple[str, tuple[str, ...]]) -> Mapping[str, str]:
+    """{key: why it leaves the forward pass unchanged} from (reason, keys) groups."""
+    return MappingProxyType({key: reason for reason, keys in groups for key in keys})
+
+
+# Keys of transformers' configs (as save_pretrained writes them, 4.4x to 5.x, and as hub checkpoints carry them)
+# that never change a decoder's forward pass at inference, each with the reason. `docs/config_keys.md` lists them.
+HARMLESS_KEYS: Mapping[str, str] = _reasons(
+    ("bookkeeping: which classes, code and library wrote the file",
+     ("architectures", "auto_map", "transformers_version", "tokenizer_class", "model_name", "custom_pipelines")),
+    ("storage dtype of the weights: eqlin reads each tensor's own dtype from the weight files and computes in the "
+     "dtype asked for", ("torch_dtype", "dtype", "use_bfloat16")),
+    ("how transformers caches keys and values between generation steps: the same numbers either way",
+     ("use_cache", "cache_implementation")),
+    ("training only: weight initialisation, dropout (off at inference), losses, gradient checkpointing",
+     ("initializer_range", "attention_dropout", "tf_legacy_loss", "gradient_checkpointing", "problem_type",
+      "finetuning_task", "torchscript", "chunk_size_feed_forward")),
+    ("what transformers returns, not what it computes", ("output_attentions", "output_hidden_states", "return_dict",
+                                                         "return_dict_in_generate", "output_scores")),
+    ("classification-head labels: eqlin runs the language-model head", ("id2label", "label2id", "num_labels")),
+    ("encoder-decoder settings, off for every decoder-only model eqlin supports (transformers' defaults)",
+     ("is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+      "tie_encoder_decoder")),
+    ("generation settings (sampling, beams, lengths, penalties): eqlin computes the forward pass; its own generation "
+     "is greedy", ("task_specific_params", "prefix", "max_length", "min_length", "do_sample", "early_stopping",
+                   "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+                   "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+                   "bad_words_ids", "num_return_sequences", "remove_invalid_values",
+                   "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens")),
+)
+# Key patterns with the same guarantee: transformers' private bookkeeping (`_name_or_path`, `_commit_hash`,
+# `_attn_implementation`, `_model_name_or_path` ... : where the file came from, which attention kernel ran, all
+# the same math), and special-token ids (`pad_token_id`, `unk_token_id`, `forced_eos_token_id`, ...): eqlin takes
+# special tokens from the tokenizer, and no id enters the decoder's arithmetic (bos/eos are still checked).
+HARMLESS_PREFIX, HARMLESS_PREFIX_REASON = "_", "transformers' private bookkeeping: where the file came from, which " \
+    "attention kernel ran (the same math)"
+HARMLESS_SUFFIXES, HARMLESS_SUFFIX_REASON = ("_token_id", "_token_ids"), "a special token's id: eqlin takes special " \
+    "tokens from the tokenizer and no id enters the decoder's arithmetic"
+
+
+def harmless_reason(key: str) -> str | None:
+    """Why `key` never changes a decoder's forward pass (HARMLESS_KEYS or a harmless pattern), or None."""
+    if key in HARMLESS_KEYS:
+        return HARMLESS_KEYS[key]
+    if key.startswith(HARMLESS_PREFIX):
+        return HARMLESS_PREFIX_REASON
+    if key.endswith(HARMLESS_SUFFIXES):
+        return HARMLESS_SUFFIX_REASON
+    return None
+
+
 # Keys eqlin supports only at transformers' default value, for every family.
 DEFAULT_ONLY_KEYS: Mapping[str, Any] = MappingProxyType({"pruned_heads": {}})
 # The RoPE parameters each supported type takes (transformers' required and optional keys).
@@ -329,25 +365,30 @@ def config_layer_types(hf: dict[str, Any]) -> tuple[str, ...] | None:
 
 
 def check_keys(hf: dict[str, Any], family: str, handled: frozenset[str], ignored: frozenset[str] = frozenset(),
-               defaults: Mapping[str, Any] | None = None) -> None:
-    """Refuse keys eqlin neither handles nor knowingly ignores for `family`, and keys it supports only at
-    transformers' default (`defaults`, plus DEFAULT_ONLY_KEYS) set to anything else: a key that changes
-    the computation must never be dropped silently."""
+               defaults: Mapping[str, Any] | None = None, allowed: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """Refuse keys eqlin neither handles nor knowingly ignores for `family` (nor finds harmless: `harmless_reason`),
+    and keys it supports only at transformers' default (`defaults`, plus DEFAULT_ONLY_KEYS) set to anything else:
+    a key that changes the computation must never be dropped silently. Keys in `allowed` (the user's word that
+    they are harmless, `eqlin.load(..., allow_keys=...)`) pass; returns those that would have been refused."""
     defaults = {**DEFAULT_ONLY_KEYS, **(defaults or {})}
-    known = handled | ignored | BOOKKEEPING_KEYS | set(defaults)
-    unknown = sorted(k for k in hf if k not in known)
+    known = handled | ignored | set(defaults)
+    unknown = sorted(k for k in hf if k not in known and harmless_reason(k) is None)
     changed = sorted(k for k, v in defaults.items() if k in hf and not _same(hf[k], v))
+    overridden = tuple(sorted(k for k in unknown + changed if k in allowed))
+    unknown, changed = [k for k in unknown if k not in allowed], [k for k in changed if k not in allowed]
     problems = []
     if unknown:
         problems.append(f"keys eqlin does not know for {family}: "
                         + name_list([f"{k}={_show(hf[k])}" for k in unknown])
-                        + " (remove each from config.json only if you know it leaves the computation unchanged)")
+                        + " (if you know each leaves the computation unchanged, say so with --allow-key KEY, or "
+                          "eqlin.load(..., allow_keys=[...]))")
     if changed:
         problems.append("options eqlin supports only at transformers' default: "
                         + ", ".join(f"{k}={_show(hf[k])} (default {_show(defaults[k])})" for k in changed))
     if problems:
         raise ConfigError(f"config.json has {'; and '.join(problems)}; eqlin refuses rather than compute a "
                           "different model")
+    return overridden
 
 
 def _same(value: Any, default: Any) -> bool:

@@ -259,7 +259,8 @@ def test_qwen3_sliding_window_defaults_are_transformers():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"foo": 1}, "keys eqlin does not know for llama: foo=1 .*remove each from config.json only if"),
+    ({"foo": 1}, r"keys eqlin does not know for llama: foo=1 \(if you know each leaves the computation unchanged, say so "
+                r"with --allow-key KEY, or eqlin.load\(..., allow_keys=\[...\]\)\)"),
     ({"quantization_config": {"bits": 4}}, "keys eqlin does not know for llama: quantization_config="),
     ({"pruned_heads": {"0": [1]}}, r"supports only at transformers' default: pruned_heads=\{'0': \[1\]\} \(default \{\}\)"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5: a llama model rotates the whole head"),
