@@ -454,9 +454,9 @@ def _layer_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _allowed_text(report: dict[str, Any]) -> str:
-    """'; config keys loaded on the user's word: ...' where --allow-key let keys through, else ''."""
+    """'; config keys allowed by the user (--allow-key): ...' where --allow-key let keys through, else ''."""
     allowed = report["model"].get("allowed_keys")
-    return f"; config keys loaded on the user's word (--allow-key): {', '.join(allowed)}" if allowed else ""
+    return f"; config keys allowed by the user (--allow-key): {', '.join(allowed)}" if allowed else ""
 
 
 def summary(report: dict[str, Any], out: Path) -> str:

@@ -300,3 +300,60 @@ def make_checkpoint(
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
         safetensors.torch.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+# --- real hub config.json files (tests/hub_configs), shapes shrunk for tiny weights --------------------------------
+
+HUB_CONFIGS = pathlib.Path(__file__).parent / "hub_configs"
+_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "vocab_size": VOCAB_SIZE}
+_TINY_VISION = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "image_size": 16, "patch_size": 8}
+
+
+def hub_config(name: str) -> dict[str, Any]:
+    """The config.json of hub checkpoint `name` (owner--repo), as stored in tests/hub_configs."""
+    return json.loads((HUB_CONFIGS / f"{name}.json").read_text())
+
+
+def shrink(hf: dict[str, Any]) -> dict[str, Any]:
+    """`hf` with every size tiny and every other key and value kept: hidden 32, 2 layers, 4 heads (2 kv heads,
+    or 4 for multi-head attention), head_dim 8, vocabulary 96 (GPT-2: its own names for these); Qwen's
+    max_window_layers 1; longrope factors cut to the rotated frequencies; token ids taken modulo the vocabulary;
+    a multimodal Gemma 3's text and vision parts both."""
+    hf = json.loads(json.dumps(hf))
+    for key, value in hf.items():
+        if key.endswith(("_token_id", "_token_index")) and value is not None:
+            hf[key] = [v % VOCAB_SIZE for v in value] if isinstance(value, list) else value % VOCAB_SIZE
+    if hf["model_type"] == "gpt2":
+        return {**hf, "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB_SIZE, "n_positions": MAX_POSITIONS,
+                "n_ctx": MAX_POSITIONS}
+    if hf["model_type"] == "gemma3":
+        hf["vision_config"] = {**hf["vision_config"], **_TINY_VISION}
+        hf["mm_tokens_per_image"] = 4
+        hf["text_config"] = shrink(hf["text_config"])
+        return hf
+    heads, kv = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
+    hf.update(_TINY, num_key_value_heads=4 if kv is not None and kv == heads else 2, head_dim=8)
+    if "max_window_layers" in hf:
+        hf["max_window_layers"] = 1
+    rope = hf.get("rope_scaling") or {}
+    rotated = int(8 * hf.get("partial_rotary_factor", 1.0)) // 2
+    for key in ("short_factor", "long_factor"):
+        if key in rope:
+            rope[key] = rope[key][:rotated]
+    return hf
+
+
+def write_hub_checkpoint(folder: pathlib.Path, hf: dict[str, Any], seed: int = 0) -> pathlib.Path:
+    """A tiny random checkpoint of the (shrunk) hub config `hf`: transformers builds the model class its
+    `architectures` names and saves the weights, and config.json is then `hf` itself, with the hub's keys."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = transformers.AutoConfig.for_model(**hf)
+    model = getattr(transformers, hf["architectures"][0])(config)
+    _randomise(model, seed)
+    model.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    _write_tokenizer(folder, _QWEN_SPECIALS, {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>",
+                                              "add_bos": False})
+    return folder

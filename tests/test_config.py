@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pathlib
 import re
 
 import numpy as np
@@ -309,3 +311,35 @@ def test_family_specific_keys(hf, message):
         return
     with pytest.raises(eqlin.ConfigError, match=message):
         config_from_hf(hf)
+
+
+def test_what_save_pretrained_writes_is_harmless_and_says_why():
+    """transformers' private keys, special-token ids, labels and dtype fields, written by 4.4x to 5.x, load, each
+    with the reason the code gives; a key of neither kind still has none."""
+    from eqlin.config import harmless_reason
+
+    base = {"model_type": "qwen3", **_SIZES, "head_dim": 8}
+    written = {"_model_name_or_path": "Gemma 3 270m", "_commit_hash": None, "_attn_implementation_autoset": True,
+               "unk_token_id": 3, "cls_token_id": None, "image_token_id": 5, "id2label": {"0": "LABEL_0"},
+               "label2id": {"LABEL_0": 0}, "torch_dtype": "bfloat16", "dtype": "float32", "num_labels": 1,
+               "transformers_version": "5.24.0", "_sliding_window_pattern": 6, "gradient_checkpointing": False}
+    assert config_from_hf({**base, **written}) == config_from_hf(base)
+    for key in written:
+        assert harmless_reason(key), key
+    assert harmless_reason("rope_skew") is None and harmless_reason("quantization_config") is None
+
+
+@pytest.mark.slow
+def test_the_config_transformers_writes_for_the_embedded_model_loads(tmp_path):
+    """The embedded GGUF's config as the installed transformers reads it and save_pretrained writes it (5.23:
+    _model_name_or_path, unk_token_id, _sliding_window_pattern, ...; CI runs this on the newest release too) is
+    the model eqlin reads from the GGUF header (whose float32 epsilon eqlin reads as the 1e-6 it rounds from)."""
+    from eqlin.gguf import default_model_path, header_config
+
+    path = pathlib.Path(default_model_path())
+    transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["transformers_version"] == transformers.__version__
+    theirs, ours = config_from_hf(hf), config_from_hf(header_config(path))
+    assert theirs == dataclasses.replace(ours, rms_norm_eps=theirs.rms_norm_eps)
+    assert theirs.rms_norm_eps == float(np.float32(ours.rms_norm_eps))
