@@ -1,6 +1,6 @@
 """The PyTorch reference: a transformers model made float64-faithful, and detached, at run time and in memory.
 
-Needs the torch extra (`pip install "eqlin[torch]"`: torch and transformers, pinned). `eqlin validate`
+Needs the torch extra (`pip install "eqlin[torch]"`: torch and transformers, from the tested floors up). `eqlin validate`
 (`eqlin.validate`) and the tests grade eqlin against it; `load_transformers` loads a checkpoint folder as
 they do.
 
@@ -195,12 +195,15 @@ def _attention_forward(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     attention_mask: torch.Tensor | dict | None = None,
     past_key_values=None,
+    cache=None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention `(B, T, d) -> (B, T, d)` and probabilities `(B, H, T, T)`, at the input dtype.
 
-    transformers' `attention_mask` is ignored: the causal/sliding mask is rebuilt from positions.
+    transformers' `attention_mask` is ignored: the causal/sliding mask is rebuilt from positions. The KV cache
+    comes as `past_key_values` (transformers 5.23) or `cache` (5.25: the old name deprecated).
     """
+    past_key_values = past_key_values if past_key_values is not None else cache
     batch, length, _ = hidden_states.shape
     config, head_dim = self.config, self.head_dim
     n_heads = config.num_attention_heads
