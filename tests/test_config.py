@@ -343,3 +343,48 @@ def test_the_config_transformers_writes_for_the_embedded_model_loads(tmp_path):
     theirs, ours = config_from_hf(hf), config_from_hf(header_config(path))
     assert theirs == dataclasses.replace(ours, rms_norm_eps=theirs.rms_norm_eps)
     assert theirs.rms_norm_eps == float(np.float32(ours.rms_norm_eps))
+
+
+def _table(page: str, heading: str) -> list[list[str]]:
+    """The rows (cells, backticks stripped) of the first table under `## heading` in a Markdown page."""
+    section = page.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    table = section[section.index("\n|"):].split("\n\n", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # the header left out
+    return [[cell.strip().replace("`", "") for cell in row.strip("|").split(" | ")] for row in rows]
+
+
+def test_config_keys_page_matches_the_code():
+    """docs/config_keys.md lists exactly the keys each family handles, ignores and supports at one value (with
+    that value), the harmless keys with the code's reasons, and each RoPE type's parameters."""
+    from eqlin.config import _ROPE_KEYS, DEFAULT_ONLY_KEYS, HARMLESS_KEYS
+    from eqlin.families import _SPECS, gemma3
+
+    page = (pathlib.Path(__file__).parents[1] / "docs" / "config_keys.md").read_text()
+    names = {s.model_types[0].removesuffix("_text"): s for s in _SPECS}
+
+    def families(cell: str) -> set[str]:
+        return set(names) if cell == "all" else set(cell.split(", "))
+
+    def listed(heading: str) -> dict[str, set[str]]:
+        return {row[0]: families(row[1]) for row in _table(page, heading)}
+
+    def in_code(keys_of) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for name, spec in names.items():
+            for key in keys_of(spec):
+                out.setdefault(key, set()).add(name)
+        return out
+
+    assert listed("Handled keys") == in_code(lambda s: s.handled_keys)
+    assert listed("Ignored keys, per family") == in_code(lambda s: s.ignored_keys)
+    one_value = {row[0]: (families(row[1]), json.loads(row[2])) for row in _table(page, "Keys supported at one value")}
+    expected = {k: (fams, next(s.default_only_keys[k] for s in names.values() if k in s.default_only_keys))
+                for k, fams in in_code(lambda s: s.default_only_keys).items()}
+    assert one_value == {**expected, **{k: (set(names), v) for k, v in DEFAULT_ONLY_KEYS.items()}}
+    harmless = {key: row[1] for row in _table(page, "Keys no family's forward pass reads")[:-2]
+                for key in row[0].split(", ")}
+    assert harmless == dict(HARMLESS_KEYS)
+    image = page.split("at its top level:", 1)[1].split("\n## ", 1)[0]
+    assert {line.split("`")[1] for line in image.splitlines() if line.startswith("| `")} == gemma3.IMAGE_KEYS
+    assert {row[0]: set(row[1].split(", ")) for row in _table(page, "RoPE types and their parameters")} == {
+        kind: set(keys) for kind, keys in _ROPE_KEYS.items()}
