@@ -397,6 +397,10 @@ def _same(value: Any, default: Any) -> bool:
     return type(value) is type(default) and value == default
 
 
+# What a refusal of a missing RoPE parameter shows as an example.
+_ROPE_EXAMPLES = {"yarn": "DeepSeek-R1-0528-Qwen3-8B uses factor 4.0, original_max_position_embeddings 32768",
+                  "llama3": "Llama 3.1 uses factor 8.0, low_freq_factor 1.0, high_freq_factor 4.0",
+                  "linear": "Gemma 3 4B's global layers use factor 8.0"}
 # RoPE types whose pretraining context a top-level original_max_position_embeddings sets (transformers'
 # standardize_rope_params).
 _ORIGINAL_FROM_TOP = ("llama3", "longrope", "yarn")
@@ -444,8 +448,8 @@ def _rope_spec(p: dict[str, Any], default_theta: float, hf: dict[str, Any]) -> R
 
     def number(key: str, default: Any = _REQUIRED) -> float:
         if key not in p and default is _REQUIRED:
-            raise ConfigError(f"RoPE parameters of type {kind!r} need {key!r} (e.g. Llama 3.1 uses factor 8.0, "
-                              "low_freq_factor 1.0, high_freq_factor 4.0); add it to config.json")
+            raise ConfigError(f"RoPE parameters of type {kind!r} need {key!r} (e.g. {_ROPE_EXAMPLES.get(kind, '')}); "
+                              "add it to config.json")
         return check_real(f"RoPE parameter {key!r}", p.get(key, default), FIX, positive=True, error=ConfigError)
 
     theta = number("rope_theta", default_theta)

@@ -190,10 +190,13 @@ def test_yarn_as_the_hub_writes_it():
     ({"beta_fast": 0}, "RoPE parameter 'beta_fast' must be a finite number > 0"),
     ({"rope_theta": 1}, r"yarn needs rope_theta != 1 \(its ramp divides by ln\(rope_theta\)\)"),
     ({"short_factor": [1.0]}, "RoPE parameters of type 'yarn' do not take short_factor"),
+    ({"factor": "absent"}, r"RoPE parameters of type 'yarn' need 'factor' \(e.g. DeepSeek-R1-0528-Qwen3-8B uses "
+                           r"factor 4.0, original_max_position_embeddings 32768\); add it to config.json"),
 ])
 def test_bad_yarn_is_refused(change, message):
-    hf = {"model_type": "qwen3", **_SIZES, "head_dim": 8, "rope_parameters": {
-        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16, **change}}
+    rope = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16, **change}
+    hf = {"model_type": "qwen3", **_SIZES, "head_dim": 8,
+          "rope_parameters": {k: v for k, v in rope.items() if v != "absent"}}
     with pytest.raises(eqlin.ConfigError, match=message):
         config_from_hf(hf)
     nested = {"model_type": "gemma3_text", "rope_parameters": {
