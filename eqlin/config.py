@@ -5,8 +5,9 @@ tuples. Per-layer choices (attention type, RoPE table, window) are exposed as Nu
 forward pass scans over together with the stacked layer weights.
 
 Reading config.json is strict: every value is type- and range-checked (`config_int`, `config_float`, ...),
-and `check_keys` refuses any key a family neither handles nor knowingly ignores, so that no option that
-changes the computation is ever dropped silently.
+and `check_keys` refuses any key a family neither handles nor knowingly ignores (`HARMLESS_KEYS` and the
+families' ignored keys, each with its reason), so that no option that changes the computation is ever dropped
+silently, unless the user declares it harmless (`eqlin.load(..., allow_keys=...)`; docs/config_keys.md).
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ HARMLESS_KEYS: Mapping[str, str] = _reasons(
                                                          "return_dict_in_generate", "output_scores")),
     ("labels and task of a classification or fine-tuning head: eqlin runs the language-model head",
      ("id2label", "label2id", "num_labels", "problem_type", "finetuning_task")),
-    ("encoder-decoder settings, off for every decoder-only model eqlin supports (transformers' defaults)",
+    ("encoder-decoder settings: a decoder-only forward pass has no encoder states, so none of them applies",
      ("is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
       "tie_encoder_decoder")),
     ("generation settings (sampling, beams, lengths, penalties): eqlin computes the forward pass; its own generation "
