@@ -117,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", default=None, metavar="MODEL",
                       help="a checkpoint folder, an HF cache repo id or a .gguf file (default: the embedded model)")
     info.add_argument("--dtype", choices=("float64", "float32", "bfloat16"), default="float64")
+    _allow_key_arg(info)
     info.add_argument("--tokens", type=int, default=None, metavar="T",
                       help="input length for the memory estimate (default: 128, or the model's maximum if smaller)")
 
@@ -154,6 +155,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "Gemma 3 270M)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                    help="compute dtype (default: float64, exact to machine precision)")
+    _allow_key_arg(p)
+
+
+def _allow_key_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-key", action="append", default=[], metavar="KEY",
+                   help="a config.json key eqlin refuses that you know leaves the computation unchanged: load it "
+                        "anyway (repeatable; recorded in the report; docs/config_keys.md)")
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -212,7 +220,7 @@ def _model_config(args: argparse.Namespace):
     source = args.model if args.model is not None else default_model_path()
     with stage("find model", args.quiet):
         folder = checkpoint_folder(source)
-        return str(source), folder, read_config(folder)[1]
+        return str(source), folder, read_config(folder, args.allow_key)[1]
 
 
 def _load(args: argparse.Namespace, source: str, folder: Path):
@@ -220,7 +228,7 @@ def _load(args: argparse.Namespace, source: str, folder: Path):
     from eqlin.progress import stage
 
     with stage("load model", args.quiet):
-        return dataclasses.replace(eqlin.load(folder, dtype=args.dtype), source=source)
+        return dataclasses.replace(eqlin.load(folder, dtype=args.dtype, allow_keys=args.allow_key), source=source)
 
 
 def _text(value: str, what: str, example: str) -> str:
@@ -401,7 +409,7 @@ def _info(args: argparse.Namespace) -> int:
     _setup_jax(args, args.dtype)
     source = args.model if args.model is not None else default_model_path()
     with stage("read config and tensor headers", args.quiet):
-        spec, c, folder = source_config(source)
+        spec, c, folder = source_config(source, allow_keys=args.allow_key)
         T = min(128, c.max_position_embeddings) if args.tokens is None else args.tokens
         if T > c.max_position_embeddings:
             raise InputError(f"--tokens {T} is more than the model's max_position_embeddings "

@@ -5,8 +5,9 @@ tuples. Per-layer choices (attention type, RoPE table, window) are exposed as Nu
 forward pass scans over together with the stacked layer weights.
 
 Reading config.json is strict: every value is type- and range-checked (`config_int`, `config_float`, ...),
-and `check_keys` refuses any key a family neither handles nor knowingly ignores, so that no option that
-changes the computation is ever dropped silently.
+and `check_keys` refuses any key a family neither handles nor knowingly ignores (`HARMLESS_KEYS` and the
+families' ignored keys, each with its reason), so that no option that changes the computation is ever dropped
+silently, unless the user declares it harmless (`eqlin.load(..., allow_keys=...)`; docs/config_keys.md).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ Activation = Literal["silu", "gelu_tanh", "gelu"]
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 MAX_SIZE = 2**31 - 1  # sizes, windows and ids live in int32 arrays
 MAX_LAYERS = 10_000
 FIX = "fix that value in config.json"
@@ -42,7 +43,9 @@ class RopeSpec:
     3.1's wavelength-dependent interpolation between the two) or "longrope" (Phi-3.5 / Phi-4-mini: each
     frequency divided by its own factor, `short_factor` for sequences of at most
     `original_max_position_embeddings` tokens and `long_factor` beyond, and cos and sin multiplied by
-    `attention_factor`, as transformers does).
+    `attention_factor`, as transformers does) or "yarn" (YaRN: frequencies blended between θ^(-2i/r) and
+    θ^(-2i/r)/factor by a linear ramp over the dimensions from beta_fast to beta_slow rotations in
+    `original_max_position_embeddings`, and cos and sin multiplied by `attention_factor`).
     """
 
     theta: float
@@ -54,6 +57,9 @@ class RopeSpec:
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     attention_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
     def inv_freq(self, rotary_dim: int, *, long: bool = False) -> np.ndarray:
         """Inverse frequencies, shape (rotary_dim // 2,), computed in float64. `long`: longrope's long
@@ -65,6 +71,8 @@ class RopeSpec:
             return inv / self.factor
         if self.kind == "longrope":
             return inv / np.asarray(self.long_factor if long else self.short_factor, dtype=np.float64)
+        if self.kind == "yarn":
+            return self._yarn(inv, rotary_dim)
         # llama3: long wavelengths divided by factor, short kept, a smooth blend in between.
         low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
         high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
@@ -76,6 +84,25 @@ class RopeSpec:
         blended = (1 - smooth) * scaled / self.factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return np.where(medium, blended, scaled)
+
+    def _yarn(self, inv: np.ndarray, rotary_dim: int) -> np.ndarray:
+        """YaRN (transformers' `_compute_yarn_parameters`, in float64): dimension d of r rotates
+        n(d) = L / (2π·θ^(d/r)) times in L = original_max_position_embeddings positions, so n(d) = β at
+        d(β) = r·ln(L / (2πβ)) / (2 ln θ). The ramp over frequency index i, clip((i − lo) / (hi − lo), 0, 1)
+        with lo = max(d(beta_fast), 0), hi = min(d(beta_slow), r − 1) (floored and ceiled if `truncate`; hi
+        nudged by 0.001 where equal), weighs inv/factor (interpolation, ramp 1) against inv (ramp 0)."""
+        def dim(rotations: float) -> float:
+            return rotary_dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+                2 * math.log(self.theta))
+
+        low, high = dim(self.beta_fast), dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rotary_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+        return inv / self.factor * ramp + inv * (1 - ramp)
 
     @property
     def switches(self) -> bool:
@@ -209,21 +236,59 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------
 # Reading HF config.json values: every value is type- and range-checked, and every key is accounted for.
 
-# Keys of transformers' configs that never change a decoder's forward pass at inference: bookkeeping,
-# generation settings, training-only dropout and initialisation, token ids eqlin does not use.
-BOOKKEEPING_KEYS = frozenset({
-    "_name_or_path", "_attn_implementation", "architectures", "auto_map", "transformers_version", "torch_dtype",
-    "dtype", "use_cache", "cache_implementation", "initializer_range", "attention_dropout", "pad_token_id",
-    "sep_token_id", "decoder_start_token_id", "output_attentions", "output_hidden_states", "return_dict",
-    "return_dict_in_generate", "output_scores", "torchscript", "use_bfloat16", "tf_legacy_loss",
-    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
-    "cross_attention_hidden_size", "tie_encoder_decoder", "id2label", "label2id", "problem_type", "finetuning_task",
-    "task_specific_params", "tokenizer_class", "prefix", "max_length", "min_length", "do_sample", "early_stopping",
-    "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
-    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-})
+def _reasons(*groups: tuple[str, tuple[str, ...]]) -> Mapping[str, str]:
+    """{key: why it leaves the forward pass unchanged} from (reason, keys) groups."""
+    return MappingProxyType({key: reason for reason, keys in groups for key in keys})
+
+
+# Keys of transformers' configs (as save_pretrained writes them, 4.4x to 5.x, and as hub checkpoints carry them)
+# that never change a decoder's forward pass at inference, each with the reason. `docs/config_keys.md` lists them.
+HARMLESS_KEYS: Mapping[str, str] = _reasons(
+    ("bookkeeping: which classes, code and library wrote the file",
+     ("architectures", "auto_map", "transformers_version", "tokenizer_class", "model_name", "custom_pipelines")),
+    ("storage dtype of the weights: eqlin reads each tensor's own dtype from the weight files and computes in the "
+     "dtype asked for", ("torch_dtype", "dtype", "use_bfloat16")),
+    ("how transformers caches keys and values between generation steps: the same numbers either way",
+     ("use_cache", "cache_implementation")),
+    ("training only: weight initialisation, dropout (off at inference), losses, gradient checkpointing",
+     ("initializer_range", "attention_dropout", "tf_legacy_loss", "gradient_checkpointing")),
+    ("how transformers runs the same math: feed-forward chunking, TorchScript tracing",
+     ("chunk_size_feed_forward", "torchscript")),
+    ("what transformers returns, not what it computes", ("output_attentions", "output_hidden_states", "return_dict",
+                                                         "return_dict_in_generate", "output_scores")),
+    ("labels and task of a classification or fine-tuning head: eqlin runs the language-model head",
+     ("id2label", "label2id", "num_labels", "problem_type", "finetuning_task")),
+    ("encoder-decoder settings: a decoder-only forward pass has no encoder states, so none of them applies",
+     ("is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+      "tie_encoder_decoder")),
+    ("generation settings (sampling, beams, lengths, penalties): eqlin computes the forward pass; its own generation "
+     "is greedy", ("task_specific_params", "prefix", "max_length", "min_length", "do_sample", "early_stopping",
+                   "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+                   "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+                   "bad_words_ids", "num_return_sequences", "remove_invalid_values",
+                   "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens")),
+)
+# Key patterns with the same guarantee: transformers' private bookkeeping (`_name_or_path`, `_commit_hash`,
+# `_attn_implementation`, `_model_name_or_path` ... : where the file came from, which attention kernel ran, all
+# the same math), and special-token ids (`pad_token_id`, `unk_token_id`, `forced_eos_token_id`, ...): eqlin takes
+# special tokens from the tokenizer, and no id enters the decoder's arithmetic (bos/eos are still checked).
+HARMLESS_PREFIX, HARMLESS_PREFIX_REASON = "_", "transformers' private bookkeeping: where the file came from, which " \
+    "attention kernel ran (the same math)"
+HARMLESS_SUFFIXES, HARMLESS_SUFFIX_REASON = ("_token_id", "_token_ids"), "a special token's id: eqlin takes special " \
+    "tokens from the tokenizer and no id enters the decoder's arithmetic"
+
+
+def harmless_reason(key: str) -> str | None:
+    """Why `key` never changes a decoder's forward pass (HARMLESS_KEYS or a harmless pattern), or None."""
+    if key in HARMLESS_KEYS:
+        return HARMLESS_KEYS[key]
+    if key.startswith(HARMLESS_PREFIX):
+        return HARMLESS_PREFIX_REASON
+    if key.endswith(HARMLESS_SUFFIXES):
+        return HARMLESS_SUFFIX_REASON
+    return None
+
+
 # Keys eqlin supports only at transformers' default value, for every family.
 DEFAULT_ONLY_KEYS: Mapping[str, Any] = MappingProxyType({"pruned_heads": {}})
 # The RoPE parameters each supported type takes (transformers' required and optional keys).
@@ -234,6 +299,12 @@ _ROPE_KEYS = MappingProxyType({
                          "high_freq_factor", "original_max_position_embeddings"}),
     "longrope": frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor", "short_factor", "long_factor",
                            "factor", "attention_factor", "original_max_position_embeddings"}),
+    # attn_factor: the original YaRN code's name, which DeepSeek-R1-0528-Qwen3-8B's config carries (0.878...,
+    # 1 / its default attention factor). transformers does not read it (only attention_factor), so neither does
+    # eqlin, whose model is transformers' (docs/config_keys.md: vLLM multiplies it in).
+    "yarn": frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "attention_factor",
+                       "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "original_max_position_embeddings",
+                       "truncate", "attn_factor"}),
 })
 
 
@@ -297,29 +368,43 @@ def config_layer_types(hf: dict[str, Any]) -> tuple[str, ...] | None:
 
 
 def check_keys(hf: dict[str, Any], family: str, handled: frozenset[str], ignored: frozenset[str] = frozenset(),
-               defaults: Mapping[str, Any] | None = None) -> None:
-    """Refuse keys eqlin neither handles nor knowingly ignores for `family`, and keys it supports only at
-    transformers' default (`defaults`, plus DEFAULT_ONLY_KEYS) set to anything else: a key that changes
-    the computation must never be dropped silently."""
+               defaults: Mapping[str, Any] | None = None, allowed: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """Refuse keys eqlin neither handles nor knowingly ignores for `family` (nor finds harmless: `harmless_reason`),
+    and keys it supports only at transformers' default (`defaults`, plus DEFAULT_ONLY_KEYS) set to anything else:
+    a key that changes the computation must never be dropped silently. Keys in `allowed` (the user's word that
+    they are harmless, `eqlin.load(..., allow_keys=...)`) pass; returns those that would have been refused."""
     defaults = {**DEFAULT_ONLY_KEYS, **(defaults or {})}
-    known = handled | ignored | BOOKKEEPING_KEYS | set(defaults)
-    unknown = sorted(k for k in hf if k not in known)
+    known = handled | ignored | set(defaults)
+    unknown = sorted(k for k in hf if k not in known and harmless_reason(k) is None)
     changed = sorted(k for k, v in defaults.items() if k in hf and not _same(hf[k], v))
+    overridden = tuple(sorted(k for k in unknown + changed if k in allowed))
+    unknown, changed = [k for k in unknown if k not in allowed], [k for k in changed if k not in allowed]
     problems = []
     if unknown:
         problems.append(f"keys eqlin does not know for {family}: "
                         + name_list([f"{k}={_show(hf[k])}" for k in unknown])
-                        + " (remove each from config.json only if you know it leaves the computation unchanged)")
+                        + " (if you know each leaves the computation unchanged, say so with --allow-key KEY, or "
+                          "eqlin.load(..., allow_keys=[...]))")
     if changed:
         problems.append("options eqlin supports only at transformers' default: "
                         + ", ".join(f"{k}={_show(hf[k])} (default {_show(defaults[k])})" for k in changed))
     if problems:
         raise ConfigError(f"config.json has {'; and '.join(problems)}; eqlin refuses rather than compute a "
                           "different model")
+    return overridden
 
 
 def _same(value: Any, default: Any) -> bool:
     return type(value) is type(default) and value == default
+
+
+# What a refusal of a missing RoPE parameter shows as an example.
+_ROPE_EXAMPLES = {"yarn": "DeepSeek-R1-0528-Qwen3-8B uses factor 4.0, original_max_position_embeddings 32768",
+                  "llama3": "Llama 3.1 uses factor 8.0, low_freq_factor 1.0, high_freq_factor 4.0",
+                  "linear": "Gemma 3 4B's global layers use factor 8.0"}
+# RoPE types whose pretraining context a top-level original_max_position_embeddings sets (transformers'
+# standardize_rope_params).
+_ORIGINAL_FROM_TOP = ("llama3", "longrope", "yarn")
 
 
 def rope_specs_from_hf(hf: dict[str, Any], *, default_theta: float, local_theta: float | None = None) -> tuple[
@@ -333,6 +418,10 @@ def rope_specs_from_hf(hf: dict[str, Any], *, default_theta: float, local_theta:
         if extra:
             raise ConfigError(f"config.json 'rope_parameters' is nested by layer type but also has {extra}; "
                               f"keep only {FULL_ATTENTION!r} and {SLIDING_ATTENTION!r}")
+        if any(isinstance(v, dict) and v.get("truncate", True) is not True for v in params.values()):
+            raise ConfigError("config.json 'rope_parameters' nested by layer type sets yarn's 'truncate': "
+                              "transformers reads it only from un-nested rope_parameters (and truncates here), "
+                              "so remove it")
         full = _rope_spec(config_object(params, FULL_ATTENTION, "rope_parameters") or {}, default_theta, hf)
         sliding = _rope_spec(config_object(params, SLIDING_ATTENTION, "rope_parameters") or {},
                              local_theta or default_theta, hf)
@@ -340,8 +429,7 @@ def rope_specs_from_hf(hf: dict[str, Any], *, default_theta: float, local_theta:
     merged = dict(params or {})
     merged.update(config_object(hf, "rope_scaling") or {})
     merged.setdefault("rope_theta", hf.get("rope_theta", default_theta))
-    if "original_max_position_embeddings" in hf and merged.get("rope_type", merged.get("type")) in ("llama3",
-                                                                                                     "longrope"):
+    if "original_max_position_embeddings" in hf and merged.get("rope_type", merged.get("type")) in _ORIGINAL_FROM_TOP:
         # transformers' standardize_rope_params: a top-level value (Phi-3 writes one) takes precedence.
         merged["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
     full = _rope_spec(merged, default_theta, hf)
@@ -361,8 +449,8 @@ def _rope_spec(p: dict[str, Any], default_theta: float, hf: dict[str, Any]) -> R
 
     def number(key: str, default: Any = _REQUIRED) -> float:
         if key not in p and default is _REQUIRED:
-            raise ConfigError(f"RoPE parameters of type {kind!r} need {key!r} (e.g. Llama 3.1 uses factor 8.0, "
-                              "low_freq_factor 1.0, high_freq_factor 4.0); add it to config.json")
+            raise ConfigError(f"RoPE parameters of type {kind!r} need {key!r} (e.g. {_ROPE_EXAMPLES.get(kind, '')}); "
+                              "add it to config.json")
         return check_real(f"RoPE parameter {key!r}", p.get(key, default), FIX, positive=True, error=ConfigError)
 
     theta = number("rope_theta", default_theta)
@@ -378,6 +466,8 @@ def _rope_spec(p: dict[str, Any], default_theta: float, hf: dict[str, Any]) -> R
 
     if kind == "longrope":
         return _longrope_spec(p, theta, original(), hf, number)
+    if kind == "yarn":
+        return _yarn_spec(p, theta, original(), hf, number)
     low, high = number("low_freq_factor"), number("high_freq_factor")
     if high <= low:
         raise ConfigError(f"RoPE high_freq_factor ({high}) must be greater than low_freq_factor ({low}); {FIX}")
@@ -413,6 +503,37 @@ def _longrope_spec(p: dict[str, Any], theta: float, original: int, hf: dict[str,
     return RopeSpec(theta=theta, kind="longrope", factor=factor, original_max_position_embeddings=original,
                     short_factor=factors("short_factor"), long_factor=factors("long_factor"),
                     attention_factor=attention)
+
+
+def _yarn_spec(p: dict[str, Any], theta: float, original: int, hf: dict[str, Any],
+               number: Callable[..., float]) -> RopeSpec:
+    """YaRN as transformers computes it (`_compute_yarn_parameters`): `factor` required (null: max_position_embeddings
+    / original_max_position_embeddings); beta_fast 32 and beta_slow 1 where absent or null; `truncate` true by
+    default; the cos/sin scale `attention_factor` if given, else m(factor, mscale) / m(factor, mscale_all_dim)
+    when both are set, else m(factor, 1), with m(s, μ) = 0.1·μ·ln(s) + 1 (1 where s <= 1)."""
+    if theta == 1.0:
+        raise ConfigError(f"yarn needs rope_theta != 1 (its ramp divides by ln(rope_theta)); {FIX}")
+    if "factor" in p and p["factor"] is None:
+        factor = config_int(hf, "max_position_embeddings") / original
+    else:
+        factor = number("factor")
+    truncate = p.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"RoPE parameter 'truncate' must be true or false, got {_show(truncate)}; {FIX}")
+
+    def given(key: str, default: float | None = None) -> float | None:
+        return default if p.get(key) is None else number(key)
+
+    def m(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention, mscale, mscale_all_dim = given("attention_factor"), given("mscale"), given("mscale_all_dim")
+    if attention is None:
+        both = mscale is not None and mscale_all_dim is not None
+        attention = m(factor, mscale) / m(factor, mscale_all_dim) if both else m(factor)
+    return RopeSpec(theta=theta, kind="yarn", factor=factor, original_max_position_embeddings=original,
+                    attention_factor=attention, beta_fast=given("beta_fast", 32.0),
+                    beta_slow=given("beta_slow", 1.0), truncate=truncate)
 
 
 def rotary_fraction(hf: dict[str, Any]) -> float:

@@ -8,6 +8,7 @@ import hashlib
 import math
 import os
 from pathlib import Path
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from eqlin import decoder
 from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError
-from eqlin.families import FamilySpec, config_from_hf, spec_for
+from eqlin.families import FamilySpec, config_from_hf, read_hf_config, spec_for
 from eqlin.loading import (INDEX_FILE, SINGLE_FILE, check_tensors, expected_tensors, is_gguf, load_params,
                            open_weight_files, read_index, read_json, resolve_dtype, resolve_folder)
 from eqlin.params import Params, check_mesh
@@ -32,12 +33,14 @@ _embed_jit = jax.jit(decoder.embed, static_argnames=("config",))
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A loaded decoder. `params` is a pytree; `config` is static and hashable."""
+    """A loaded decoder. `params` is a pytree; `config` is static and hashable. `allowed_keys`: the config.json
+    keys eqlin would have refused and loaded because the user declared them harmless (`load`'s allow_keys)."""
 
     config: ModelConfig
     params: Params
     tokenizer: Tokenizer | None
     source: str
+    allowed_keys: tuple[str, ...] = ()
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -145,23 +148,24 @@ def checkpoint_identity(source: str | os.PathLike, folder: Path) -> str:
     return f"sha256:{digest.hexdigest()[:32]}"
 
 
-def read_config(folder: Path) -> tuple[FamilySpec, ModelConfig]:
-    """The family and the checked `ModelConfig` of the checkpoint in `folder` (config.json only: cheap)."""
+def read_config(folder: Path, allow_keys: Iterable[str] = ()) -> tuple[FamilySpec, ModelConfig]:
+    """The family and the checked `ModelConfig` of the checkpoint in `folder` (config.json only: cheap), with
+    the config keys in `allow_keys` declared harmless (see `load`)."""
     hf = read_json(folder / "config.json")
-    return spec_for(hf), config_from_hf(hf)
+    return spec_for(hf), config_from_hf(hf, allow_keys)
 
 
-def source_config(source: str | os.PathLike, *, cache_dir: str | Path | None = None
+def source_config(source: str | os.PathLike, *, cache_dir: str | Path | None = None, allow_keys: Iterable[str] = ()
                   ) -> tuple[FamilySpec, ModelConfig, Path | None]:
     """(family, checked config, checkpoint folder) of `source` from its config.json alone, or for a GGUF file
-    from its header (memory-mapped: nothing converted or dequantized; folder None)."""
+    from its header (memory-mapped: nothing converted or dequantized; folder None); `allow_keys` as `load`'s."""
     if is_gguf(source):
         from eqlin.gguf import header_config
 
         hf = header_config(Path(source))
-        return spec_for(hf), config_from_hf(hf), None
+        return spec_for(hf), config_from_hf(hf, allow_keys), None
     folder = checkpoint_folder(source, cache_dir=cache_dir)
-    return *read_config(folder), folder
+    return *read_config(folder, allow_keys), folder
 
 
 def count_parameters(spec: FamilySpec, config: ModelConfig, folder: Path | None) -> int:
@@ -184,19 +188,24 @@ def load(
     cache_dir: str | Path | None = None,
     download: bool = False,
     mesh: Mesh | None = None,
+    allow_keys: Iterable[str] = (),
 ) -> Model:
     """Load a checkpoint: a local folder (config.json, model.safetensors or a sharded index,
     tokenizer.json), a repo id already in the local HF cache, or a .gguf file (dequantized once into
     an eqlin-ready folder under the user cache, see `eqlin.gguf`). Weights are cast to `dtype`
     ("float64" needs JAX's x64 mode). Nothing is downloaded unless `download=True`. With a `mesh`
     (`eqlin.sharding.device_mesh(model=n)`), the weights are split tensor-parallel over its "model" axis
-    as they load, for models whose weights do not fit one device. Everything cheap (config, tokenizer,
+    as they load, for models whose weights do not fit one device. `allow_keys`: config.json keys eqlin refuses
+    (a key it does not know, or an option at a value it does not support) that you know leave the computation
+    unchanged, e.g. ["full_attn_mod"]; they are loaded, and recorded in `Model.allowed_keys` and every report's
+    model section (docs/config_keys.md). Everything cheap (config, tokenizer,
     tensor names and shapes) is checked before any weight is read."""
     jdtype = resolve_dtype(dtype)
     if mesh is not None:
         check_mesh(mesh)
     folder = checkpoint_folder(source, cache_dir=cache_dir, download=download)
-    spec, config = read_config(folder)
+    hf = read_json(folder / "config.json")
+    spec, (config, allowed) = spec_for(hf), read_hf_config(hf, allow_keys)
     tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
     params = load_params(folder, config, spec, jdtype, mesh=mesh)
-    return Model(config=config, params=params, tokenizer=tokenizer, source=str(source))
+    return Model(config=config, params=params, tokenizer=tokenizer, source=str(source), allowed_keys=allowed)

@@ -1,6 +1,6 @@
 """The PyTorch reference: a transformers model made float64-faithful, and detached, at run time and in memory.
 
-Needs the torch extra (`pip install "eqlin[torch]"`: torch and transformers, pinned). `eqlin validate`
+Needs the torch extra (`pip install "eqlin[torch]"`: torch and transformers, from the tested floors up). `eqlin validate`
 (`eqlin.validate`) and the tests grade eqlin against it; `load_transformers` loads a checkpoint folder as
 they do.
 
@@ -68,8 +68,8 @@ def decoder(model: nn.Module) -> nn.Module:
 def rope_inv_freq(config, layer_type: str | None = None, long: bool = False) -> tuple[torch.Tensor, float]:
     """float64 inverse frequencies `(rotary_dim/2,)` and the cos/sin scale, by transformers' RoPE formulas.
 
-    Covers rope_type "default", "linear", "llama3" and "longrope" (its short factors, or with `long` its long
-    ones; the scale is its attention factor), and `partial_rotary_factor`; `layer_type` selects Gemma 3's
+    Covers rope_type "default", "linear", "llama3", "longrope" (its short factors, or with `long` its long
+    ones; the scale is its attention factor) and "yarn" (the scale is its attention factor), and `partial_rotary_factor`; `layer_type` selects Gemma 3's
     per-layer-type parameters.
     """
     params = config.rope_parameters[layer_type] if layer_type else config.rope_parameters
@@ -96,9 +96,41 @@ def rope_inv_freq(config, layer_type: str | None = None, long: bool = False) -> 
             scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
         ext = torch.tensor(params["long_factor" if long else "short_factor"], dtype=torch.float64)
         return inv_freq / ext, scale
+    elif kind == "yarn":
+        return _yarn_inv_freq(config, params, inv_freq, dim)
     elif kind != "default":
         raise NotImplementedError(f"rope_type {kind!r} is not supported by the reference")
     return inv_freq, 1.0
+
+
+def _yarn_inv_freq(config, params: dict, inv_freq: torch.Tensor, dim: int) -> tuple[torch.Tensor, float]:
+    """YaRN's float64 inverse frequencies and attention factor, transformers' `_compute_yarn_parameters` with
+    its float32 frequencies and ramp taken in float64 (`truncate` read where transformers reads it: the
+    un-nested config.rope_parameters)."""
+    base, original = params["rope_theta"], params["original_max_position_embeddings"]
+    factor = params["factor"] or config.max_position_embeddings / original
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    scale = params.get("attention_factor")
+    if scale is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        scale = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim \
+            else get_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(params.get("beta_fast") or 32), correction_dim(params.get("beta_slow") or 1)
+    if config.rope_parameters.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    return (1.0 / factor) * inv_freq * (1 - extrapolation) + inv_freq * extrapolation, float(scale)
 
 
 def _rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -163,12 +195,15 @@ def _attention_forward(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     attention_mask: torch.Tensor | dict | None = None,
     past_key_values=None,
+    cache=None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention `(B, T, d) -> (B, T, d)` and probabilities `(B, H, T, T)`, at the input dtype.
 
-    transformers' `attention_mask` is ignored: the causal/sliding mask is rebuilt from positions.
+    transformers' `attention_mask` is ignored: the causal/sliding mask is rebuilt from positions. The KV cache
+    comes as `past_key_values` (transformers 5.23) or `cache` (5.25: the old name deprecated).
     """
+    past_key_values = past_key_values if past_key_values is not None else cache
     batch, length, _ = hidden_states.shape
     config, head_dim = self.config, self.head_dim
     n_heads = config.num_attention_heads

@@ -346,7 +346,8 @@ def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
         for name, data in pngs.items())
     summary_rows = [
         ("model", html.escape(f"{report['model']['source']} ({report['model']['family']}, "
-                              f"{report['model']['parameters']:,} parameters, d = {report['model']['hidden_size']})")),
+                              f"{report['model']['parameters']:,} parameters, d = {report['model']['hidden_size']})"
+                              + _allowed_text(report))),
         ("dtype", report["dtype"]),
         ("input tokens", " ".join(token_html(t["text"]) for t in report["tokens"])),
         ("next token", f"{token_html(nt['text'])} p = {nt['probability']:.4f} (top {len(report['top_predictions'])}: "
@@ -452,12 +453,19 @@ def _layer_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _allowed_text(report: dict[str, Any]) -> str:
+    """'; config keys allowed by the user (--allow-key): ...' where --allow-key let keys through, else ''."""
+    allowed = report["model"].get("allowed_keys")
+    return f"; config keys allowed by the user (--allow-key): {', '.join(allowed)}" if allowed else ""
+
+
 def summary(report: dict[str, Any], out: Path) -> str:
     """The terminal summary of a report."""
     nt = report["next_token"]
     c = _constant(report)
     lines = [
-        f"model: {report['model']['source']} ({report['model']['family']}), dtype {report['dtype']}",
+        f"model: {report['model']['source']} ({report['model']['family']}), dtype {report['dtype']}"
+        + _allowed_text(report),
         f"input: {[t['text'] for t in report['tokens']]}",
         f"next token: {nt['text']!r}  p = {nt['probability']:.4f}",
         f"relative reconstruction error ‖y − {_reconstructed_as(report)}‖/‖y‖: detached "

@@ -8,7 +8,9 @@ have it, so the layer pattern must be derived from those two fields), `gemma3_so
 logit softcapping set; transformers' Gemma 3, and so eqlin, applies only the final one) and `llama_tied_head`
 (tied embeddings, yet `lm_head.weight` stored too, a copy of the embedding table, as some exporters write it).
 `phi3_longrope` has original_max_position_embeddings 16, so short inputs take longrope's short factors and
-inputs of more than 16 tokens its long ones. Weights are random (normal, std 0.2) and so are every RMSNorm
+inputs of more than 16 tokens its long ones. `qwen3_yarn` is DeepSeek-R1-0528-Qwen3-8B's layout (Qwen 3 with
+YaRN factor 4, its rope_scaling keys and values, `attn_factor` included) with the pretraining context shrunk from
+32768 to 16 positions, so inputs of more than 16 tokens are past it. Weights are random (normal, std 0.2) and so are every RMSNorm
 weight (`1 + 0.3·randn`, Gemma's `(1 + w)` norms `0.3·randn`), so no norm is the identity, and every bias
 (`0.5·randn`: Qwen 2's q/k/v biases are far from zero, so the affine maps' constants are large).
 
@@ -48,7 +50,12 @@ VARIANTS: tuple[str, ...] = (
     "qwen2",
     "phi3_longrope",
     "gpt2",
+    "qwen3_yarn",
 )
+# DeepSeek-R1-0528-Qwen3-8B's rope_scaling with original_max_position_embeddings shrunk from 32768 (head_dim 32,
+# theta 1e6: YaRN's ramp keeps frequency 0, blends 1 and divides the rest by the factor).
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+        "attn_factor": 0.8782488562869419}
 # Softcaps small enough to bend the tiny models' attention scores (std ~1) and logits (std ~1.5).
 ATTN_SOFTCAP, FINAL_SOFTCAP = 1.0, 2.0
 # longrope factors of the phi3_longrope variant: one per rotated frequency (rotary dim 12: six).
@@ -126,6 +133,15 @@ def _spec(variant: str) -> tuple[type[transformers.PreTrainedModel], Any, tuple[
             tie_word_embeddings=False, **llama_ids,
         )
         return transformers.LlamaForCausalLM, config, _LLAMA_SPECIALS, llama_tok
+    if variant == "qwen3_yarn":
+        config = transformers.Qwen3Config(
+            vocab_size=VOCAB_SIZE, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=MAX_POSITIONS,
+            rms_norm_eps=1e-6, rope_parameters={"rope_theta": 1_000_000.0, **YARN},
+            tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        )
+        qwen_tok = {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>", "add_bos": False}
+        return transformers.Qwen3ForCausalLM, config, _QWEN_SPECIALS, qwen_tok
     if variant in ("qwen3", "qwen3_sliding"):
         # qwen3_sliding: window 4 from layer max_window_layers = 1 on, so layer 0 full, layer 1 sliding.
         sliding = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
@@ -305,3 +321,60 @@ def small_filesystem(folder: pathlib.Path, size: str = "64k") -> Iterator[pathli
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+# --- real hub config.json files (tests/hub_configs), shapes shrunk for tiny weights --------------------------------
+
+HUB_CONFIGS = pathlib.Path(__file__).parent / "hub_configs"
+_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "vocab_size": VOCAB_SIZE}
+_TINY_VISION = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "image_size": 16, "patch_size": 8}
+
+
+def hub_config(name: str) -> dict[str, Any]:
+    """The config.json of hub checkpoint `name` (owner--repo), as stored in tests/hub_configs."""
+    return json.loads((HUB_CONFIGS / f"{name}.json").read_text())
+
+
+def shrink(hf: dict[str, Any]) -> dict[str, Any]:
+    """`hf` with every size tiny and every other key and value kept: hidden 32, 2 layers, 4 heads (2 kv heads,
+    or 4 for multi-head attention), head_dim 8, vocabulary 96 (GPT-2: its own names for these); Qwen's
+    max_window_layers 1; longrope factors cut to the rotated frequencies; token ids taken modulo the vocabulary;
+    a multimodal Gemma 3's text and vision parts both."""
+    hf = json.loads(json.dumps(hf))
+    for key, value in hf.items():
+        if key.endswith(("_token_id", "_token_index")) and value is not None:
+            hf[key] = [v % VOCAB_SIZE for v in value] if isinstance(value, list) else value % VOCAB_SIZE
+    if hf["model_type"] == "gpt2":
+        return {**hf, "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB_SIZE, "n_positions": MAX_POSITIONS,
+                "n_ctx": MAX_POSITIONS}
+    if hf["model_type"] == "gemma3":
+        hf["vision_config"] = {**hf["vision_config"], **_TINY_VISION}
+        hf["mm_tokens_per_image"] = 4
+        hf["text_config"] = shrink(hf["text_config"])
+        return hf
+    heads, kv = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
+    hf.update(_TINY, num_key_value_heads=4 if kv is not None and kv == heads else 2, head_dim=8)
+    if "max_window_layers" in hf:
+        hf["max_window_layers"] = 1
+    rope = hf.get("rope_scaling") or {}
+    rotated = int(8 * hf.get("partial_rotary_factor", 1.0)) // 2
+    for key in ("short_factor", "long_factor"):
+        if key in rope:
+            rope[key] = rope[key][:rotated]
+    return hf
+
+
+def write_hub_checkpoint(folder: pathlib.Path, hf: dict[str, Any], seed: int = 0) -> pathlib.Path:
+    """A tiny random checkpoint of the (shrunk) hub config `hf`: transformers builds the model class its
+    `architectures` names and saves the weights, and config.json is then `hf` itself, with the hub's keys."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = transformers.AutoConfig.for_model(**hf)
+    model = getattr(transformers, hf["architectures"][0])(config)
+    _randomise(model, seed)
+    model.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    _write_tokenizer(folder, _QWEN_SPECIALS, {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>",
+                                              "add_bos": False})
+    return folder

@@ -413,6 +413,9 @@ def _edit_config(folder, edit) -> None:
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
                           "original_max_position_embeddings": 48}}, "type 'llama3' need 'low_freq_factor'"),
     ({"rope_skew": 0.1}, "keys eqlin does not know for llama: rope_skew=0.1"),
+    ({"hidden_act": "swish2"}, "unsupported hidden_act 'swish2'; supported: silu"),
+    ({"rope_parameters": {"rope_type": "ntk_by_parts", "rope_theta": 1e4}},
+     "unsupported RoPE type 'ntk_by_parts'; supported: default, linear, llama3, longrope, yarn"),
     (lambda text: f"[{text}]", "config.json must hold a JSON object .*got a list"),
     (lambda text: "[" * 100_000, "config.json is nested too deeply"),
     (lambda text: text[:40], "config.json is not valid JSON"),
@@ -421,6 +424,25 @@ def test_bad_config_json(checkpoint, tmp_path, capsys, edit, message):
     folder = shutil.copytree(checkpoint("llama_gqa"), tmp_path / "m")
     _edit_config(folder, edit)
     assert re.search(message, _bad(["info", str(folder)], capsys))
+
+
+def test_allow_key_loads_a_refused_key_and_the_report_records_it(checkpoint, tmp_path, capsys):
+    """--allow-key KEY: the key the refusal names loads (info and analyze), and report.json's model section, the
+    summary and report.html say it was allowed; a key config.json lacks is refused, naming it."""
+    folder = shutil.copytree(checkpoint("qwen2"), tmp_path / "m")
+    _edit_config(folder, {"lm_logit_shift": 0.0})
+    assert "keys eqlin does not know for qwen2: lm_logit_shift=0.0" in _bad(["info", str(folder)], capsys)
+    assert main(["info", str(folder), "--allow-key", "lm_logit_shift", "-q"]) == EXIT_OK
+    capsys.readouterr()
+    out = tmp_path / "o"
+    assert main(["analyze", TEXT, "--model", str(folder), "--out", str(out), "--layers", "none", "--top-k", "2",
+                 "--allow-key", "lm_logit_shift", "--no-compile-cache"]) == EXIT_OK
+    assert json.loads((out / "report.json").read_text())["model"]["allowed_keys"] == ["lm_logit_shift"]
+    said = "config keys allowed by the user (--allow-key): lm_logit_shift"
+    assert said in capsys.readouterr().out and said in (out / "report.html").read_text()
+    err = _bad(["info", str(folder), "--allow-key", "lm_logit_shift", "--allow-key", "rope_skew"], capsys)
+    assert "allow_keys is for keys config.json has and eqlin refuses (its message names them); config.json has " \
+           "no rope_skew" in err
 
 
 @pytest.mark.parametrize("setting", ["abc", "nan", "inf"])

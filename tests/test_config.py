@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pathlib
 import re
 
 import numpy as np
@@ -141,6 +143,68 @@ def test_bad_longrope_is_refused(change, message):
         config_from_hf(hf)
 
 
+@pytest.mark.parametrize("cls, extra", [
+    (transformers.Qwen3Config, {}),  # DeepSeek-R1-0528-Qwen3-8B: defaults, attention factor 0.1·ln 4 + 1
+    (transformers.LlamaConfig, {"mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 0.5}),
+    (transformers.Qwen2Config, {"attention_factor": 1.3, "truncate": False}),
+    (transformers.MistralConfig, {"beta_fast": None, "beta_slow": None, "rope_theta": 1e4}),
+])
+def test_yarn_matches_transformers(cls, extra):
+    """YaRN's inverse frequencies (transformers': float32, so to float32 rounding) and its cos/sin scale (to
+    float64 rounding), from every optional parameter, in each family transformers gives it; the ramp leaves
+    frequencies kept, blended and divided by the factor."""
+    params = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16, **extra}
+    hf = cls(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
+             rope_parameters=dict(params))
+    expected, scale = ROPE_INIT_FUNCTIONS["yarn"](hf, torch.device("cpu"))
+    spec = config_from_hf(json.loads(hf.to_json_string())).rope_full
+    got = spec.inv_freq(32)
+    assert spec.kind == "yarn" and spec.original_max_position_embeddings == 16
+    np.testing.assert_allclose(got, expected.double().numpy(), rtol=1e-6)
+    assert spec.attention_factor == pytest.approx(scale, rel=1e-15) and spec.attention_factor != 1.0
+    ratio = RopeSpec(theta=params["rope_theta"]).inv_freq(32) / got
+    assert ratio[0] == 1.0 and ((ratio > 1.0) & (ratio < 4.0)).any() and ratio[-1] == pytest.approx(4.0, rel=1e-15)
+
+
+def test_yarn_as_the_hub_writes_it():
+    """DeepSeek-R1-0528-Qwen3-8B's config (transformers 4.51): rope_scaling with attn_factor, which
+    transformers does not read (its YaRN takes attention_factor), so the scale is YaRN's default; a top-level
+    original_max_position_embeddings takes precedence, as in transformers."""
+    base = {"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "head_dim": 32, "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 10, "rope_theta": 1000000,
+            "max_position_embeddings": 131072, "rope_scaling": {
+                "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
+                "attn_factor": 0.8782488562869419}}
+    spec = config_from_hf(base).rope_full
+    assert (spec.kind, spec.factor, spec.original_max_position_embeddings) == ("yarn", 4.0, 32768)
+    assert spec.attention_factor == 0.1 * np.log(4.0) + 1
+    assert config_from_hf({**base, "original_max_position_embeddings": 4096}
+                          ).rope_full.original_max_position_embeddings == 4096
+    implicit = {**base, "rope_scaling": {**base["rope_scaling"], "factor": None}}
+    assert config_from_hf(implicit).rope_full == spec  # factor null: 131072 / 32768
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"factor": "4"}, "RoPE parameter 'factor' must be a finite number > 0"),
+    ({"truncate": "no"}, "RoPE parameter 'truncate' must be true or false, got 'no'"),
+    ({"beta_fast": 0}, "RoPE parameter 'beta_fast' must be a finite number > 0"),
+    ({"rope_theta": 1}, r"yarn needs rope_theta != 1 \(its ramp divides by ln\(rope_theta\)\)"),
+    ({"short_factor": [1.0]}, "RoPE parameters of type 'yarn' do not take short_factor"),
+    ({"factor": "absent"}, r"RoPE parameters of type 'yarn' need 'factor' \(e.g. DeepSeek-R1-0528-Qwen3-8B uses "
+                           r"factor 4.0, original_max_position_embeddings 32768\); add it to config.json"),
+])
+def test_bad_yarn_is_refused(change, message):
+    rope = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16, **change}
+    hf = {"model_type": "qwen3", **_SIZES, "head_dim": 8,
+          "rope_parameters": {k: v for k, v in rope.items() if v != "absent"}}
+    with pytest.raises(eqlin.ConfigError, match=message):
+        config_from_hf(hf)
+    nested = {"model_type": "gemma3_text", "rope_parameters": {
+        FULL_ATTENTION: {"rope_type": "yarn", "factor": 4.0, "truncate": False}, SLIDING_ATTENTION: {}}}
+    with pytest.raises(eqlin.ConfigError, match="nested by layer type sets yarn's 'truncate'"):
+        config_from_hf(nested)
+
+
 def test_qwen2_has_qkv_biases_whatever_its_flags_say():
     """transformers' Qwen2 always has q/k/v biases (and none elsewhere): attention_bias and mlp_bias do not
     change it; Llama-layout families refuse bias flags, naming the layout eqlin supports."""
@@ -200,7 +264,8 @@ def test_qwen3_sliding_window_defaults_are_transformers():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"foo": 1}, "keys eqlin does not know for llama: foo=1 .*remove each from config.json only if"),
+    ({"foo": 1}, r"keys eqlin does not know for llama: foo=1 \(if you know each leaves the computation unchanged, say so "
+                r"with --allow-key KEY, or eqlin.load\(..., allow_keys=\[...\]\)\)"),
     ({"quantization_config": {"bits": 4}}, "keys eqlin does not know for llama: quantization_config="),
     ({"pruned_heads": {"0": [1]}}, r"supports only at transformers' default: pruned_heads=\{'0': \[1\]\} \(default \{\}\)"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5: a llama model rotates the whole head"),
@@ -249,3 +314,80 @@ def test_family_specific_keys(hf, message):
         return
     with pytest.raises(eqlin.ConfigError, match=message):
         config_from_hf(hf)
+
+
+def test_what_save_pretrained_writes_is_harmless_and_says_why():
+    """transformers' private keys, special-token ids, labels and dtype fields, written by 4.4x to 5.x, load, each
+    with the reason the code gives; a key of neither kind still has none."""
+    from eqlin.config import harmless_reason
+
+    base = {"model_type": "qwen3", **_SIZES, "head_dim": 8}
+    written = {"_model_name_or_path": "Gemma 3 270m", "_commit_hash": None, "_attn_implementation_autoset": True,
+               "unk_token_id": 3, "cls_token_id": None, "image_token_id": 5, "id2label": {"0": "LABEL_0"},
+               "label2id": {"LABEL_0": 0}, "torch_dtype": "bfloat16", "dtype": "float32", "num_labels": 1,
+               "transformers_version": "5.24.0", "_sliding_window_pattern": 6, "gradient_checkpointing": False}
+    assert config_from_hf({**base, **written}) == config_from_hf(base)
+    for key in written:
+        assert harmless_reason(key), key
+    assert harmless_reason("rope_skew") is None and harmless_reason("quantization_config") is None
+
+
+@pytest.mark.slow
+def test_the_config_transformers_writes_for_the_embedded_model_loads(tmp_path):
+    """The embedded GGUF's config as the installed transformers reads it and save_pretrained writes it (5.23:
+    _model_name_or_path, unk_token_id, _sliding_window_pattern, ...; CI runs this on the newest release too) is
+    the model eqlin reads from the GGUF header (whose float32 epsilon eqlin reads as the 1e-6 it rounds from)."""
+    from eqlin.gguf import default_model_path, header_config
+
+    path = pathlib.Path(default_model_path())
+    transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["transformers_version"] == transformers.__version__
+    theirs, ours = config_from_hf(hf), config_from_hf(header_config(path))
+    assert theirs == dataclasses.replace(ours, rms_norm_eps=theirs.rms_norm_eps)
+    assert theirs.rms_norm_eps == float(np.float32(ours.rms_norm_eps))
+
+
+def _table(page: str, heading: str) -> list[list[str]]:
+    """The rows (cells, backticks stripped) of the first table under `## heading` in a Markdown page."""
+    section = page.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    table = section[section.index("\n|"):].split("\n\n", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # the header left out
+    return [[cell.strip().replace("`", "") for cell in row.strip("|").split(" | ")] for row in rows]
+
+
+def test_config_keys_page_matches_the_code():
+    """docs/config_keys.md lists exactly the keys each family handles, ignores and supports at one value (with
+    that value), the harmless keys with the code's reasons, and each RoPE type's parameters."""
+    from eqlin.config import _ROPE_KEYS, DEFAULT_ONLY_KEYS, HARMLESS_KEYS
+    from eqlin.families import _SPECS, gemma3
+
+    page = (pathlib.Path(__file__).parents[1] / "docs" / "config_keys.md").read_text()
+    names = {s.model_types[0].removesuffix("_text"): s for s in _SPECS}
+
+    def families(cell: str) -> set[str]:
+        return set(names) if cell == "all" else set(cell.split(", "))
+
+    def listed(heading: str) -> dict[str, set[str]]:
+        return {row[0]: families(row[1]) for row in _table(page, heading)}
+
+    def in_code(keys_of) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for name, spec in names.items():
+            for key in keys_of(spec):
+                out.setdefault(key, set()).add(name)
+        return out
+
+    assert listed("Handled keys") == in_code(lambda s: s.handled_keys)
+    assert listed("Ignored keys, per family") == in_code(lambda s: s.ignored_keys)
+    one_value = {row[0]: (families(row[1]), json.loads(row[2])) for row in _table(page, "Keys supported at one value")}
+    expected = {k: (fams, next(s.default_only_keys[k] for s in names.values() if k in s.default_only_keys))
+                for k, fams in in_code(lambda s: s.default_only_keys).items()}
+    assert one_value == {**expected, **{k: (set(names), v) for k, v in DEFAULT_ONLY_KEYS.items()}}
+    harmless = {key: row[1] for row in _table(page, "Keys no family's forward pass reads")[:-2]
+                for key in row[0].split(", ")}
+    assert harmless == dict(HARMLESS_KEYS)
+    image = page.split("at its top level:", 1)[1].split("\n## ", 1)[0]
+    assert {line.split("`")[1] for line in image.splitlines() if line.startswith("| `")} == gemma3.IMAGE_KEYS
+    assert {row[0]: set(row[1].split(", ")) for row in _table(page, "RoPE types and their parameters")} == {
+        kind: set(keys) for kind, keys in _ROPE_KEYS.items()}

@@ -1,6 +1,6 @@
 """The pure JAX decoder equals transformers: stock at float32 level, float64-faithful to float64 rounding, block
 by block (embeddings; every layer's attention branch, MLP branch and residual stream, hooked off transformers' own
-modules; logits); sliding windows and softcapping are applied; longrope below and above its original context;
+modules; logits); sliding windows and softcapping are applied; longrope below and above its original context; YaRN beyond it;
 jit, vmap and grad work (grad against PyTorch's)."""
 
 from __future__ import annotations
@@ -83,6 +83,26 @@ def test_longrope_matches_transformers_below_and_above_the_original_context(text
         swapped = dataclasses.replace(model, config=dataclasses.replace(model.config, rope_full=other,
                                                                         rope_sliding=other))
         assert relative(swapped.logits(ids), logits) > 1e-3
+
+
+def test_yarn_matches_transformers_beyond_the_original_context(checkpoint, loaded):
+    """DeepSeek-R1-0528-Qwen3-8B's YaRN layout (original context shrunk to 16) on 20 tokens: transformers' stock
+    logits at float32 level, its float64-faithful blocks to float64 rounding; the attention factor on cos/sin
+    matters (without it, other logits)."""
+    model = loaded("qwen3_yarn")
+    ids = model.encode(LONGROPE_TEXTS[1])
+    assert len(ids) > model.config.rope_full.original_max_position_embeddings
+    _, _, stock = _torch_run(checkpoint("qwen3_yarn"), ids, faithful=False)
+    assert relative(model.logits(ids), stock) < 2e-6
+    _, layers, logits = _torch_run(checkpoint("qwen3_yarn"), ids, faithful=True)
+    out = model.forward(ids, collect=True)
+    for part, values in {"residual": out.residuals, "attn": out.attn_outputs, "mlp": out.mlp_outputs}.items():
+        assert relative(values, layers[part]) < 1e-14, part
+    assert relative(out.logits, logits) < 1e-14
+    unscaled = dataclasses.replace(model.config.rope_full, attention_factor=1.0)
+    other = dataclasses.replace(model, config=dataclasses.replace(model.config, rope_full=unscaled,
+                                                                  rope_sliding=unscaled))
+    assert relative(other.logits(ids), logits) > 1e-3
 
 
 def test_longrope_rows_follow_the_sequence_they_belong_to(loaded):

@@ -54,6 +54,17 @@ def test_final_map_and_plain_jacobian_equal_pytorch(variant, loaded, reference):
     np.testing.assert_array_equal(plain.constant, np.zeros_like(plain.output))
 
 
+def test_yarn_final_map_reconstructs_and_equals_pytorch(loaded, reference):
+    """DeepSeek-R1-0528-Qwen3-8B's YaRN layout (tests/fixtures.py), 20 tokens past its original context of 16:
+    the detached J reconstructs y to float64 rounding and is the float64 PyTorch reference's."""
+    model = loaded("qwen3_yarn")
+    ids = model.encode(LONGROPE_TEXTS[1])
+    lin = detached_jacobian(model, ids)
+    assert len(ids) > model.config.rope_full.original_max_position_embeddings
+    assert float(lin.relative_error) <= EXACT
+    assert relative(lin.jacobian, ref.final_jacobian(reference("qwen3_yarn"), torch.tensor(ids))) <= VS_TORCH
+
+
 @pytest.mark.parametrize("variant", ["llama_mha", "llama_gqa", "qwen3", "gemma3", *MORE_VARIANTS])
 @pytest.mark.parametrize("scope", ["cumulative", "single"])
 def test_every_layer_map_and_part_equals_pytorch(variant, scope, loaded, reference):

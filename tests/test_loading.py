@@ -296,11 +296,12 @@ def test_unknown_model_type(checkpoint, tmp_path):
 
 
 def test_unsupported_rope_type(checkpoint, tmp_path):
-    folder = _copy(checkpoint("llama_mha"), tmp_path / "yarn")
+    folder = _copy(checkpoint("llama_mha"), tmp_path / "dynamic")
     config = json.loads((folder / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(eqlin.ConfigError, match="unsupported RoPE type 'yarn'; supported: default, linear, llama3"):
+    with pytest.raises(eqlin.ConfigError, match="unsupported RoPE type 'dynamic'; supported: default, linear, llama3, "
+                                                "longrope, yarn"):
         eqlin.load(folder)
 
 

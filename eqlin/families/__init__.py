@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from eqlin.config import ModelConfig, check_keys
-from eqlin.errors import ConfigError
+from eqlin.errors import ConfigError, InputError
 from eqlin.families import gemma3, gpt2, llama, mistral, olmo2, phi3, qwen2, qwen3
 
 
@@ -24,7 +24,8 @@ class FamilySpec:
     `norm_names` maps eqlin's per-layer norm fields to the HF module names under `layers.{i}.`.
     `fused` maps an HF tensor holding several projections stacked by rows (Phi-3's qkv_proj.weight) to
     the LayerParams fields it splits into, in row order.
-    `text_config` picks the language-model part of a (possibly multimodal) config.json.
+    `text_config` picks the language-model part of a (possibly multimodal) config.json, checking the keys
+    around it (with the user's allowed keys; it returns those it let through).
     `handled_keys` are the config keys `config_from_hf` reads, `ignored_keys` those known not to change
     the computation, `default_only_keys` those supported only at transformers' default value.
     Tensor names where a family differs from Llama's layout (GPT-2): `layers_name` (the per-layer
@@ -41,7 +42,7 @@ class FamilySpec:
     ignored_keys: frozenset[str] = frozenset()
     default_only_keys: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
-    text_config: Callable[[dict[str, Any]], dict[str, Any]] = lambda hf: hf
+    text_config: Callable[..., tuple[dict[str, Any], tuple[str, ...]]] = lambda hf, allowed=frozenset(): (hf, ())
     layers_name: str = "layers"
     layer_tensors: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     top_tensors: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType(
@@ -65,7 +66,7 @@ _SPECS = (
     FamilySpec(mistral.MODEL_TYPES, mistral.config_from_hf, MappingProxyType(mistral.NORM_NAMES),
                mistral.HANDLED_KEYS, mistral.IGNORED_KEYS),
     FamilySpec(phi3.MODEL_TYPES, phi3.config_from_hf, MappingProxyType(phi3.NORM_NAMES), phi3.HANDLED_KEYS,
-               phi3.IGNORED_KEYS, fused=MappingProxyType(phi3.FUSED)),
+               phi3.IGNORED_KEYS, MappingProxyType(phi3.DEFAULT_ONLY_KEYS), fused=MappingProxyType(phi3.FUSED)),
     FamilySpec(olmo2.MODEL_TYPES, olmo2.config_from_hf, MappingProxyType(olmo2.NORM_NAMES), olmo2.HANDLED_KEYS,
                olmo2.IGNORED_KEYS),
     FamilySpec(gpt2.MODEL_TYPES, gpt2.config_from_hf, MappingProxyType(gpt2.NORM_NAMES), gpt2.HANDLED_KEYS,
@@ -90,11 +91,36 @@ def spec_for(hf: dict[str, Any]) -> FamilySpec:
     )
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+def config_from_hf(hf: dict[str, Any], allow_keys: Iterable[str] = ()) -> ModelConfig:
     """`ModelConfig` for an HF config.json dict (multimodal Gemma 3: its text_config), after refusing
-    every key the family does not account for."""
+    every key the family does not account for, except those in `allow_keys` (`read_hf_config`)."""
+    return read_hf_config(hf, allow_keys)[0]
+
+
+def read_hf_config(hf: dict[str, Any], allow_keys: Iterable[str] = ()) -> tuple[ModelConfig, tuple[str, ...]]:
+    """(`ModelConfig`, the keys `allow_keys` let through). `allow_keys` names config.json keys (top level, or of
+    a multimodal config's text_config) that eqlin would refuse and that the user knows leave the computation
+    unchanged; naming a key config.json lacks, or one eqlin already accepts, is refused (a typo would otherwise
+    pass unnoticed)."""
+    allowed = _allowed(allow_keys)
     spec = spec_for(hf)
-    text = spec.text_config(hf)
-    check_keys(text, text.get("model_type", "this model"), spec.handled_keys, spec.ignored_keys,
-               spec.default_only_keys)
-    return spec.config_from_hf(text)
+    text, outer = spec.text_config(hf, allowed)
+    inner = check_keys(text, text.get("model_type", "this model"), spec.handled_keys, spec.ignored_keys,
+                       spec.default_only_keys, allowed)
+    overridden = tuple(sorted({*outer, *inner}))
+    idle = sorted(allowed - set(overridden))
+    if idle:
+        absent = [k for k in idle if k not in hf and k not in text]
+        accepted = [k for k in idle if k not in absent]
+        raise InputError("allow_keys is for keys config.json has and eqlin refuses (its message names them); "
+                         + "; ".join(([f"config.json has no {', '.join(absent)}"] if absent else [])
+                                     + ([f"eqlin accepts {', '.join(accepted)} already"] if accepted else [])))
+    return spec.config_from_hf(text), overridden
+
+
+def _allowed(allow_keys: Iterable[str]) -> frozenset[str]:
+    keys = None if isinstance(allow_keys, (str, bytes)) else list(allow_keys)
+    if keys is None or not all(isinstance(k, str) and k for k in keys):
+        raise InputError(f"allow_keys must be a list of config.json key names, e.g. ['full_attn_mod'], got "
+                         f"{allow_keys!r}")
+    return frozenset(keys)

@@ -55,11 +55,12 @@ def default_layer_types(num_layers: int, pattern: int = SLIDING_WINDOW_PATTERN) 
     return tuple(SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(num_layers))
 
 
-def text_config(hf: dict[str, Any]) -> dict[str, Any]:
-    """The language-model config: multimodal `gemma3` checkpoints keep it under text_config."""
+def text_config(hf: dict[str, Any], allowed: frozenset[str] = frozenset()) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The language-model config (multimodal `gemma3` checkpoints keep it under text_config) and the keys of the
+    top level that `allowed` let through (`eqlin.config.check_keys`)."""
     if hf.get("model_type") != "gemma3":
-        return hf
-    check_keys(hf, "a multimodal gemma3 config", MULTIMODAL_KEYS, IMAGE_KEYS)
+        return hf, ()
+    overridden = check_keys(hf, "a multimodal gemma3 config", MULTIMODAL_KEYS, IMAGE_KEYS, allowed=allowed)
     text = dict(config_object(hf, "text_config") or {})
     text.setdefault("model_type", "gemma3_text")
     if text["model_type"] != "gemma3_text":
@@ -67,7 +68,7 @@ def text_config(hf: dict[str, Any]) -> dict[str, Any]:
     for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id"):
         if key in hf:
             text.setdefault(key, hf[key])
-    return text
+    return text, overridden
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:

@@ -26,7 +26,7 @@ HANDLED_KEYS = frozenset({
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rms_norm_eps", "hidden_act", "max_position_embeddings",
     "tie_word_embeddings", "bos_token_id", "eos_token_id", "attention_bias", "mlp_bias", "rope_parameters",
-    "rope_scaling", "rope_theta", "partial_rotary_factor",
+    "rope_scaling", "rope_theta", "partial_rotary_factor", "original_max_position_embeddings",
 })
 # Llama 2's tensor-parallel pretraining split: the same products, summed in another order.
 IGNORED_KEYS = frozenset({"pretraining_tp"})

@@ -14,9 +14,14 @@ MODEL_TYPES = ("phi3",)
 NORM_NAMES = llama.NORM_NAMES
 FUSED = {"self_attn.qkv_proj.weight": ("q_proj", "k_proj", "v_proj"),
          "mlp.gate_up_proj.weight": ("gate_proj", "up_proj")}
-HANDLED_KEYS = llama.HANDLED_KEYS | {"sliding_window", "original_max_position_embeddings"}
+HANDLED_KEYS = llama.HANDLED_KEYS | {"sliding_window"}
 # Dropout (training only).
 IGNORED_KEYS = llama.IGNORED_KEYS | {"resid_pdrop", "embd_pdrop"}
+# Keys Phi-4-mini's hub config carries for its own modeling code (trust_remote_code), which transformers' Phi3
+# never reads, supported at the values that leave that code computing transformers' model: full_attn_mod 1
+# (every layer's attention is full attention, or the hub's sliding_window), interpolate_factor 1 (positions
+# not interpolated), lm_head_bias false (no bias on the output head).
+DEFAULT_ONLY_KEYS = {"full_attn_mod": 1, "interpolate_factor": 1, "lm_head_bias": False}
 DEFAULTS = {**llama.DEFAULTS, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096}
 # transformers' Phi3Config: its own default for the pretraining context, and the legacy RoPE type names it
 # reads as longrope.
