@@ -141,7 +141,8 @@ def write_tokenizer(folder: Path, cfg: dict) -> None:
 
 
 def write_checkpoint(config_path: Path, out: Path, *, seed: int = 0, shard_gib: float = 4.0) -> dict:
-    """Write the checkpoint (module docstring); returns {"bytes", "seconds", "shards", "parameters"}."""
+    """Write the checkpoint (module docstring); returns {"bytes", "seconds", "cpu_seconds", "shards",
+    "parameters"}."""
     if out.exists():
         sys.exit(f"{out} exists; remove it or choose another folder")
     cfg = json.loads(config_path.read_text())
@@ -150,7 +151,7 @@ def write_checkpoint(config_path: Path, out: Path, *, seed: int = 0, shard_gib: 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     rng = np.random.default_rng(seed)
     weight_map = {}
     for i, names in enumerate(shards, 1):
@@ -163,8 +164,8 @@ def write_checkpoint(config_path: Path, out: Path, *, seed: int = 0, shard_gib: 
     (partial / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     write_tokenizer(partial, cfg)
     os.replace(partial, out)
-    return {"bytes": total, "seconds": time.perf_counter() - start, "shards": len(shards),
-            "parameters": total // 2}
+    return {"bytes": total, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+            "shards": len(shards), "parameters": total // 2}
 
 
 def main() -> None:
@@ -177,7 +178,7 @@ def main() -> None:
     made = write_checkpoint(args.config, args.out, seed=args.seed, shard_gib=args.shard_gib)
     gb = made["bytes"] / 1e9
     print(f"{args.out}: {made['parameters'] / 1e9:.2f} B parameters, {gb:.2f} GB bf16 in {made['shards']} shards, "
-          f"{made['seconds']:.1f} s ({made['seconds'] / gb:.2f} s/GB)")
+          f"{made['seconds']:.1f} s ({made['seconds'] / gb:.2f} s/GB; CPU {made['cpu_seconds'] / gb:.2f} s/GB)")
 
 
 if __name__ == "__main__":
