@@ -18,13 +18,17 @@ from tests.test_readme import fenced_block
 SCALING = (Path(__file__).resolve().parents[1] / "docs" / "scaling.md").read_text(encoding="utf-8")
 RECIPE = fenced_block("## Several hosts", "python", SCALING)
 CHECKS = """
-import json
+import json, re
 import numpy as np
 from eqlin.linear_maps import detached_jacobian
+from eqlin.sharding import _sharded_rows
 
 one = detached_jacobian(eqlin.load(path), text, fold=False)  # this process alone, on one device
+model = eqlin.load(path, mesh=mesh)
+hlo = _sharded_rows.lower(model.params, model.config, lin.inputs, mesh=mesh, chunk=None).compile().as_text()
 print(json.dumps({
     "rows": [[d.process_index for d in row] for row in mesh.devices],
+    "replica_groups": sorted(set(re.findall(r"all-reduce(?:-start)?\\(.*?replica_groups=(\\S+?),\\s", hlo))),
     "shape": list(J.shape),
     "max_abs_diff": float(np.max(np.abs(J - np.asarray(one.jacobian)))),
     "max_abs": float(np.max(np.abs(np.asarray(one.jacobian)))),
@@ -67,9 +71,10 @@ def test_two_processes_gather_the_one_process_jacobian(checkpoint):
         assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(done[0].stdout.strip().splitlines()[-1])
     assert result["rows"] == [[0, 0], [1, 1]], result  # tensor parallel inside a process, basis across
+    assert result["replica_groups"] == ["[2,2]<=[4]"], result  # all-reduces over {0, 1} and {2, 3}: within each
     assert result["shape"][0] == result["shape"][2] and result["shape"][1] > 1, result
-    assert result["max_abs_diff"] <= 1e-13 * result["max_abs"], result
-    assert result["relative_error"] <= 1e-13, result
+    assert result["max_abs_diff"] <= 1e-13 * result["max_abs"], result  # measured 1.3e-15 of the largest
+    assert result["relative_error"] <= 1e-13, result  # measured 1.3e-15
     assert json.loads(done[1].stdout.strip().splitlines()[-1]) == result  # process 1 gathered the same J
 
 
