@@ -102,3 +102,19 @@ def test_the_benchmark_runs_end_to_end_and_writes_json(tmp_path):
     for case in (topk, full):
         assert case["relative_error"] <= 1e-13 and case["peak_rss"] >= case["rss_after_load"] > 0, case
     assert f"results: {result}" in done.stdout
+
+
+def test_the_writer_refuses_a_family_it_does_not_know(tmp_path):
+    config = tmp_path / "phi3.json"
+    config.write_text(json.dumps({"model_type": "phi3"}))
+    with pytest.raises(SystemExit, match="model_type 'phi3' is not one of llama, qwen3, gemma3_text"):
+        write_checkpoint(config, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.partial").exists()
+
+
+def test_the_benchmark_refuses_an_unknown_engine_or_placement(tmp_path):
+    for option, value in (("--engines", "topk,dense"), ("--weights", "stored,float16")):
+        done = subprocess.run([sys.executable, str(BENCHMARKS / "real_shapes_bench.py"), str(tmp_path), option, value],
+                              capture_output=True, text=True, timeout=60)
+        allowed = "topk, full" if option == "--engines" else "default, stored, cast"
+        assert done.returncode == 2 and f"{value}: choose from {allowed}" in done.stderr, done.stderr
