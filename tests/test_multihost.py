@@ -4,11 +4,13 @@ J, and when one process fails the other ends within a bound instead of waiting f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,22 +48,29 @@ def free_port() -> int:
 
 
 def run_two_processes(paths: list[str], program: str) -> tuple[list[subprocess.CompletedProcess], float]:
-    """Run `program` as process 0 and 1 (argv: address, 2, index, path, TEXT); both are killed at BOUND s."""
+    """Run `program` as process 0 and 1 (argv: address, 2, index, path, TEXT); both are killed at BOUND s.
+    Their output goes to files, not pipes: a process blocked on a full pipe would block the other too."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     address = f"127.0.0.1:{free_port()}"
     start = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-c", program, address, "2", str(i), path, TEXT], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, path in enumerate(paths)]
-    try:
-        outs = [p.communicate(timeout=max(1.0, BOUND - (time.monotonic() - start))) for p in procs]
-    finally:
-        for p in procs:  # on a timeout (or any error) nothing is left running
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    done = [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
-    return done, time.monotonic() - start
+    with contextlib.ExitStack() as stack:
+        logs = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in "oe"] for _ in paths]
+        procs = [subprocess.Popen([sys.executable, "-c", program, address, "2", str(i), path, TEXT], env=env,
+                                  stdout=out, stderr=err, text=True) for i, (path, (out, err)) in
+                 enumerate(zip(paths, logs))]
+        try:
+            for p in procs:
+                p.wait(timeout=max(1.0, BOUND - (time.monotonic() - start)))
+        finally:
+            for p in procs:  # on a timeout (or any error) nothing is left running
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        seconds = time.monotonic() - start
+        for f in (f for pair in logs for f in pair):
+            f.seek(0)
+        texts = [[f.read() for f in pair] for pair in logs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, texts)], seconds
 
 
 def test_two_processes_gather_the_one_process_jacobian(checkpoint):
