@@ -80,7 +80,7 @@ def test_two_processes_gather_the_one_process_jacobian(checkpoint):
         assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(done[0].stdout.strip().splitlines()[-1])
     assert result["rows"] == [[0, 0], [1, 1]], result  # tensor parallel inside a process, basis across
-    assert result["replica_groups"] == ["[2,2]<=[4]"], result  # all-reduces over {0, 1} and {2, 3}: within each
+    assert result["replica_groups"] in (["[2,2]<=[4]"], ["{{0,1},{2,3}}"]), result  # {0, 1}, {2, 3}: in a process
     assert result["shape"][0] == result["shape"][2] and result["shape"][1] > 1, result
     assert result["max_abs_diff"] <= 1e-13 * result["max_abs"], result  # measured 1.3e-15 of the largest
     assert result["relative_error"] <= 1e-13, result  # measured 1.3e-15
