@@ -11,7 +11,8 @@ load seconds, compute seconds (compilation included), the process's peak residen
 included), the device's peak where it reports one (GPU), the relative reconstruction error. A case whose
 weights alone exceed `--memory-gib` (float64: 8 bytes per parameter with `cast`) is recorded as skipped, not
 run. The input is `--tokens` random token ids (seeded). The run prints the CPU model and a measured float64
-GEMM rate, and writes everything to `--results` (default benchmarks/results/) as JSON.
+GEMM rate of the CPU (this process never touches a GPU, whose memory JAX would otherwise preallocate), and
+writes everything to `--results` (default benchmarks/results/) as JSON.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def main() -> None:
         if not set(value) <= set(allowed):
             parser.error(f"{','.join(value)}: choose from {', '.join(allowed)}")
 
+    child_env = dict(os.environ)
+    os.environ["JAX_PLATFORMS"] = "cpu"  # this process measures the CPU's GEMM rate and leaves any GPU to the cases
     from jacobian_bench import cpu_model, gemm_gflops  # imports torch: kept out of the measured children
 
     from eqlin.outputs import write_json_atomic
@@ -136,7 +139,7 @@ def main() -> None:
             command = [sys.executable, __file__, str(args.checkpoint), "--case", engine, w, "--tokens",
                        str(args.tokens), "--k", str(args.k), "--seed", str(args.seed)]
             try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=child_env)
             except subprocess.TimeoutExpired:  # subprocess.run kills the child
                 cases.append({"engine": engine, "weights": w, "tokens": args.tokens,
                               "failed": f"killed after {args.timeout:.0f} s"})
