@@ -339,5 +339,10 @@ def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.
             by_field.setdefault(field, [None] * config.num_layers)[layer] = part
     layers = LayerParams(**{f: np.stack(arrs).astype(dtype, copy=False) for f, arrs in by_field.items()})
     host = Params(layers=layers, **top)
-    # Host arrays go straight to their devices: with a mesh, each device receives only its own shards.
-    return jax.device_put(host, None if mesh is None else param_shardings(host, config, mesh))
+    if mesh is None:
+        return jax.device_put(host)
+    # Each device receives only its own slice, copied from this process's host arrays: no cross-process
+    # traffic (`jax.device_put` of a host array onto devices of several processes all-gathers it to check
+    # that every process holds the same value).
+    return jax.tree_util.tree_map(lambda a, s: jax.make_array_from_callback(a.shape, s, a.__getitem__), host,
+                                  param_shardings(host, config, mesh))

@@ -45,10 +45,10 @@ def memory_limit_bytes(limit: int | None = None, *, params=None, weights: int | 
         return int(gib * 2**30)
     host = int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if params is not None:
-        device = next(iter(jax.tree_util.tree_leaves(params)[0].devices()))
+        device = jax.tree_util.tree_leaves(params)[0].addressable_shards[0].device  # one of this process's
         resident = resident_bytes(params, device)
     elif weights is not None:
-        device, resident = jax.devices()[0], weights
+        device, resident = jax.local_devices()[0], weights
     else:
         return host
     return default_budget(device.platform, device.memory_stats() or {}, host, resident)
@@ -58,7 +58,7 @@ def budget_basis() -> str:
     """What `memory_limit_bytes(weights=…)` is taken from, in words."""
     if os.environ.get("EQLIN_MEMORY_LIMIT_GB", "").strip():
         return "EQLIN_MEMORY_LIMIT_GB"
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     if device.platform != "cpu" and "bytes_limit" in (device.memory_stats() or {}):
         return f"the {device.platform.upper()} allocator's limit less the weights"
     return "80 % of physical memory less the weights; set EQLIN_MEMORY_LIMIT_GB to change it"

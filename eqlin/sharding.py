@@ -75,9 +75,11 @@ def _sharded_rows(params: Params, config: ModelConfig, x: Array, *, mesh: Mesh, 
                                True)
 
 
-def device_memory_limit(device: jax.Device) -> int:
-    """Bytes one device may use: its allocator's limit where it reports one (GPU, TPU), else (CPU devices
-    share the host's RAM) `memory_limit_bytes()` split evenly over this host's devices."""
+def device_memory_limit(mesh: Mesh) -> int:
+    """Bytes one device of `mesh` may use, read on one of this process's devices (another process's devices
+    report nothing here): its allocator's limit where it reports one (GPU, TPU), else (CPU devices share
+    the host's RAM) `memory_limit_bytes()` split evenly over this host's devices."""
+    device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
@@ -125,7 +127,7 @@ def detached_jacobian_sharded(model: Model, inputs, *, mesh: Mesh | None = None,
     ids = model.ids(inputs)
     param_bytes = sum(a.addressable_shards[0].data.nbytes for a in jax.tree_util.tree_leaves(params))
     chunk = _resolve_sharded_chunk(model.config, len(ids), mesh, chunk, model.dtype.itemsize, param_bytes,
-                                   device_memory_limit(mesh.devices.flat[0]) if memory_limit is None
+                                   device_memory_limit(mesh) if memory_limit is None
                                    else memory_limit_bytes(memory_limit))
     x = jax.device_put(embed(params, model.config, jnp.asarray(ids)), NamedSharding(mesh, P()))
     y, J, c = _sharded_rows(params, model.config, x, mesh=mesh, chunk=chunk)

@@ -35,9 +35,9 @@ ROUNDING = 1e-13
 EXPLANATION = " — "
 
 
-def fenced_block(heading: str, language: str = "") -> str:
-    """The first ```language block after the line `heading` in README.md."""
-    after = README[README.index(heading):]
+def fenced_block(heading: str, language: str = "", text: str = README) -> str:
+    """The first ```language block after the line `heading` in `text` (default README.md)."""
+    after = text[text.index(heading):]
     match = re.search(rf"^```{language}\n(.*?)^```", after, re.M | re.S)
     assert match, f"no ```{language} block after {heading!r}"
     return match.group(1)
