@@ -79,7 +79,11 @@ def device_memory_limit(mesh: Mesh) -> int:
     """Bytes one device of `mesh` may use, read on one of this process's devices (another process's devices
     report nothing here): its allocator's limit where it reports one (GPU, TPU), else (CPU devices share
     the host's RAM) `memory_limit_bytes()` split evenly over this host's devices."""
-    device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    device = next((d for d in mesh.devices.flat if d.process_index == jax.process_index()), None)
+    if device is None:
+        raise InputError(f"the mesh holds none of process {jax.process_index()}'s devices: every process of a "
+                         "multi-host run builds the same mesh over jax.devices(), e.g. eqlin.device_mesh("
+                         "jax.devices(), model=len(jax.local_devices())) (docs/scaling.md)")
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])

@@ -19,7 +19,7 @@ from jax.sharding import AxisType
 from eqlin.errors import InputError, MemoryBudgetError
 from eqlin.linear_maps import detached_jacobian
 from eqlin.params import partition_specs
-from eqlin.sharding import detached_jacobian_sharded, device_mesh, sharded_jacobian_bytes
+from eqlin.sharding import detached_jacobian_sharded, device_memory_limit, device_mesh, sharded_jacobian_bytes
 from eqlin import reference as ref
 from tests.conftest import TEXT, VS_TORCH, relative
 
@@ -141,3 +141,13 @@ def test_device_mesh_is_made_by_make_mesh_with_auto_axes():
     assert mesh.devices.shape == (len(jax.devices()), 1) and list(mesh.devices.flat) == jax.devices()
     with pytest.raises(InputError, match="model=3 must be a positive divisor of the 1 devices"):
         device_mesh(model=3)
+
+
+def test_a_mesh_without_this_process_devices_is_refused(monkeypatch):
+    """A multi-host mesh must hold some of this process's devices (the memory budget is read on one of them):
+    seen from a process index that owns none of the mesh's devices, an InputError names the recipe."""
+    mesh = device_mesh()
+    monkeypatch.setattr(jax, "process_index", lambda: 7)
+    with pytest.raises(InputError, match=r"the mesh holds none of process 7's devices: every process of a "
+                                         r"multi-host run builds the same mesh over jax.devices\(\)"):
+        device_memory_limit(mesh)
