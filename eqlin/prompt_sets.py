@@ -49,14 +49,15 @@ from eqlin.jsonlog import JsonLog, open_log
 from eqlin.layer_story import Engine
 from eqlin.linear_maps import Linearization
 from eqlin.model import Model
-from eqlin.outputs import check_parent_writable, clean_temps, temp_path, write_json_atomic
+from eqlin.outputs import check_output_dir, claim_folder, clean_temps, write_json_atomic
 from eqlin.progress import steps
 from eqlin.selection import Tap, parse_layers
 from eqlin.tokenizer import Tokenizer
 
 SET_SCHEMA = "eqlin.prompt_set/1"
 REPORTS, SET_FILE = "reports.jsonl", "set.json"
-SET_FILES = (REPORTS, SET_FILE, "study.json", "study.html")  # and PNG figures: what a set folder may hold
+SET_KIND = "prompt set"  # the kind of output folder a set is (eqlin.outputs.MARKER)
+SET_FILES = (REPORTS, SET_FILE, "study.json", "study.html", "errors.png", "stable_rank.png", "emergence.png")
 EXACT = 1e-13  # the paper's float64 bound on the relative reconstruction error
 
 
@@ -207,32 +208,9 @@ def reusable_reports(log: JsonLog, request: SetRequest, num_layers: int) -> dict
 
 
 def check_set_dir(folder: Path) -> Path:
-    """Check a prompt set's output folder before any heavy work, creating nothing: absent, empty, or a
-    set folder (reports.jsonl, set.json, study files and figures only), writable."""
-    folder = Path(folder)
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        what = "a symbolic link" if folder.is_symlink() else "not a folder"
-        raise OutputError(f"cannot write to output folder {folder}: it is {what}; choose another --out")
-    if not folder.is_dir():
-        check_parent_writable(folder, "choose another --out")
-        return folder
-    try:
-        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-    except OSError as e:
-        raise OutputError(f"cannot write to output folder {folder}: {e.strerror}; choose another --out") from None
-    foreign = [n for n in names if n not in SET_FILES and not n.endswith(".png")]
-    if foreign:
-        hint = " (a single report: give a new --out for a prompt set)" if "report.json" in foreign else ""
-        raise OutputError(f"output folder {folder} holds files that are not a prompt set's ({', '.join(foreign[:5])})"
-                          f"{hint}; a prompt set's folder holds reports.jsonl, set.json and study files only, so "
-                          "choose an empty or new --out")
-    probe = temp_path(folder / "probe")
-    try:
-        probe.mkdir()
-        probe.rmdir()
-    except OSError as e:
-        raise OutputError(f"cannot write to output folder {folder}: {e.strerror}; choose another --out") from None
-    return folder
+    """Check a prompt set's output folder before any heavy work, creating nothing: absent, empty, or a set
+    folder eqlin marked (`eqlin.outputs.check_output_dir`), writable."""
+    return check_output_dir(folder, SET_KIND)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,8 +295,7 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
     report as it is made, and write set.json (module docstring). `load` gives the model, and is called
     only if a prompt needs it; `folder`'s tokenizer checks lengths first. Progress on stderr unless quiet."""
     started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_folder(out, SET_KIND, SET_FILES)
     clean_temps(out)
     skipped = list(prompts.skipped)
     timing = {"model_load_s": 0.0, "analysis_s": 0.0}

@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from eqlin.errors import OutputError
-from eqlin.outputs import json_text, write_bytes_atomic
-from eqlin.prompt_sets import EXACT
+from eqlin.outputs import check_output_dir, json_text, write_bytes_atomic
+from eqlin.prompt_sets import EXACT, SET_KIND
 from eqlin.report import PART_COLORS, render_png
 
 STUDY_SCHEMA = "eqlin.study/1"
@@ -375,8 +375,10 @@ figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{color:#555}}</style></h
 
 def write_study(summary: dict[str, Any], reports: list[dict[str, Any]], out: Path) -> list[Path]:
     """Write study.json, the figures and study.html into `out`, each file atomically, and remove a figure
-    of an earlier study that this one does not have. Returns the written paths."""
-    out = Path(out)
+    of an earlier study that this one does not have. `out` must be a prompt set's folder that eqlin marked
+    (`eqlin.outputs.check_output_dir`): a folder of the user's own images is never written into. Returns the
+    written paths."""
+    out = check_output_dir(out, SET_KIND)
     pngs = figures(summary, reports)
     files = {"study.json": json_text(summary).encode(), **pngs, "study.html": render_html(summary, pngs).encode()}
     try:

@@ -24,6 +24,7 @@ import eqlin
 from eqlin.analysis import SCHEMA
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, main
 from eqlin.memory import estimate_jacobian_bytes, format_bytes
+from eqlin.outputs import MARKER
 from eqlin.report import summary
 from tests.conftest import TEXT
 from eqlin.reference import load_transformers
@@ -36,7 +37,7 @@ REPORT_KEYS = {"schema", "next_token", "relative_error", "plain_relative_error",
 def test_analyze_on_a_tiny_model(tiny_report, checkpoint, capsys):
     code, out = tiny_report
     assert code == EXIT_OK
-    assert sorted(p.name for p in out.iterdir()) == ["dimensionality.png", "emergence.png", "jacobian.png",
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "dimensionality.png", "emergence.png", "jacobian.png",
                                                      "reconstruction.png", "report.html", "report.json", "spectra.png"]
     report = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(report) and report["schema"] == SCHEMA
@@ -419,8 +420,43 @@ def test_out_with_other_files_is_left_alone(checkpoint, tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     err = _bad(["analyze", TEXT, "--model", str(checkpoint("qwen3")), "--out", str(out)], capsys)
-    assert "holds files eqlin did not write (notes.txt)" in err and "choose an empty or new --out" in err
+    assert "is not empty and eqlin did not create it (it holds no .eqlin-output.json: notes.txt)" in err
+    assert "choose an empty or new --out" in err and "earlier eqlin version" not in err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("command, name", [("analyze", "report.json"), ("steer", "steering.json")])
+def test_a_folder_holding_a_report_eqlin_did_not_write_is_left_alone(checkpoint, tmp_path, capsys, command, name):
+    """Issue 29, item 1: a folder holding a report.json (steer: a steering.json) and only .json, .html, .png and
+    .safetensors files was taken for an earlier output and replaced whole: a user's results, or a whole
+    checkpoint folder. So was a report folder of an earlier eqlin version, which wrote no marker."""
+    results, model = tmp_path / "results", tmp_path / "model"
+    results.mkdir()
+    (results / name).write_text('{"accuracy": 0.93}')
+    (results / "metrics.json").write_text('{"run": 42}')
+    (results / "loss_curve.png").write_bytes(b"\x89PNG")
+    shutil.copytree(checkpoint("qwen3"), model)
+    (model / name).write_text('{"eval": 1}')
+    args = (["analyze", TEXT] if command == "analyze" else ["steer", "--concept", "Golden", "--text", TEXT])
+    for out in (results, model):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        err = _bad([*args, "--model", str(checkpoint("qwen3")), "--layers", "0", "--out", str(out)], capsys)
+        assert f"output folder {out} is not empty and eqlin did not create it (it holds no {MARKER}: " in err
+        assert ("choose an empty or new --out. If it is the output of an earlier eqlin version (which did not mark "
+                f"its folders; it holds {name}), delete it or move it away yourself first.") in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("out", [".", ""])
+def test_out_naming_the_current_folder_is_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch, out):
+    """Issue 29, item 7: --out . and --out "" passed the checks, ran the whole analysis, then ValueError."""
+    monkeypatch.chdir(tmp_path)
+    for args in (["analyze", TEXT], ["analyze", "--prompts", str(checkpoint("qwen3") / "config.json")],
+                 ["steer", "--concept", "Golden", "--text", TEXT]):
+        err = _bad([*args, "--model", str(checkpoint("qwen3")), "--out", out], capsys)
+        assert f"--out '.' names no folder of its own (it is the current or a parent folder, which eqlin cannot " \
+               "replace); give a new folder's name, e.g. --out eqlin-report" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["model.GGUF", "model.Gguf"])

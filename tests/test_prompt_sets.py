@@ -13,8 +13,10 @@ import pytest
 
 from eqlin import cli, prompt_sets
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from eqlin.errors import InputError
+from eqlin.errors import InputError, OutputError
+from eqlin.outputs import MARKER, write_folder_atomic
 from eqlin.prompt_sets import read_prompts, read_text_file
+from eqlin.study import write_study
 
 # Nine words each (ten tokens with BOS, as tests.conftest.TEXT): one compiled length for the whole module.
 PROMPTS = ["The small red boat crossed the river to the", "A cold wind runs over the old city of",
@@ -216,10 +218,31 @@ def test_bad_arguments(tmp_path, capsys, monkeypatch, args, message):
 def test_a_single_report_folder_is_not_a_set_folder(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("The cat\n")
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "report.json").write_text("{}")
+    write_folder_atomic(out, {"report.json": b"{}"}, kind="report")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(["analyze", "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "-q"]) == EXIT_BAD_INPUT
-    assert "(a single report: give a new --out for a prompt set)" in capsys.readouterr().err
+    assert f"output folder {out} holds eqlin's report, not a prompt set; choose an empty or new --out" in (
+        capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_folder_of_the_users_images_is_not_a_set_folder(tmp_path, capsys):
+    """Issue 29, item 3: `eqlin study` took a folder of PNGs for a set folder and overwrote errors.png and
+    deleted emergence.png there."""
+    (tmp_path / "p.txt").write_text("The cat\n")
+    out = tmp_path / "pics"
+    out.mkdir()
+    for name in ("holiday", "errors", "emergence"):
+        (out / f"{name}.png").write_bytes(b"\x89PNG my " + name.encode() + b" photo")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["study", str(tmp_path / "p.txt"), "--out", str(out), "-q"]) == EXIT_BAD_INPUT
+    assert (f"output folder {out} is not empty and eqlin did not create it (it holds no {MARKER}: emergence.png, "
+            "errors.png, holiday.png); eqlin writes only into a new or empty folder, or one it marked itself, so "
+            "nothing of yours is replaced: choose an empty or new --out.\n") in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(OutputError, match="is not empty and eqlin did not create it"):
+        write_study({}, [], out)  # the library refuses too, before drawing anything
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_prompt_files_are_read_as_written(tmp_path, monkeypatch):
