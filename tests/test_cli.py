@@ -22,7 +22,7 @@ import torch
 
 import eqlin
 from eqlin.analysis import SCHEMA
-from eqlin.cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, main
+from eqlin.cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, INTERRUPTED, main
 from eqlin.memory import estimate_jacobian_bytes, format_bytes
 from eqlin.outputs import MARKER
 from eqlin.report import summary
@@ -503,6 +503,49 @@ def test_a_rewrite_replaces_the_whole_report_or_nothing(checkpoint, tmp_path, ca
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert run("--layers", "none") == EXIT_OK
     assert "emergence.png" not in {p.name for p in out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+# A child that runs eqlin.cli.main on a slow disk: each unlink takes 0.1 s (so removing a folder takes a while), and
+# the step named by argv[1] prints "now" and sleeps 0.5 s first: fsync_dir of the new set's temporary folder (just
+# before its swap) or the swap itself (outputs._exchange).
+_SLOW_SWAP = """
+import os, sys, time
+from eqlin import cli, outputs
+unlink, fsync_dir, exchange = os.unlink, outputs.fsync_dir, outputs._exchange
+def slow_unlink(*a, **k):
+    time.sleep(0.1)
+    unlink(*a, **k)
+def slow(real, *a):
+    if sys.argv[1] == real.__name__ and ".eqlin-tmp-" in str(a[0]):
+        print("now", flush=True)
+        time.sleep(0.5)
+    return real(*a)
+os.unlink = slow_unlink
+outputs.fsync_dir = lambda *a: slow(fsync_dir, *a)
+outputs._exchange = lambda *a: slow(exchange, *a)
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where, kept", [("fsync_dir", "old"), ("_exchange", "new")])
+def test_sigterm_at_the_final_swap_leaves_the_old_or_the_new_report_whole(checkpoint, tmp_path, where, kept):
+    """Issue 29, item 2: `_stop` removed the temporary folder while the worker was swapping it into place; the
+    removal went on inside the swapped-in folder and --out ended empty. Now a signal just before the swap keeps
+    the old report, one during the swap waits for it and keeps the new one; either is whole, no debris."""
+    out, texts = tmp_path / "o", {"old": "The old report", "new": "The new report"}
+    args = ["analyze", "--model", str(checkpoint("qwen3")), "--layers", "none", "--out", str(out), "-q",
+            "--no-compile-cache"]
+    assert main([*args, texts["old"]]) == EXIT_OK
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SWAP, where, *args, texts["new"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "now\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == EXIT_TERMINATED
+    assert proc.stderr.read() == f"eqlin: stopping…\neqlin: {INTERRUPTED}\n"
+    marker = json.loads((out / MARKER).read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, *marker["files"]])
+    assert json.loads((out / "report.json").read_text())["text"] == texts[kept]
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
 
 
