@@ -252,7 +252,7 @@ def _lengths(prompts: list[Prompt], folder: Path, config: ModelConfig, skipped: 
     lengths = {}
     for p in prompts:
         try:
-            n = len(tokenizer.encode(p.text))
+            n = len(tokenizer.encode(p.text, config.max_position_embeddings))
         except EqlinError as e:
             skipped.append({"line": p.line, "text": p.text, "reason": str(e)})
             continue

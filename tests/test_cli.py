@@ -447,6 +447,19 @@ def test_a_folder_holding_a_report_eqlin_did_not_write_is_left_alone(checkpoint,
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+@pytest.mark.parametrize("how", ["TEXT", "--text-file"])
+def test_a_text_too_long_to_fit_is_refused_by_its_length(checkpoint, tmp_path, capsys, how):
+    """Issue 29, item 12 (the bound: test_tokenizer.py): refused before it is tokenized, nothing written."""
+    from eqlin.tokenizer import Tokenizer
+
+    limit, _ = Tokenizer.from_folder(checkpoint("qwen3")).text_limit(64)
+    (tmp_path / "t.txt").write_text("a" * (limit + 1))
+    given = ["a" * (limit + 1)] if how == "TEXT" else ["--text-file", str(tmp_path / "t.txt")]
+    err = _bad(["analyze", *given, "--model", str(checkpoint("qwen3")), "--out", str(tmp_path / "o")], capsys)
+    assert f"eqlin: error: the text has {limit + 1:,} characters, more than any text that fits the model's 64 " in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("out", [".", ""])
 def test_out_naming_the_current_folder_is_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch, out):
     """Issue 29, item 7: --out . and --out "" passed the checks, ran the whole analysis, then ValueError."""

@@ -245,6 +245,22 @@ def test_a_folder_of_the_users_images_is_not_a_set_folder(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_prompt_too_long_to_fit_is_skipped_by_its_length_before_tokenizing(checkpoint, tmp_path, monkeypatch):
+    """Issue 29, item 12 (the bound itself: test_tokenizer.py): a 200 MB line was tokenized whole and OOM-killed;
+    now a line longer than any text that fits is skipped from its length, and nothing is loaded."""
+    from eqlin.tokenizer import Tokenizer
+
+    limit, longest = Tokenizer.from_folder(checkpoint("gemma3")).text_limit(64)
+    prompts = _write(tmp_path / "p.txt", ["a" * (limit + 1)])
+    calls = Calls(monkeypatch)
+    assert main(["analyze", "--prompts", str(prompts), "--model", str(checkpoint("gemma3")), "--out",
+                 str(tmp_path / "o"), *OPTIONS]) == EXIT_OK
+    assert (calls.loads, calls.analyses) == (0, 0) and (tmp_path / "o" / "reports.jsonl").read_bytes() == b""
+    assert [(s["line"], s["reason"]) for s in json.loads((tmp_path / "o" / "set.json").read_text())["skipped"]] == [
+        (1, f"the text has {limit + 1:,} characters, more than any text that fits the model's 64 positions can have "
+            f"(this tokenizer's longest token is {longest} characters, so at most {limit:,}); shorten it")]
+
+
 def test_prompt_files_are_read_as_written(tmp_path, monkeypatch):
     path = tmp_path / "p.txt"
     path.write_bytes(b"\xef\xbb\xbfThe cat \r\n\r\nThe dog\r\nThe cat \n")
