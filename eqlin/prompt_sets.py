@@ -44,6 +44,7 @@ import jax
 from eqlin.analysis import SCHEMA, analyze, auto_layers
 from eqlin.batch import detached_jacobians
 from eqlin.config import ModelConfig
+from eqlin.digest import digest
 from eqlin.errors import EqlinError, InputError, MemoryBudgetError, OutputError
 from eqlin.jsonlog import JsonLog, open_log
 from eqlin.layer_story import Engine
@@ -192,19 +193,40 @@ class SetRequest:
         return "; ".join(differ) or None
 
 
-def reusable_reports(log: JsonLog, request: SetRequest, num_layers: int) -> dict[str, dict[str, Any]]:
-    """{text: report} of the log's reports; an InputError if any was made for another request (the first
-    such line, what differs and the fix). A repeated text keeps its first report."""
-    found: dict[str, dict[str, Any]] = {}
-    for line, report in zip(log.lines, log.records):
+@dataclasses.dataclass(frozen=True)
+class Reusable:
+    """What a log holds for a set: {text: digest} of the reports of the file's prompts (a repeated text
+    keeps its first), how many lines hold reports of other prompts, and the sources all of them name."""
+
+    digests: dict[str, dict[str, Any]]
+    others: int
+    sources: frozenset[str]
+
+
+def reusable_reports(log: JsonLog, request: SetRequest, num_layers: int, texts: set[str]) -> Reusable:
+    """The log's reports for `texts`, read one line at a time and kept as digests (`eqlin.digest`). An
+    InputError names the first line made for another request (what differs and the fix), or the first
+    line that is not a whole report (a field missing or of the wrong type: an edited file)."""
+    digests: dict[str, dict[str, Any]] = {}
+    others, sources = 0, set()
+    for line, report in log.records():
         differs = request.mismatch(report, num_layers)
         if differs:
             raise InputError(
                 f"{log.path} holds reports of another model or other options (line {line}: {differs}); one folder "
                 "holds one set: rerun with the --model, --dtype, --layers, --top-k, --branch-tap and --layer-engine "
                 "that wrote it, or choose another --out")
-        found.setdefault(report["text"], report)
-    return found
+        try:
+            found = digest(report)
+        except ValueError as e:
+            raise InputError(f"{log.path} line {line} is not a whole report ({e}): the file was edited or damaged; "
+                             "delete that line (its prompt is analysed again) or choose another --out") from None
+        sources.add(found["model"]["source"])
+        if found["text"] in texts:
+            digests.setdefault(found["text"], found)
+        else:
+            others += 1
+    return Reusable(digests, others, frozenset(sources))
 
 
 def check_set_dir(folder: Path) -> Path:
@@ -219,8 +241,9 @@ def check_set_dir(folder: Path) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class SetRun:
-    """The outcome of `run_prompt_set`: the file's reports in file order with their lines in the file,
-    and set.json's content."""
+    """The outcome of `run_prompt_set`: the digests of the file's reports (`eqlin.digest`: what the summary
+    and the study read, not whole reports, so memory grows by a digest per prompt) in file order with their
+    lines in the file, and set.json's content."""
 
     reports: list[dict[str, Any]]
     lines: list[int]
@@ -302,12 +325,13 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
     with open_log(out / REPORTS) as log:
         if log.repaired:
             _note(log.repaired + "; its prompt is analysed again")
-        done = reusable_reports(log, request, config.num_layers)
-        sources = {r["model"]["source"] for r in done.values()} - {request.source}
+        texts = {p.text for p in prompts.prompts}
+        reusable = reusable_reports(log, request, config.num_layers, texts)
+        done = reusable.digests
+        sources = reusable.sources - {request.source}
         if sources:
             _note(f"reports in {log.path} were made from {', '.join(sorted(sources))}: the same checkpoint content "
                   f"as {request.source}, so they are reused")
-        texts = {p.text for p in prompts.prompts}
         todo = [p for p in prompts.prompts if p.text not in done]
         reused = len(prompts.prompts) - len(todo)
         lengths = _lengths(todo, folder, config, skipped) if todo else {}
@@ -340,7 +364,7 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
                         skipped.append({"line": p.line, "text": p.text, "reason": str(e)})
                         bar.write(f"eqlin: line {p.line} skipped: {e}", file=sys.stderr)
                     else:
-                        done[p.text] = result.report
+                        done[p.text] = digest(result.report)
                         analysed += 1
                         if not quiet:
                             r = result.report
@@ -349,7 +373,6 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
                                       f"{r['relative_error']:.1e}, {time.perf_counter() - one:.1f} s", file=sys.stderr)
                     bar.update()
                 timing["analysis_s"] += time.perf_counter() - t
-        others = sum(1 for r in log.records if r["text"] not in texts)
         repaired = log.repaired
     skipped.sort(key=lambda s: s["line"])
     this_run = {"prompts_file": prompts.name, "started": started.isoformat(timespec="seconds"), "analysed": analysed,
@@ -360,7 +383,7 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
     record = {
         "schema": SET_SCHEMA, "prompts_file": prompts.name, "request": request.to_dict(),
         "prompts": len(prompts.prompts), "reports": sum(p.text in done for p in prompts.prompts),
-        "skipped": skipped, "other_reports": others, "runs": [*_earlier_runs(out / SET_FILE), this_run],
+        "skipped": skipped, "other_reports": reusable.others, "runs": [*_earlier_runs(out / SET_FILE), this_run],
     }
     write_json_atomic(out / SET_FILE, record)
     reported = [p for p in prompts.prompts if p.text in done]

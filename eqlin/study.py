@@ -1,4 +1,5 @@
-"""The paper's statistics over a prompt set, computed from its reports (the lines of reports.jsonl) alone.
+"""The paper's statistics over a prompt set, computed from its reports (the lines of reports.jsonl) alone,
+as digests (`eqlin.digest`: the fields read here, under the reports' own keys).
 
 `summarize(reports, lines, record)` returns study.json's content; `write_study` writes it with the
 figures and a self-contained study.html into the set's folder, each file atomically.
@@ -37,13 +38,14 @@ from typing import Any
 
 import numpy as np
 
+from eqlin.digest import PARTS
 from eqlin.errors import OutputError
 from eqlin.outputs import check_output_dir, json_text, write_bytes_atomic
 from eqlin.prompt_sets import EXACT, SET_KIND
 from eqlin.report import PART_COLORS, render_png
 
 STUDY_SCHEMA = "eqlin.study/1"
-SCOPES, PARTS = ("cumulative", "single"), ("residual", "attn", "mlp")
+SCOPES = ("cumulative", "single")
 TOP_TOKENS = 15
 FIGURES = {
     "errors.png": "Relative reconstruction error of each prompt's final map: detached vs plain Jacobian",
@@ -146,7 +148,7 @@ def summarize(reports: list[dict[str, Any]], lines: list[int], record: dict[str,
         "stable_rank": _stable_rank(by_layer),
         "emergence": _emergence(reports, by_layer),
         "tokens": _tokens(reports),
-        "per_prompt": [{"line": line, "text": r["text"], "tokens": len(r["tokens"]), "next_token": r["next_token"]["text"],
+        "per_prompt": [{"line": line, "text": r["text"], "tokens": r["token_count"], "next_token": r["next_token"]["text"],
                         "probability": r["next_token"]["probability"], "relative_error": r["relative_error"],
                         "plain_relative_error": r["plain_relative_error"],
                         "layer_max_error": r["layer_analysis"]["max_relative_error"], "first_layer": first_layer(r)}

@@ -156,6 +156,32 @@ def test_a_log_of_another_model_or_options_is_refused(prompt_set, checkpoint, tm
     assert calls.loads == 0 and (out / "reports.jsonl").read_bytes() == before
 
 
+@pytest.mark.parametrize("command", ["analyze", "study"])
+@pytest.mark.parametrize("edit, what", [
+    (lambda r: r.update(relative_error="tiny"), "relative_error is a string, not a number"),
+    (lambda r: r.pop("per_token"), "per_token is missing"),
+])
+def test_an_edited_line_is_named_with_the_fix(prompt_set, checkpoint, tmp_path, monkeypatch, capsys, command, edit,
+                                               what):
+    """Issue 29, item 9: a line of reports.jsonl edited to hold a wrong type or to lack a key (still a JSON
+    object) ended in a TypeError or KeyError traceback, exit 1."""
+    _, prompts, out = prompt_set
+    out = shutil.copytree(out, tmp_path / "out")
+    lines = (out / "reports.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    report = json.loads(lines[1])
+    edit(report)
+    lines[1] = json.dumps(report) + "\n"
+    (out / "reports.jsonl").write_text("".join(lines), encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = Calls(monkeypatch)
+    args = ["analyze", "--prompts", str(prompts)] if command == "analyze" else ["study", str(prompts)]
+    assert main([*args, "--model", str(checkpoint("gemma3")), "--out", str(out), *OPTIONS]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == (f"eqlin: error: {out / 'reports.jsonl'} line 2 is not a whole report ({what}): "
+                                       "the file was edited or damaged; delete that line (its prompt is analysed "
+                                       "again) or choose another --out\n")
+    assert (calls.loads, calls.analyses) == (0, 0) and {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_groups_of_equal_length_share_one_vmapped_call(prompt_set, checkpoint, tmp_path):
     _, prompts, out = prompt_set
     batched = tmp_path / "batched"
