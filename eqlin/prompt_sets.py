@@ -221,7 +221,7 @@ def reusable_reports(log: JsonLog, request: SetRequest, num_layers: int, texts: 
         except ValueError as e:
             raise InputError(f"{log.path} line {line} is not a whole report ({e}): the file was edited or damaged; "
                              "delete that line (its prompt is analysed again) or choose another --out") from None
-        sources.add(found["model"]["source"])
+        sources.add(found["source"])
         if found["text"] in texts:
             digests.setdefault(found["text"], found)
         else:

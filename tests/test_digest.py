@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
+import tracemalloc
 
 import pytest
 
-from eqlin.digest import PARTS, digest
+from eqlin.digest import PARTS, SCOPES, digest
 
 
 @pytest.fixture(scope="module")
@@ -19,21 +20,38 @@ def report(tiny_report):
 
 def test_a_digest_holds_the_reports_own_values(report):
     d = digest(report)
-    assert report["layers"] and len(d["layers"]) == len(report["layers"])
-    assert d["text"] == report["text"] and d["token_count"] == len(report["tokens"])
-    assert d["next_token"] == {k: report["next_token"][k] for k in ("text", "probability")}
+    rows = report["layers"]
+    assert rows and d["layers"] == tuple(row["layer"] for row in rows)
+    assert (d["text"], d["source"], d["token_count"]) == (report["text"], report["model"]["source"],
+                                                          len(report["tokens"]))
+    assert (d["next_token"], d["probability"]) == (report["next_token"]["text"], report["next_token"]["probability"])
     for key in ("relative_error", "plain_relative_error", "homogeneity_error"):
         assert d[key] == report[key]
-    assert d["logit"]["relative_error"] == report["logit"]["relative_error"]
-    assert [p["left_tokens"][0][0] for p in d["per_token"]] == [p["left_tokens"][0][0] for p in report["per_token"]]
-    for mine, theirs in zip(d["layers"], report["layers"]):
-        assert mine["layer"] == theirs["layer"]
-        for part in PARTS:
-            assert mine["single"][part]["stable_rank"] == theirs["single"][part]["stable_rank"]
-            assert {k: theirs["cumulative"][part][k] for k in mine["cumulative"][part] if k != "top_tokens"} == {
-                k: v for k, v in mine["cumulative"][part].items() if k != "top_tokens"}
-            assert mine["cumulative"][part]["top_tokens"][0] == theirs["cumulative"][part]["top_tokens"][0]
-    assert len(json.dumps(d)) < len(json.dumps(report)) / 4
+    assert (d["logit_error"], d["layer_max_error"]) == (report["logit"]["relative_error"],
+                                                        report["layer_analysis"]["max_relative_error"])
+    assert d["final_u1"] == tuple(p["left_tokens"][0][0] for p in report["per_token"])
+    assert d["final_v1"] == tuple(p["right_tokens"][0][0] for p in report["per_token"])
+    assert d["lens_rank"] == tuple(row["cumulative"]["residual"]["next_token_rank"] for row in rows)
+    for part in PARTS:
+        for scope in SCOPES:
+            assert d["stable_rank"][scope][part] == tuple(row[scope][part]["stable_rank"] for row in rows)
+        assert d["u1_rank"][part] == tuple(row["cumulative"][part]["u1_next_token_rank"] for row in rows)
+        assert d["layer_u1"][part] == tuple(row["cumulative"][part]["top_tokens"][0] for row in rows)
+
+
+def test_a_digest_is_a_small_part_of_its_report_and_shares_its_tokens(report):
+    """What a prompt set holds per prompt (issue 29, item 13), measured with tracemalloc."""
+    line = json.dumps(report)
+    tracemalloc.start()
+    try:
+        digests = [digest(json.loads(line)) for _ in range(20)]
+        held = tracemalloc.get_traced_memory()[0] / len(digests)
+        reports = [json.loads(line) for _ in range(20)]
+        held_reports = tracemalloc.get_traced_memory()[0] / len(reports) - held
+    finally:
+        tracemalloc.stop()
+    assert held < held_reports / 5, (held, held_reports)
+    assert digests[0]["final_u1"][0] is digests[1]["final_u1"][0]  # interned: each distinct token held once
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -44,6 +62,7 @@ def test_a_digest_holds_the_reports_own_values(report):
     (lambda r: r["per_token"][1].update(left_tokens=[]), r"per_token\[1\].left_tokens\[0\] is missing"),
     (lambda r: r["layers"][0]["cumulative"]["mlp"].update(u1_next_token_rank=1.5),
      r"layers\[0\].cumulative.mlp.u1_next_token_rank is a number, not an integer"),
+    (lambda r: r["layers"][1]["single"].pop("attn"), r"layers\[1\].single.attn is missing"),
     (lambda r: r["layer_analysis"].update(max_relative_error=None),
      "layer_analysis.max_relative_error is null, not a number"),
 ])
@@ -57,4 +76,4 @@ def test_a_field_missing_or_of_the_wrong_type_is_named(report, edit, message):
 
 
 def test_without_layers_the_largest_layer_error_may_be_null(report):
-    assert digest({**report, "layers": [], "layer_analysis": {"max_relative_error": None}})["layers"] == []
+    assert digest({**report, "layers": [], "layer_analysis": {"max_relative_error": None}})["layers"] == ()
