@@ -19,7 +19,8 @@ set.json:
     prompts_file    the prompt file's path ("<stdin>" for -)
     request         {source, checkpoint, dtype, layers (the --layers spec), top_k, branch_tap, layer_engine}
     prompts         distinct prompts in the file; reports: how many of them reports.jsonl holds
-    skipped         [{line, text, reason}]: lines of the file not analysed, and why
+    skipped         [{line, text (cut after 1000 characters, "…"), reason}]: lines of the file not analysed,
+                     and why
     other_reports   reports in reports.jsonl of prompts that are not in this file (kept, not counted)
     runs            every run into this folder, oldest first: {prompts_file, started (UTC), analysed, reused,
                      skipped, seconds (the whole run), model_load_s, analysis_s (analysing and appending),
@@ -60,6 +61,7 @@ REPORTS, SET_FILE = "reports.jsonl", "set.json"
 SET_KIND = "prompt set"  # the kind of output folder a set is (eqlin.outputs.MARKER)
 SET_FILES = (REPORTS, SET_FILE, "study.json", "study.html", "errors.png", "stable_rank.png", "emergence.png")
 EXACT = 1e-13  # the paper's float64 bound on the relative reconstruction error
+SHOWN = 1000  # characters of a skipped line's text kept in set.json
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,6 +113,12 @@ def decode_text(data: bytes, name: str) -> str:
     return text
 
 
+def _skip(line: int, text: str, reason: str) -> dict[str, Any]:
+    """A skipped line's record, its text cut after SHOWN characters (a line too long to fit the context
+    may be megabytes)."""
+    return {"line": line, "text": text if len(text) <= SHOWN else text[:SHOWN] + "…", "reason": reason}
+
+
 def read_prompts(path: str) -> PromptFile:
     """The prompts of `path` ("-": standard input), one per line. An empty file, or one of blank lines
     only, is an InputError; blank lines and repeats among others are skipped and recorded."""
@@ -128,9 +136,9 @@ def read_prompts(path: str) -> PromptFile:
     for number, line in enumerate(lines, start=1):
         line = line.removesuffix("\r")
         if not line.strip():
-            skipped.append({"line": number, "text": line, "reason": "blank line"})
+            skipped.append(_skip(number, line, "blank line"))
         elif line in seen:
-            skipped.append({"line": number, "text": line, "reason": f"the same prompt as line {seen[line]}"})
+            skipped.append(_skip(number, line, f"the same prompt as line {seen[line]}"))
         else:
             seen[line] = number
             prompts.append(Prompt(number, line))
@@ -277,11 +285,11 @@ def _lengths(prompts: list[Prompt], folder: Path, config: ModelConfig, skipped: 
         try:
             n = len(tokenizer.encode(p.text, config.max_position_embeddings))
         except EqlinError as e:
-            skipped.append({"line": p.line, "text": p.text, "reason": str(e)})
+            skipped.append(_skip(p.line, p.text, str(e)))
             continue
         if n > config.max_position_embeddings:
-            skipped.append({"line": p.line, "text": p.text, "reason": f"{n} tokens, more than the model's "
-                            f"{config.max_position_embeddings} positions; shorten it"})
+            skipped.append(_skip(p.line, p.text, f"{n} tokens, more than the model's "
+                                 f"{config.max_position_embeddings} positions; shorten it"))
         else:
             lengths[p.line] = n
     return lengths
@@ -361,7 +369,7 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
                     except OutputError:
                         raise
                     except EqlinError as e:  # this prompt only: too large for memory, non-finite, ...
-                        skipped.append({"line": p.line, "text": p.text, "reason": str(e)})
+                        skipped.append(_skip(p.line, p.text, str(e)))
                         bar.write(f"eqlin: line {p.line} skipped: {e}", file=sys.stderr)
                     else:
                         done[p.text] = digest(result.report)

@@ -318,9 +318,10 @@ def test_a_prompt_too_long_to_fit_is_skipped_by_its_length_before_tokenizing(che
     assert main(["analyze", "--prompts", str(prompts), "--model", str(checkpoint("gemma3")), "--out",
                  str(tmp_path / "o"), *OPTIONS]) == EXIT_OK
     assert (calls.loads, calls.analyses) == (0, 0) and (tmp_path / "o" / "reports.jsonl").read_bytes() == b""
-    assert [(s["line"], s["reason"]) for s in json.loads((tmp_path / "o" / "set.json").read_text())["skipped"]] == [
-        (1, f"the text has {limit + 1:,} characters, more than any text that fits the model's 64 positions can have "
-            f"(this tokenizer's longest token is {longest} characters, so at most {limit:,}); shorten it")]
+    assert json.loads((tmp_path / "o" / "set.json").read_text())["skipped"] == [
+        {"line": 1, "text": "a" * prompt_sets.SHOWN + "…",  # not the whole line
+         "reason": f"the text has {limit + 1:,} characters, more than any text that fits the model's 64 positions can "
+                   f"have (this tokenizer's longest token is {longest} characters, so at most {limit:,}); shorten it"}]
 
 
 def test_prompt_files_are_read_as_written(tmp_path, monkeypatch):
