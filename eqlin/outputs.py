@@ -38,7 +38,10 @@ from typing import Any, Iterable, Iterator
 from eqlin.errors import NonFiniteError, OutputError
 
 MARKER, MARKER_SCHEMA = ".eqlin-output.json", "eqlin.output/1"
-_LEGACY = ("report.json", "steering.json", "reports.jsonl", "set.json")  # what eqlin wrote before it marked folders
+_LEGACY = frozenset({  # every name eqlin 0.1.0 wrote into an output folder, before it marked them
+    "report.json", "report.html", "reconstruction.png", "jacobian.png", "spectra.png", "emergence.png",
+    "dimensionality.png", "jacobian.safetensors", "steering.json", "steering.png", "reports.jsonl", "set.json",
+    "study.json", "study.html", "errors.png", "stable_rank.png"})
 _TEMP = re.compile(r"\.eqlin-(tmp|old)-(\d+)-([A-Za-z0-9-]*)-[0-9a-f]{8}$")
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 _SWAP = threading.Lock()  # held while a temporary entry is renamed into place (process-wide: see `stop_swaps`)
@@ -259,9 +262,9 @@ def check_output_dir(folder: Path, kind: str) -> Path:
     if names:
         marker = read_marker(folder)
         if marker is None:
-            legacy = [n for n in _LEGACY if n in names]
-            hint = (f" If it is the output of an earlier eqlin version (which did not mark its folders; it holds "
-                    f"{legacy[0]}), delete it or move it away yourself first." if legacy else "")
+            hint = (" If it is the output of an earlier eqlin version (which did not mark its folders: every name "
+                    "in it is one that version wrote), move it away or delete it yourself first."
+                    if set(names) <= _LEGACY else "")
             raise OutputError(f"output folder {folder} is not empty and eqlin did not create it (it holds no {MARKER}: "
                               f"{', '.join(names[:5])}); eqlin writes only into a new or empty folder, or one it "
                               f"marked itself, so nothing of yours is replaced: choose an empty or new --out.{hint}")

@@ -124,15 +124,26 @@ def test_an_output_folder_eqlin_did_not_mark_is_never_replaced(tmp_path):
     for call in (lambda: check_output_dir(out, "report"),
                  lambda: write_folder_atomic(out, {"report.json": b"{}"}, kind="report"),
                  lambda: claim_folder(out, "prompt set", ["reports.jsonl"])):
-        with pytest.raises(OutputError, match=rf"output folder .*results is not empty and eqlin did not create it \(it "
+        with pytest.raises(OutputError, match=rf"^output folder .*results is not empty and eqlin did not create it \(it "
                                               rf"holds no {MARKER}: finetuned.safetensors, loss_curve.png, report.json\);"
-                                              r".* choose an empty or new --out. If it is the output of an earlier eqlin "
-                                              r"version .*holds report.json\), delete it or move it away yourself"):
+                                              r" eqlin writes only into a new or empty folder, or one it marked itself, "
+                                              r"so nothing of yours is replaced: choose an empty or new --out.$"):
             call()
         assert _snapshot(out) == before
-    (out / "report.json").unlink()
-    with pytest.raises(OutputError, match=r"did not create it .*\.$"):  # no hint about earlier versions
-        check_output_dir(out, "report")
+
+
+def test_an_earlier_versions_output_is_left_with_a_hint(tmp_path):
+    """eqlin 0.1.0 wrote no marker: its folders are refused like any other, with what to do."""
+    out = tmp_path / "old"
+    out.mkdir()
+    for name in ("report.json", "report.html", "spectra.png", "jacobian.safetensors"):
+        (out / name).write_bytes(b"0.1.0")
+    before = _snapshot(out)
+    with pytest.raises(OutputError, match=r"eqlin did not create it .*choose an empty or new --out. If it is the output "
+                                          r"of an earlier eqlin version \(which did not mark its folders: every name in "
+                                          r"it is one that version wrote\), move it away or delete it yourself first.$"):
+        write_folder_atomic(out, {"report.json": b"{}"}, kind="report")
+    assert _snapshot(out) == before
 
 
 def test_a_marked_folder_is_replaced_only_by_its_own_kind_and_only_with_its_files(tmp_path):
