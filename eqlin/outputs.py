@@ -16,7 +16,9 @@
   list, is refused and never replaced or written into (`check_output_dir`, before any heavy work).
 - Swaps and a signal's clean-up never overlap: `stop_swaps` (for a process about to end on a signal)
   waits for a swap in progress and refuses later ones, so removing this process's temporary folder
-  cannot go on inside a folder that was just swapped into place.
+  cannot go on inside a folder that was just swapped into place. This is the module's one piece of
+  process-wide state (a lock and a flag), on purpose: a signal ends the whole process, so which swaps
+  may still run is the process's business, not one call's.
 """
 
 from __future__ import annotations
