@@ -267,7 +267,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from eqlin.model import checkpoint_identity
     from eqlin.outputs import check_output_dir, json_text
     from eqlin.prompt_sets import read_text_file
-    from eqlin.report import summary, write_report
+    from eqlin.report import REPORT_KIND, summary, write_report
     from eqlin.selection import parse_layers
 
     given = [name for name, value in (("TEXT", args.text), ("--text-file", args.text_file), ("--prompts", args.prompts))
@@ -287,7 +287,7 @@ def _analyze(args: argparse.Namespace) -> int:
         text = _text(args.text, "text", f"the text whose next-token prediction to analyse, {DEFAULT_TEXT_HELP}")
     _check_report_args(args)
     args.out = args.out or Path("eqlin-report")
-    out = check_output_dir(args.out, "report.json")
+    out = check_output_dir(args.out, REPORT_KIND)
     _check_environment()
     _setup_jax(args, args.dtype)
     source, folder, config = _model_config(args)
@@ -366,7 +366,7 @@ def _steer(args: argparse.Namespace) -> int:
     from eqlin.outputs import check_output_dir, json_text
     from eqlin.selection import check_layers_spec, parse_layers
     from eqlin.steering import steering_sweep
-    from eqlin.steering_report import summary, write_sweep
+    from eqlin.steering_report import SWEEP_KIND, summary, write_sweep
 
     example = "both, e.g. --concept \"The bridge out of Marin is the Golden\" --text \"Here is a painting of the\""
     concept, text = _text(args.concept, "--concept", example), _text(args.text, "--text", example)
@@ -378,7 +378,7 @@ def _steer(args: argparse.Namespace) -> int:
     check_layers_spec(args.layers)
     if args.layers.strip().lower() == "none":
         raise InputError("--layers none: give at least one layer to inject into")
-    out = check_output_dir(args.out, "steering.json")
+    out = check_output_dir(args.out, SWEEP_KIND)
     _check_environment()
     _setup_jax(args, args.dtype)
     source, folder, config = _model_config(args)
@@ -540,14 +540,16 @@ def _temp_folders(args: argparse.Namespace) -> list[Path]:
 
 
 def _stop(args: argparse.Namespace, signum: int) -> None:
-    """On SIGINT or SIGTERM: say so at once, remove this process's temporary entries (outputs are only ever
-    swapped into place whole, so nothing else is partial) and end the process without waiting for the
-    computation running in the worker thread."""
-    from eqlin.outputs import clean_temps
+    """On SIGINT or SIGTERM: say so at once, let a swap in progress finish and refuse later ones
+    (`eqlin.outputs.stop_swaps`: the folder then holds the old set or the new one, whole), remove this
+    process's temporary entries (outputs are only ever swapped into place whole, so nothing else is
+    partial) and end the process without waiting for the computation running in the worker thread."""
+    from eqlin.outputs import clean_temps, stop_swaps
 
     for s in (signal.SIGINT, signal.SIGTERM):  # a second signal must not interrupt the clean-up
         signal.signal(s, signal.SIG_IGN)
     print("eqlin: stopping…", file=sys.stderr, flush=True)
+    stop_swaps()
     for folder in _temp_folders(args):
         clean_temps(folder, own=True)
     print(f"eqlin: {INTERRUPTED}", file=sys.stderr, flush=True)

@@ -4,7 +4,8 @@ Each record is one line of compact, strict JSON (no NaN or Infinity) written by 
 `O_APPEND` descriptor and fsynced before `append` returns, so a finished append survives a crash and
 records are never interleaved. A crash during a write can only leave a partial *last* line; `open_log`
 cuts it off (saying so) before anything is appended. One writer at a time: `open_log` takes an
-exclusive `flock` on the file, and a second writer is refused.
+exclusive `flock` on the file, and a second writer is refused. The file is checked and read back one line
+at a time (`JsonLog.records`), so memory does not grow with the number of records.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 from eqlin.errors import InputError, OutputError
 from eqlin.outputs import fsync_dir, json_text
@@ -23,14 +24,12 @@ from eqlin.outputs import fsync_dir, json_text
 
 @dataclasses.dataclass
 class JsonLog:
-    """An open, locked log: `records` holds its records (1-based line numbers in `lines`), those it held
-    when opened and those appended since; `repaired` says what was cut off when it was opened (None:
-    nothing). Use as a context manager, or `close()`."""
+    """An open, locked log: `line_count` lines (blank ones included), `repaired` says what was cut off when
+    it was opened (None: nothing). Records are read back by `records()`. Use as a context manager, or
+    `close()`."""
 
     path: Path
     fd: int
-    records: list[dict[str, Any]]
-    lines: list[int]
     line_count: int
     repaired: str | None
 
@@ -52,8 +51,14 @@ class JsonLog:
             raise OutputError(f"cannot append to {self.path}: {e.strerror or e}; the records before this one are "
                               "kept, and a rerun resumes after them; free space on that disk") from None
         self.line_count += 1
-        self.records.append(record)
-        self.lines.append(self.line_count)
+
+    def records(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(1-based line, record) of every record, those appended since it was opened included, read from
+        the file one line at a time (`open_log` checked every line)."""
+        with open(self.path, "rb") as f:
+            for number, chunk in enumerate(f, start=1):
+                if chunk.strip():
+                    yield number, json.loads(chunk)
 
     def close(self) -> None:
         os.close(self.fd)  # releases the lock
@@ -84,41 +89,37 @@ def open_log(path: Path) -> JsonLog:
         if created:
             fsync_dir(path.parent)
         with open(path, "rb") as f:
-            data = f.read()
-        records, lines, keep, repaired = _parse(data, path)
-        if keep < len(data):
+            lines, keep, repaired = _check(f, path)
+        if repaired:
             os.ftruncate(fd, keep)
             os.fsync(fd)
     except BaseException:
         os.close(fd)
         raise
-    return JsonLog(path, fd, records, lines, data[:keep].count(b"\n"), repaired)
+    return JsonLog(path, fd, lines, repaired)
 
 
-def _parse(data: bytes, path: Path) -> tuple[list[dict[str, Any]], list[int], int, str | None]:
-    """(records, their 1-based line numbers, bytes to keep, what was cut off or None) of a log's bytes.
+def _check(f: BinaryIO, path: Path) -> tuple[int, int, str | None]:
+    """(complete lines to keep, their bytes, what was cut off or None) of a log, read one line at a time.
     Bytes after the last newline are a partial line; a last complete line that does not parse is damaged
-    (an interrupted write, e.g. zeros after a power loss): both are cut off. Blank lines are skipped."""
-    end = data.rfind(b"\n") + 1
-    body = data[:end].split(b"\n")[:-1]
-    records, lines, offset = [], [], 0
-    for number, chunk in enumerate(body, start=1):
+    (an interrupted write, e.g. zeros after a power loss): both are cut off. Blank lines are kept."""
+    lines = offset = 0
+    for chunk in f:
+        if not chunk.endswith(b"\n"):
+            return lines, offset, (f"{path} ended in a partial line ({len(chunk)} bytes at line {lines + 1}: a run was "
+                                   "interrupted while writing it); removed it")
         if chunk.strip():
             try:
                 record = json.loads(chunk)
                 if not isinstance(record, dict):
                     raise ValueError(f"a JSON {type(record).__name__}, not an object")
             except (ValueError, RecursionError) as e:
-                if number == len(body) and end == len(data):
-                    return records, lines, offset, (f"{path} ended in a damaged line ({len(chunk)} bytes at line "
-                                                    f"{number}: a run was interrupted while writing it); removed it")
-                raise InputError(f"{path} line {number} is not a JSON record ({str(e)[:80]}): the file was edited or "
-                                 "damaged; delete that line (its prompt is analysed again) or choose another --out"
+                if not f.read(1):  # the last line
+                    return lines, offset, (f"{path} ended in a damaged line ({len(chunk) - 1} bytes at line "
+                                           f"{lines + 1}: a run was interrupted while writing it); removed it")
+                raise InputError(f"{path} line {lines + 1} is not a JSON record ({str(e)[:80]}): the file was edited "
+                                 "or damaged; delete that line (its prompt is analysed again) or choose another --out"
                                  ) from None
-            records.append(record)
-            lines.append(number)
-        offset += len(chunk) + 1
-    if end < len(data):
-        return records, lines, end, (f"{path} ended in a partial line ({len(data) - end} bytes at line {len(body) + 1}:"
-                                     " a run was interrupted while writing it); removed it")
-    return records, lines, end, None
+        lines += 1
+        offset += len(chunk)
+    return lines, offset, None

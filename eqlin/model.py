@@ -53,7 +53,7 @@ class Model:
         """Token ids (T,) with BOS as the tokenizer adds it."""
         if self.tokenizer is None:
             raise InputError(f"{self.source} has no tokenizer.json; pass token ids instead of text")
-        return self.check_ids(self.tokenizer.encode(text))
+        return self.check_ids(self.tokenizer.encode(text, self.config.max_position_embeddings))
 
     def decode(self, ids) -> str:
         if self.tokenizer is None:

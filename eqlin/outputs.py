@@ -9,12 +9,23 @@
   swap: `eqlin-old`); `clean_temps` removes those of processes on this host that no longer run, and on
   an interrupt this process's own.
 - `json_text` refuses NaN and ±Infinity, which strict JSON parsers reject, naming where they are.
-- `check_output_dir` checks an output folder before any heavy work, creating nothing.
+- An output folder is eqlin's only if eqlin marked it so itself: `MARKER` ({schema, kind, run, written,
+  files}) is written with every set (`write_folder_atomic`) and when a prompt set's folder is created
+  (`claim_folder`). File names prove nothing (a user's report.json, a checkpoint folder), so a folder that
+  is neither empty nor marked for the same kind of output, or that holds files its marker does not
+  list, is refused and never replaced or written into (`check_output_dir`, before any heavy work).
+- Swaps and a signal's clean-up never overlap: `stop_swaps` (for a process about to end on a signal)
+  waits for a swap in progress and refuses later ones, so removing this process's temporary folder
+  cannot go on inside a folder that was just swapped into place. This is the module's one piece of
+  process-wide state (a lock and a flag), on purpose: a signal ends the whole process, so which swaps
+  may still run is the process's business, not one call's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import datetime
 import errno
 import json
 import os
@@ -22,14 +33,43 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from eqlin.errors import NonFiniteError, OutputError
 
-OUTPUT_SUFFIXES = (".json", ".html", ".png", ".safetensors")  # what eqlin's commands write into an output folder
+MARKER, MARKER_SCHEMA = ".eqlin-output.json", "eqlin.output/1"
+_LEGACY = frozenset({  # every name eqlin 0.1.0 wrote into an output folder, before it marked them
+    "report.json", "report.html", "reconstruction.png", "jacobian.png", "spectra.png", "emergence.png",
+    "dimensionality.png", "jacobian.safetensors", "steering.json", "steering.png", "reports.jsonl", "set.json",
+    "study.json", "study.html", "errors.png", "stable_rank.png"})
 _TEMP = re.compile(r"\.eqlin-(tmp|old)-(\d+)-([A-Za-z0-9-]*)-[0-9a-f]{8}$")
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_SWAP = threading.Lock()  # held while a temporary entry is renamed into place (process-wide: see `stop_swaps`)
+_STOPPED = threading.Event()
+
+
+class SwapRefused(BaseException):
+    """A swap asked for after `stop_swaps`: the process is ending on a signal, and nothing is replaced. A
+    BaseException, so that no handler of ordinary errors reports it as a failure of its own."""
+
+
+def stop_swaps() -> None:
+    """For a process about to end on a signal, before it removes its temporary entries: wait for a swap in
+    progress to finish and refuse every later one in this process (`SwapRefused`). Without this, the
+    removal of a temporary folder could start before its swap and go on, through its open descriptor,
+    inside the folder just swapped into place, leaving neither the old set nor the new one."""
+    with _SWAP:
+        _STOPPED.set()
+
+
+@contextlib.contextmanager
+def _swapping(target: Path) -> Iterator[None]:
+    with _SWAP:
+        if _STOPPED.is_set():
+            raise SwapRefused(f"{target} was not replaced: this process is stopping")
+        yield
 
 
 def _host() -> str:
@@ -144,30 +184,33 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def replace_folder(tmp: Path, folder: Path) -> None:
     """Put the complete folder `tmp` in the place of `folder` in one step; `tmp` is left holding the
-    previous content (or is gone) and is the caller's to delete."""
-    try:
-        os.rename(tmp, folder)  # absent or an empty folder: atomic
-        return
-    except OSError as e:
-        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-    if not _exchange(tmp, folder):
-        old = temp_path(folder, "old")
-        os.rename(folder, old)  # a reader may find no folder for an instant, never a mixed one
-        os.rename(tmp, folder)
-        remove(old)
+    previous content (or is gone) and is the caller's to delete. `SwapRefused` after `stop_swaps`."""
+    with _swapping(folder):
+        try:
+            os.rename(tmp, folder)  # absent or an empty folder: atomic
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if not _exchange(tmp, folder):
+            old = temp_path(folder, "old")
+            os.rename(folder, old)  # a reader may find no folder for an instant, never a mixed one
+            os.rename(tmp, folder)
+            remove(old)
 
 
-def write_folder_atomic(folder: Path, files: dict[str, bytes]) -> list[Path]:
-    """Write `files` ({name: bytes}) as the whole content of `folder`, replacing what it held, in one
-    swap (module docstring). Returns the written paths; OutputError if the disk is full or unwritable."""
-    folder = Path(folder)
+def write_folder_atomic(folder: Path, files: dict[str, bytes], *, kind: str) -> list[Path]:
+    """Write `files` ({name: bytes}) and `MARKER` (this `kind` of output, listing `files`) as the whole
+    content of `folder`, replacing what it held, in one swap (module docstring). `folder` must be absent,
+    empty or an earlier output of this kind (`check_output_dir`). Returns the written paths; OutputError
+    if the disk is full or unwritable."""
+    folder = check_output_dir(folder, kind)
     tmp = temp_path(folder)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         clean_temps(folder.parent)
         tmp.mkdir()
-        for name, data in files.items():
+        for name, data in {**files, MARKER: marker_bytes(kind, files)}.items():
             write_file_durable(tmp / name, data)
         fsync_dir(tmp)
         replace_folder(tmp, folder)
@@ -180,24 +223,77 @@ def write_folder_atomic(folder: Path, files: dict[str, bytes]) -> list[Path]:
     return [folder / name for name in files]
 
 
-def check_output_dir(folder: Path, marker: str) -> Path:
-    """Check the output folder of a command before any heavy work, creating nothing: it must be absent,
-    empty, or an earlier output of the same command (holding `marker` and only report files, since the
-    new set replaces it whole), in a place this process can write to."""
+def marker_bytes(kind: str, files: Iterable[str]) -> bytes:
+    """`MARKER`'s content: this run's identity (a random id and the time) and the files it may write."""
+    return json_text({"schema": MARKER_SCHEMA, "kind": kind, "run": secrets.token_hex(8),
+                      "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      "files": sorted(files)}).encode()
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker eqlin left in `folder`, or None (absent, unreadable, or not eqlin's format)."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    ok = (isinstance(marker, dict) and marker.get("schema") == MARKER_SCHEMA and isinstance(marker.get("kind"), str)
+          and isinstance(marker.get("files"), list) and all(isinstance(f, str) for f in marker["files"]))
+    return marker if ok else None
+
+
+def _entries(folder: Path) -> list[str]:
+    """The names in `folder` but eqlin's temporary entries."""
+    try:
+        return sorted(p.name for p in folder.iterdir() if not _TEMP.search(p.name))
+    except OSError as e:
+        raise OutputError(f"cannot write to output folder {folder}: {e.strerror}; choose another --out") from None
+
+
+def check_output_dir(folder: Path, kind: str) -> Path:
+    """Check an output folder before any heavy work, creating nothing: it must be absent, empty, or marked
+    by eqlin as an earlier output of this `kind` holding only the files its marker lists (module
+    docstring), in a place this process can write to. OutputError naming the fix otherwise."""
     folder = Path(folder)
+    if folder.name in ("", ".", ".."):
+        raise OutputError(f"--out {str(folder)!r} names no folder of its own (it is the current or a parent folder, "
+                          "which eqlin cannot replace); give a new folder's name, e.g. --out eqlin-report")
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         what = "a symbolic link" if folder.is_symlink() else "not a folder"
         raise OutputError(f"cannot write to output folder {folder}: it is {what}; choose another --out")
-    if folder.is_dir():
-        try:
-            names = sorted(p.name for p in folder.iterdir())
-        except OSError as e:
-            raise OutputError(f"cannot write to output folder {folder}: {e.strerror}; choose another --out") from None
-        foreign = [n for n in names if not (n.endswith(OUTPUT_SUFFIXES) and (folder / n).is_file())]
-        if names and (marker not in names or foreign):
-            raise OutputError(f"output folder {folder} holds files eqlin did not write ({', '.join((foreign or names)[:5])});"
-                              " each run replaces its output folder as a whole, so choose an empty or new --out")
+    names = _entries(folder) if folder.is_dir() else []
+    if names:
+        marker = read_marker(folder)
+        if marker is None:
+            hint = (" If it is the output of an earlier eqlin version (which did not mark its folders: every name "
+                    "in it is one that version wrote), move it away or delete it yourself first."
+                    if set(names) <= _LEGACY else "")
+            raise OutputError(f"output folder {folder} is not empty and eqlin did not create it (it holds no {MARKER}: "
+                              f"{', '.join(names[:5])}); eqlin writes only into a new or empty folder, or one it "
+                              f"marked itself, so nothing of yours is replaced: choose an empty or new --out.{hint}")
+        if marker["kind"] != kind:
+            raise OutputError(f"output folder {folder} holds eqlin's {marker['kind']}, not a {kind}; choose an empty or "
+                              "new --out")
+        foreign = [n for n in names if n not in {*marker["files"], MARKER}]
+        if foreign:
+            raise OutputError(f"output folder {folder} holds files eqlin did not write ({', '.join(foreign[:5])}); each "
+                              "run replaces or adds to its output folder, so choose an empty or new --out (or move "
+                              "those files away)")
     check_parent_writable(folder, "choose another --out")
+    return folder
+
+
+def claim_folder(folder: Path, kind: str, files: Iterable[str]) -> Path:
+    """Create `folder` (or take an empty one) as an output of this `kind` that may hold `files`, marking
+    it (`MARKER`), or check that it is one already (`check_output_dir`). For outputs written file by file
+    (a prompt set); a whole set is marked by `write_folder_atomic`."""
+    folder = check_output_dir(folder, kind)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if read_marker(folder) is None:
+            write_bytes_atomic(folder / MARKER, marker_bytes(kind, files))
+            fsync_dir(folder)
+    except OSError as e:
+        raise OutputError(f"cannot write to output folder {folder}: {e.strerror or e}; choose another --out") from None
     return folder
 
 
@@ -220,7 +316,8 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = temp_path(path)
     try:
         write_file_durable(tmp, data)
-        os.replace(tmp, path)
+        with _swapping(path):
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -19,7 +19,8 @@ set.json:
     prompts_file    the prompt file's path ("<stdin>" for -)
     request         {source, checkpoint, dtype, layers (the --layers spec), top_k, branch_tap, layer_engine}
     prompts         distinct prompts in the file; reports: how many of them reports.jsonl holds
-    skipped         [{line, text, reason}]: lines of the file not analysed, and why
+    skipped         [{line, text (cut after 1000 characters, "…"), reason}]: lines of the file not analysed,
+                     and why
     other_reports   reports in reports.jsonl of prompts that are not in this file (kept, not counted)
     runs            every run into this folder, oldest first: {prompts_file, started (UTC), analysed, reused,
                      skipped, seconds (the whole run), model_load_s, analysis_s (analysing and appending),
@@ -44,20 +45,23 @@ import jax
 from eqlin.analysis import SCHEMA, analyze, auto_layers
 from eqlin.batch import detached_jacobians
 from eqlin.config import ModelConfig
+from eqlin.digest import digest
 from eqlin.errors import EqlinError, InputError, MemoryBudgetError, OutputError
 from eqlin.jsonlog import JsonLog, open_log
 from eqlin.layer_story import Engine
 from eqlin.linear_maps import Linearization
 from eqlin.model import Model
-from eqlin.outputs import check_parent_writable, clean_temps, temp_path, write_json_atomic
+from eqlin.outputs import check_output_dir, claim_folder, clean_temps, write_json_atomic
 from eqlin.progress import steps
 from eqlin.selection import Tap, parse_layers
 from eqlin.tokenizer import Tokenizer
 
 SET_SCHEMA = "eqlin.prompt_set/1"
 REPORTS, SET_FILE = "reports.jsonl", "set.json"
-SET_FILES = (REPORTS, SET_FILE, "study.json", "study.html")  # and PNG figures: what a set folder may hold
+SET_KIND = "prompt set"  # the kind of output folder a set is (eqlin.outputs.MARKER)
+SET_FILES = (REPORTS, SET_FILE, "study.json", "study.html", "errors.png", "stable_rank.png", "emergence.png")
 EXACT = 1e-13  # the paper's float64 bound on the relative reconstruction error
+SHOWN = 1000  # characters of a skipped line's text kept in set.json
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,6 +113,12 @@ def decode_text(data: bytes, name: str) -> str:
     return text
 
 
+def _skip(line: int, text: str, reason: str) -> dict[str, Any]:
+    """A skipped line's record, its text cut after SHOWN characters (a line too long to fit the context
+    may be megabytes)."""
+    return {"line": line, "text": text if len(text) <= SHOWN else text[:SHOWN] + "…", "reason": reason}
+
+
 def read_prompts(path: str) -> PromptFile:
     """The prompts of `path` ("-": standard input), one per line. An empty file, or one of blank lines
     only, is an InputError; blank lines and repeats among others are skipped and recorded."""
@@ -126,9 +136,9 @@ def read_prompts(path: str) -> PromptFile:
     for number, line in enumerate(lines, start=1):
         line = line.removesuffix("\r")
         if not line.strip():
-            skipped.append({"line": number, "text": line, "reason": "blank line"})
+            skipped.append(_skip(number, line, "blank line"))
         elif line in seen:
-            skipped.append({"line": number, "text": line, "reason": f"the same prompt as line {seen[line]}"})
+            skipped.append(_skip(number, line, f"the same prompt as line {seen[line]}"))
         else:
             seen[line] = number
             prompts.append(Prompt(number, line))
@@ -191,48 +201,46 @@ class SetRequest:
         return "; ".join(differ) or None
 
 
-def reusable_reports(log: JsonLog, request: SetRequest, num_layers: int) -> dict[str, dict[str, Any]]:
-    """{text: report} of the log's reports; an InputError if any was made for another request (the first
-    such line, what differs and the fix). A repeated text keeps its first report."""
-    found: dict[str, dict[str, Any]] = {}
-    for line, report in zip(log.lines, log.records):
+@dataclasses.dataclass(frozen=True)
+class Reusable:
+    """What a log holds for a set: {text: digest} of the reports of the file's prompts (a repeated text
+    keeps its first), how many lines hold reports of other prompts, and the sources all of them name."""
+
+    digests: dict[str, dict[str, Any]]
+    others: int
+    sources: frozenset[str]
+
+
+def reusable_reports(log: JsonLog, request: SetRequest, num_layers: int, texts: set[str]) -> Reusable:
+    """The log's reports for `texts`, read one line at a time and kept as digests (`eqlin.digest`). An
+    InputError names the first line made for another request (what differs and the fix), or the first
+    line that is not a whole report (a field missing or of the wrong type: an edited file)."""
+    digests: dict[str, dict[str, Any]] = {}
+    others, sources = 0, set()
+    for line, report in log.records():
         differs = request.mismatch(report, num_layers)
         if differs:
             raise InputError(
                 f"{log.path} holds reports of another model or other options (line {line}: {differs}); one folder "
                 "holds one set: rerun with the --model, --dtype, --layers, --top-k, --branch-tap and --layer-engine "
                 "that wrote it, or choose another --out")
-        found.setdefault(report["text"], report)
-    return found
+        try:
+            found = digest(report)
+        except ValueError as e:
+            raise InputError(f"{log.path} line {line} is not a whole report ({e}): the file was edited or damaged; "
+                             "delete that line (its prompt is analysed again) or choose another --out") from None
+        sources.add(found["source"])
+        if found["text"] in texts:
+            digests.setdefault(found["text"], found)
+        else:
+            others += 1
+    return Reusable(digests, others, frozenset(sources))
 
 
 def check_set_dir(folder: Path) -> Path:
-    """Check a prompt set's output folder before any heavy work, creating nothing: absent, empty, or a
-    set folder (reports.jsonl, set.json, study files and figures only), writable."""
-    folder = Path(folder)
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        what = "a symbolic link" if folder.is_symlink() else "not a folder"
-        raise OutputError(f"cannot write to output folder {folder}: it is {what}; choose another --out")
-    if not folder.is_dir():
-        check_parent_writable(folder, "choose another --out")
-        return folder
-    try:
-        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-    except OSError as e:
-        raise OutputError(f"cannot write to output folder {folder}: {e.strerror}; choose another --out") from None
-    foreign = [n for n in names if n not in SET_FILES and not n.endswith(".png")]
-    if foreign:
-        hint = " (a single report: give a new --out for a prompt set)" if "report.json" in foreign else ""
-        raise OutputError(f"output folder {folder} holds files that are not a prompt set's ({', '.join(foreign[:5])})"
-                          f"{hint}; a prompt set's folder holds reports.jsonl, set.json and study files only, so "
-                          "choose an empty or new --out")
-    probe = temp_path(folder / "probe")
-    try:
-        probe.mkdir()
-        probe.rmdir()
-    except OSError as e:
-        raise OutputError(f"cannot write to output folder {folder}: {e.strerror}; choose another --out") from None
-    return folder
+    """Check a prompt set's output folder before any heavy work, creating nothing: absent, empty, or a set
+    folder eqlin marked (`eqlin.outputs.check_output_dir`), writable."""
+    return check_output_dir(folder, SET_KIND)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,8 +249,9 @@ def check_set_dir(folder: Path) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class SetRun:
-    """The outcome of `run_prompt_set`: the file's reports in file order with their lines in the file,
-    and set.json's content."""
+    """The outcome of `run_prompt_set`: the digests of the file's reports (`eqlin.digest`: what the summary
+    and the study read, not whole reports, so memory grows by a digest per prompt) in file order with their
+    lines in the file, and set.json's content."""
 
     reports: list[dict[str, Any]]
     lines: list[int]
@@ -274,13 +283,13 @@ def _lengths(prompts: list[Prompt], folder: Path, config: ModelConfig, skipped: 
     lengths = {}
     for p in prompts:
         try:
-            n = len(tokenizer.encode(p.text))
+            n = len(tokenizer.encode(p.text, config.max_position_embeddings))
         except EqlinError as e:
-            skipped.append({"line": p.line, "text": p.text, "reason": str(e)})
+            skipped.append(_skip(p.line, p.text, str(e)))
             continue
         if n > config.max_position_embeddings:
-            skipped.append({"line": p.line, "text": p.text, "reason": f"{n} tokens, more than the model's "
-                            f"{config.max_position_embeddings} positions; shorten it"})
+            skipped.append(_skip(p.line, p.text, f"{n} tokens, more than the model's "
+                                 f"{config.max_position_embeddings} positions; shorten it"))
         else:
             lengths[p.line] = n
     return lengths
@@ -317,20 +326,20 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
     report as it is made, and write set.json (module docstring). `load` gives the model, and is called
     only if a prompt needs it; `folder`'s tokenizer checks lengths first. Progress on stderr unless quiet."""
     started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_folder(out, SET_KIND, SET_FILES)
     clean_temps(out)
     skipped = list(prompts.skipped)
     timing = {"model_load_s": 0.0, "analysis_s": 0.0}
     with open_log(out / REPORTS) as log:
         if log.repaired:
             _note(log.repaired + "; its prompt is analysed again")
-        done = reusable_reports(log, request, config.num_layers)
-        sources = {r["model"]["source"] for r in done.values()} - {request.source}
+        texts = {p.text for p in prompts.prompts}
+        reusable = reusable_reports(log, request, config.num_layers, texts)
+        done = reusable.digests
+        sources = reusable.sources - {request.source}
         if sources:
             _note(f"reports in {log.path} were made from {', '.join(sorted(sources))}: the same checkpoint content "
                   f"as {request.source}, so they are reused")
-        texts = {p.text for p in prompts.prompts}
         todo = [p for p in prompts.prompts if p.text not in done]
         reused = len(prompts.prompts) - len(todo)
         lengths = _lengths(todo, folder, config, skipped) if todo else {}
@@ -360,10 +369,10 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
                     except OutputError:
                         raise
                     except EqlinError as e:  # this prompt only: too large for memory, non-finite, ...
-                        skipped.append({"line": p.line, "text": p.text, "reason": str(e)})
+                        skipped.append(_skip(p.line, p.text, str(e)))
                         bar.write(f"eqlin: line {p.line} skipped: {e}", file=sys.stderr)
                     else:
-                        done[p.text] = result.report
+                        done[p.text] = digest(result.report)
                         analysed += 1
                         if not quiet:
                             r = result.report
@@ -372,7 +381,6 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
                                       f"{r['relative_error']:.1e}, {time.perf_counter() - one:.1f} s", file=sys.stderr)
                     bar.update()
                 timing["analysis_s"] += time.perf_counter() - t
-        others = sum(1 for r in log.records if r["text"] not in texts)
         repaired = log.repaired
     skipped.sort(key=lambda s: s["line"])
     this_run = {"prompts_file": prompts.name, "started": started.isoformat(timespec="seconds"), "analysed": analysed,
@@ -383,7 +391,7 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
     record = {
         "schema": SET_SCHEMA, "prompts_file": prompts.name, "request": request.to_dict(),
         "prompts": len(prompts.prompts), "reports": sum(p.text in done for p in prompts.prompts),
-        "skipped": skipped, "other_reports": others, "runs": [*_earlier_runs(out / SET_FILE), this_run],
+        "skipped": skipped, "other_reports": reusable.others, "runs": [*_earlier_runs(out / SET_FILE), this_run],
     }
     write_json_atomic(out / SET_FILE, record)
     reported = [p for p in prompts.prompts if p.text in done]

@@ -18,6 +18,7 @@ from eqlin.display import contribution_heatmaps, token_html
 from eqlin.outputs import json_text, write_folder_atomic
 from eqlin.progress import stage
 
+REPORT_KIND = "report"  # the kind of output folder `write_report` writes (eqlin.outputs.MARKER)
 FIGURES = {
     "reconstruction.png": "Reconstruction of the output y by Σ_t J_t x_t: the detached Jacobian (exact) against the "
                           "plain Jacobian (not)",
@@ -418,7 +419,7 @@ def write_report(result: Analysis, out: Path, *, quiet: bool = True, extra: dict
         pngs = figures(result)
         files = {**pngs, "report.json": json_text(result.report).encode(),
                  "report.html": render_html(result.report, pngs).encode(), **(extra or {})}
-        return write_folder_atomic(out, files)
+        return write_folder_atomic(out, files, kind=REPORT_KIND)
 
 
 def _columns(text: str) -> int:

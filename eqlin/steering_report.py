@@ -11,6 +11,8 @@ import numpy as np
 from eqlin.outputs import json_text, write_folder_atomic
 from eqlin.report import render_png
 
+SWEEP_KIND = "steering sweep"  # the kind of output folder `write_sweep` writes (eqlin.outputs.MARKER)
+
 
 def heatmap_png(table: dict[str, Any]) -> bytes:
     """Two heat maps side by side (steered lift, random-control lift) on one shared colour scale that
@@ -52,7 +54,8 @@ def _heatmap(table: dict[str, Any]):
 
 def write_sweep(table: dict[str, Any], out: Path) -> list[Path]:
     """Write steering.json and steering.png as the whole content of `out`, swapped into place as one set."""
-    return write_folder_atomic(out, {"steering.json": json_text(table).encode(), "steering.png": heatmap_png(table)})
+    return write_folder_atomic(out, {"steering.json": json_text(table).encode(), "steering.png": heatmap_png(table)},
+                               kind=SWEEP_KIND)
 
 
 def summary(table: dict[str, Any], out: Path) -> str:

@@ -1,6 +1,7 @@
-"""The paper's statistics over a prompt set, computed from its reports (the lines of reports.jsonl) alone.
+"""The paper's statistics over a prompt set, computed from its reports (the lines of reports.jsonl) alone,
+each held as its digest (`eqlin.digest`: the fields read here).
 
-`summarize(reports, lines, record)` returns study.json's content; `write_study` writes it with the
+`summarize(digests, lines, record)` returns study.json's content; `write_study` writes it with the
 figures and a self-contained study.html into the set's folder, each file atomically.
 
 study.json:
@@ -37,13 +38,13 @@ from typing import Any
 
 import numpy as np
 
+from eqlin.digest import PARTS, SCOPES
 from eqlin.errors import OutputError
-from eqlin.outputs import json_text, write_bytes_atomic
-from eqlin.prompt_sets import EXACT
+from eqlin.outputs import check_output_dir, json_text, write_bytes_atomic
+from eqlin.prompt_sets import EXACT, SET_KIND
 from eqlin.report import PART_COLORS, render_png
 
 STUDY_SCHEMA = "eqlin.study/1"
-SCOPES, PARTS = ("cumulative", "single"), ("residual", "attn", "mlp")
 TOP_TOKENS = 15
 FIGURES = {
     "errors.png": "Relative reconstruction error of each prompt's final map: detached vs plain Jacobian",
@@ -62,95 +63,98 @@ def _most_common(tokens: list[str]) -> list[dict[str, Any]]:
     return [{"token": t, "count": c} for t, c in collections.Counter(tokens).most_common(TOP_TOKENS)]
 
 
-def first_layer(report: dict[str, Any]) -> int | None:
+def first_layer(d: dict[str, Any]) -> int | None:
     """The first analysed layer from which the next token stays top-1 in the logit lens of the residual
-    stream through the last analysed layer (None: not at the last one either, or no layers)."""
+    stream through the last analysed layer (None: not at the last one either, or no layers), from a
+    report's digest."""
     found = None
-    for row in report["layers"]:
-        if row["cumulative"]["residual"]["next_token_rank"] == 0:
-            found = row["layer"] if found is None else found
+    for layer, rank in zip(d["layers"], d["lens_rank"]):
+        if rank == 0:
+            found = layer if found is None else found
         else:
             found = None
     return found
 
 
-def _reconstruction(reports: list[dict[str, Any]], lines: list[int]) -> dict[str, Any]:
-    detached = [r["relative_error"] for r in reports]
-    plain = [r["plain_relative_error"] for r in reports]
+def _reconstruction(digests: list[dict[str, Any]], lines: list[int]) -> dict[str, Any]:
+    detached = [d["relative_error"] for d in digests]
+    plain = [d["plain_relative_error"] for d in digests]
     worst = int(np.argmax(detached))
     within = sum(e <= EXACT for e in detached)
-    layer_errors = [r["layer_analysis"]["max_relative_error"] for r in reports if r["layers"]]
+    layer_errors = [d["layer_max_error"] for d in digests if d["layers"]]
     return {
         "threshold": EXACT,
         "detached": {"count": len(detached), **{k: v for k, v in _stats(detached).items() if k in ("min", "median", "max")},
                      "at_most_threshold": within, "fraction_at_most_threshold": within / len(detached),
-                     "worst": {"line": lines[worst], "text": reports[worst]["text"], "value": detached[worst]}},
+                     "worst": {"line": lines[worst], "text": digests[worst]["text"], "value": detached[worst]}},
         "plain": {"count": len(plain), **{k: v for k, v in _stats(plain).items() if k in ("min", "median", "max")}},
-        "homogeneity": {k: v for k, v in _stats([r["homogeneity_error"] for r in reports]).items()
+        "homogeneity": {k: v for k, v in _stats([d["homogeneity_error"] for d in digests]).items()
                         if k in ("median", "max")},
-        "logit": {"max": max(r["logit"]["relative_error"] for r in reports)},
+        "logit": {"max": max(d["logit_error"] for d in digests)},
         "layer_maps": {"reports": len(layer_errors), "max": max(layer_errors) if layer_errors else None},
     }
 
 
-def _by_layer(reports: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
-    rows: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
-    for r in reports:
-        for row in r["layers"]:
-            rows[row["layer"]].append(row)
+def _by_layer(digests: list[dict[str, Any]]) -> dict[int, list[tuple[dict[str, Any], int]]]:
+    """{layer: [(digest, the layer's index in it)]} over the digests that analysed the layer."""
+    rows: dict[int, list[tuple[dict[str, Any], int]]] = collections.defaultdict(list)
+    for d in digests:
+        for i, layer in enumerate(d["layers"]):
+            rows[layer].append((d, i))
     return dict(sorted(rows.items()))
 
 
-def _stable_rank(by_layer: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+def _stable_rank(by_layer: dict[int, list[tuple[dict[str, Any], int]]]) -> dict[str, Any]:
     if not by_layer:
         return {}
-    return {scope: {part: [{"layer": l, "prompts": len(rows), **_stats([row[scope][part]["stable_rank"] for row in rows])}
+    return {scope: {part: [{"layer": l, "prompts": len(rows), **_stats([d["stable_rank"][scope][part][i]
+                                                                        for d, i in rows])}
                            for l, rows in by_layer.items()] for part in PARTS} for scope in SCOPES}
 
 
-def _emergence(reports: list[dict[str, Any]], by_layer: dict[int, list[dict[str, Any]]]) -> dict[str, Any] | None:
+def _emergence(digests: list[dict[str, Any]], by_layer: dict[int, list[tuple[dict[str, Any], int]]]
+               ) -> dict[str, Any] | None:
     if not by_layer:
         return None
     layers = []
     for l, rows in by_layer.items():
-        ranks = [row["cumulative"]["residual"]["next_token_rank"] for row in rows]
+        ranks = [d["lens_rank"][i] for d, i in rows]
         layers.append({"layer": l, "prompts": len(rows), "lens_top1": sum(k == 0 for k in ranks) / len(rows),
-                       "u1_top1": {part: sum(row["cumulative"][part]["u1_next_token_rank"] == 0 for row in rows)
-                                   / len(rows) for part in PARTS},
+                       "u1_top1": {part: sum(d["u1_rank"][part][i] == 0 for d, i in rows) / len(rows)
+                                   for part in PARTS},
                        "lens_rank_median": float(np.median(ranks))})
-    firsts = [first_layer(r) for r in reports if r["layers"]]
+    firsts = [first_layer(d) for d in digests if d["layers"]]
     found = [f for f in firsts if f is not None]
     counts = collections.Counter(found)
     return {"layers": layers, "first_layer": {"prompts": len(firsts), "median": float(np.median(found)) if found else None,
                                               "counts": [{"layer": l, "prompts": counts[l]} for l in sorted(counts)]}}
 
 
-def _tokens(reports: list[dict[str, Any]]) -> dict[str, Any]:
+def _tokens(digests: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "next_token": _most_common([r["next_token"]["text"] for r in reports]),
-        "final_u1": _most_common([p["left_tokens"][0][0] for r in reports for p in r["per_token"]]),
-        "final_v1": _most_common([p["right_tokens"][0][0] for r in reports for p in r["per_token"]]),
-        "layer_u1": {part: _most_common([row["cumulative"][part]["top_tokens"][0] for r in reports
-                                         for row in r["layers"]]) for part in PARTS},
+        "next_token": _most_common([d["next_token"] for d in digests]),
+        "final_u1": _most_common([t for d in digests for t in d["final_u1"]]),
+        "final_v1": _most_common([t for d in digests for t in d["final_v1"]]),
+        "layer_u1": {part: _most_common([t for d in digests for t in d["layer_u1"][part]]) for part in PARTS},
     }
 
 
-def summarize(reports: list[dict[str, Any]], lines: list[int], record: dict[str, Any]) -> dict[str, Any]:
-    """study.json's content (module docstring) from the set's reports, their prompt file `lines`, and
-    set.json's `record`."""
-    by_layer = _by_layer(reports)
+def summarize(digests: list[dict[str, Any]], lines: list[int], record: dict[str, Any]) -> dict[str, Any]:
+    """study.json's content (module docstring) from the digests of the set's reports (`eqlin.digest`),
+    their prompt file `lines`, and set.json's `record`."""
+    by_layer = _by_layer(digests)
     return {
         "schema": STUDY_SCHEMA, "prompts_file": record["prompts_file"], "request": record["request"],
-        "prompts": record["prompts"], "reports": len(reports), "skipped": record["skipped"],
-        "reconstruction": _reconstruction(reports, lines) if reports else None,
+        "prompts": record["prompts"], "reports": len(digests), "skipped": record["skipped"],
+        "reconstruction": _reconstruction(digests, lines) if digests else None,
         "stable_rank": _stable_rank(by_layer),
-        "emergence": _emergence(reports, by_layer),
-        "tokens": _tokens(reports),
-        "per_prompt": [{"line": line, "text": r["text"], "tokens": len(r["tokens"]), "next_token": r["next_token"]["text"],
-                        "probability": r["next_token"]["probability"], "relative_error": r["relative_error"],
-                        "plain_relative_error": r["plain_relative_error"],
-                        "layer_max_error": r["layer_analysis"]["max_relative_error"], "first_layer": first_layer(r)}
-                       for line, r in zip(lines, reports)],
+        "emergence": _emergence(digests, by_layer),
+        "tokens": _tokens(digests),
+        "per_prompt": [{"line": line, "text": d["text"], "tokens": d["token_count"], "next_token": d["next_token"],
+                        "probability": d["probability"], "relative_error": d["relative_error"],
+                        "plain_relative_error": d["plain_relative_error"], "layer_max_error": d["layer_max_error"],
+                        "first_layer": first_layer(d)}
+                       for line, d in zip(lines, digests)],
     }
 
 
@@ -158,11 +162,11 @@ def summarize(reports: list[dict[str, Any]], lines: list[int], record: dict[str,
 # Figures.
 
 
-def _errors_figure(reports: list[dict[str, Any]]):
+def _errors_figure(digests: list[dict[str, Any]]):
     from matplotlib.ticker import MaxNLocator
 
-    detached = np.array([r["relative_error"] for r in reports])
-    plain = np.array([r["plain_relative_error"] for r in reports])
+    detached = np.array([d["relative_error"] for d in digests])
+    plain = np.array([d["plain_relative_error"] for d in digests])
 
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
@@ -179,7 +183,7 @@ def _errors_figure(reports: list[dict[str, Any]]):
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("relative reconstruction error ‖y − Σ_t J_t x_t‖ / ‖y‖ (log scale)")
         ax.set_ylabel("prompts")
-        ax.set_title(f"Final map of each prompt, {len(reports)} prompts", fontsize=10)
+        ax.set_title(f"Final map of each prompt, {len(digests)} prompts", fontsize=10)
         ax.legend(fontsize=8)
     return draw
 
@@ -245,13 +249,13 @@ def _emergence_figure(emergence: dict[str, Any]):
     return draw
 
 
-def figures(summary: dict[str, Any], reports: list[dict[str, Any]]) -> dict[str, bytes]:
+def figures(summary: dict[str, Any], digests: list[dict[str, Any]]) -> dict[str, bytes]:
     """PNG bytes by file name; the layer figures only when layer maps were analysed."""
-    if not reports:
+    if not digests:
         return {}
-    out = {"errors.png": render_png(_errors_figure(reports), (9, 4))}
+    out = {"errors.png": render_png(_errors_figure(digests), (9, 4))}
     if summary["stable_rank"]:
-        out["stable_rank.png"] = render_png(_stable_rank_figure(summary["stable_rank"], len(reports)), (13, 4.8))
+        out["stable_rank.png"] = render_png(_stable_rank_figure(summary["stable_rank"], len(digests)), (13, 4.8))
         out["emergence.png"] = render_png(_emergence_figure(summary["emergence"]), (13, 4.5))
     return out
 
@@ -373,11 +377,13 @@ figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{color:#555}}</style></h
 """
 
 
-def write_study(summary: dict[str, Any], reports: list[dict[str, Any]], out: Path) -> list[Path]:
+def write_study(summary: dict[str, Any], digests: list[dict[str, Any]], out: Path) -> list[Path]:
     """Write study.json, the figures and study.html into `out`, each file atomically, and remove a figure
-    of an earlier study that this one does not have. Returns the written paths."""
-    out = Path(out)
-    pngs = figures(summary, reports)
+    of an earlier study that this one does not have. `out` must be a prompt set's folder that eqlin marked
+    (`eqlin.outputs.check_output_dir`): a folder of the user's own images is never written into. Returns the
+    written paths."""
+    out = check_output_dir(out, SET_KIND)
+    pngs = figures(summary, digests)
     files = {"study.json": json_text(summary).encode(), **pngs, "study.html": render_html(summary, pngs).encode()}
     try:
         for name, data in files.items():

@@ -11,6 +11,8 @@ import tokenizers
 from eqlin.errors import InputError, WeightsError
 from eqlin.loading import read_json
 
+NORMALIZATION_SHRINK = 4  # Unicode normalization (NFC, NFKC) composes at most this many characters into one (ᾯ: 4)
+
 
 def check_text(text: object, what: str = "text") -> str:
     """`text` as a non-empty string of valid Unicode (command-line bytes that are not UTF-8 arrive as
@@ -69,9 +71,34 @@ class Tokenizer:
                                "vocabulary; fix bos_token (or add_bos_token) in tokenizer_config.json")
         return cls(inner, bos_id, add_bos)
 
-    def encode(self, text: str) -> np.ndarray:
-        """Token ids (T,) for `text`, BOS included where the tokenizer adds one."""
-        ids = self.inner.encode(check_text(text), add_special_tokens=True).ids
+    def text_limit(self, max_tokens: int) -> tuple[int, int]:
+        """(the most characters a text that makes at most `max_tokens` tokens can have, the longest vocabulary
+        entry's characters L): max_tokens · L · NORMALIZATION_SHRINK. A token covers at most L characters of
+        the normalized text (a byte-level vocabulary's entries are bytes, at least as many as the characters
+        they spell; added tokens are matched literally), and normalization shrinks a text at most
+        NORMALIZATION_SHRINK-fold. (A vocabulary fusing unknown characters into one token would break the
+        bound; none of the supported families has one.)"""
+        longest = max(map(len, self.inner.get_vocab(with_added_tokens=True)), default=1)
+        return max_tokens * longest * NORMALIZATION_SHRINK, longest
+
+    def check_size(self, text: str, max_tokens: int) -> None:
+        """InputError if `text` is too long to make at most `max_tokens` tokens (`text_limit`), decided from
+        its length alone: tokenizing takes about 100 bytes of memory per character."""
+        if len(text) <= NORMALIZATION_SHRINK * max_tokens:  # within the limit whatever the vocabulary
+            return
+        limit, longest = self.text_limit(max_tokens)
+        if len(text) > limit:
+            raise InputError(f"the text has {len(text):,} characters, more than any text that fits the model's "
+                             f"{max_tokens:,} positions can have (this tokenizer's longest token is {longest} "
+                             f"characters, so at most {limit:,}); shorten it")
+
+    def encode(self, text: str, max_tokens: int | None = None) -> np.ndarray:
+        """Token ids (T,) for `text`, BOS included where the tokenizer adds one; with `max_tokens`, a text
+        too long to fit is refused by its length before it is tokenized (`check_size`)."""
+        check_text(text)
+        if max_tokens is not None:
+            self.check_size(text, max_tokens)
+        ids = self.inner.encode(text, add_special_tokens=True).ids
         if self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         if not ids:

@@ -24,8 +24,9 @@ import torch
 
 import eqlin
 from eqlin.analysis import SCHEMA
-from eqlin.cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, main
+from eqlin.cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, INTERRUPTED, main
 from eqlin.memory import estimate_jacobian_bytes, format_bytes
+from eqlin.outputs import MARKER
 from eqlin.report import summary
 from tests.conftest import TEXT
 from eqlin.reference import load_transformers
@@ -38,7 +39,7 @@ REPORT_KEYS = {"schema", "next_token", "relative_error", "plain_relative_error",
 def test_analyze_on_a_tiny_model(tiny_report, checkpoint, capsys):
     code, out = tiny_report
     assert code == EXIT_OK
-    assert sorted(p.name for p in out.iterdir()) == ["dimensionality.png", "emergence.png", "jacobian.png",
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "dimensionality.png", "emergence.png", "jacobian.png",
                                                      "reconstruction.png", "report.html", "report.json", "spectra.png"]
     report = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(report) and report["schema"] == SCHEMA
@@ -484,8 +485,55 @@ def test_out_with_other_files_is_left_alone(checkpoint, tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     err = _bad(["analyze", TEXT, "--model", str(checkpoint("qwen3")), "--out", str(out)], capsys)
-    assert "holds files eqlin did not write (notes.txt)" in err and "choose an empty or new --out" in err
+    assert "is not empty and eqlin did not create it (it holds no .eqlin-output.json: notes.txt)" in err
+    assert "choose an empty or new --out" in err and "earlier eqlin version" not in err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("command, name", [("analyze", "report.json"), ("steer", "steering.json")])
+def test_a_folder_holding_a_report_eqlin_did_not_write_is_left_alone(checkpoint, tmp_path, capsys, command, name):
+    """Issue 29, item 1: a folder holding a report.json (steer: a steering.json) and only .json, .html, .png and
+    .safetensors files was taken for an earlier output and replaced whole: a user's results, or a whole
+    checkpoint folder (no hint to delete it: it is not an earlier version's output by its names)."""
+    results, model = tmp_path / "results", tmp_path / "model"
+    results.mkdir()
+    (results / name).write_text('{"accuracy": 0.93}')
+    (results / "metrics.json").write_text('{"run": 42}')
+    (results / "loss_curve.png").write_bytes(b"\x89PNG")
+    shutil.copytree(checkpoint("qwen3"), model)
+    (model / name).write_text('{"eval": 1}')
+    args = (["analyze", TEXT] if command == "analyze" else ["steer", "--concept", "Golden", "--text", TEXT])
+    for out in (results, model):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        err = _bad([*args, "--model", str(checkpoint("qwen3")), "--layers", "0", "--out", str(out)], capsys)
+        assert f"output folder {out} is not empty and eqlin did not create it (it holds no {MARKER}: " in err
+        assert "choose an empty or new --out.\n" in err and "earlier eqlin version" not in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("how", ["TEXT", "--text-file"])
+def test_a_text_too_long_to_fit_is_refused_by_its_length(checkpoint, tmp_path, capsys, how):
+    """Issue 29, item 12 (the bound: test_tokenizer.py): refused before it is tokenized, nothing written."""
+    from eqlin.tokenizer import Tokenizer
+
+    limit, _ = Tokenizer.from_folder(checkpoint("qwen3")).text_limit(64)
+    (tmp_path / "t.txt").write_text("a" * (limit + 1))
+    given = ["a" * (limit + 1)] if how == "TEXT" else ["--text-file", str(tmp_path / "t.txt")]
+    err = _bad(["analyze", *given, "--model", str(checkpoint("qwen3")), "--out", str(tmp_path / "o")], capsys)
+    assert f"eqlin: error: the text has {limit + 1:,} characters, more than any text that fits the model's 64 " in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("out", [".", ""])
+def test_out_naming_the_current_folder_is_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch, out):
+    """Issue 29, item 7: --out . and --out "" passed the checks, ran the whole analysis, then ValueError."""
+    monkeypatch.chdir(tmp_path)
+    for args in (["analyze", TEXT], ["analyze", "--prompts", str(checkpoint("qwen3") / "config.json")],
+                 ["steer", "--concept", "Golden", "--text", TEXT]):
+        err = _bad([*args, "--model", str(checkpoint("qwen3")), "--out", out], capsys)
+        assert f"--out '.' names no folder of its own (it is the current or a parent folder, which eqlin cannot " \
+               "replace); give a new folder's name, e.g. --out eqlin-report" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["model.GGUF", "model.Gguf"])
@@ -532,6 +580,49 @@ def test_a_rewrite_replaces_the_whole_report_or_nothing(checkpoint, tmp_path, ca
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert run("--layers", "none") == EXIT_OK
     assert "emergence.png" not in {p.name for p in out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+# A child that runs eqlin.cli.main on a slow disk: each unlink takes 0.1 s (so removing a folder takes a while), and
+# the step named by argv[1] prints "now" and sleeps 0.5 s first: fsync_dir of the new set's temporary folder (just
+# before its swap) or the swap itself (outputs._exchange).
+_SLOW_SWAP = """
+import os, sys, time
+from eqlin import cli, outputs
+unlink, fsync_dir, exchange = os.unlink, outputs.fsync_dir, outputs._exchange
+def slow_unlink(*a, **k):
+    time.sleep(0.1)
+    unlink(*a, **k)
+def slow(real, *a):
+    if sys.argv[1] == real.__name__ and ".eqlin-tmp-" in str(a[0]):
+        print("now", flush=True)
+        time.sleep(0.5)
+    return real(*a)
+os.unlink = slow_unlink
+outputs.fsync_dir = lambda *a: slow(fsync_dir, *a)
+outputs._exchange = lambda *a: slow(exchange, *a)
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where, kept", [("fsync_dir", "old"), ("_exchange", "new")])
+def test_sigterm_at_the_final_swap_leaves_the_old_or_the_new_report_whole(checkpoint, tmp_path, where, kept):
+    """Issue 29, item 2: `_stop` removed the temporary folder while the worker was swapping it into place; the
+    removal went on inside the swapped-in folder and --out ended empty. Now a signal just before the swap keeps
+    the old report, one during the swap waits for it and keeps the new one; either is whole, no debris."""
+    out, texts = tmp_path / "o", {"old": "The old report", "new": "The new report"}
+    args = ["analyze", "--model", str(checkpoint("qwen3")), "--layers", "none", "--out", str(out), "-q",
+            "--no-compile-cache"]
+    assert main([*args, texts["old"]]) == EXIT_OK
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SWAP, where, *args, texts["new"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "now\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == EXIT_TERMINATED
+    assert proc.stderr.read() == f"eqlin: stopping…\neqlin: {INTERRUPTED}\n"
+    marker = json.loads((out / MARKER).read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, *marker["files"]])
+    assert json.loads((out / "report.json").read_text())["text"] == texts[kept]
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
 
 

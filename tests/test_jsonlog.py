@@ -15,12 +15,14 @@ from eqlin.jsonlog import open_log
 def test_records_survive_reopening(tmp_path):
     path = tmp_path / "log.jsonl"
     with open_log(path) as log:
-        assert log.records == [] and log.repaired is None
+        assert list(log.records()) == [] and log.repaired is None
         log.append({"text": "a", "value": 1.5})
         log.append({"text": "b ü", "value": [1, 2]})
     assert path.read_text(encoding="utf-8").count("\n") == 2
     with open_log(path) as log:
-        assert log.records == [{"text": "a", "value": 1.5}, {"text": "b ü", "value": [1, 2]}] and log.lines == [1, 2]
+        assert list(log.records()) == [(1, {"text": "a", "value": 1.5}), (2, {"text": "b ü", "value": [1, 2]})]
+        log.append({"text": "c"})
+        assert [line for line, _ in log.records()] == [1, 2, 3] and log.line_count == 3
 
 
 @pytest.mark.parametrize("tail, what", [(b'{"text": "c", "val', "partial line (18 bytes at line 3"),
@@ -30,7 +32,7 @@ def test_a_torn_last_line_is_cut_off_and_said(tmp_path, tail, what):
     whole = b'{"text": "a"}\n{"text": "b"}\n'
     path.write_bytes(whole + tail)
     with open_log(path) as log:
-        assert [r["text"] for r in log.records] == ["a", "b"]
+        assert [r["text"] for _, r in log.records()] == ["a", "b"]
         assert what in log.repaired and "a run was interrupted while writing it" in log.repaired
         log.append({"text": "c"})
     assert path.read_bytes() == whole + b'{"text":"c"}\n'

@@ -13,8 +13,8 @@ import pytest
 
 from eqlin import outputs
 from eqlin.errors import InputError, NonFiniteError, OutputError
-from eqlin.outputs import (check_output_dir, clean_temps, json_text, write_bytes_atomic, write_folder_atomic,
-                           write_json_atomic)
+from eqlin.outputs import (MARKER, check_output_dir, claim_folder, clean_temps, json_text, read_marker,
+                           write_bytes_atomic, write_folder_atomic, write_json_atomic)
 
 
 def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
@@ -34,7 +34,7 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
 def test_unwritable_folder_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(InputError, match="cannot write to output folder .*choose another --out"):
-        check_output_dir(tmp_path / "file" / "out", "report.json")
+        check_output_dir(tmp_path / "file" / "out", "report")
     assert (tmp_path / "file").read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
@@ -50,10 +50,10 @@ def test_a_set_replaces_the_previous_one_whole(tmp_path, monkeypatch, exchange):
     if not exchange:
         monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
     out = tmp_path / "report"
-    write_folder_atomic(out, {"report.json": b"1", "layers.png": b"old"})
+    write_folder_atomic(out, {"report.json": b"1", "layers.png": b"old"}, kind="report")
     inode = out.stat().st_ino
-    assert write_folder_atomic(out, {"report.json": b"2"}) == [out / "report.json"]
-    assert sorted(p.name for p in out.iterdir()) == ["report.json"]  # no stale layers.png
+    assert write_folder_atomic(out, {"report.json": b"2"}, kind="report") == [out / "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "report.json"]  # no stale layers.png
     assert (out / "report.json").read_bytes() == b"2" and out.stat().st_ino != inode  # a new folder, swapped in
     assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no debris
 
@@ -65,7 +65,8 @@ def test_a_set_replaces_the_previous_one_whole(tmp_path, monkeypatch, exchange):
 ])
 def test_an_interrupted_or_disk_full_rewrite_leaves_the_old_set(tmp_path, monkeypatch, failure, error, message):
     out = tmp_path / "report"
-    write_folder_atomic(out, {"report.json": b"old", "a.png": b"old"})
+    write_folder_atomic(out, {"report.json": b"old", "a.png": b"old"}, kind="report")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     real, written = outputs.write_file_durable, []
 
     def second_fails(path, data):
@@ -76,8 +77,8 @@ def test_an_interrupted_or_disk_full_rewrite_leaves_the_old_set(tmp_path, monkey
 
     monkeypatch.setattr(outputs, "write_file_durable", second_fails)
     with pytest.raises(error, match=message):
-        write_folder_atomic(out, {"report.json": b"new", "a.png": b"new", "b.png": b"new"})
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"report.json": b"old", "a.png": b"old"}
+        write_folder_atomic(out, {"report.json": b"new", "a.png": b"new", "b.png": b"new"}, kind="report")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and before["report.json"] == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
 
 
@@ -107,19 +108,97 @@ def test_json_never_holds_nan_or_infinity():
         json_text({"logit": float("-inf")})
 
 
-def test_an_output_folder_with_other_files_is_refused(tmp_path):
-    out = tmp_path / "mine"
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_an_output_folder_eqlin_did_not_mark_is_never_replaced(tmp_path):
+    """Issue 29, item 1: a folder holding a report.json eqlin did not write (a user's results, a checkpoint
+    folder) and only .json/.png/.safetensors files was taken for an earlier report and replaced whole."""
+    out = tmp_path / "results"
     out.mkdir()
+    (out / "report.json").write_text('{"accuracy": 0.93}')
+    (out / "finetuned.safetensors").write_bytes(b"weights")
+    (out / "loss_curve.png").write_bytes(b"\x89PNG")
+    before = _snapshot(out)
+    for call in (lambda: check_output_dir(out, "report"),
+                 lambda: write_folder_atomic(out, {"report.json": b"{}"}, kind="report"),
+                 lambda: claim_folder(out, "prompt set", ["reports.jsonl"])):
+        with pytest.raises(OutputError, match=rf"^output folder .*results is not empty and eqlin did not create it \(it "
+                                              rf"holds no {MARKER}: finetuned.safetensors, loss_curve.png, report.json\);"
+                                              r" eqlin writes only into a new or empty folder, or one it marked itself, "
+                                              r"so nothing of yours is replaced: choose an empty or new --out.$"):
+            call()
+        assert _snapshot(out) == before
+
+
+def test_an_earlier_versions_output_is_left_with_a_hint(tmp_path):
+    """eqlin 0.1.0 wrote no marker: its folders are refused like any other, with what to do."""
+    out = tmp_path / "old"
+    out.mkdir()
+    for name in ("report.json", "report.html", "spectra.png", "jacobian.safetensors"):
+        (out / name).write_bytes(b"0.1.0")
+    before = _snapshot(out)
+    with pytest.raises(OutputError, match=r"eqlin did not create it .*choose an empty or new --out. If it is the output "
+                                          r"of an earlier eqlin version \(which did not mark its folders: every name in "
+                                          r"it is one that version wrote\), move it away or delete it yourself first.$"):
+        write_folder_atomic(out, {"report.json": b"{}"}, kind="report")
+    assert _snapshot(out) == before
+
+
+def test_a_marked_folder_is_replaced_only_by_its_own_kind_and_only_with_its_files(tmp_path):
+    out = tmp_path / "mine"
+    write_folder_atomic(out, {"report.json": b"1", "a.png": b"1"}, kind="report")
+    marker = read_marker(out)
+    assert marker["kind"] == "report" and marker["files"] == ["a.png", "report.json"] and len(marker["run"]) == 16
+    assert check_output_dir(out, "report") == out  # an earlier report: replaced by the next one
+    with pytest.raises(OutputError, match=r"output folder .*mine holds eqlin's report, not a steering sweep; choose an "
+                                          "empty or new --out"):
+        check_output_dir(out, "steering sweep")
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(InputError, match=r"output folder .*mine holds files eqlin did not write \(notes.txt\); each run "
-                                         "replaces its output folder as a whole"):
-        check_output_dir(out, "report.json")
-    (out / "notes.txt").unlink()
-    (out / "steering.json").write_text("{}")
-    with pytest.raises(InputError, match=r"holds files eqlin did not write \(steering.json\)"):
-        check_output_dir(out, "report.json")
-    (out / "report.json").write_text("{}")
-    assert check_output_dir(out, "report.json") == out  # an earlier report: replaced by the next one
+    before = _snapshot(out)
+    with pytest.raises(OutputError, match=r"output folder .*mine holds files eqlin did not write \(notes.txt\); each "
+                                          "run replaces or adds to its output folder"):
+        write_folder_atomic(out, {"report.json": b"2"}, kind="report")
+    assert _snapshot(out) == before
+    (out / MARKER).write_text("{}")  # not eqlin's format: not a mark
+    with pytest.raises(OutputError, match="eqlin did not create it"):
+        check_output_dir(out, "report")
+
+
+def test_claim_folder_marks_a_new_or_empty_folder_once(tmp_path):
+    new, empty = tmp_path / "a" / "new", tmp_path / "empty"
+    empty.mkdir()
+    for folder in (new, empty):
+        assert claim_folder(folder, "prompt set", ["reports.jsonl"]) == folder
+        marker = (folder / MARKER).read_bytes()
+        assert read_marker(folder)["files"] == ["reports.jsonl"] and [p.name for p in folder.iterdir()] == [MARKER]
+        (folder / "reports.jsonl").write_text("")
+        claim_folder(folder, "prompt set", ["reports.jsonl"])
+        assert (folder / MARKER).read_bytes() == marker  # the first run's identity is kept
+
+
+@pytest.mark.parametrize("name", [".", "", "..", "sub/.."])
+def test_the_current_or_a_parent_folder_is_refused(tmp_path, monkeypatch, name):
+    """Issue 29, item 7: --out . or --out "" passed the checks, ran everything, then ended in a ValueError."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match=r"names no folder of its own .*give a new folder's name, e.g. --out "
+                                          "eqlin-report"):
+        check_output_dir(outputs.Path(name), "report")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_swap_after_stop_swaps_is_refused_and_changes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "_STOPPED", outputs.threading.Event())  # this test's own; the process goes on
+    out = tmp_path / "report"
+    write_folder_atomic(out, {"report.json": b"old"}, kind="report")
+    before = _snapshot(out)
+    outputs.stop_swaps()
+    with pytest.raises(outputs.SwapRefused, match="was not replaced: this process is stopping"):
+        write_folder_atomic(out, {"report.json": b"new"}, kind="report")
+    with pytest.raises(outputs.SwapRefused):
+        write_bytes_atomic(tmp_path / "set.json", b"{}")
+    assert _snapshot(out) == before and [p.name for p in tmp_path.iterdir()] == ["report"]
 
 
 def test_what_eqlin_writes_follows_the_umask(tmp_path):
@@ -131,11 +210,11 @@ def test_what_eqlin_writes_follows_the_umask(tmp_path):
 
     old = os.umask(0o022)
     try:
-        write_folder_atomic(tmp_path / "report", {"report.json": b"{}", "figure.png": b"png"})
+        write_folder_atomic(tmp_path / "report", {"report.json": b"{}", "figure.png": b"png"}, kind="report")
         write_bytes_atomic(tmp_path / "one.json", b"{}")
         write_safetensors(tmp_path / "w.safetensors", {"a": np.zeros(2, np.float32)})
     finally:
         os.umask(old)
     modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in sorted(tmp_path.rglob("*"))}
-    assert modes == {"report": "0o755", "report/figure.png": "0o644", "report/report.json": "0o644",
+    assert modes == {"report": "0o755", f"report/{MARKER}": "0o644", "report/figure.png": "0o644", "report/report.json": "0o644",
                      "one.json": "0o644", "w.safetensors": "0o644"}

@@ -13,8 +13,10 @@ import pytest
 
 from eqlin import cli, prompt_sets
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from eqlin.errors import InputError
+from eqlin.errors import InputError, OutputError
+from eqlin.outputs import MARKER, write_folder_atomic
 from eqlin.prompt_sets import read_prompts, read_text_file
+from eqlin.study import write_study
 
 # Nine words each (ten tokens with BOS, as tests.conftest.TEXT): one compiled length for the whole module.
 PROMPTS = ["The small red boat crossed the river to the", "A cold wind runs over the old city of",
@@ -154,6 +156,68 @@ def test_a_log_of_another_model_or_options_is_refused(prompt_set, checkpoint, tm
     assert calls.loads == 0 and (out / "reports.jsonl").read_bytes() == before
 
 
+@pytest.mark.parametrize("command", ["analyze", "study"])
+@pytest.mark.parametrize("edit, what", [
+    (lambda r: r.update(relative_error="tiny"), "relative_error is a string, not a number"),
+    (lambda r: r.pop("per_token"), "per_token is missing"),
+])
+def test_an_edited_line_is_named_with_the_fix(prompt_set, checkpoint, tmp_path, monkeypatch, capsys, command, edit,
+                                               what):
+    """Issue 29, item 9: a line of reports.jsonl edited to hold a wrong type or to lack a key (still a JSON
+    object) ended in a TypeError or KeyError traceback, exit 1."""
+    _, prompts, out = prompt_set
+    out = shutil.copytree(out, tmp_path / "out")
+    lines = (out / "reports.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    report = json.loads(lines[1])
+    edit(report)
+    lines[1] = json.dumps(report) + "\n"
+    (out / "reports.jsonl").write_text("".join(lines), encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = Calls(monkeypatch)
+    args = ["analyze", "--prompts", str(prompts)] if command == "analyze" else ["study", str(prompts)]
+    assert main([*args, "--model", str(checkpoint("gemma3")), "--out", str(out), *OPTIONS]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == (f"eqlin: error: {out / 'reports.jsonl'} line 2 is not a whole report ({what}): "
+                                       "the file was edited or damaged; delete that line (its prompt is analysed "
+                                       "again) or choose another --out\n")
+    assert (calls.loads, calls.analyses) == (0, 0) and {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_memory_grows_by_a_digest_per_prompt_not_a_report(prompt_set, checkpoint, tmp_path):
+    """Issue 29, item 13: a set kept every report in memory, and a resume read all of reports.jsonl at once.
+    Measured (tracemalloc's peak inside run_prompt_set, what its result keeps included) over a resume of N and
+    of 4N prompts: each added prompt costs less than half its report line (measured on the 2-core Xeon: 1.7 KB
+    per prompt for a 6.7 KB line; 46 KB when every report was held)."""
+    import tracemalloc
+
+    from eqlin.model import checkpoint_identity, read_config
+
+    _, _, out = prompt_set
+    line = json.loads((out / "reports.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    size = len(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
+    folder = checkpoint("gemma3")
+    request = prompt_sets.SetRequest(str(folder), checkpoint_identity(str(folder), folder), "float64", "none", 3,
+                                     "post", "auto")
+    config = read_config(folder)[1]
+
+    def peak(n: int) -> int:
+        where = shutil.copytree(out, tmp_path / str(n), ignore=shutil.ignore_patterns("reports.jsonl"))
+        (where / "reports.jsonl").write_text("".join(
+            json.dumps({**line, "text": f"prompt {i}"}, ensure_ascii=False, separators=(",", ":")) + "\n"
+            for i in range(n)), encoding="utf-8")
+        prompts = read_prompts(str(_write(tmp_path / f"{n}.txt", [f"prompt {i}" for i in range(n)])))
+        tracemalloc.start()
+        try:
+            run = prompt_sets.run_prompt_set(prompts, where, request, config=config, folder=folder,
+                                             load=lambda: pytest.fail("nothing to analyse: no model"))
+            assert len(run.reports) == n
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(40), peak(160)
+    assert (large - small) / 120 < size / 2, (small, large, size)
+
+
 def test_groups_of_equal_length_share_one_vmapped_call(prompt_set, checkpoint, tmp_path):
     _, prompts, out = prompt_set
     batched = tmp_path / "batched"
@@ -216,10 +280,48 @@ def test_bad_arguments(tmp_path, capsys, monkeypatch, args, message):
 def test_a_single_report_folder_is_not_a_set_folder(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("The cat\n")
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "report.json").write_text("{}")
+    write_folder_atomic(out, {"report.json": b"{}"}, kind="report")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(["analyze", "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "-q"]) == EXIT_BAD_INPUT
-    assert "(a single report: give a new --out for a prompt set)" in capsys.readouterr().err
+    assert f"output folder {out} holds eqlin's report, not a prompt set; choose an empty or new --out" in (
+        capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_folder_of_the_users_images_is_not_a_set_folder(tmp_path, capsys):
+    """Issue 29, item 3: `eqlin study` took a folder of PNGs for a set folder and overwrote errors.png and
+    deleted emergence.png there."""
+    (tmp_path / "p.txt").write_text("The cat\n")
+    out = tmp_path / "pics"
+    out.mkdir()
+    for name in ("holiday", "errors", "emergence"):
+        (out / f"{name}.png").write_bytes(b"\x89PNG my " + name.encode() + b" photo")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["study", str(tmp_path / "p.txt"), "--out", str(out), "-q"]) == EXIT_BAD_INPUT
+    assert (f"output folder {out} is not empty and eqlin did not create it (it holds no {MARKER}: emergence.png, "
+            "errors.png, holiday.png); eqlin writes only into a new or empty folder, or one it marked itself, so "
+            "nothing of yours is replaced: choose an empty or new --out.\n") in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(OutputError, match="is not empty and eqlin did not create it"):
+        write_study({}, [], out)  # the library refuses too, before drawing anything
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_prompt_too_long_to_fit_is_skipped_by_its_length_before_tokenizing(checkpoint, tmp_path, monkeypatch):
+    """Issue 29, item 12 (the bound itself: test_tokenizer.py): a 200 MB line was tokenized whole and OOM-killed;
+    now a line longer than any text that fits is skipped from its length, and nothing is loaded."""
+    from eqlin.tokenizer import Tokenizer
+
+    limit, longest = Tokenizer.from_folder(checkpoint("gemma3")).text_limit(64)
+    prompts = _write(tmp_path / "p.txt", ["a" * (limit + 1)])
+    calls = Calls(monkeypatch)
+    assert main(["analyze", "--prompts", str(prompts), "--model", str(checkpoint("gemma3")), "--out",
+                 str(tmp_path / "o"), *OPTIONS]) == EXIT_OK
+    assert (calls.loads, calls.analyses) == (0, 0) and (tmp_path / "o" / "reports.jsonl").read_bytes() == b""
+    assert json.loads((tmp_path / "o" / "set.json").read_text())["skipped"] == [
+        {"line": 1, "text": "a" * prompt_sets.SHOWN + "…",  # not the whole line
+         "reason": f"the text has {limit + 1:,} characters, more than any text that fits the model's 64 positions can "
+                   f"have (this tokenizer's longest token is {longest} characters, so at most {limit:,}); shorten it"}]
 
 
 def test_prompt_files_are_read_as_written(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import torch
 import eqlin
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from eqlin.decoder import embed, forward, layer_slice, run_layers
+from eqlin.outputs import MARKER
 from eqlin.steering import concept_maps, steer, steering_sweep
 from eqlin.steering_report import summary
 from eqlin import reference as ref
@@ -87,7 +88,7 @@ def test_sweep_and_cli(checkpoint, tmp_path, capsys):
     assert cli(CONCEPT, "0,2", "4", "--json") == EXIT_OK
     table = json.loads(capsys.readouterr().out)
     assert table == json.loads((out / "steering.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == ["steering.json", "steering.png"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "steering.json", "steering.png"]
     assert table["layers"] == [0, 2] and table["strengths"] == [1.0, 4.0]
     assert np.shape(table["lift"]) == np.shape(table["control_lift"]) == (2, 2) and len(table["cells"]) == 4
     assert table["concept_tokens"][0]["text"] == "Golden" and max(table["map_relative_error"]) <= 1e-14

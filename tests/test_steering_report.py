@@ -9,6 +9,7 @@ import json
 from matplotlib.colors import SymLogNorm
 
 from eqlin import report
+from eqlin.outputs import MARKER
 from eqlin.steering_report import _heatmap, heatmap_png, summary, write_sweep
 from tests.test_report import assert_readable
 
@@ -26,7 +27,7 @@ TABLE = {
 def test_sweep_folder_and_summary(tmp_path):
     out = tmp_path / "steer"
     write_sweep(TABLE, out)
-    assert sorted(p.name for p in out.iterdir()) == ["steering.json", "steering.png"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "steering.json", "steering.png"]
     assert json.loads((out / "steering.json").read_text()) == TABLE
     assert (out / "steering.png").read_bytes()[:8] == heatmap_png(TABLE)[:8] == b"\x89PNG\r\n\x1a\n"
     printed = summary(TABLE, out)  # both continuations of every cell

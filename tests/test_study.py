@@ -74,12 +74,12 @@ def test_study_html_opens_in_headless_chromium(study, tmp_path):
 def test_the_emergence_layer_is_where_the_next_token_stays_on_top():
     from eqlin.study import first_layer
 
-    def report(ranks: dict[int, int]) -> dict:
-        return {"layers": [{"layer": l, "cumulative": {"residual": {"next_token_rank": k}}} for l, k in ranks.items()]}
+    def digest(ranks: dict[int, int]) -> dict:  # the fields of a report's digest (eqlin.digest) it reads
+        return {"layers": tuple(ranks), "lens_rank": tuple(ranks.values())}
 
-    assert first_layer(report({0: 3, 5: 0, 11: 2, 17: 0})) == 17
-    assert first_layer(report({0: 3, 5: 0, 11: 0, 17: 0})) == 5
-    assert first_layer(report({0: 0, 17: 1})) is None and first_layer({"layers": []}) is None
+    assert first_layer(digest({0: 3, 5: 0, 11: 2, 17: 0})) == 17
+    assert first_layer(digest({0: 3, 5: 0, 11: 0, 17: 0})) == 5
+    assert first_layer(digest({0: 0, 17: 1})) is None and first_layer(digest({})) is None
 
 
 def test_a_set_with_every_prompt_skipped_still_has_a_study(tmp_path):
