@@ -16,7 +16,7 @@ import pytest
 from eqlin.decoder import embed
 from eqlin.detach import DetachError, FrozenSites, detach
 from eqlin.errors import InputError
-from eqlin.linear_maps import cumulative_fn, layer_fn
+from eqlin.linear_maps import cumulative_fn
 from tests.conftest import AFFINE_VARIANTS, CORE_VARIANTS, MORE_VARIANTS, TEXT, relative
 
 EXACT = 1e-14
@@ -30,25 +30,22 @@ def _layout(sites: FrozenSites) -> collections.Counter:
 
 @pytest.mark.parametrize("variant", CORE_VARIANTS + MORE_VARIANTS + AFFINE_VARIANTS)
 def test_detach_of_the_plain_forward_is_the_hand_written_split(variant, loaded):
-    """J and every layer's map of detach(plain forward) equal the hand-detached ones to <= 1e-14 relative, with
-    the same frozen sites in every sub-program (the scanned layer body, the last layer, the final norm)."""
+    """The maps of layer 0 and of the last layer (whose residual through the final norm is the final hidden
+    state), residual and attention branch, of detach(plain forward) equal the hand-detached ones to <= 1e-14
+    relative, with the same frozen sites in every sub-program (the scanned layer body, the last layer, the
+    final norm), and reconstruct the output with detach's own constant."""
     model = loaded(variant)
     x = embed(model.params, model.config, model.encode(TEXT))
-    layer = model.config.num_layers - 1
-    for maps in ((cumulative_fn, None), (cumulative_fn, (0, layer))):
-        plain = cumulative_fn(model.params, model.config, maps[1], "residual", False)
-        hand = cumulative_fn(model.params, model.config, maps[1], "residual", True)
-        found = detach(plain)
-        J = jax.jit(jax.jacrev(found))(x)
-        assert relative(J, jax.jacrev(hand)(x)) <= EXACT
-        chex.assert_trees_all_close(found(x), plain(x), rtol=0, atol=0)
-        assert _layout(found.sites(x)) == _layout(detach(hand).sites(x))
-        y = plain(x)
-        recon = jnp.einsum("...otd,td->...o", J, x) + found.constant(x)
-        assert relative(recon, y) <= EXACT
-    single = layer_fn(model.params, model.config, 0, "residual", False, x.shape[0])
-    single_hand = layer_fn(model.params, model.config, 0, "residual", True, x.shape[0])
-    assert relative(jax.jacrev(detach(single))(x), jax.jacrev(single_hand)(x)) <= EXACT
+    layers, parts = (0, model.config.num_layers - 1), ("residual", "attn")
+    plain = cumulative_fn(model.params, model.config, layers, parts, False)  # x (T, d) -> (2, 2, d)
+    hand = cumulative_fn(model.params, model.config, layers, parts, True)
+    found = detach(plain)
+    J = jax.jit(jax.jacrev(found))(x)  # (2, 2, d, T, d)
+    assert relative(J, jax.jit(jax.jacrev(hand))(x)) <= EXACT
+    assert _layout(found.sites(x)) == _layout(detach(hand).sites(x))
+    recon = jnp.einsum("...otd,td->...o", J, x) + jax.jit(found.constant)(x)
+    assert relative(recon, jax.jit(plain)(x)) <= EXACT
+    assert (jnp.abs(jax.jit(found.constant)(x)).max() > 0) == model.config.has_biases
 
 
 # --- one rule per primitive class ------------------------------------------------------------------------
@@ -110,6 +107,15 @@ def test_each_rule_is_exact_and_is_the_hand_written_split(f, hand, rules):
         assert relative(J, jax.jacrev(hand)(X)) <= EXACT
     if not rules:
         assert relative(J, jax.jacrev(f)(X)) <= EXACT
+
+
+@pytest.mark.parametrize("custom_jvp", [False, True])
+def test_softmax_with_or_without_its_custom_jvp_is_frozen_whole(custom_jvp):
+    with jax.softmax_custom_jvp(custom_jvp):
+        J, sites = _exact(lambda x: jax.nn.softmax((x @ W) @ x.T, axis=-1) @ x)
+        hand = jax.jacrev(lambda x: jax.lax.stop_gradient(jax.nn.softmax((x @ W) @ x.T, axis=-1)) @ x)(X)
+    assert relative(J, hand) <= EXACT
+    assert [(s.rule, s.shape) for s in sites] == [("coefficient", (3, 3))]
 
 
 def test_a_tie_freezes_the_first_operand_unless_prefer_names_the_site():
@@ -210,7 +216,6 @@ def test_bad_arguments_are_refused(kwargs, message):
 
 # --- a Flax NNX decoder, written the way people write them ------------------------------------------------
 
-nnx = pytest.importorskip("flax.nnx")  # the flax extra: pip install "eqlin[flax]"
 D, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB, LAYERS = 16, 4, 2, 4, 24, 40, 3
 F64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
 
@@ -232,62 +237,67 @@ def _norm(module, x, hand):
         module.scale[...]
 
 
-class Block(nnx.Module):
-    def __init__(self, rngs):
-        dense = dict(use_bias=False, precision=jax.lax.Precision.HIGHEST, rngs=rngs, **F64)
-        self.attn_norm, self.mlp_norm = nnx.RMSNorm(D, rngs=rngs, **F64), nnx.RMSNorm(D, rngs=rngs, **F64)
-        self.q, self.k = nnx.Linear(D, HEADS * HEAD_DIM, **dense), nnx.Linear(D, KV_HEADS * HEAD_DIM, **dense)
-        self.v, self.o = nnx.Linear(D, KV_HEADS * HEAD_DIM, **dense), nnx.Linear(HEADS * HEAD_DIM, D, **dense)
-        self.gate, self.up = nnx.Linear(D, FFN, **dense), nnx.Linear(D, FFN, **dense)
-        self.down = nnx.Linear(FFN, D, **dense)
+def decoder_class(nnx):
+    """The decoder module, defined once flax is known to be importable."""
 
-    def __call__(self, x, hand=False):
-        T = x.shape[0]
-        h = _norm(self.attn_norm, x, hand)
-        positions = jnp.arange(T, dtype=jnp.float64)
-        q = rope(self.q(h).reshape(T, HEADS, HEAD_DIM), positions)
-        k = rope(self.k(h).reshape(T, KV_HEADS, HEAD_DIM), positions)
-        v = self.v(h).reshape(T, KV_HEADS, HEAD_DIM)
-        if not hand:
-            out = jax.nn.dot_product_attention(q[None], k[None], v[None], is_causal=True, implementation="xla")[0]
-        else:  # the XLA implementation's arithmetic (float32 softmax), probabilities frozen
-            g = HEADS // KV_HEADS
-            logits = jnp.einsum("tkgh,skh->kgts", q.reshape(T, KV_HEADS, g, HEAD_DIM), k) / np.sqrt(HEAD_DIM)
-            logits = jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits, -0.7 * jnp.finfo(jnp.float64).max)
-            probs = jax.lax.stop_gradient(jax.nn.softmax(logits.astype(jnp.float32), -1).astype(jnp.float64))
-            out = jnp.einsum("kgts,skh->tkgh", probs, v)
-        x = x + self.o(out.reshape(T, HEADS * HEAD_DIM))
-        h = _norm(self.mlp_norm, x, hand)
-        gate = jax.nn.silu(self.gate(h))
-        return x + self.down((jax.lax.stop_gradient(gate) if hand else gate) * self.up(h))
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            dense = dict(use_bias=False, precision=jax.lax.Precision.HIGHEST, rngs=rngs, **F64)
+            self.attn_norm, self.mlp_norm = nnx.RMSNorm(D, rngs=rngs, **F64), nnx.RMSNorm(D, rngs=rngs, **F64)
+            self.q, self.k = nnx.Linear(D, HEADS * HEAD_DIM, **dense), nnx.Linear(D, KV_HEADS * HEAD_DIM, **dense)
+            self.v, self.o = nnx.Linear(D, KV_HEADS * HEAD_DIM, **dense), nnx.Linear(HEADS * HEAD_DIM, D, **dense)
+            self.gate, self.up = nnx.Linear(D, FFN, **dense), nnx.Linear(D, FFN, **dense)
+            self.down = nnx.Linear(FFN, D, **dense)
 
+        def __call__(self, x, hand=False):
+            T = x.shape[0]
+            h = _norm(self.attn_norm, x, hand)
+            positions = jnp.arange(T, dtype=jnp.float64)
+            q = rope(self.q(h).reshape(T, HEADS, HEAD_DIM), positions)
+            k = rope(self.k(h).reshape(T, KV_HEADS, HEAD_DIM), positions)
+            v = self.v(h).reshape(T, KV_HEADS, HEAD_DIM)
+            if not hand:
+                out = jax.nn.dot_product_attention(q[None], k[None], v[None], is_causal=True, implementation="xla")[0]
+            else:  # the XLA implementation's arithmetic (float32 softmax), probabilities frozen
+                g = HEADS // KV_HEADS
+                logits = jnp.einsum("tkgh,skh->kgts", q.reshape(T, KV_HEADS, g, HEAD_DIM), k) / np.sqrt(HEAD_DIM)
+                logits = jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits, -0.7 * jnp.finfo(jnp.float64).max)
+                probs = jax.lax.stop_gradient(jax.nn.softmax(logits.astype(jnp.float32), -1).astype(jnp.float64))
+                out = jnp.einsum("kgts,skh->tkgh", probs, v)
+            x = x + self.o(out.reshape(T, HEADS * HEAD_DIM))
+            h = _norm(self.mlp_norm, x, hand)
+            gate = jax.nn.silu(self.gate(h))
+            return x + self.down((jax.lax.stop_gradient(gate) if hand else gate) * self.up(h))
 
-class Decoder(nnx.Module):
-    def __init__(self, rngs):
-        self.embed = nnx.Embed(VOCAB, D, rngs=rngs, **F64)
+    class Decoder(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(VOCAB, D, rngs=rngs, **F64)
 
-        @nnx.split_rngs(splits=LAYERS)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def blocks(rngs):
-            return Block(rngs)
+            @nnx.split_rngs(splits=LAYERS)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def blocks(rngs):
+                return Block(rngs)
 
-        self.blocks = blocks(rngs)
-        self.norm = nnx.RMSNorm(D, rngs=rngs, **F64)
+            self.blocks = blocks(rngs)
+            self.norm = nnx.RMSNorm(D, rngs=rngs, **F64)
 
-    def hidden(self, x, hand=False):
-        """Input embeddings x (T, d) -> the final-normed hidden state at the last position (d,)."""
-        graph, state = nnx.split(self.blocks)
+        def hidden(self, x, hand=False):
+            """Input embeddings x (T, d) -> the final-normed hidden state at the last position (d,)."""
+            graph, state = nnx.split(self.blocks)
 
-        def step(h, layer):
-            return nnx.merge(graph, layer)(h, hand), None
+            def step(h, layer):
+                return nnx.merge(graph, layer)(h, hand), None
 
-        h, _ = jax.lax.scan(step, x, state)
-        return _norm(self.norm, h[-1], hand)
+            h, _ = jax.lax.scan(step, x, state)
+            return _norm(self.norm, h[-1], hand)
+
+    return Decoder
 
 
 @pytest.fixture(scope="module")
 def decoder():
-    model = Decoder(nnx.Rngs(0))
+    nnx = pytest.importorskip("flax.nnx", reason='the flax extra: pip install "eqlin[flax]"')
+    model = decoder_class(nnx)(nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree_util.tree_leaves(params))))
     nnx.update(model, jax.tree_util.tree_map(lambda p: p + 0.3 * jax.random.normal(next(keys), p.shape, p.dtype),

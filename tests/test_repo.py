@@ -27,11 +27,11 @@ def _name(requirement: str) -> str:
 
 
 def test_ci_tests_every_declared_floor():
-    """Each `>=` floor of the dependencies and the test extra is pinned in .ci/floors.txt at that version (and
+    """Each `>=` floor of the dependencies, the test extra and the flax extra is pinned in .ci/floors.txt at that version (and
     nothing else is), and CI installs those pins before it runs the suite."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    floors = {_name(r): r.split(">=")[1] for r in project["dependencies"] + project["optional-dependencies"]["test"]
-              if ">=" in r}
+    extras = project["optional-dependencies"]
+    floors = {_name(r): r.split(">=")[1] for r in project["dependencies"] + extras["test"] + extras["flax"] if ">=" in r}
     pins = dict(line.split("==") for line in (ROOT / ".ci" / "floors.txt").read_text().splitlines()
                 if line and not line.startswith("#"))
     assert {_name(n): v for n, v in pins.items()} == {n: v + ".0" * (2 - v.count(".")) for n, v in floors.items()}
