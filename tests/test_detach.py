@@ -55,11 +55,11 @@ X = jax.random.normal(KEYS[0], (3, 4), dtype=jnp.float64)
 W = jax.random.normal(KEYS[1], (4, 4), dtype=jnp.float64)
 
 
-def _exact(f, x=X):
+def _exact(f, x=X, jac=jax.jacrev):
     """detach(f): its values are f's, and f(x) = J x + c to float64 rounding; returns (J, sites)."""
     g = detach(f)
     y = f(x)
-    J = jax.jacrev(g)(x)
+    J = jac(g)(x)
     chex.assert_trees_all_close(g(x), y, rtol=0, atol=0)
     recon = jnp.tensordot(J, x, axes=x.ndim) + g.constant(x)
     assert relative(recon, y) <= EXACT
@@ -134,14 +134,15 @@ def test_a_tie_freezes_the_first_operand_unless_prefer_names_the_site():
 
 
 def test_sub_programs_are_followed():
-    """jit, scan over stacked layers (the carry's class a fixed point), cond, while with a fixed trip count,
-    checkpoint and custom_vjp: the same J as the hand-detached program, sites inside them."""
+    """Nested jit, scan over stacked layers (the carry's class a fixed point), cond, while with a trip count
+    that does not depend on x, checkpoint and custom_jvp (untouched: no freeze inside): the same J as the
+    hand-detached program, sites inside them."""
     Ws = jax.random.normal(KEYS[2], (3, 4, 4), dtype=jnp.float64) / 2
 
-    @jax.custom_vjp
+    @jax.custom_jvp
     def scaled(x):
         return 2.0 * x
-    scaled.defvjp(lambda x: (scaled(x), None), lambda _, g: (2.0 * g,))
+    scaled.defjvp(lambda primals, tangents: (scaled(*primals), 2.0 * tangents[0]))
 
     def layers(x, freeze):
         norm = (lambda h: h * jax.lax.stop_gradient(jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6))
@@ -153,12 +154,30 @@ def test_sub_programs_are_followed():
             return h + scaled((jax.lax.stop_gradient(gate) if freeze else gate) * (norm(h) @ w.T)), None
 
         h, _ = jax.lax.scan(block, x, Ws)
-        h = jax.lax.cond(h.sum() > 0, lambda v: jax.jit(norm)(v), lambda v: -norm(v), h)
-        return jax.lax.fori_loop(0, 2, lambda i, v: v @ W / 4, h)
+        h = jax.lax.cond(h.sum() > 0, lambda v: jax.jit(jax.jit(norm))(v), lambda v: -norm(v), h)
+        return jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, norm(c[1]) @ W), (0, h))[1]
 
-    J, sites = _exact(lambda x: layers(x, False))
-    assert relative(J, jax.jacrev(lambda x: layers(x, True))(X)) <= EXACT
-    assert collections.Counter(s.path.split("/")[0] for s in sites) == {"scan": 2, "": 1, "cond[0]": 1, "cond[1]": 1}
+    J, sites = _exact(lambda x: layers(x, False), jac=jax.jacfwd)  # forward mode: the while loop
+    assert relative(J, jax.jacfwd(lambda x: layers(x, True))(X)) <= EXACT
+    assert collections.Counter(s.path.split("/")[0] for s in sites) == {"scan": 2, "": 1, "cond[0]": 1, "cond[1]": 1,
+                                                                       "while": 1}
+
+
+@pytest.mark.parametrize("custom", ["jvp", "vjp"])
+def test_a_custom_derivative_is_inlined_where_a_freeze_falls_inside(custom):
+    """A norm behind custom_jvp or custom_vjp (whose rules know nothing of freezing) is run as its body, frozen
+    inside; the custom rule is what the plain Jacobian would use."""
+    if custom == "jvp":
+        norm = jax.custom_jvp(_rms)
+        norm.defjvp(lambda primals, tangents: (_rms(*primals), 0.5 * tangents[0]))
+    else:
+        norm = jax.custom_vjp(_rms)
+        norm.defvjp(lambda x: (_rms(x), None), lambda _, g: (0.5 * g,))
+    J, sites = _exact(lambda x: norm(x) @ W)
+    hand = jax.jacrev(lambda x: x * jax.lax.stop_gradient(jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6))
+                      @ W)(X)
+    assert relative(J, hand) <= EXACT
+    assert [(s.path.split("[")[0], s.primitive) for s in sites] == [(f"custom_{custom}_call", "rsqrt")]
 
 
 @pytest.mark.parametrize("transform", ["jit", "vmap", "jacfwd", "linearize"])
