@@ -42,7 +42,13 @@ def test_detach_of_the_plain_forward_is_the_hand_written_split(variant, loaded):
     found = detach(plain)
     J = jax.jit(jax.jacrev(found))(x)  # (2, 2, d, T, d)
     assert relative(J, jax.jit(jax.jacrev(hand))(x)) <= EXACT
-    assert _layout(found.sites(x)) == _layout(detach(hand).sites(x))
+    sites = found.sites(x)
+    assert _layout(sites) == _layout(detach(hand).sites(x))
+    body = [s for s in sites if s.path == "scan"]  # one layer of the scanned stack: every norm's scale,
+    norms = sum(getattr(model.params.layers, n) is not None  # the probabilities and the gate
+                for n in ("attn_in_norm", "attn_out_norm", "mlp_in_norm", "mlp_out_norm"))
+    assert sum(s.primitive == "rsqrt" for s in body) == norms and len(body) == norms + 2
+    assert {s.rule for s in sites} == {"coefficient"}
     c = jax.jit(found.constant)(x)
     assert relative(jnp.einsum("...otd,td->...o", J, x) + c, jax.jit(plain)(x)) <= EXACT
     assert bool(jnp.any(c != 0)) == model.config.has_biases  # exactly 0 without biases
