@@ -8,7 +8,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 from eqlin.detach.program import (ADDITIVE, AFFINE, BILINEAR, CONST, CUSTOM, ELEMENTWISE, FROZEN, JIT, LINEAR,
                                   LINEAR_OPS, NONLINEAR, PIECEWISE, REMAT, STRUCTURAL, ZERO_DERIVATIVE, DetachError,
-                                  closed_parts, custom_body, eqn_name, is_float, is_literal, source_line, zero_literal)
+                                  call_body, closed_parts, eqn_name, is_float, is_literal, source_line, zero_literal)
 from eqlin.detach.sites import FrozenSite
 
 
@@ -53,6 +53,7 @@ class Analyzer:
     # -- classification -------------------------------------------------------------------------------
 
     def classify(self, jaxpr, in_cls: Sequence[int]) -> dict:
+        """{var: Info} for every value of an open jaxpr whose inputs have classes `in_cls`."""
         env: dict = {}
         for v in jaxpr.constvars:
             env[v] = Info(CONST)
@@ -73,6 +74,7 @@ class Analyzer:
         return [self.info(env, v).cls for v in jaxpr.outvars]
 
     def _eqn_info(self, eqn, ins: list[Info]) -> list[Info]:
+        """The Info of each output of one equation from its inputs' (the table in docs/detach.md)."""
         name = eqn.primitive.name
         c = [i.cls for i in ins]
         n_out = len(eqn.outvars)
@@ -119,12 +121,8 @@ class Analyzer:
     def _sub_classes(self, eqn, c: list[int]) -> list[int] | None:
         """Output classes of an equation holding sub-jaxprs, or None for any other."""
         name, p = eqn.primitive.name, eqn.params
-        if name in JIT:
-            return self.out_classes(p.get("jaxpr") or p["call_jaxpr"], c)
-        if name in CUSTOM:
-            return self.out_classes(closed_parts(custom_body(eqn))[0], c)
-        if name in REMAT:
-            return self.out_classes(closed_parts(p["jaxpr"])[0], c)
+        if name in JIT | CUSTOM | REMAT:
+            return self.out_classes(closed_parts(call_body(eqn))[0], c)
         if name == "cond":
             outs = [self.out_classes(b.jaxpr, c[1:]) for b in p["branches"]]
             joined = [max(ks) for ks in zip(*outs)]
@@ -245,9 +243,7 @@ class Analyzer:
         path = f"{s.path}/{eqn_name(eqn)}" if s.path else eqn_name(eqn)
         outer = source_line(eqn, s.outer)
         if name in JIT | CUSTOM | REMAT:
-            body = p.get("jaxpr") if name not in CUSTOM else custom_body(eqn)
-            body = body if body is not None else p["call_jaxpr"]
-            plan, ins = self.demand(closed_parts(body)[0], c, outs, path, outer)
+            plan, ins = self.demand(closed_parts(call_body(eqn))[0], c, outs, path, outer)
             s.inner(i, (plan,))
             need(*[j for j, d in enumerate(ins) if d])
             return True

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.extend.source_info_util import user_context
 
 from eqlin.detach.analysis import Plan
-from eqlin.detach.program import CUSTOM, JIT, REMAT, closed_parts, custom_body, is_literal
+from eqlin.detach.program import CUSTOM, JIT, REMAT, call_body, closed_parts, is_literal
 
 PAIR_AXIS = "eqlin_detach_pair"  # the vmapped axis of (0, x) in `Detached.constant`
 
@@ -76,7 +76,7 @@ def rebuilt(eqn, invals: list, plans: tuple[Plan, ...], mode: str) -> list:
     cond, while and checkpoint rebuilt through lax."""
     name, p = eqn.primitive.name, eqn.params
     if name in JIT or name in CUSTOM:
-        body, consts = closed_parts(custom_body(eqn) if name in CUSTOM else (p.get("jaxpr") or p["call_jaxpr"]))
+        body, consts = closed_parts(call_body(eqn))
         return run(body, consts, invals, plans[0], mode)
     if name in REMAT:
         body, consts = closed_parts(p["jaxpr"])

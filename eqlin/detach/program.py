@@ -74,4 +74,12 @@ def closed_parts(j) -> tuple[Any, list]:
 
 
 def custom_body(eqn):
-    return eqn.params.get("call_jaxpr") or eqn.params["fun_jaxpr"]
+    """The function a custom_jvp / custom_vjp call runs (`fun_jaxpr` before JAX renamed it)."""
+    return eqn.params["call_jaxpr"] if "call_jaxpr" in eqn.params else eqn.params["fun_jaxpr"]
+
+
+def call_body(eqn):
+    """The one sub-jaxpr of a jit, checkpoint or custom-derivative call (closed or open)."""
+    if eqn.primitive.name in CUSTOM:
+        return custom_body(eqn)
+    return eqn.params["jaxpr"] if "jaxpr" in eqn.params else eqn.params["call_jaxpr"]
