@@ -105,13 +105,16 @@ def _rms(x):
     (lambda x: x ** 3, lambda x: x * jax.lax.stop_gradient(x ** 2), ["power"]),
     # an existing stop_gradient is kept and read at x for the constant
     (lambda x: x * jax.lax.stop_gradient(jnp.tanh(x)) + 1.0, None, ["already frozen"]),
+    # an index and a value chosen by x: read at x for the constant (at zero input both would differ)
+    (lambda x: x[jnp.argmax(x[:, 0])] @ W + jnp.where(x.sum() != 0, 1.0, -1.0), None,
+     ["discrete", "already frozen"]),
 ])
 def test_each_rule_is_exact_and_is_the_hand_written_split(f, hand, rules):
     J, sites = _exact(f)
     assert [s.rule for s in sites] == rules
     if hand is not None:
         assert relative(J, jax.jacrev(hand)(X)) <= EXACT
-    if not rules:
+    if hand is None:  # nothing nonlinear on the linear path: J is the plain Jacobian
         assert relative(J, jax.jacrev(f)(X)) <= EXACT
 
 

@@ -25,22 +25,21 @@ class Info(NamedTuple):
 class Plan:
     """What to change in one jaxpr: operands to freeze per equation index ({operand: "freeze" | "pin"};
     a pin only matters for `constant`, where it reads the value at x), equations to rewrite, the plans of
-    sub-jaxprs that change, and the sites."""
+    sub-jaxprs that change, and the sites (each with the index of the equation it is applied at)."""
 
     freeze: dict[int, dict[int, str]] = dataclasses.field(default_factory=dict)
     rewrite: set[int] = dataclasses.field(default_factory=set)
     inner: dict[int, tuple["Plan", ...]] = dataclasses.field(default_factory=dict)
-    sites: list[FrozenSite] = dataclasses.field(default_factory=list)
+    sites: list[tuple[int, FrozenSite]] = dataclasses.field(default_factory=list)
 
     def empty(self) -> bool:
         return not (self.freeze or self.rewrite or self.inner)
 
     def all_sites(self) -> list[FrozenSite]:
-        out = list(self.sites)
-        for plans in self.inner.values():
-            for p in plans:
-                out += p.all_sites()
-        return out
+        """Every site, sub-jaxprs' included, in program order."""
+        entries = [(i, [site]) for i, site in self.sites]
+        entries += [(i, [site for p in plans for site in p.all_sites()]) for i, plans in self.inner.items()]
+        return [site for _, group in sorted(entries, key=lambda e: e[0]) for site in group]
 
 
 class Analyzer:
@@ -325,15 +324,17 @@ class State:
             i, j, v = self.producer[v], moving[0], up.invars[moving[0]]
         self.plan.freeze.setdefault(i, {})[j] = kind
         made = self.jaxpr.eqns[self.producer[v]] if v in self.producer else None
-        self.plan.sites.append(FrozenSite(eqn_name(made) if made is not None else "input",
-                                          source_line(made if made is not None else eqn, self.outer),
-                                          tuple(v.aval.shape), consumer, rule, self.path))
+        site = FrozenSite(eqn_name(made) if made is not None else "input",
+                          source_line(made if made is not None else eqn, self.outer), tuple(v.aval.shape), consumer,
+                          rule, self.path)
+        self.plan.sites.append((i, site))
 
     def rewrite(self, i: int, rule: str) -> None:
         eqn = self.jaxpr.eqns[i]
         self.plan.rewrite.add(i)
-        self.plan.sites.append(FrozenSite(eqn_name(eqn), source_line(eqn, self.outer), tuple(eqn.outvars[0].aval.shape),
-                                          eqn_name(eqn), rule, self.path))
+        site = FrozenSite(eqn_name(eqn), source_line(eqn, self.outer), tuple(eqn.outvars[0].aval.shape),
+                          eqn_name(eqn), rule, self.path)
+        self.plan.sites.append((i, site))
 
     def inner(self, i: int, plans: tuple[Plan, ...]) -> None:
         if not all(p.empty() for p in plans):
