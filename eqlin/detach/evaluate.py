@@ -37,8 +37,11 @@ def rewritten(eqn, invals: list, mode: str) -> Any:
 
 
 def run(jaxpr, consts: Sequence, args: Sequence, plan: Plan, mode: str) -> list:
-    """Evaluate `jaxpr` on `args` with the plan's freezes, rewrites and rebuilt sub-programs."""
+    """Evaluate `jaxpr` on `args` with the plan's freezes, rewrites and rebuilt sub-programs (each value
+    dropped after its last use, so an eager run holds no more than the program needs)."""
     env: dict = {}
+    last = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.invars if not is_literal(v)}
+    last.update({v: len(jaxpr.eqns) for v in jaxpr.outvars if not is_literal(v)})
 
     def read(v):
         return v.val if is_literal(v) else env[v]
@@ -59,6 +62,9 @@ def run(jaxpr, consts: Sequence, args: Sequence, plan: Plan, mode: str) -> list:
             outs = bind(eqn, invals)
         for v, x in zip(eqn.outvars, outs):
             env[v] = x
+        for v in eqn.invars:
+            if not is_literal(v) and last[v] == i:
+                env.pop(v, None)
     return [read(v) for v in jaxpr.outvars]
 
 
