@@ -92,7 +92,8 @@ def validate(model: Model, folder: Path, ids: np.ndarray) -> Validation:
 
     from eqlin import reference as ref
     from eqlin.detach import detach
-    from eqlin.linear_maps import cumulative_fn, detached_jacobian
+    from eqlin.linear_maps import cumulative_fn, detached_jacobian, jacobian_of
+    from eqlin.memory import memory_limit_bytes, resolve_chunk
 
     dtype = str(model.dtype)
     tol = TOLERANCES[dtype]
@@ -123,8 +124,10 @@ def validate(model: Model, folder: Path, ids: np.ndarray) -> Validation:
     lin = detached_jacobian(model, ids)
     checks.append(Check("detached J vs run-time-detached transformers",
                         _relative(lin.jacobian, ref.detached_jacobian(theirs, t_ids)), tol["faithful"]))
-    plain = cumulative_fn(model.params, model.config, None, "residual", False)
-    found = jax.jit(jax.jacrev(detach(plain)))(model.embed(ids))
+    found_map = detach(cumulative_fn(model.params, model.config, None, "residual", False))
+    chunk = resolve_chunk(model.config, len(ids), 1, "rev", None, model.dtype.itemsize,
+                          memory_limit_bytes(params=model.params))  # the budget detached_jacobian keeps to
+    found = jax.jit(lambda x: jacobian_of(found_map, x, mode="rev", chunk=chunk)[1])(model.embed(ids))
     checks.append(Check("detached J vs eqlin.detach of the plain forward", _relative(lin.jacobian, found),
                         tol["faithful"]))
     checks.append(Check("eqlin's own reconstruction error ‖y − (Σ_t J_t x_t + c)‖/‖y‖",
