@@ -124,10 +124,15 @@ def validate(model: Model, folder: Path, ids: np.ndarray) -> Validation:
     lin = detached_jacobian(model, ids)
     checks.append(Check("detached J vs run-time-detached transformers",
                         _relative(lin.jacobian, ref.detached_jacobian(theirs, t_ids)), tol["faithful"]))
-    found_map = detach(cumulative_fn(model.params, model.config, None, "residual", False))
     chunk = resolve_chunk(model.config, len(ids), 1, "rev", None, model.dtype.itemsize,
                           memory_limit_bytes(params=model.params))  # the budget detached_jacobian keeps to
-    found = jax.jit(lambda x: jacobian_of(found_map, x, mode="rev", chunk=chunk)[1])(model.embed(ids))
+
+    @jax.jit
+    def found_jacobian(params, x):  # weights as arguments: closed over, they would be compiled in as constants
+        return jacobian_of(detach(cumulative_fn(params, model.config, None, "residual", False)), x, mode="rev",
+                           chunk=chunk)[1]
+
+    found = found_jacobian(model.params, model.embed(ids))
     checks.append(Check("detached J vs eqlin.detach of the plain forward", _relative(lin.jacobian, found),
                         tol["faithful"]))
     checks.append(Check("eqlin's own reconstruction error ‖y − (Σ_t J_t x_t + c)‖/‖y‖",
