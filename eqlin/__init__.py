@@ -23,6 +23,7 @@ from eqlin.linear_maps import (
     matrix_free_check,
 )
 from eqlin.memory import estimate_jacobian_bytes
+from eqlin.detach import detach  # any JAX function's detached map, found from its program (docs/detach.md)
 
 # Taking maps apart: spectra, decoding, the layer story.
 from eqlin.layer_story import LayerSpectra, MapSpectra, layer_spectra
@@ -45,7 +46,7 @@ __all__ = [
     "Params",
     # linear maps
     "Linearization", "LogitMap", "MatrixFreeCheck", "detached_jacobian", "detached_jacobian_at", "jacobian",
-    "logit_map", "matrix_free_check", "estimate_jacobian_bytes",
+    "logit_map", "matrix_free_check", "estimate_jacobian_bytes", "detach",
     # taking maps apart
     "LayerSpectra", "MapSpectra", "layer_spectra", "Spectrum", "decode_spectrum", "effective_dimension",
     "norm_analysis", "spectrum", "top_singular",

@@ -10,7 +10,8 @@ one instance is compared three times, patched in memory only (never a file):
    layer's residual stream, attention and MLP branch outputs (read off transformers' own modules with
    hooks) and the logits, each at float64-rounding tolerance;
 3. detached at run time (`make_detached`): the detached Jacobian J (d, T, d) of the final hidden state
-   against eqlin's `detached_jacobian`.
+   against eqlin's `detached_jacobian`, which is also compared with a second implementation of the split:
+   `eqlin.detach` applied to eqlin's plain (non-detached) forward.
 
 Every difference is ‖eqlin − transformers‖ / ‖transformers‖ over the whole array. Needs the torch
 extra (`pip install "eqlin[torch]"`).
@@ -22,6 +23,7 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from eqlin.errors import EqlinError
@@ -89,7 +91,9 @@ def validate(model: Model, folder: Path, ids: np.ndarray) -> Validation:
     import torch
 
     from eqlin import reference as ref
-    from eqlin.linear_maps import detached_jacobian
+    from eqlin.detach import detach
+    from eqlin.linear_maps import cumulative_fn, detached_jacobian, jacobian_of
+    from eqlin.memory import memory_limit_bytes, resolve_chunk
 
     dtype = str(model.dtype)
     tol = TOLERANCES[dtype]
@@ -120,6 +124,17 @@ def validate(model: Model, folder: Path, ids: np.ndarray) -> Validation:
     lin = detached_jacobian(model, ids)
     checks.append(Check("detached J vs run-time-detached transformers",
                         _relative(lin.jacobian, ref.detached_jacobian(theirs, t_ids)), tol["faithful"]))
+    chunk = resolve_chunk(model.config, len(ids), 1, "rev", None, model.dtype.itemsize,
+                          memory_limit_bytes(params=model.params))  # the budget detached_jacobian keeps to
+
+    @jax.jit
+    def found_jacobian(params, x):  # weights as arguments: closed over, they would be compiled in as constants
+        return jacobian_of(detach(cumulative_fn(params, model.config, None, "residual", False)), x, mode="rev",
+                           chunk=chunk)[1]
+
+    found = found_jacobian(model.params, model.embed(ids))
+    checks.append(Check("detached J vs eqlin.detach of the plain forward", _relative(lin.jacobian, found),
+                        tol["faithful"]))
     checks.append(Check("eqlin's own reconstruction error ‖y − (Σ_t J_t x_t + c)‖/‖y‖",
                         float(lin.relative_error), tol["faithful"]))
     return Validation(checks)

@@ -27,13 +27,13 @@ def _name(requirement: str) -> str:
 
 
 def test_ci_tests_every_declared_floor():
-    """Each `>=` floor of the dependencies and the torch and test extras is pinned in .ci/floors.txt at that
+    """Each `>=` floor of the dependencies and the torch, test and flax extras is pinned in .ci/floors.txt at that
     version (and nothing else is, but the torch pin), and CI installs those pins before it runs the suite; the
     torch extra states transformers as a range, and pins torch alone (a range takes PyPI's CUDA build)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     floors = {_name(r): r.split(">=")[1] for r in project["dependencies"] + extras["torch"] + extras["test"]
-              if ">=" in r}
+              + extras["flax"] if ">=" in r}
     assert "transformers" in floors and [r for r in extras["torch"] if "==" in r] == ["torch==2.13.0"]
     floors["torch"] = "2.13.0"
     pins = dict(line.split("==") for line in (ROOT / ".ci" / "floors.txt").read_text().splitlines()

@@ -36,6 +36,7 @@ def test_every_family_passes(variant, checkpoint, capsys):
     assert 0 < stock < TOLERANCES["float64"]["stock"]  # transformers' float32 intermediates show
     exact = [v for label, values in rows.items() if not label.startswith("logits vs stock") for v in values]
     assert len(exact) >= 3 * 2 + 4 and max(exact) <= 1e-14  # measured at most 2.7e-15 (phi3; J: the same)
+    assert rows["detached J vs eqlin.detach of the plain forward"][0] <= 1e-14  # a second implementation of J
 
 
 def test_token_ids_and_float32(checkpoint, capsys):
@@ -101,5 +102,5 @@ def test_the_embedded_model_passes(capsys):
     (J: 4.8e-15)."""
     assert main(["validate", "-q"]) == EXIT_OK
     rows = _rows(capsys.readouterr().out)
-    assert len(rows) == 18 + 5 and 0 < rows["logits vs stock transformers (float32 norms, RoPE, softmax)"][0] < 1e-5
+    assert len(rows) == 18 + 6 and 0 < rows["logits vs stock transformers (float32 norms, RoPE, softmax)"][0] < 1e-5
     assert max(v for label, values in rows.items() if not label.startswith("logits vs stock") for v in values) <= 5e-14
