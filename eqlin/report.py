@@ -392,7 +392,7 @@ residual stream after layer l; <b>max error</b>: the largest reconstruction erro
 {_table(header, body, raw=True)}"""
 
 
-def write_report(result: Analysis, out: Path, *, quiet: bool = True, extra: dict[str, bytes] | None = None
+def write_report(result: Analysis, out: Path, *, quiet: bool | None = None, extra: dict[str, bytes] | None = None
                  ) -> list[Path]:
     """Write report.json, the PNG figures, report.html and the `extra` files ({name: bytes}, e.g. the saved
     Jacobian) as the whole content of `out`, swapped into place as one set
