@@ -55,9 +55,9 @@ def stage(name: str, quiet: bool | None = None) -> Iterator[None]:
         print(f"eqlin: {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
-def steps(name: str, total: int, quiet: bool | None = None, initial: int = 0) -> tqdm:
+def steps(name: str, total: int | None, quiet: bool | None = None, initial: int = 0) -> tqdm:
     """A step progress bar on stderr, if progress is `shown(quiet)`; use as a context manager and call
-    `.update()` per step. `initial` steps count as done already (the time left is estimated from the steps
+    `.update()` per step (`total` None: not known yet, set `.total` later). `initial` steps count as done already (the time left is estimated from the steps
     taken in this run)."""
     return tqdm(total=total, initial=initial, desc=f"eqlin: {name}", file=sys.stderr, disable=not shown(quiet),
-                leave=True, bar_format="{desc}: {n}/{total} {bar} {elapsed}<{remaining}")
+                leave=True, bar_format="{desc}: {n}/{total_fmt} {bar} {elapsed}<{remaining}")

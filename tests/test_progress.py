@@ -12,6 +12,7 @@ import pytest
 from eqlin.errors import InputError
 from eqlin.layer_story import layer_spectra
 from eqlin.progress import ENV, shown, stage
+from eqlin.spectral import top_singular
 from tests.conftest import TEXT
 
 
@@ -66,3 +67,16 @@ def test_the_layer_story_shows_progress_only_where_watched(loaded, monkeypatch, 
     monkeypatch.setenv(ENV, "1")
     layer_spectra(model, TEXT, layers=[0], scopes=("single",), k=2, top=2)
     assert "eqlin: single-layer maps: 1/1" in capsys.readouterr().err
+
+
+def test_matrix_free_top_k_counts_its_products(loaded, monkeypatch):
+    """A bar counting the products with J and Jᵀ on a terminal; a caller's own callback replaces it."""
+    model = loaded("llama_mha")
+    monkeypatch.delenv(ENV, raising=False)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    top_singular(model, TEXT, 2, steps=6, block=3)
+    assert "eqlin: matrix-free top-2 (lanczos): products with J and Jᵀ: 12/12" in terminal.getvalue()
+    shown_before, calls = terminal.getvalue(), []
+    top_singular(model, TEXT, 2, steps=6, block=3, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(6, 12), (12, 12)] and terminal.getvalue() == shown_before
