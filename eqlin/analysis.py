@@ -67,7 +67,7 @@ from eqlin.errors import InputError
 from eqlin.layer_story import Engine, LayerSpectra, layer_spectra
 from eqlin.linear_maps import Linearization, detached_jacobian, logit_map, matrix_free_check
 from eqlin.model import Model
-from eqlin.progress import stage
+from eqlin.progress import shown, stage
 from eqlin.selection import Tap, evenly_spaced
 from eqlin.spectral import decode_spectrum, match_tokens, spectrum
 
@@ -118,11 +118,12 @@ def _f(a) -> float:
 
 def analyze(model: Model, text: str, *, layers: tuple[int, ...] = (), top_k: int = 5, tap: Tap = "post",
             engine: Engine = "auto", checkpoint: str | None = None, lin: Linearization | None = None,
-            quiet: bool = True) -> Analysis:
+            quiet: bool | None = None) -> Analysis:
     """Everything `eqlin analyze` reports, for the next-token prediction after `text`: the final map,
     and for each of `layers` the six layer maps (`eqlin.layer_story`, branches read at `tap`).
     `checkpoint`: the checkpoint's identity, recorded in the report. `lin`: the final detached map of
     `text` if already computed (e.g. by `eqlin.detached_jacobians` for a batch), else it is computed here."""
+    quiet = not shown(quiet)
     timings: dict[str, float] = {}
     ids = model.encode(text)
     strings = model.token_strings(ids)

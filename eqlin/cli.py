@@ -12,11 +12,15 @@ Exit codes: 0 success; 2 bad input or usage, or an unusable environment (the mes
 change); 1 an unexpected internal error (a bug), or for `validate` a mismatch with transformers; 130
 interrupted (SIGINT), 143 terminated (SIGTERM): eqlin says "stopping…" at once and ends without waiting for
 the running computation; outputs are swapped into place whole, so nothing partial is left.
+
+In Python, `main([...])` runs one command inside the caller's process and leaves it as it found it: JAX's
+config, the compilation cache and the signal handlers are the caller's, and Ctrl-C raises KeyboardInterrupt.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -144,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     for p in (analyze, study, steer, info, convert, validate):
         p.add_argument("--no-compile-cache", action="store_true",
                        help="do not use JAX's persistent compilation cache (default: in the eqlin cache folder, or "
-                            "$JAX_COMPILATION_CACHE_DIR if set)")
+                            "$JAX_COMPILATION_CACHE_DIR if set; eqlin.cli.main() in Python leaves it to the caller)")
         p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     return parser
 
@@ -185,13 +189,16 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def _setup_jax(args: argparse.Namespace, dtype: str) -> None:
-    """x64 for float64, and the persistent compilation cache unless turned off (or unwritable: said so); a
-    user's own $JAX_COMPILATION_CACHE_DIR, which JAX reads itself, is left as it is."""
+    """For the console script only, whose process is eqlin's own: x64 for float64, and the persistent
+    compilation cache unless turned off (or unwritable: said so); a user's own $JAX_COMPILATION_CACHE_DIR,
+    which JAX reads itself, is left as it is. In-process `main` changes no global config (see there)."""
     import jax
 
     from eqlin import userdirs
     from eqlin.outputs import temp_path
 
+    if not args.console:
+        return
     if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     if args.no_compile_cache or any(os.environ.get(v) for v in ("EQLIN_NO_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")):
@@ -515,8 +522,8 @@ def _raise_interrupted(signum: int, frame) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """The command's exit code: 0, 2 for an EqlinError (printed), 130 for an interrupt inside it. Other
-    exceptions are bugs and propagate (exit 1 with a traceback)."""
+    """The command's exit code: 0, or 2 for an EqlinError (printed). Other exceptions are bugs and propagate
+    (exit 1 with a traceback); so does KeyboardInterrupt (see `main` and `console_main`)."""
     from eqlin.errors import EqlinError
 
     try:
@@ -524,6 +531,12 @@ def _run(args: argparse.Namespace) -> int:
     except EqlinError as e:
         print(f"eqlin: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _console_run(args: argparse.Namespace) -> int:
+    """`_run`, with an interrupt inside the command (outside the main thread's handlers) as exit code 130."""
+    try:
+        return _run(args)
     except KeyboardInterrupt:
         print(f"eqlin: {INTERRUPTED}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -557,34 +570,62 @@ def _stop(args: argparse.Namespace, signum: int) -> None:
     os._exit(128 + signum)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `eqlin` console script; returns the exit code.
-
-    The command runs in a worker thread while the main thread waits for it, so that SIGINT and SIGTERM are
-    answered at once (a running XLA computation cannot be interrupted, only abandoned: see `_stop`)."""
+def _parse(argv: Sequence[str] | None, *, console: bool) -> argparse.Namespace:
     args = _parser().parse_args(argv)
-    start = time.perf_counter()
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        code = _run(args)
-    else:
-        outcome: list = []
-        worker = threading.Thread(target=lambda: outcome.append(_capture(_run, args)), name="eqlin", daemon=True)
-        handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            worker.start()
-            while worker.is_alive():
-                worker.join(0.1)
-        except Interrupted as e:
-            _stop(args, e.signum)
-        finally:
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
-        code, error = outcome[0]
-        if error is not None:
-            raise error
+    args.console = console
+    return args
+
+
+def _done(args: argparse.Namespace, code: int, start: float) -> int:
     if code == EXIT_OK and not getattr(args, "quiet", False):
         print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one eqlin command inside the caller's process (a notebook, a pipeline, a test); returns the exit
+    code, as the console script would exit with it.
+
+    A guest there: JAX's global config is left as it was found (a float64 command runs inside
+    `jax.enable_x64(True)`, a scope local to this thread; JAX's persistent compilation cache stays the host's
+    choice, off unless the host turned it on), and the host's signal handlers are kept: Ctrl-C raises
+    KeyboardInterrupt to the caller once the running XLA computation returns, and outputs are written whole or
+    not at all. The `eqlin` command is `console_main`."""
+    args = _parse(argv, console=False)
+    start = time.perf_counter()
+    import jax
+
+    with jax.enable_x64(True) if getattr(args, "dtype", None) == "float64" else contextlib.nullcontext():
+        code = _run(args)
+    return _done(args, code, start)
+
+
+def console_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `eqlin` console script and of `python -m eqlin.cli`; returns the exit code.
+
+    The process is eqlin's own: x64 and JAX's persistent compilation cache are set for it (`_setup_jax`), and
+    the command runs in a worker thread while the main thread waits for it, so that SIGINT and SIGTERM are
+    answered at once (a running XLA computation cannot be interrupted, only abandoned: see `_stop`)."""
+    args = _parse(argv, console=True)
+    start = time.perf_counter()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return _done(args, _console_run(args), start)
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(_capture(_console_run, args)), name="eqlin", daemon=True)
+    handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
+    except Interrupted as e:
+        _stop(args, e.signum)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    code, error = outcome[0]
+    if error is not None:
+        raise error
+    return _done(args, code, start)
 
 
 def _capture(fn, *args) -> tuple[int | None, BaseException | None]:
@@ -596,4 +637,4 @@ def _capture(fn, *args) -> tuple[int | None, BaseException | None]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

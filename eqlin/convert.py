@@ -17,7 +17,7 @@ from eqlin.errors import InputError, OutputError
 from eqlin.loading import check_tensors, open_weight_files, read_finite
 from eqlin.model import checkpoint_folder, read_config
 from eqlin.outputs import check_parent_writable, clean_temps, fsync_dir, remove, temp_path
-from eqlin.progress import stage
+from eqlin.progress import shown, stage
 from eqlin.safetensors_io import write_safetensors
 from eqlin.tokenizer import Tokenizer
 
@@ -25,8 +25,10 @@ _SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "genera
                "special_tokens_map.json")
 
 
-def convert(src: str | Path, dst: Path, *, quiet: bool = False) -> Path:
-    """Write `src` as an eqlin-ready folder at `dst` (which must not exist or be empty); returns dst."""
+def convert(src: str | Path, dst: Path, *, quiet: bool | None = None) -> Path:
+    """Write `src` as an eqlin-ready folder at `dst` (which must not exist or be empty); returns dst. Progress on
+    stderr: see `eqlin.progress.shown`."""
+    quiet = not shown(quiet)
     dst = Path(dst)
     if dst.is_symlink() or dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise InputError(f"{dst} exists and is not an empty folder; choose a new destination")

@@ -47,7 +47,7 @@ from eqlin.linear_maps import constant_term, cumulative_fn, layer_fn, plan_fold,
 from eqlin.memory import activation_elems, choose_chunk, fold_elems, fold_pays, format_bytes, memory_limit_bytes
 from eqlin.model import Model
 from eqlin.params import Params
-from eqlin.progress import steps
+from eqlin.progress import shown, steps
 from eqlin.selection import PARTS, SCOPES, Scope, Tap, check_tap, resolve_layers
 from eqlin.checks import check_int
 from eqlin.spectral import EffectiveDimension, align_signs, effective_dimension, score_summary
@@ -344,15 +344,16 @@ def _summaries(model: Model, reduced: dict[str, tuple[Array, Array, Array]], nex
 
 def layer_spectra(model: Model, inputs, *, layers="all", scopes: Sequence[Scope] = SCOPES, k: int = 5, top: int = 5,
                   tap: Tap = "post", engine: Engine = "auto", groups: int | None = None,
-                  memory_limit: int | None = None, quiet: bool = True) -> LayerSpectra:
+                  memory_limit: int | None = None, quiet: bool | None = None) -> LayerSpectra:
     """The layer story of `inputs` (text or ids): for each of `layers` (an int, a list or "all") and each
     scope (cumulative, single) and part (residual, attn, mlp), the top-k singular values and left
     singular vectors of the detached map (u_i decoded through the unembedding, `top` tokens each), its
     effective dimension, its reconstruction error, and where the model's next token stands in the logit
     lens of its output. `tap`: branch outputs "post" or "pre" their post-norms. `engine`: the cumulative
     engine, "fwd", "rev" or "auto" (fewer estimated flops). `groups`: the forward engine's causal position
-    groups (None: `auto_groups`). Progress on stderr unless `quiet`.
+    groups (None: `auto_groups`). Progress on stderr: see `eqlin.progress.shown`.
     See the module docstring for the method, its cost and memory."""
+    quiet = not shown(quiet)
     config = model.config
     picked = resolve_layers(config, layers)
     if picked is None:

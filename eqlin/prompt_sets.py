@@ -52,7 +52,7 @@ from eqlin.layer_story import Engine
 from eqlin.linear_maps import Linearization
 from eqlin.model import Model
 from eqlin.outputs import check_output_dir, claim_folder, clean_temps, write_json_atomic
-from eqlin.progress import steps
+from eqlin.progress import shown, steps
 from eqlin.selection import Tap, parse_layers
 from eqlin.tokenizer import Tokenizer
 
@@ -321,10 +321,12 @@ def _shared_maps(model: Model, group: list[Prompt]) -> tuple[list[Linearization 
 
 
 def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, config: ModelConfig, folder: Path,
-                   load: Callable[[], Model], batch: int = 1, quiet: bool = True) -> SetRun:
+                   load: Callable[[], Model], batch: int = 1, quiet: bool | None = None) -> SetRun:
     """Analyse every prompt of `prompts` that reports.jsonl in `out` does not hold yet, appending each
     report as it is made, and write set.json (module docstring). `load` gives the model, and is called
-    only if a prompt needs it; `folder`'s tokenizer checks lengths first. Progress on stderr unless quiet."""
+    only if a prompt needs it; `folder`'s tokenizer checks lengths first. Progress on stderr: see
+    `eqlin.progress.shown`."""
+    quiet = not shown(quiet)
     started, start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     out = claim_folder(out, SET_KIND, SET_FILES)
     clean_temps(out)

@@ -4,7 +4,6 @@ written atomically (see `eqlin.outputs`)."""
 from __future__ import annotations
 
 import base64
-import functools
 import html
 import io
 import unicodedata
@@ -15,6 +14,7 @@ import numpy as np
 
 from eqlin.analysis import Analysis
 from eqlin.display import contribution_heatmaps, token_html
+from eqlin.figure_text import drawable as _drawable, font_note, literal, literal_legend
 from eqlin.outputs import json_text, write_folder_atomic
 from eqlin.progress import stage
 
@@ -66,29 +66,6 @@ def _short(token: str, width: int = 12) -> str:
 def _quoted(token: str, width: int = 11) -> str:
     """A token in quotes for the terminal, whitespace visible, cut to `width` characters inside them."""
     return f"'{_short(token, width)}'"
-
-
-@functools.lru_cache(maxsize=1)
-def _figure_font():
-    """matplotlib's default font file, to ask which characters it can draw."""
-    from matplotlib import font_manager
-    from matplotlib.ft2font import FT2Font
-
-    return FT2Font(font_manager.findfont(font_manager.FontProperties()))
-
-
-def _drawable(token: str, width: int = 12) -> str:
-    """A token for a figure, cut to `width` characters: spaces shown as '␣', and control characters or
-    characters the figure font lacks written as escapes (\\n, \\uXXXX) instead of empty boxes."""
-    font = _figure_font()
-
-    def char(c: str) -> str:
-        if c == " ":
-            return "␣"
-        return c if c.isprintable() and font.get_char_index(ord(c)) else c.encode("unicode_escape").decode()
-
-    text = "".join(map(char, token)) or "∅"
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _tick_positions(n: int) -> range:
@@ -149,11 +126,12 @@ def _jacobian(result: Analysis):
         im = ax.imshow(image, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest",
                        extent=(0, T * d_in, d_out, 0))
         ticks = _tick_positions(T)
-        ax.set_xticks([d_in * t + d_in / 2 for t in ticks],
-                      [f"{t}: {_drawable(tokens[t])}" for t in ticks], rotation=30, ha="right", fontsize=8)
+        labels = [f"{t}: {_drawable(tokens[t])}" for t in ticks]
+        ax.set_xticks([d_in * t + d_in / 2 for t in ticks], labels, rotation=30, ha="right", fontsize=8,
+                      **literal(*labels))
         for t in range(1, T):
             ax.axvline(d_in * t, color="black", lw=0.6)
-        ax.set_xlabel(f"input: token position t (x_t, d = {d_in} columns of J_t each)")
+        ax.set_xlabel(f"input: token position t (x_t, d = {d_in} columns of J_t each)\n{font_note(labels)}")
         ax.set_ylabel(f"output coordinate i of y (d = {d_out})")
         block = "every entry shown" if bh * bw == 1 else (
             f"each pixel: the largest-|·| entry of a block of {bh} × {bw} entries (signed)")
@@ -182,10 +160,11 @@ def _spectra(result: Analysis):
         many = T > MAX_TICK_LABELS  # a colour per position instead of a legend entry per token
         colors = colormaps["viridis"](np.linspace(0, 1, T)) if many else [f"C{t % 10}" for t in range(T)]
         styles = ["-", "--", ":", "-."]
-        for t, row in enumerate(per_token):
+        labels = [f"{t}: {_drawable(row['token'])}  → u_1: {_drawable(row['left_tokens'][0][0])}"
+                  for t, row in enumerate(per_token)]
+        for t, label in enumerate(labels):
             ax.plot(range(1, k + 1), s[t], marker="o", ms=3, color=colors[t], lw=1,
-                    linestyle="-" if many else styles[t // 10 % len(styles)],
-                    label=f"{t}: {_drawable(row['token'])}  → u_1: {_drawable(row['left_tokens'][0][0])}")
+                    linestyle="-" if many else styles[t // 10 % len(styles)], label=label)
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.2, 0.5, 1, 2, 5, …: readable values
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -198,8 +177,9 @@ def _spectra(result: Analysis):
             bar = fig.colorbar(ScalarMappable(Normalize(0, T - 1), colormaps["viridis"]), ax=ax, fraction=0.04)
             bar.set_label("input position t", fontsize=8)
         else:
-            ax.legend(fontsize=7, title="position: token → top token of u_1", title_fontsize=7,
-                      loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+            legend = ax.legend(fontsize=7, title=f"position: token → top token of u_1\n{font_note(labels)}",
+                               title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+            literal_legend(legend)
         ax.set_title(f"Top {k} singular values of each per-token map J_t (y = Σ_t J_t x_t)", fontsize=10)
     return draw
 
@@ -212,14 +192,17 @@ def _emergence(result: Analysis):
     def draw(fig):
         ax = fig.add_subplot(1, 1, 1)
         n = len(story.layers)
+        shown = {(i, j): _drawable(story.maps[scope][part].top_tokens[i][0][0])
+                 for i in range(n) for j, (scope, part) in enumerate(columns)}
+        next_shown = _drawable(next_text, 30)
         ranks = np.array([[story.maps[s][p].u1_next_token_rank[i] for s, p in columns] for i in range(n)])
         image = ax.imshow(np.log10(1 + ranks), cmap="viridis_r", aspect="auto", origin="lower",
                           vmin=0, vmax=max(1.0, float(np.log10(1 + ranks.max()))))
         for i in range(n):
-            for j, (scope, part) in enumerate(columns):
+            for j in range(len(columns)):
                 hit = ranks[i, j] == 0
-                ax.text(j, i, _drawable(story.maps[scope][part].top_tokens[i][0][0]), ha="center", va="center",
-                        fontsize=7, fontweight="bold" if hit else "normal",
+                ax.text(j, i, shown[i, j], ha="center", va="center", fontsize=7, **literal(shown[i, j]),
+                        fontweight="bold" if hit else "normal",
                         color="black" if np.log10(1 + ranks[i, j]) < 0.5 * image.norm.vmax else "white")
                 if hit:
                     ax.add_patch(_box(j, i))
@@ -227,11 +210,12 @@ def _emergence(result: Analysis):
         ax.set_yticks(range(n), [str(l) for l in story.layers], fontsize=7)
         ax.set_xlabel("map (scope, part)")
         ax.set_ylabel("layer")
-        ax.set_title(f"Top token of u_1 for each layer map; boxed: u_1 decodes to the next token "
-                     f"{_drawable(next_text, 30)}\n(␣: a space; \\uXXXX: a character the figure font cannot draw)",
-                     fontsize=9)
+        ax.set_title(f"Top token of u_1 for each layer map; boxed: u_1 decodes to the next token {next_shown}\n"
+                     f"(␣: a space; {font_note([*shown.values(), next_shown])})", fontsize=9,
+                     **literal(*shown.values(), next_shown))
         bar = fig.colorbar(image, ax=ax, fraction=0.04)
-        bar.set_label(f"rank of {_drawable(next_text)} among u_1's tokens\n(log10(1 + rank); 0: on top)", fontsize=8)
+        bar.set_label(f"rank of {_drawable(next_text)} among u_1's tokens\n(log10(1 + rank); 0: on top)", fontsize=8,
+                      **literal(_drawable(next_text)))
     return draw
 
 
@@ -410,7 +394,7 @@ residual stream after layer l; <b>max error</b>: the largest reconstruction erro
 {_table(header, body, raw=True)}"""
 
 
-def write_report(result: Analysis, out: Path, *, quiet: bool = True, extra: dict[str, bytes] | None = None
+def write_report(result: Analysis, out: Path, *, quiet: bool | None = None, extra: dict[str, bytes] | None = None
                  ) -> list[Path]:
     """Write report.json, the PNG figures, report.html and the `extra` files ({name: bytes}, e.g. the saved
     Jacobian) as the whole content of `out`, swapped into place as one set

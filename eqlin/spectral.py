@@ -44,6 +44,7 @@ from eqlin.lanczos import Method, matrix_free_svd
 from eqlin.linear_maps import Linearization, relative_error, target_constant, target_map
 from eqlin.model import Model
 from eqlin.params import Params
+from eqlin.progress import steps as steps_bar
 from eqlin.selection import Part, Scope, resolve_selection
 
 Array = jax.Array
@@ -407,7 +408,7 @@ def _map_jvp(params: Params, config: ModelConfig, x: Array, *, layer: int | None
 def top_singular(model: Model, inputs, k: int, *, layer: int | None = None, part: Part = "residual",
                  scope: Scope = "cumulative", detach: bool = True, method: Method = "lanczos",
                  steps: int | None = None, power_iterations: int = 2, block: int = 10, seed: int = 0,
-                 progress: Callable[[int, int], None] | None = None) -> Spectrum:
+                 progress: Callable[[int, int], None] | None = None, quiet: bool | None = None) -> Spectrum:
     """Matrix-free top-k singular triplets of the token-combined map (d × T·d) selected by (layer, part,
     scope) as in `detached_jacobian` (one layer or None), without building J.
 
@@ -415,7 +416,8 @@ def top_singular(model: Model, inputs, k: int, *, layer: int | None = None, part
     `matrix_free_svd` (method, steps, power_iterations, block, seed, progress: see there). Memory is the
     stored linearization plus (steps + 1) input-sized vectors, never T·d² (3.4 GB in float64 for Gemma 3
     270M at T = 1024). The relative reconstruction error ‖y − (J x + c)‖ / ‖y‖ comes from one more JVP (and,
-    with biases, c from one paired forward).
+    with biases, c from one paired forward). Without a `progress` callback, a bar on stderr counts the
+    products (see `eqlin.progress.shown` for when it shows).
     Returns a token-combined Spectrum (per_token False, frobenius_sq and effective None), sign-aligned
     with y.
     """
@@ -424,7 +426,14 @@ def top_singular(model: Model, inputs, k: int, *, layer: int | None = None, part
     ids = model.ids(inputs)
     x = embed(model.params, model.config, jnp.asarray(ids))
     y, jvp, x_in, err = _map_jvp(model.params, model.config, x, layer=layer, part=part, scope=scope, detach=detach)
-    s, U, V = matrix_free_svd(jvp, x_in, k, method=method, steps=steps, power_iterations=power_iterations,
-                              block=block, seed=seed, progress=progress)
+    with steps_bar(f"matrix-free top-{k} ({method}): products with J and Jᵀ", None,
+                   True if progress is not None else quiet) as bar:
+
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        s, U, V = matrix_free_svd(jvp, x_in, k, method=method, steps=steps, power_iterations=power_iterations,
+                                  block=block, seed=seed, progress=progress or report)
     U, V = align_signs(U, V, y)
     return Spectrum(s, U, V, y, err, jnp.asarray(ids), None, None, False, method, layer, part, scope, detach)

@@ -50,7 +50,7 @@ from eqlin.generation import steered_greedy
 from eqlin.linear_maps import constant_term, jacobian_of, relative_error
 from eqlin.model import Model
 from eqlin.params import Params
-from eqlin.progress import stage, steps
+from eqlin.progress import shown, stage, steps
 from eqlin.selection import check_range, layer_indices
 
 Array = jax.Array
@@ -211,11 +211,12 @@ class SteeringSweep(dict):
 
 def steering_sweep(model: Model, concept: str, text: str, *, layers: Sequence[int], strengths: Sequence[float],
                    max_new_tokens: int = 24, concept_tokens: Sequence[int] | None = None, seed: int = 0,
-                   quiet: bool = True) -> dict[str, Any]:
+                   quiet: bool | None = None) -> dict[str, Any]:
     """Steer over layers × strengths, beside a control: a random operator of J_c's Frobenius norm (seeded
     by `seed`) in place of J_c. Returns the table, a `SteeringSweep` (a JSON-serializable dict; `lift[i][j]`,
     `control_lift[i][j]` for layers[i], strengths[j]; `cells` with texts). Write it with
     `eqlin.steering_report.write_sweep`."""
+    quiet = not shown(quiet)
     layers = _layers(layers, model.config.num_layers)
     c_ids, t_ids, targets = _check(model, concept, text, max_new_tokens, concept_tokens)
     if isinstance(strengths, (str, bytes)) or not len(strengths):

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from eqlin.figure_text import literal
 from eqlin.outputs import json_text, write_folder_atomic
 from eqlin.report import render_png
 
@@ -45,9 +46,10 @@ def _heatmap(table: dict[str, Any]):
         axes[0].set_ylabel("layer l (v added to the stream entering it)")
         bar = fig.colorbar(im, ax=list(axes), fraction=0.04)
         bar.set_label(f"lift of mean log p({tokens}) over the unsteered run, nats\n(one scale for both panels; "
-                      "linear within ±1, logarithmic beyond)", fontsize=8)
+                      "linear within ±1, logarithmic beyond)", fontsize=8, **literal(tokens))
         fig.suptitle(f"Steering {table['text']!r} with the concept {table['concept']!r}\n"
-                     f"greedy, {table['max_new_tokens']} new tokens, {table['dtype']}", fontsize=10)
+                     f"greedy, {table['max_new_tokens']} new tokens, {table['dtype']}", fontsize=10,
+                     **literal(table["text"], table["concept"]))
 
     return draw
 

@@ -50,7 +50,10 @@ def compiled_functions_released():
     """Compiled executables are dropped after each test module. Without this, one process compiling the whole
     suite's thousands of functions crashed inside XLA's compiler (a segmentation fault in test_steering.py,
     twice in a row; never when that module ran alone); with it, the process holds about 1,200 memory
-    mappings at every module's end."""
+    mappings at every module's end. Suspected cause, ruled out only in part: in-process `eqlin.cli.main`
+    turned JAX's persistent compilation cache on for the whole process until it stopped doing so (issue
+    29); without this fixture, one process then ran 638 of the 723 tests (up to test_sharding.py) without
+    a crash before a 40-minute limit on a busy 2-core machine, never reaching test_steering.py."""
     yield
     jax.clear_caches()
 

@@ -249,7 +249,7 @@ _CHILD = textwrap.dedent("""
         raise RuntimeError("a bug in eqlin")
 
     eqlin.convert.write_safetensors = broken
-    sys.exit(eqlin.cli.main(["convert", src, dst, "-q"]))
+    sys.exit(eqlin.cli.console_main(["convert", src, dst, "-q"]))
 """)
 
 
@@ -459,25 +459,80 @@ def test_a_huge_memory_limit_setting_exits_2(tmp_path, capsys, monkeypatch):
     assert "EQLIN_MEMORY_LIMIT_GB='1e308' is more than any machine has" in err and not (tmp_path / "o").exists()
 
 
-def test_unwritable_compile_cache_is_said_not_fatal(checkpoint, tmp_path, capsys, monkeypatch):
+def _console(args: list[str], **env: str | None) -> subprocess.CompletedProcess:
+    """`python -m eqlin.cli ARGS` (the console script) in a fresh process, with `env` set (None: unset)."""
+    environ = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    return subprocess.run([sys.executable, "-m", "eqlin.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=environ)
+
+
+def test_unwritable_compile_cache_is_said_not_fatal(checkpoint, tmp_path):
     (tmp_path / "file").write_text("")
-    monkeypatch.setenv("EQLIN_CACHE_DIR", str(tmp_path / "file" / "cache"))
-    monkeypatch.delenv("EQLIN_NO_COMPILE_CACHE", raising=False)
-    assert main(["info", str(checkpoint("llama_mha")), "-q"]) == EXIT_OK
-    assert "JAX's compilation cache is off: cannot write" in capsys.readouterr().err
+    run = _console(["info", str(checkpoint("llama_mha")), "-q"], EQLIN_CACHE_DIR=str(tmp_path / "file" / "cache"),
+                   EQLIN_NO_COMPILE_CACHE=None, JAX_COMPILATION_CACHE_DIR=None)
+    assert run.returncode == EXIT_OK, run.stderr
+    assert "JAX's compilation cache is off: cannot write" in run.stderr
 
 
-def test_a_users_own_compile_cache_is_left_alone(checkpoint, tmp_path, capsys, monkeypatch):
-    """JAX reads $JAX_COMPILATION_CACHE_DIR itself (at import): eqlin neither replaces it with its own folder nor
-    creates that folder."""
-    import jax
+def test_a_users_own_compile_cache_is_left_alone(checkpoint, tmp_path):
+    """JAX reads $JAX_COMPILATION_CACHE_DIR itself (at import): the console script neither replaces it with its
+    own folder nor creates that folder."""
+    run = _console(["info", str(checkpoint("llama_mha")), "-q"], JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine"),
+                   EQLIN_CACHE_DIR=str(tmp_path / "eqlin-cache"), EQLIN_NO_COMPILE_CACHE=None)
+    assert run.returncode == EXIT_OK, run.stderr
+    assert not (tmp_path / "eqlin-cache").exists()
 
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
-    monkeypatch.setenv("EQLIN_CACHE_DIR", str(tmp_path / "eqlin-cache"))
-    monkeypatch.delenv("EQLIN_NO_COMPILE_CACHE", raising=False)
-    before = jax.config.jax_compilation_cache_dir
-    assert main(["info", str(checkpoint("llama_mha")), "-q"]) == EXIT_OK
-    assert jax.config.jax_compilation_cache_dir == before and not (tmp_path / "eqlin-cache").exists()
+
+_GUEST = textwrap.dedent("""
+    import json, os, signal, sys, time
+    import jax, jax.numpy as jnp
+    import eqlin.cli, eqlin.convert
+    checkpoint, out, dst = sys.argv[1:]
+    KEYS = ("jax_enable_x64", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    state = lambda: ([getattr(jax.config, k) for k in KEYS], str(jnp.ones(2).dtype),
+                     [str(signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM)])
+    before = state()
+    code = eqlin.cli.main(["analyze", "the cat", "--model", checkpoint, "--layers", "none", "--out", out, "-q"])
+    print("guest:", json.dumps({"code": code, "before": before, "after": state(),
+                      "error": json.load(open(os.path.join(out, "report.json")))["relative_error"]}))
+    real = eqlin.convert.write_safetensors
+
+    def ctrl_c(*args, **kwargs):
+        real(*args, **kwargs)  # a file is written, then Ctrl-C before the folder is moved in place
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+        print("guest: not interrupted")
+
+    eqlin.convert.write_safetensors = ctrl_c
+    try:
+        try:
+            eqlin.cli.main(["convert", checkpoint, dst, "-q"])
+        finally:
+            print("guest: finally ran")
+    except KeyboardInterrupt:
+        print("guest: KeyboardInterrupt caught")
+    print("guest:", json.dumps({"left": os.listdir(os.path.dirname(dst)), "after": state()}))
+""")
+
+
+def test_main_in_process_is_a_good_guest(checkpoint, tmp_path):
+    """eqlin.cli.main() in a host process whose x64 mode is off: the float64 analysis is exact all the same,
+    and JAX's config (x64, compilation cache folder, min compile time), the default dtype and the signal
+    handlers are as the host left them; Ctrl-C during a command reaches the host's finally and except as
+    KeyboardInterrupt (the host lives on) and leaves no output or temporary entry."""
+    (tmp_path / "dst").mkdir()
+    run = subprocess.run([sys.executable, "-c", _GUEST, str(checkpoint("llama_gqa")), str(tmp_path / "o"),
+                          str(tmp_path / "dst" / "converted")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "EQLIN_CACHE_DIR": str(tmp_path / "cache"), "JAX_ENABLE_X64": "0"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line.removeprefix("guest: ") for line in run.stdout.splitlines() if line.startswith("guest: ")]
+    analyzed, *host, interrupted = lines
+    analyzed, interrupted = json.loads(analyzed), json.loads(interrupted)
+    assert analyzed["code"] == EXIT_OK and analyzed["error"] <= 1e-14
+    assert analyzed["before"][:2] == [[False, None, 1.0], "float32"]
+    assert analyzed["after"] == analyzed["before"] == interrupted["after"]
+    assert host == ["finally ran", "KeyboardInterrupt caught"]
+    assert interrupted["left"] == [] and not (tmp_path / "cache" / "xla").exists()
 
 
 def test_out_with_other_files_is_left_alone(checkpoint, tmp_path, capsys):

@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 import pytest
+from matplotlib.text import Text
 
 from eqlin import report
 from tests.browser import needs_chromium, opened
@@ -145,3 +146,21 @@ def test_report_html_has_the_token_heat_maps_and_explains_its_tables(tiny_report
 
 def test_terminal_tables_align_wide_characters():
     assert report._ljust("'焦點'", 8) == "'焦點'  " and report._rjust("'่อย'", 6) == "  '่อย'"
+
+
+def test_tokens_with_dollars_are_drawn_as_written(analysis):
+    """Tokens and a next token holding `$` (mathtext's delimiter: `$$` used to end the report in ValueError, `$x$`
+    to render as math) appear in the figures as written."""
+    tokens = ["$x$", "$$", " a\\$"]
+    rows = analysis.report["per_token"]
+    dollars = dataclasses.replace(analysis, report={
+        **analysis.report, "next_token": {**analysis.report["next_token"], "text": "$$"},
+        "tokens": [dict(t, text=tokens[i % 3]) for i, t in enumerate(analysis.report["tokens"])],
+        "per_token": [dict(r, token=tokens[i % 3], left_tokens=[["$y$", *r["left_tokens"][0][1:]], *r["left_tokens"][1:]])
+                      for i, r in enumerate(rows)]})
+    for draw, shown in ((report._jacobian, "1: $$"), (report._spectra, "0: $x$  → u_1: $y$"),
+                        (report._emergence, "rank of $$ among u_1's tokens\n(log10(1 + rank); 0: on top)")):
+        fig = report.figure(draw(dollars), (11, 6))
+        assert shown in [text for text, _ in drawn_texts(fig)]
+        assert not any(t.get_parse_math() for t in fig.findobj(Text) if "$" in t.get_text())
+    assert report.render_png(report._emergence(dollars), (11, 6)).startswith(b"\x89PNG")

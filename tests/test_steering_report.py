@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from matplotlib.colors import SymLogNorm
+from matplotlib.text import Text
 
 from eqlin import report
 from eqlin.outputs import MARKER
@@ -46,3 +47,13 @@ def test_the_steering_heat_map_has_one_scale_for_both_panels():
     assert len(norms) == 1 and isinstance(*norms, SymLogNorm)
     (norm,) = norms
     assert norm.vmin <= -137.2 and norm.vmax >= 137.2
+
+
+def test_dollars_in_the_text_and_concept_are_drawn_as_written(tmp_path):
+    """`steer --text 'the dog $$'` used to end in matplotlib's ValueError after the whole sweep."""
+    table = {**TABLE, "text": "the dog $$", "concept": "costs $x$", "concept_tokens": [{"id": 7, "text": "$"}]}
+    write_sweep(table, tmp_path / "steer")
+    assert (tmp_path / "steer" / "steering.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = report.figure(_heatmap(table), (11, 4))
+    assert "Steering 'the dog $$' with the concept 'costs $x$'\ngreedy, 4 new tokens, float64" == fig.get_suptitle()
+    assert not any(t.get_parse_math() for t in fig.findobj(Text) if "$" in t.get_text())
