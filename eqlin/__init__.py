@@ -23,7 +23,7 @@ from eqlin.linear_maps import (
     matrix_free_check,
 )
 from eqlin.memory import estimate_jacobian_bytes
-from eqlin.detach import detach  # any JAX function's detached map, found from its program (docs/detach.md)
+from eqlin.detach import DetachError, detach  # any JAX function's detached map, found from its program (docs/detach.md)
 
 # Taking maps apart: spectra, decoding, the layer story.
 from eqlin.layer_story import LayerSpectra, MapSpectra, layer_spectra
@@ -55,6 +55,6 @@ __all__ = [
     # steering
     "SteeringResult", "steer", "steering_sweep",
     # errors
-    "ConfigError", "EqlinError", "InputError", "MemoryBudgetError", "NonFiniteError", "OutputError", "PrecisionError",
-    "WeightsError",
+    "ConfigError", "DetachError", "EqlinError", "InputError", "MemoryBudgetError", "NonFiniteError", "OutputError",
+    "PrecisionError", "WeightsError",
 ]
