@@ -638,7 +638,7 @@ def test_a_rewrite_replaces_the_whole_report_or_nothing(checkpoint, tmp_path, ca
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
 
 
-# A child that runs eqlin.cli.main on a slow disk: each unlink takes 0.1 s (so removing a folder takes a while), and
+# A child that runs the console script (eqlin.cli.console_main) on a slow disk: each unlink takes 0.1 s (so removing a folder takes a while), and
 # the step named by argv[1] prints "now" and sleeps 0.5 s first: fsync_dir of the new set's temporary folder (just
 # before its swap) or the swap itself (outputs._exchange).
 _SLOW_SWAP = """
@@ -656,7 +656,7 @@ def slow(real, *a):
 os.unlink = slow_unlink
 outputs.fsync_dir = lambda *a: slow(fsync_dir, *a)
 outputs._exchange = lambda *a: slow(exchange, *a)
-sys.exit(cli.main(sys.argv[2:]))
+sys.exit(cli.console_main(sys.argv[2:]))
 """
 
 
