@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from eqlin.config import BIAS_FAMILIES, ModelConfig
 from eqlin.errors import InputError, PrecisionError, WeightsError, name_list
 from eqlin.families import FamilySpec
-from eqlin.params import LayerParams, Params, expected_shapes, param_shardings
+from eqlin.params import EXACT_WIDENING, LayerParams, Params, expected_shapes, param_shardings, to_storage
 from eqlin.safetensors_io import SafetensorsFile
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -270,43 +270,82 @@ def check_tensors(files: dict[str, SafetensorsFile], config: ModelConfig, spec: 
     return expected
 
 
-def read_finite(files: dict[str, SafetensorsFile], names, dtype: np.dtype) -> dict[str, np.ndarray]:
-    """The tensors `names` as host arrays of `dtype`; a WeightsError names every one holding NaN or ±inf
-    (after the cast: float64 values beyond float32's range overflow)."""
+WEIGHTS = ("stored", "cast")
+
+
+def check_weights(weights: object) -> str:
+    """`weights` ("stored" or "cast") itself, else an InputError naming both."""
+    if weights not in WEIGHTS:
+        raise InputError(f"weights must be 'stored' (kept at the checkpoint's dtype, widened where used) or 'cast' "
+                         f"(cast to the compute dtype at load), got {weights!r}")
+    return weights
+
+
+def storage_for(stored: np.dtype, shape: tuple[int, ...], dtype: jnp.dtype, weights: str) -> np.dtype:
+    """The dtype a tensor stored as `stored` (one layer's `shape`) is held at for a `dtype` model: its own
+    where `weights` is "stored", it is a matrix (vectors are held at `dtype`: `eqlin.params`) and it
+    widens to `dtype` exactly (`eqlin.params.EXACT_WIDENING`), else `dtype`: cast at load,
+    as always for a tensor stored wider than the compute dtype (float32 weights of a bfloat16 model, float64
+    ones of a float32 model: rounded once here, the model then computes in `dtype` throughout)."""
+    exact = weights == "stored" and len(shape) > 1 and np.dtype(stored).name in EXACT_WIDENING[np.dtype(dtype).name]
+    return np.dtype(stored) if exact else np.dtype(dtype)
+
+
+def read_finite(files: dict[str, SafetensorsFile], names, dtypes: Mapping[str, np.dtype]) -> dict[str, np.ndarray]:
+    """The tensors `names` as host arrays, each of its dtype in `dtypes`; a WeightsError names every one
+    holding NaN or ±inf (after the cast: float64 values beyond float32's range overflow)."""
     arrays, bad = {}, []
     for name in names:
+        dtype = dtypes[name]
         with np.errstate(over="ignore", invalid="ignore"):  # overflows are found and reported right here
             a = np.asarray(files[name].read(name), dtype=dtype)
-            finite = np.isfinite(a.sum()) or np.isfinite(a).all()  # the sum is the fast path
+            fast = dtype.itemsize >= 4 and np.isfinite(a.sum())  # the sum is the fast path (not in 16 bits)
+            finite = fast or np.isfinite(a).all()
         if not finite:
             bad.append(name)
         arrays[name] = a
     if bad:
-        raise WeightsError(f"tensors hold NaN or infinite values (as {np.dtype(dtype).name}): "
-                           f"{name_list(bad)}; the checkpoint is corrupt (or "
-                           "out of this dtype's range): replace it")
+        raise WeightsError(f"tensors hold NaN or infinite values (as {', '.join(sorted({dtypes[n].name for n in bad}))}"
+                           f"): {name_list(bad)}; the checkpoint is corrupt (or out of this dtype's range): replace it")
     return arrays
 
 
-def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.dtype, *, mesh: Mesh | None = None
-                ) -> Params:
-    """Read, check (`check_tensors`, `read_finite`) and stack every weight. With `mesh`, weights are placed
-    tensor-parallel over its "model" axis (`eqlin.params.partition_specs`), never whole on one device."""
+def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.dtype, *, mesh: Mesh | None = None,
+                weights: str = "stored") -> Params:
+    """Read, check (`check_tensors`, `read_finite`) and stack every weight for a model computing in `dtype`.
+    `weights="stored"`: each tensor stays at the checkpoint's dtype where it widens to `dtype` exactly
+    (`storage_for`; bfloat16 as bit patterns, `eqlin.params.to_storage`); "cast": every tensor cast to
+    `dtype` here. A field whose layers are stored at different dtypes is cast. Each field goes to its
+    devices as soon as it is stacked, so the host never holds more than one field beyond the memory-mapped
+    files. With `mesh`, weights are placed tensor-parallel over its "model" axis
+    (`eqlin.params.partition_specs`), never whole on one device."""
     files = open_weight_files(folder)
     expected = check_tensors(files, config, spec, folder)
-    host_dtype = np.float64 if dtype == jnp.float64 else np.float32
-    arrays = read_finite(files, expected, host_dtype)
+    dtypes = {name: storage_for(files[name].header[name][0], e.shape, dtype, weights) for name, e in expected.items()}
 
-    by_field: dict[str, list[np.ndarray]] = {}
-    top: dict[str, np.ndarray] = {}
-    for name, (fields, layer, _, transposed) in expected.items():
+    by_field: dict[str, list[str]] = {}
+    top: dict[str, str] = {}
+    for name, (fields, layer, _, _) in expected.items():
         if layer is None:
-            top[fields[0]] = arrays[name].astype(dtype, copy=False)
-            continue
-        rows = np.cumsum(_rows(config, spec, fields))[:-1]
-        for field, part in zip(fields, np.split(arrays[name].T if transposed else arrays[name], rows)):
-            by_field.setdefault(field, [None] * config.num_layers)[layer] = part
-    layers = LayerParams(**{f: np.stack(arrs).astype(dtype, copy=False) for f, arrs in by_field.items()})
-    host = Params(layers=layers, **top)
-    # Host arrays go straight to their devices: with a mesh, each device receives only its own shards.
-    return jax.device_put(host, None if mesh is None else param_shardings(host, config, mesh))
+            top[fields[0]] = name
+        for field in fields if layer is not None else ():
+            by_field.setdefault(field, [None] * config.num_layers)[layer] = name
+
+    def host_field(field: str, names: list[str]) -> np.ndarray:
+        common = {dtypes[n] for n in names}
+        field_dtype = common.pop() if len(common) == 1 else np.dtype(dtype)
+        read = read_finite(files, dict.fromkeys(names), dict.fromkeys(names, field_dtype))
+        parts = []
+        for layer, name in enumerate(names):
+            fields, _, _, transposed = expected[name]
+            rows = np.cumsum(_rows(config, spec, fields))[:-1]
+            parts.append(np.split(read[name].T if transposed else read[name], rows)[fields.index(field)])
+        return to_storage(np.stack(parts))
+
+    skeleton = Params(layers=LayerParams(**dict.fromkeys(by_field, 0)), **dict.fromkeys(top, 0))
+    placement = None if mesh is None else param_shardings(skeleton, config, mesh)
+    layers = LayerParams(**{f: jax.device_put(host_field(f, names), placement and getattr(placement.layers, f))
+                            for f, names in by_field.items()})
+    tops = {f: jax.device_put(to_storage(read_finite(files, [name], dtypes)[name]), placement and getattr(placement, f))
+            for f, name in top.items()}
+    return Params(layers=layers, **tops, compute_dtype=np.dtype(dtype).name)

@@ -19,7 +19,7 @@ from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError
 from eqlin.families import FamilySpec, config_from_hf, spec_for
-from eqlin.loading import (INDEX_FILE, SINGLE_FILE, check_tensors, expected_tensors, is_gguf, load_params,
+from eqlin.loading import (INDEX_FILE, SINGLE_FILE, check_tensors, check_weights, expected_tensors, is_gguf, load_params,
                            open_weight_files, read_json, resolve_dtype, resolve_folder)
 from eqlin.params import Params, check_mesh
 from eqlin.tokenizer import Tokenizer
@@ -41,7 +41,8 @@ class Model:
 
     @property
     def dtype(self) -> jnp.dtype:
-        return self.params.embed.dtype
+        """The dtype the model computes in (its weights may be stored narrower: `eqlin.params`)."""
+        return self.params.dtype
 
     def __repr__(self) -> str:  # one line: the weights are in .params
         return display.model_repr(self)
@@ -187,19 +188,24 @@ def load(
     cache_dir: str | Path | None = None,
     download: bool = False,
     mesh: Mesh | None = None,
+    weights: str = "stored",
 ) -> Model:
     """Load a checkpoint: a local folder (config.json, model.safetensors or a sharded index,
     tokenizer.json), a repo id already in the local HF cache, or a .gguf file (dequantized once into
-    an eqlin-ready folder under the user cache, see `eqlin.gguf`). Weights are cast to `dtype`
-    ("float64" needs JAX's x64 mode). Nothing is downloaded unless `download=True`. With a `mesh`
-    (`eqlin.sharding.device_mesh(model=n)`), the weights are split tensor-parallel over its "model" axis
+    an eqlin-ready folder under the user cache, see `eqlin.gguf`). The model computes in `dtype`
+    ("float64" needs JAX's x64 mode). `weights="stored"` keeps each weight at the checkpoint's dtype where
+    that widens to `dtype` exactly (bfloat16, float16, float32 to float64), widened one layer at a time
+    where it is used: the same maps bit for bit, in a quarter (bfloat16) or half (float32) of the float64
+    bytes; `weights="cast"` casts every weight to `dtype` at load. Nothing is downloaded unless
+    `download=True`. With a `mesh` (`eqlin.sharding.device_mesh(model=n)`), the weights are split tensor-parallel over its "model" axis
     as they load, for models whose weights do not fit one device. Everything cheap (config, tokenizer,
     tensor names and shapes) is checked before any weight is read."""
     jdtype = resolve_dtype(dtype)
+    check_weights(weights)
     if mesh is not None:
         check_mesh(mesh)
     folder = checkpoint_folder(source, cache_dir=cache_dir, download=download)
     spec, config = read_config(folder)
     tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
-    params = load_params(folder, config, spec, jdtype, mesh=mesh)
+    params = load_params(folder, config, spec, jdtype, mesh=mesh, weights=weights)
     return Model(config=config, params=params, tokenizer=tokenizer, source=str(source))
