@@ -48,13 +48,23 @@ def to_storage(a: np.ndarray) -> np.ndarray:
 
 
 def widen(a: Array | None, dtype) -> Array | None:
-    """The value of a stored leaf `a` (any shape) at the compute `dtype`: bit patterns read as bfloat16,
-    then converted (exact for every pair in EXACT_WIDENING; a no-op at the same dtype). None stays None."""
+    """The value of a stored leaf `a` (any shape) at the compute `dtype`, exactly for every pair in
+    EXACT_WIDENING (a no-op at the same dtype). None stays None.
+
+    Bit patterns become float32 by a shift (a bfloat16 is the top half of a float32). XLA's CPU backend
+    flushes float32 subnormals to zero when converting to float64, so those (|w| < 2⁻¹²⁶, bfloat16's
+    too) are widened as ±mantissa · 2⁻¹⁴⁹ instead, exact in float64."""
     if a is None:
         return None
+    dtype = np.dtype(dtype)
     if a.dtype == BF16_BITS:
-        a = jax.lax.bitcast_convert_type(a, jnp.bfloat16)
-    return a.astype(dtype)
+        a = jax.lax.bitcast_convert_type(a.astype(jnp.uint32) << 16, jnp.float32)
+    if a.dtype != jnp.float32 or dtype != jnp.float64:
+        return a.astype(dtype)
+    bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    sign = jnp.where(bits >> 31 == 1, -1.0, 1.0)
+    subnormal = sign * (bits & 0x7FFFFF).astype(jnp.float64) * 2.0**-149
+    return jnp.where(bits & 0x7F800000 == 0, subnormal, a.astype(jnp.float64))
 
 
 def widen_tree(tree, dtype):
