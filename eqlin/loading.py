@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -14,9 +15,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from eqlin.config import BIAS_FAMILIES, ModelConfig
-from eqlin.errors import InputError, PrecisionError, WeightsError, name_list
+from eqlin.errors import InputError, MemoryBudgetError, PrecisionError, WeightsError, name_list
+from eqlin.memory import device_capacity_bytes, format_bytes, widened_layer_bytes
 from eqlin.families import FamilySpec
-from eqlin.params import EXACT_WIDENING, LayerParams, Params, expected_shapes, param_shardings, to_storage
+from eqlin.params import EXACT_WIDENING, MODEL_AXIS, LayerParams, Params, expected_shapes, param_shardings, to_storage
 from eqlin.safetensors_io import SafetensorsFile
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -310,17 +312,55 @@ def read_finite(files: dict[str, SafetensorsFile], names, dtypes: Mapping[str, n
     return arrays
 
 
+def held_bytes(files: dict[str, SafetensorsFile], expected: Mapping[str, Expected], dtype: jnp.dtype,
+               weights: str) -> int:
+    """Bytes the weights take once loaded (`storage_for` each tensor), from the tensor headers alone."""
+    return sum(math.prod(e.shape) * storage_for(files[n].header[n][0], e.shape, dtype, weights).itemsize
+               for n, e in expected.items())
+
+
+def check_load_fits(files: dict[str, SafetensorsFile], expected: Mapping[str, Expected], config: ModelConfig,
+                    dtype: jnp.dtype, weights: str, n_model: int, limit: int | None, folder: Path) -> None:
+    """Refuse, before reading any weight, a load whose weights (split over `n_model` devices) and widened
+    layers (`eqlin.memory.widened_layer_bytes`) exceed one device's capacity (`device_capacity_bytes`), with a
+    MemoryBudgetError naming what would fit: weights="stored", float32, a mesh of enough devices."""
+    capacity = device_capacity_bytes(limit)
+
+    def need(dt: jnp.dtype, how: str, n: int = n_model) -> int:
+        return held_bytes(files, expected, dt, how) // n + widened_layer_bytes(config, np.dtype(dt).itemsize)
+
+    if need(dtype, weights) <= capacity:
+        return
+    fixes = []
+    if weights == "cast" and need(dtype, "stored") <= capacity:
+        fixes.append(f'weights="stored" ({format_bytes(need(dtype, "stored"))})')
+    if np.dtype(dtype) == np.float64 and need(jnp.float32, "stored") <= capacity:
+        fixes.append(f'dtype="float32" ({format_bytes(need(jnp.float32, "stored"))}; maps rounded to float32)')
+    room = capacity - widened_layer_bytes(config, np.dtype(dtype).itemsize)
+    if room > 0:
+        n = -(-held_bytes(files, expected, dtype, weights) // room)
+        fixes.append(f"a mesh of {n} or more devices (mesh=eqlin.device_mesh(model={n}))")
+    raise MemoryBudgetError(
+        f"loading {folder} in {np.dtype(dtype).name} (weights={weights!r}) needs about "
+        f"{format_bytes(need(dtype, weights))} per device (the weights{f' split {n_model} ways' if n_model > 1 else ''} and two widened layers), more "
+        f"than the {format_bytes(capacity)} one device holds; nothing was read. Use "
+        + (" or ".join(fixes) if fixes else "a device with more memory") + " (memory_limit sets the capacity)")
+
+
 def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.dtype, *, mesh: Mesh | None = None,
-                weights: str = "stored") -> Params:
+                weights: str = "stored", memory_limit: int | None = None) -> Params:
     """Read, check (`check_tensors`, `read_finite`) and stack every weight for a model computing in `dtype`.
     `weights="stored"`: each tensor stays at the checkpoint's dtype where it widens to `dtype` exactly
     (`storage_for`; bfloat16 as bit patterns, `eqlin.params.to_storage`); "cast": every tensor cast to
     `dtype` here. A field whose layers are stored at different dtypes is cast. Each field goes to its
     devices as soon as it is stacked, so the host never holds more than one field beyond the memory-mapped
     files. With `mesh`, weights are placed tensor-parallel over its "model" axis
-    (`eqlin.params.partition_specs`), never whole on one device."""
+    (`eqlin.params.partition_specs`), never whole on one device. A load that cannot fit is refused before
+    any weight is read (`check_load_fits`; `memory_limit`: one device's capacity in bytes)."""
     files = open_weight_files(folder)
     expected = check_tensors(files, config, spec, folder)
+    n_model = 1 if mesh is None else dict(mesh.shape).get(MODEL_AXIS, 1)
+    check_load_fits(files, expected, config, dtype, weights, n_model, memory_limit, folder)
     dtypes = {name: storage_for(files[name].header[name][0], e.shape, dtype, weights) for name, e in expected.items()}
 
     by_field: dict[str, list[str]] = {}

@@ -19,7 +19,7 @@ from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError
 from eqlin.families import FamilySpec, config_from_hf, spec_for
-from eqlin.loading import (INDEX_FILE, SINGLE_FILE, check_tensors, check_weights, expected_tensors, is_gguf, load_params,
+from eqlin.loading import (INDEX_FILE, SINGLE_FILE, check_tensors, check_weights, expected_tensors, held_bytes, is_gguf, load_params,
                            open_weight_files, read_json, resolve_dtype, resolve_folder)
 from eqlin.params import Params, check_mesh
 from eqlin.tokenizer import Tokenizer
@@ -181,6 +181,17 @@ def count_parameters(spec: FamilySpec, config: ModelConfig, folder: Path | None)
     return sum(math.prod(e.shape) for e in expected.values())
 
 
+def held_weight_bytes(spec: FamilySpec, config: ModelConfig, folder: Path | None, dtype: str,
+                      weights: str = "stored") -> int:
+    """Bytes `load(..., dtype=dtype, weights=weights)` would hold, from the tensor headers alone (a GGUF
+    header, no folder: every weight at `dtype`)."""
+    jdtype = resolve_dtype(dtype)
+    if folder is None:
+        return count_parameters(spec, config, None) * jdtype.itemsize
+    files = open_weight_files(folder)
+    return held_bytes(files, check_tensors(files, config, spec, folder), jdtype, check_weights(weights))
+
+
 def load(
     source: str | Path,
     *,
@@ -189,6 +200,7 @@ def load(
     download: bool = False,
     mesh: Mesh | None = None,
     weights: str = "stored",
+    memory_limit: int | None = None,
 ) -> Model:
     """Load a checkpoint: a local folder (config.json, model.safetensors or a sharded index,
     tokenizer.json), a repo id already in the local HF cache, or a .gguf file (dequantized once into
@@ -199,7 +211,9 @@ def load(
     bytes; `weights="cast"` casts every weight to `dtype` at load. Nothing is downloaded unless
     `download=True`. With a `mesh` (`eqlin.sharding.device_mesh(model=n)`), the weights are split tensor-parallel over its "model" axis
     as they load, for models whose weights do not fit one device. Everything cheap (config, tokenizer,
-    tensor names and shapes) is checked before any weight is read."""
+    tensor names and shapes) is checked before any weight is read, and so is memory: a load whose weights
+    and widened layers do not fit one device (`memory_limit` bytes, default its capacity: 80 % of physical
+    memory on a CPU) is refused with a MemoryBudgetError naming what would fit."""
     jdtype = resolve_dtype(dtype)
     check_weights(weights)
     if mesh is not None:
@@ -207,5 +221,5 @@ def load(
     folder = checkpoint_folder(source, cache_dir=cache_dir, download=download)
     spec, config = read_config(folder)
     tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
-    params = load_params(folder, config, spec, jdtype, mesh=mesh, weights=weights)
+    params = load_params(folder, config, spec, jdtype, mesh=mesh, weights=weights, memory_limit=memory_limit)
     return Model(config=config, params=params, tokenizer=tokenizer, source=str(source))

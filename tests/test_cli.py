@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import jax
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ import torch
 import eqlin
 from eqlin.analysis import SCHEMA
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, main
-from eqlin.memory import estimate_jacobian_bytes, format_bytes
+from eqlin.memory import estimate_jacobian_bytes, estimate_top_k_bytes, format_bytes
 from eqlin.report import summary
 from tests.conftest import TEXT
 from eqlin.reference import load_transformers
@@ -159,6 +160,14 @@ def test_info(variant, checkpoint, loaded, capsys, monkeypatch):
     assert rows["J at T=16 here"] == "fits, 2 basis vectors per pass"
     longest = largest_fitting(lambda t: peak(t, 1), config.max_position_embeddings, peak(16, 2))
     assert longest >= 16 and rows["longest input whose J fits"] == f"T={longest:,} (one basis vector per pass)"
+    held = sum(a.nbytes for a in jax.tree_util.tree_leaves(loaded(variant).params))  # float32 checkpoints: stored
+    assert rows["weights as loaded"].startswith(f"{format_bytes(held)} (weights='stored'") and held < 8 * parameters
+    top_k = estimate_top_k_bytes(config, 16, itemsize=8)
+    assert rows["peak for top-10 at T=16"].startswith(format_bytes(top_k)) and top_k < peak(16)
+    assert rows["top-10 at T=16 here"] == ("fits" if top_k <= peak(16, 2) else "does not fit")
+    longest = largest_fitting(lambda t: estimate_top_k_bytes(config, t, itemsize=8), config.max_position_embeddings,
+                              peak(16, 2))
+    assert rows["longest input whose top-10 fits"] == f"T={longest:,}"
 
 
 def test_info_says_what_the_default_budget_is(checkpoint, capsys, monkeypatch):

@@ -21,6 +21,7 @@ from jax.sharding import AxisType
 
 import eqlin
 from eqlin.convert import convert
+from eqlin.memory import format_bytes
 from eqlin.params import widen
 from eqlin.safetensors_io import SafetensorsFile, write_safetensors
 from eqlin import reference as ref
@@ -97,6 +98,28 @@ def test_bf16_checkpoint_is_widened_exactly(tmp_path, loaded):
     expected = np.asarray(torch.tensor(np.asarray(reference.params.embed)).to(torch.bfloat16).double())
     np.testing.assert_array_equal(widen(model.params.embed, jnp.float64), expected)
     np.testing.assert_array_equal(eqlin.load(folder, weights="cast").params.embed, expected)
+
+
+def test_a_load_that_cannot_fit_is_refused_before_reading_naming_what_fits(tmp_path, monkeypatch):
+    from eqlin.memory import widened_layer_bytes
+    from eqlin.safetensors_io import SafetensorsFile as File
+
+    folder = make_checkpoint(tmp_path / "bf16", "llama_gqa", torch_dtype=torch.bfloat16)
+    config = eqlin.load(folder).config
+    stored = _nbytes(eqlin.load(folder)) + widened_layer_bytes(config, 8)
+    cast = _nbytes(eqlin.load(folder, weights="cast")) + widened_layer_bytes(config, 8)
+
+    def no_reads(*args):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(File, "read", no_reads)
+    with pytest.raises(eqlin.MemoryBudgetError, match=rf"loading {folder} in float64 \(weights='cast'\) needs about "
+                       rf"{format_bytes(cast)} per device .* more than the {format_bytes(stored)} one device holds; "
+                       rf"nothing was read. Use weights=\"stored\" \({format_bytes(stored)}\) or dtype=\"float32\" .* "
+                       r"or a mesh of (\d+) or more devices \(mesh=eqlin.device_mesh\(model=\1\)\)"):
+        eqlin.load(folder, weights="cast", memory_limit=stored)
+    with pytest.raises(eqlin.MemoryBudgetError, match=r"\(weights='stored'\) needs about .* Use dtype=\"float32\""):
+        eqlin.load(folder, memory_limit=stored - 1)
 
 
 def test_wider_weights_than_the_compute_dtype_are_cast_at_load(checkpoint):
