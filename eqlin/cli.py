@@ -442,7 +442,7 @@ def _info(args: argparse.Namespace) -> int:
         ("sliding window", c.sliding_window), ("tied embeddings", c.tie_word_embeddings),
         (f"J at T={T} (d x T x d)", format_bytes(c.hidden_size * T * c.hidden_size * itemsize)),
         (f"peak for J at T={T}", f"{format_bytes(peak(T))} (estimate)"),
-        ("the peak assumes", "the final map, reverse mode, all d basis vectors in one pass, two layers' weights "
+        ("the peak assumes", "the final map, reverse mode, all d basis vectors in one pass, three layers' weights "
                              "widened; the loaded weights not counted"),
         ("memory budget", f"{format_bytes(limit)} ({budget_basis()})"),
         (f"J at T={T} here", at_T), ("longest input whose J fits", longest),

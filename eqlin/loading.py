@@ -342,7 +342,7 @@ def check_load_fits(files: dict[str, SafetensorsFile], expected: Mapping[str, Ex
         fixes.append(f"a mesh of {n} or more devices (mesh=eqlin.device_mesh(model={n}))")
     raise MemoryBudgetError(
         f"loading {folder} in {np.dtype(dtype).name} (weights={weights!r}) needs about "
-        f"{format_bytes(need(dtype, weights))} per device (the weights{f' split {n_model} ways' if n_model > 1 else ''} and two widened layers), more "
+        f"{format_bytes(need(dtype, weights))} per device (the weights{f' split {n_model} ways' if n_model > 1 else ''} and three widened layers), more "
         f"than the {format_bytes(capacity)} one device holds; nothing was read. Use "
         + (" or ".join(fixes) if fixes else "a device with more memory") + " (memory_limit sets the capacity)")
 

@@ -110,11 +110,11 @@ def layer_matrix_elems(config: ModelConfig) -> int:
 
 
 def widened_layer_bytes(config: ModelConfig, itemsize: int) -> int:
-    """Bytes of the weights widened to the compute dtype while a computation runs: two layers' matrices
-    (the scanned layer body's and a last layer run alone; `eqlin.params.widen`). Measured with
-    `compiled.memory_analysis()` at Llama-3.2-3B's shapes: 1.50 GiB of temporaries for the forward
-    pass, two float64 layers being 1.50 GiB."""
-    return 2 * layer_matrix_elems(config) * itemsize
+    """Bytes of the weights widened to the compute dtype while a computation runs: three layers' matrices
+    (the scanned body's forward and backward passes and a last layer run alone; `eqlin.params.widen`).
+    Measured with `compiled.memory_analysis()` at Llama-3.2-3B's shapes, T = 64: temporaries of 1.50 GiB
+    (forward) and 2.10 GiB (vjp), one float64 layer being 0.75 GiB."""
+    return 3 * layer_matrix_elems(config) * itemsize
 
 
 def frozen_elems(config: ModelConfig, length: int) -> int:

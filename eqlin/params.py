@@ -51,20 +51,37 @@ def widen(a: Array | None, dtype) -> Array | None:
     """The value of a stored leaf `a` (any shape) at the compute `dtype`, exactly for every pair in
     EXACT_WIDENING (a no-op at the same dtype). None stays None.
 
-    Bit patterns become float32 by a shift (a bfloat16 is the top half of a float32). XLA's CPU backend
-    flushes float32 subnormals to zero when converting to float64, so those (|w| < 2⁻¹²⁶, bfloat16's
-    too) are widened as ±mantissa · 2⁻¹⁴⁹ instead, exact in float64."""
+    Bit patterns become float32 by a shift (a bfloat16 is the top half of a float32). float32 becomes
+    float64 in integer arithmetic on the bits (`_float32_bits_to_float64`): XLA's CPU backend flushes
+    float32 subnormals (|w| < 2⁻¹²⁶, bfloat16's too) to zero when it converts them."""
     if a is None:
         return None
     dtype = np.dtype(dtype)
+    bits = None
     if a.dtype == BF16_BITS:
-        a = jax.lax.bitcast_convert_type(a.astype(jnp.uint32) << 16, jnp.float32)
-    if a.dtype != jnp.float32 or dtype != jnp.float64:
+        bits = a.astype(jnp.uint32) << 16
+    elif a.dtype == jnp.float32 and dtype == jnp.float64:
+        bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    if bits is None:
         return a.astype(dtype)
-    bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
-    sign = jnp.where(bits >> 31 == 1, -1.0, 1.0)
-    subnormal = sign * (bits & 0x7FFFFF).astype(jnp.float64) * 2.0**-149
-    return jnp.where(bits & 0x7F800000 == 0, subnormal, a.astype(jnp.float64))
+    if dtype == jnp.float64:
+        return _float32_bits_to_float64(bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
+
+
+def _float32_bits_to_float64(bits: Array) -> Array:
+    """float64 values of float32 bit patterns (uint32, any shape), exactly, subnormals and NaN payloads
+    included: sign kept; exponent rebiased (+1023 − 127), or all ones for inf/NaN; fraction shifted up 29
+    bits; a subnormal m·2⁻¹⁴⁹ normalised by its leading bit p (exponent p + 874, fraction m·2^(52−p))."""
+    wide = bits.astype(jnp.uint64)
+    exponent, fraction = (wide >> 23) & 0xFF, wide & 0x7FFFFF
+    lead = 31 - jax.lax.clz(jnp.maximum(bits & 0x7FFFFF, 1)).astype(jnp.uint64)  # top bit of a subnormal's m
+    normal = ((exponent + 896) << 52) | (fraction << 29)
+    special = (jnp.uint64(0x7FF) << 52) | (fraction << 29)
+    subnormal = ((lead + 874) << 52) | ((fraction << (52 - lead)) & ((1 << 52) - 1))
+    magnitude = jnp.where(exponent == 0xFF, special, jnp.where(exponent > 0, normal,
+                                                               jnp.where(fraction > 0, subnormal, 0)))
+    return jax.lax.bitcast_convert_type(((wide >> 31) << 63) | magnitude, jnp.float64)
 
 
 def widen_tree(tree, dtype):
