@@ -326,8 +326,8 @@ def check_load_fits(files: dict[str, SafetensorsFile], expected: Mapping[str, Ex
     MemoryBudgetError naming what would fit: weights="stored", float32, a mesh of enough devices."""
     capacity = device_capacity_bytes(limit)
 
-    def need(dt: jnp.dtype, how: str, n: int = n_model) -> int:
-        return held_bytes(files, expected, dt, how) // n + widened_layer_bytes(config, np.dtype(dt).itemsize)
+    def need(dt: jnp.dtype, how: str) -> int:
+        return held_bytes(files, expected, dt, how) // n_model + widened_layer_bytes(config, np.dtype(dt).itemsize)
 
     if need(dtype, weights) <= capacity:
         return
@@ -340,9 +340,10 @@ def check_load_fits(files: dict[str, SafetensorsFile], expected: Mapping[str, Ex
     if room > 0:
         n = -(-held_bytes(files, expected, dtype, weights) // room)
         fixes.append(f"a mesh of {n} or more devices (mesh=eqlin.device_mesh(model={n}))")
+    split = f" split {n_model} ways" if n_model > 1 else ""
     raise MemoryBudgetError(
         f"loading {folder} in {np.dtype(dtype).name} (weights={weights!r}) needs about "
-        f"{format_bytes(need(dtype, weights))} per device (the weights{f' split {n_model} ways' if n_model > 1 else ''} and three widened layers), more "
+        f"{format_bytes(need(dtype, weights))} per device (the weights{split} and three widened layers), more "
         f"than the {format_bytes(capacity)} one device holds; nothing was read. Use "
         + (" or ".join(fixes) if fixes else "a device with more memory") + " (memory_limit sets the capacity)")
 
