@@ -19,8 +19,8 @@ from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError
 from eqlin.families import FamilySpec, config_from_hf, spec_for
-from eqlin.loading import (INDEX_FILE, SINGLE_FILE, check_tensors, check_weights, expected_tensors, held_bytes, is_gguf, load_params,
-                           open_weight_files, read_json, resolve_dtype, resolve_folder)
+from eqlin.loading import (INDEX_FILE, SINGLE_FILE, check_tensors, check_weights, expected_tensors, held_bytes,
+                           is_gguf, load_params, open_weight_files, read_json, resolve_dtype, resolve_folder)
 from eqlin.params import Params, check_mesh
 from eqlin.tokenizer import Tokenizer
 
@@ -209,8 +209,8 @@ def load(
     that widens to `dtype` exactly (bfloat16, float16, float32 to float64), widened one layer at a time
     where it is used: the same maps bit for bit, in a quarter (bfloat16) or half (float32) of the float64
     bytes; `weights="cast"` casts every weight to `dtype` at load. Nothing is downloaded unless
-    `download=True`. With a `mesh` (`eqlin.sharding.device_mesh(model=n)`), the weights are split tensor-parallel over its "model" axis
-    as they load, for models whose weights do not fit one device. Everything cheap (config, tokenizer,
+    `download=True`. With a `mesh` (`eqlin.sharding.device_mesh(model=n)`), the weights are split
+    tensor-parallel over its "model" axis as they load, for models whose weights do not fit one device. Everything cheap (config, tokenizer,
     tensor names and shapes) is checked before any weight is read, and so is memory: a load whose weights
     and widened layers do not fit one device (`memory_limit` bytes, default its capacity: 80 % of physical
     memory on a CPU) is refused with a MemoryBudgetError naming what would fit."""
