@@ -33,8 +33,8 @@ BASIS_AXIS = "basis"  # the mesh axis that the rows of J (the output's basis vec
 MODEL_AXIS = "model"  # the mesh axis that tensor-parallel weights are split over
 BF16_BITS = np.dtype(np.uint16)  # the storage of a bfloat16 weight: its bit patterns
 # Storage dtypes that widen exactly to each compute dtype (every value, so every product, the same).
-EXACT_WIDENING = {"float64": ("bfloat16", "float16", "float32", "float64"), "float32": ("bfloat16", "float16", "float32"),
-                  "bfloat16": ("bfloat16",)}
+EXACT_WIDENING = {"float64": ("bfloat16", "float16", "float32", "float64"),
+                  "float32": ("bfloat16", "float16", "float32"), "bfloat16": ("bfloat16",)}
 
 
 def storage_dtype(a) -> np.dtype:
