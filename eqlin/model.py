@@ -211,9 +211,10 @@ def load(
     bytes; `weights="cast"` casts every weight to `dtype` at load. Nothing is downloaded unless
     `download=True`. With a `mesh` (`eqlin.sharding.device_mesh(model=n)`), the weights are split
     tensor-parallel over its "model" axis as they load, for models whose weights do not fit one device.
-    Everything cheap (config, tokenizer, tensor names and shapes) is checked before any weight is read, and so is memory: a load whose weights
-    and widened layers do not fit one device (`memory_limit` bytes, default its capacity: 80 % of physical
-    memory on a CPU) is refused with a MemoryBudgetError naming what would fit."""
+    Everything cheap (config, tokenizer, tensor names and shapes) is checked before any weight is read, and
+    so is memory: a load whose weights and widened layers do not fit one device (`memory_limit` bytes,
+    default its capacity: 80 % of physical memory on a CPU) is refused with a MemoryBudgetError naming
+    what would fit."""
     jdtype = resolve_dtype(dtype)
     check_weights(weights)
     if mesh is not None:
