@@ -387,6 +387,6 @@ def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.
     placement = None if mesh is None else param_shardings(skeleton, config, mesh)
     layers = LayerParams(**{f: jax.device_put(host_field(f, names), placement and getattr(placement.layers, f))
                             for f, names in by_field.items()})
-    tops = {f: jax.device_put(to_storage(read_finite(files, [name], dtypes)[name]), placement and getattr(placement, f))
-            for f, name in top.items()}
+    tops = {f: jax.device_put(to_storage(read_finite(files, [name], dtypes)[name]),
+                              placement and getattr(placement, f)) for f, name in top.items()}
     return Params(layers=layers, **tops, compute_dtype=np.dtype(dtype).name)
