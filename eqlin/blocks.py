@@ -42,6 +42,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
 from eqlin.config import ModelConfig
@@ -52,6 +53,8 @@ einsum = functools.partial(jnp.einsum, precision=HIGHEST)
 PAIRED = "paired"
 PAIR_AXIS = "eqlin_pair"  # the vmapped axis of (x_lin, x_frozen) pairs under detach=PAIRED
 Detach = bool | Literal["paired"]
+FROZEN_NAME = "eqlin_frozen"  # `checkpoint_name` of every frozen coefficient: kept, not recomputed, by derivatives
+FOLD_NAME = "eqlin_fold"  # `checkpoint_name` of the folded MLP's matrices M_t
 
 
 def frozen(a: Array, detach: Detach) -> Array:
@@ -59,7 +62,7 @@ def frozen(a: Array, detach: Detach) -> Array:
     detach=PAIRED (inside a vmap over PAIR_AXIS), the coefficient of the pair's member 1, x_frozen."""
     if detach == PAIRED:
         a = jax.lax.all_gather(a, PAIR_AXIS)[1]
-    return jax.lax.stop_gradient(a) if detach else a
+    return checkpoint_name(jax.lax.stop_gradient(a), FROZEN_NAME) if detach else a
 
 
 def rms_norm(x: Array, weight: Array, *, eps: float, offset: float, detach: Detach) -> Array:
@@ -217,7 +220,7 @@ def _folded_jvp(primals: tuple[Array, ...], tangents: tuple) -> tuple[Array, Arr
     if type(dx) is SymbolicZero:
         return y, jnp.zeros_like(y)
     with jax.named_scope("fold"):
-        return y, einsum("tde,te->td", fold_matrices(gate, up, down), dx)
+        return y, einsum("tde,te->td", checkpoint_name(fold_matrices(gate, up, down), FOLD_NAME), dx)
 
 
 folded_mlp.defjvp(_folded_jvp, symbolic_zeros=True)

@@ -407,8 +407,9 @@ def _info(args: argparse.Namespace) -> int:
 
     from eqlin.errors import InputError
     from eqlin.gguf import default_model_path
-    from eqlin.memory import budget_basis, estimate_jacobian_bytes, format_bytes, largest_fitting, memory_limit_bytes
-    from eqlin.model import count_parameters, source_config
+    from eqlin.memory import (budget_basis, estimate_jacobian_bytes, estimate_top_k_bytes, format_bytes,
+                              largest_fitting, memory_limit_bytes)
+    from eqlin.model import count_parameters, held_weight_bytes, source_config
     from eqlin.progress import stage
 
     if args.tokens is not None and args.tokens < 1:
@@ -422,9 +423,16 @@ def _info(args: argparse.Namespace) -> int:
             raise InputError(f"--tokens {T} is more than the model's max_position_embeddings "
                              f"({c.max_position_embeddings}); give an input length it can take")
         parameters = count_parameters(spec, c, folder)
+        held = held_weight_bytes(spec, c, folder, args.dtype)
     itemsize = jnp.dtype(args.dtype).itemsize
     weights = parameters * itemsize
-    limit = memory_limit_bytes(weights=weights)
+    limit = memory_limit_bytes(weights=held)
+
+    def top_k(length: int) -> int:
+        return estimate_top_k_bytes(c, length, itemsize=itemsize)
+
+    top_k_longest = (f"T={largest_fitting(top_k, c.max_position_embeddings, limit):,}" if top_k(1) <= limit
+                     else "none: not even T=1")
 
     def peak(length: int, chunk: int | None = None) -> int:
         return estimate_jacobian_bytes(c, length, itemsize=itemsize, chunk=chunk)
@@ -440,6 +448,8 @@ def _info(args: argparse.Namespace) -> int:
     rows = [
         ("source", str(source)), ("family", c.family), ("dtype", args.dtype),
         ("parameters", f"{parameters:,}"), (f"weights in {args.dtype}", format_bytes(weights)),
+        ("weights as loaded", f"{format_bytes(held)} (weights='stored': the checkpoint's dtype where it widens "
+                              f"exactly to {args.dtype})"),
         ("layers", c.num_layers), ("hidden size d", c.hidden_size), ("MLP size", c.intermediate_size),
         ("heads (q / kv) x head_dim", f"{c.num_heads} / {c.num_kv_heads} x {c.head_dim}"),
         ("vocabulary", f"{c.vocab_size:,}"), ("max positions", f"{c.max_position_embeddings:,}"),
@@ -447,9 +457,13 @@ def _info(args: argparse.Namespace) -> int:
         ("sliding window", c.sliding_window), ("tied embeddings", c.tie_word_embeddings),
         (f"J at T={T} (d x T x d)", format_bytes(c.hidden_size * T * c.hidden_size * itemsize)),
         (f"peak for J at T={T}", f"{format_bytes(peak(T))} (estimate)"),
-        ("the peak assumes", "the final map, reverse mode, all d basis vectors in one pass; weights not counted"),
+        ("the peak assumes", "the final map, reverse mode, all d basis vectors in one pass, three layers' weights "
+                             "widened; the loaded weights not counted"),
         ("memory budget", f"{format_bytes(limit)} ({budget_basis()})"),
         (f"J at T={T} here", at_T), ("longest input whose J fits", longest),
+        (f"peak for top-10 at T={T}", f"{format_bytes(top_k(T))} (estimate; matrix-free, J never built)"),
+        (f"top-10 at T={T} here", "fits" if top_k(T) <= limit else "does not fit"),
+        ("longest input whose top-10 fits", top_k_longest),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

@@ -39,7 +39,8 @@ def convert(src: str | Path, dst: Path, *, quiet: bool | None = None) -> Path:
         if (folder / "tokenizer.json").is_file():
             Tokenizer.from_folder(folder)
         files = open_weight_files(folder)
-        tensors = read_finite(files, check_tensors(files, config, spec, folder), np.float32)
+        expected = check_tensors(files, config, spec, folder)
+        tensors = read_finite(files, expected, dict.fromkeys(expected, np.dtype(np.float32)))
         tmp = temp_path(dst)
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)

@@ -8,19 +8,28 @@ coefficient (see `eqlin.blocks`) without changing any value.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqlin.blocks import Detach, attention, einsum, glu_mlp, layer_norm, rms_norm, rope_tables
+from eqlin.blocks import FOLD_NAME, FROZEN_NAME, Detach, attention, einsum, glu_mlp, layer_norm, rms_norm, rope_tables
 from eqlin.config import ModelConfig
-from eqlin.params import LayerParams, Params
+from eqlin.params import LayerParams, Params, widen, widen_tree
 
 Array = jax.Array
 # Rows a last-position readout keeps in its last layer: 2, not 1, because XLA CPU's matrix-vector kernel
 # sums in another order than its matrix-matrix one; two rows give the full forward's last row bit for bit.
 LAST_ROWS = 2
+# Vocabulary rows the unembedding widens at a time (`unembed`): 16384 float64 rows of d = 4096 are 512 MiB.
+VOCAB_CHUNK = 16384
+# What the checkpointed layer body keeps for derivatives besides its input: the frozen coefficients
+# (`eqlin.blocks.frozen`) and the folded MLP's matrices (`eqlin.blocks.folded_mlp`). All else, the
+# widened weights above all, is recomputed from the stored leaves.
+SAVED = jax.checkpoint_policies.save_only_these_names(FROZEN_NAME, FOLD_NAME)
+# How every layer is differentiated (the scan body, a last layer run alone, a single layer's map).
+remat = functools.partial(jax.checkpoint, policy=SAVED, prevent_cse=False)
 
 
 @jax.tree_util.register_dataclass
@@ -43,13 +52,15 @@ class ForwardOutput:
 
 
 def embed(params: Params, config: ModelConfig, ids: Array, positions: Array | None = None) -> Array:
-    """Input embeddings (T, d) for token ids (T,): rows of the table times `embed_scale` (Gemma √d), plus
-    the learned position embeddings of `positions` (default 0 … T−1) where the family has them (GPT-2)."""
-    rows = params.embed[ids]
+    """Input embeddings (T, d) for token ids (T,): rows of the table (gathered stored, then widened) times
+    `embed_scale` (Gemma √d), plus the learned position embeddings of `positions` (default 0 … T−1) where
+    the family has them (GPT-2)."""
+    rows = widen(params.embed[ids], params.dtype)
     rows = rows * jnp.asarray(config.embed_scale, rows.dtype) if config.embed_scale != 1.0 else rows
     if params.position_embed is None:
         return rows
-    return rows + params.position_embed[jnp.arange(ids.shape[0]) if positions is None else positions]
+    return rows + widen(params.position_embed[jnp.arange(ids.shape[0]) if positions is None else positions],
+                        params.dtype)
 
 
 def _rope_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -112,8 +123,10 @@ def decoder_layer(
 
     Returns (h_out, attn_branch, mlp_branch), each (Q, d), at the last Q = `queries` positions (default
     all T). Fewer queries skip the other positions' attention outputs and MLPs, all of which a readout
-    of the last Q positions cannot see. `fold` and `tap`: see `layer_tail`.
+    of the last Q positions cannot see. `fold` and `tap`: see `layer_tail`. `p` may be stored narrower
+    than h: it is widened to h's dtype here (`eqlin.params.widen`), one layer at a time.
     """
+    p = widen_tree(p, h.dtype)
     with jax.named_scope("attention"):
         attn = attention(optional_norm(h, p.attn_in_norm, config, detach=detach, bias=p.attn_in_norm_bias), p, cos,
                          sin, window, config, detach=detach, queries=queries)
@@ -145,6 +158,7 @@ def run_layers(
     *,
     detach: Detach,
     first_layer: int = 0,
+    count: int | None = None,
     collect: bool | str = False,
     fold: bool = False,
     tap: str = "post",
@@ -152,10 +166,13 @@ def run_layers(
     prefix: Array | None = None,
     context: Array | None = None,
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
-    """Run a stack of layers (leading axis l) on h (T, d) with `lax.scan`.
+    """Run the first l = `count` layers of a stack (default all) on h (T, d) with `lax.scan`.
 
-    `first_layer` is the index of the stack's first layer in the model (it selects the per-layer
-    attention type, window and RoPE table). With `collect`, also returns (residuals, attn, mlp),
+    The scan runs over layer indices and reads each layer's slice from the stack inside its body (a
+    slice of the stack outside it would copy every weight); the body is `jax.checkpoint`-ed (policy
+    `SAVED`): a derivative keeps each layer's input and frozen coefficients and the stored weights, never
+    float64 copies of the weights. `first_layer` is the index of the stack's first layer in the model (it
+    selects the per-layer attention type, window and RoPE table). With `collect`, also returns (residuals, attn, mlp),
     each (l, T, d), or only their last positions, each (l, d), with `collect="last"` (what a
     last-position readout needs: far less to carry per tangent or cotangent). `fold`, `tap`: see
     `layer_tail`. `stop` (a traced int): stack layers from index `stop` on are skipped (`lax.cond`: no
@@ -168,14 +185,16 @@ def run_layers(
     before them). `context`: the sequence length that picks longrope's factors (a
     traced value; default the full length, see `rope_stack`).
     """
-    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0] if count is None else count
     length = h.shape[0] + (0 if prefix is None else prefix.shape[1])
     cos_all, sin_all = rope_stack(config, length, h.dtype, context=context)
     windows = jnp.asarray(config.layer_windows()[first_layer:first_layer + n])
     rope_index = jnp.asarray(config.layer_rope_index()[first_layer:first_layer + n])
 
+    @remat
     def step(h, xs):
-        p, window, r, i, before = xs
+        window, r, i, before = xs
+        p = jax.tree_util.tree_map(lambda a: a[i], layers)
 
         def layer(h: Array) -> tuple[Array, Array, Array]:
             full, rows = (h, None) if before is None else (jnp.concatenate([before, h]), h.shape[0])
@@ -190,7 +209,7 @@ def run_layers(
             return h, (h[-1], a[-1], m[-1])
         return h, ((h, a, m) if collect else None)
 
-    h, stacked = jax.lax.scan(step, h, (layers, windows, rope_index, jnp.arange(n), prefix))
+    h, stacked = jax.lax.scan(step, h, (windows, rope_index, jnp.arange(n), prefix))
     return h, stacked
 
 
@@ -200,25 +219,27 @@ def run_layers_last(
     h: Array,
     *,
     detach: Detach,
+    count: int | None = None,
     collect: bool = False,
     fold: bool = False,
     tap: str = "post",
     prefix: Array | None = None,
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
-    """The residual stream at the last position after a stack of layers (leading axis l >= 1, the model's
-    first l layers) on h (T, d): (d,). The last layer computes only the last `LAST_ROWS` queries and MLP
+    """The residual stream at the last position after the model's first l = `count` >= 1 layers (default
+    all of the stack) on h (T, d): (d,). The last layer computes only the last `LAST_ROWS` queries and MLP
     rows, so cotangents of a last-position readout skip work that cannot reach them. With `collect`,
     also every layer's (residual, attn, mlp) at the last position, each (l, d). `fold`, `tap`, `prefix`:
     see `run_layers`."""
-    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    h, stacked = run_layers(layer_slice(layers, 0, n - 1), config, h, detach=detach, collect=collect and "last",
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0] if count is None else count
+    h, stacked = run_layers(layers, config, h, detach=detach, count=n - 1, collect=collect and "last",
                             fold=fold, tap=tap, prefix=None if prefix is None else prefix[:n - 1])
     full = h if prefix is None else jnp.concatenate([prefix[n - 1], h])
     cos_all, sin_all = rope_stack(config, full.shape[0], h.dtype)
     r, window = config.layer_rope_index()[n - 1], config.layer_windows()[n - 1]
     p = jax.tree_util.tree_map(lambda a: a[n - 1], layers)
-    last = decoder_layer(full, p, cos_all[r], sin_all[r], jnp.asarray(window), config, detach=detach,
-                         queries=min(LAST_ROWS, full.shape[0]), fold=fold, tap=tap)  # each (Q, d)
+    last = remat(lambda full: decoder_layer(full, p, cos_all[r], sin_all[r], jnp.asarray(window), config,
+                                            detach=detach, queries=min(LAST_ROWS, full.shape[0]), fold=fold,
+                                            tap=tap))(full)  # each (Q, d)
     if not collect:
         return last[0][-1], None
     return last[0][-1], tuple(jnp.concatenate([s, l[-1:]]) for s, l in zip(stacked, last))
@@ -229,18 +250,22 @@ def streams_entering(params: Params, config: ModelConfig, x: Array, top: int, *,
     stream[0] = x and stream[i] is layer i−1's output (no final norm)."""
     if top == 1:
         return x[None]
-    _, (res, _, _) = run_layers(layer_slice(params.layers, 0, top - 1), config, x, detach=detach, collect=True)
+    _, (res, _, _) = run_layers(params.layers, config, x, detach=detach, count=top - 1, collect=True)
     return jnp.concatenate([x[None], res])
 
 
 def final_norm(params: Params, config: ModelConfig, h: Array, *, detach: Detach) -> Array:
     """The model's final norm (RMSNorm, or GPT-2's LayerNorm), over the last axis of h (..., d)."""
-    return optional_norm(h, params.final_norm, config, detach=detach, bias=params.final_norm_bias)
+    return optional_norm(h, widen(params.final_norm, h.dtype), config, detach=detach,
+                         bias=widen(params.final_norm_bias, h.dtype))
 
 
 def unembed(params: Params, config: ModelConfig, hidden: Array) -> Array:
-    """Logits (..., V) from final-normed hidden states (..., d), with final softcapping if configured."""
-    logits = einsum("...d,vd->...v", hidden, params.unembedding)
+    """Logits (..., V) from final-normed hidden states (..., d), with final softcapping if configured. The
+    stored unembedding is widened `VOCAB_CHUNK` rows at a time, never whole."""
+    table = params.unembedding
+    logits = jnp.concatenate([einsum("...d,vd->...v", hidden, widen(table[start:start + VOCAB_CHUNK], hidden.dtype))
+                              for start in range(0, table.shape[0], VOCAB_CHUNK)], axis=-1)
     if config.final_logit_softcapping is not None:
         cap = config.final_logit_softcapping
         logits = jnp.tanh(logits / cap) * cap

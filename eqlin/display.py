@@ -384,7 +384,17 @@ def model_repr(model: Any) -> str:
     c = model.config
     params = sum(int(np.prod(a.shape)) for a in _leaves(model.params))
     return (f"Model({c.family}, {c.num_layers} layers, d = {c.hidden_size}, vocabulary {c.vocab_size:,}, "
-            f"{params:,} parameters, {model.dtype}; from {model.source!r})")
+            f"{params:,} parameters, {model.dtype}, {weights_text(model.params)}; from {model.source!r})")
+
+
+def weights_text(params: Any) -> str:
+    """How the weights are held: "weights stored as bfloat16" (widened where used) or "weights cast at load"."""
+    from eqlin.params import storage_dtype
+
+    if params.weights == "cast":
+        return "weights cast at load"
+    stored = sorted({storage_dtype(a).name for a in _leaves(params)} - {params.dtype.name})
+    return f"weights stored as {'/'.join(stored)}"
 
 
 def _leaves(tree: Any) -> list:

@@ -21,7 +21,7 @@ from eqlin.blocks import attend, attention_probs, einsum, project_qkv, visible
 from eqlin.config import ModelConfig
 from eqlin.decoder import embed, final_norm, layer_tail, optional_norm, rope_stack, unembed
 from eqlin.model import Model
-from eqlin.params import LayerParams, Params
+from eqlin.params import LayerParams, Params, widen_tree
 
 Array = jax.Array
 
@@ -31,7 +31,9 @@ def cached_layer(h: Array, p: LayerParams, keys: Array, values: Array, pos: Arra
     """`eqlin.decoder.decoder_layer` for the one token at position `pos`, its keys and values written into
     the layer's cache. h (d,); keys, values (B, K, hd) hold positions < pos; cos, sin (r,) at pos.
     Returns (h_out (d,), keys, values). The same blocks as the full forward (projections, q/k norms,
-    RoPE, probabilities, layer tail), with row `pos` of the mask against the cached keys."""
+    RoPE, probabilities, layer tail), with row `pos` of the mask against the cached keys. `p` is widened to
+    h's dtype here, as `decoder_layer` does."""
+    p = widen_tree(p, h.dtype)
     x = optional_norm(h, p.attn_in_norm, config, detach=False, bias=p.attn_in_norm_bias)[None]  # (1, d)
     q, k, v = project_qkv(x, p, cos[None], sin[None], config, detach=False)  # (1, H, hd), (1, K, hd) ×2
     keys = jax.lax.dynamic_update_index_in_dim(keys, k[0], pos, 0)  # (B, K, hd)
@@ -52,7 +54,7 @@ def generate(params: Params, config: ModelConfig, ids: Array, length: Array, J: 
     running sum) is carried and v_k = λ/2 ‖h_k‖ S_k/‖S_k‖ is added entering `layer` (traced, like
     `strength`: one compilation serves a sweep). At strength 0, v = 0 exactly: the unsteered run."""
     B, d = ids.shape[0], config.hidden_size
-    dtype = params.embed.dtype
+    dtype = params.dtype
     cos_all, sin_all = rope_stack(config, B, dtype, context=length)  # (2, B, r)
     windows, ropes = jnp.asarray(config.layer_windows()), jnp.asarray(config.layer_rope_index())
     cache = jnp.zeros((config.num_layers, B, config.num_kv_heads, config.head_dim), dtype)

@@ -41,7 +41,7 @@ import numpy as np
 
 from eqlin import display
 from eqlin.config import ModelConfig
-from eqlin.decoder import embed, final_norm, layer_slice, run_layers, streams_entering
+from eqlin.decoder import embed, final_norm, run_layers, streams_entering
 from eqlin.errors import InputError
 from eqlin.linear_maps import constant_term, cumulative_fn, layer_fn, plan_fold, pull_back_rows, relative_error
 from eqlin.memory import activation_elems, choose_chunk, fold_elems, fold_pays, format_bytes, memory_limit_bytes
@@ -267,7 +267,7 @@ def _reverse_map(params: Params, config: ModelConfig, x: Array, layer: Array, pa
                  fold: bool, chunk: int) -> tuple[Array, Array, Array]:
     """One cumulative map (traced layer and part index) by d cotangents through layers 0..layer."""
     def f(v: Array, detach=True) -> Array:
-        _, outputs = run_layers(layer_slice(params.layers, 0, depth), config, v, detach=detach, collect="last",
+        _, outputs = run_layers(params.layers, config, v, detach=detach, count=depth, collect="last",
                                 fold=fold, tap=tap, stop=layer + 1)
         picked = jnp.stack(outputs)[part, layer]  # (d,)
         return final_norm(params, config, picked, detach=detach)

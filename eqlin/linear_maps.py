@@ -48,12 +48,12 @@ import numpy as np
 from eqlin import display
 from eqlin.blocks import PAIR_AXIS, PAIRED, Detach
 from eqlin.config import ModelConfig
-from eqlin.decoder import (LAST_ROWS, decoder_layer, embed, final_norm, layer_slice, rope_stack, run_layers_last,
-                           streams_entering)
+from eqlin.decoder import (LAST_ROWS, decoder_layer, embed, final_norm, remat, rope_stack, run_layers_last,
+                           streams_entering, unembed)
 from eqlin.errors import InputError
 from eqlin.memory import check_chunk, estimate_jacobian_bytes, fold_pays, memory_limit_bytes, resolve_chunk
 from eqlin.model import Model
-from eqlin.params import Params
+from eqlin.params import Params, widen
 from eqlin.selection import PARTS, Part, Scope, Tap, check_tap, resolve_selection, single_layer
 
 Array = jax.Array
@@ -179,7 +179,7 @@ def cumulative_fn(params: Params, config: ModelConfig, layers: tuple[int, ...] |
     index = jnp.asarray(layers)
 
     def f(x: Array) -> Array:
-        _, outputs = run_layers_last(layer_slice(params.layers, 0, top), config, x, detach=detach, collect=True,
+        _, outputs = run_layers_last(params.layers, config, x, detach=detach, count=top, collect=True,
                                      fold=fold, tap=tap, prefix=prefix)
         picked = _parts(outputs, part)[..., index, :]  # (n, d) or (P, n, d)
         return final_norm(params, config, picked, detach=detach)
@@ -196,11 +196,12 @@ def single_layer_fn(params: Params, config: ModelConfig, part: Part | tuple[Part
                     *, fold: bool = False, tap: Tap = "post") -> Callable[..., Array]:
     """(layer weights, window, rope index, h_in (T, d)) -> that layer's `part` output at the last
     position through the final norm, (d,) (or (P, d) for a tuple of parts). Linear in h_in once detached."""
-    cos_all, sin_all = rope_stack(config, length, params.embed.dtype)
+    cos_all, sin_all = rope_stack(config, length, params.dtype)
 
     def f(p, window: Array, rope_index: Array, h_in: Array) -> Array:
-        outputs = decoder_layer(h_in, p, cos_all[rope_index], sin_all[rope_index], window, config, detach=detach,
-                                queries=min(LAST_ROWS, h_in.shape[0]), fold=fold, tap=tap)  # each (Q, d)
+        outputs = remat(lambda h: decoder_layer(h, p, cos_all[rope_index], sin_all[rope_index], window, config,
+                                                detach=detach, queries=min(LAST_ROWS, h.shape[0]), fold=fold,
+                                                tap=tap))(h_in)  # each (Q, d)
         return _read_out(params, config, _parts(outputs, part), detach)
     return f
 
@@ -328,8 +329,8 @@ def detached_jacobian_at(params: Params, config: ModelConfig, x: Array, *, layer
     if x.ndim != 2 or x.shape[1] != config.hidden_size or not 1 <= x.shape[0] <= config.max_position_embeddings:
         raise InputError(f"x must be input embeddings of shape (T, {config.hidden_size}) with 1 <= T <= "
                          f"{config.max_position_embeddings} (vmap over a leading batch axis), got {x.shape}")
-    if x.dtype != params.embed.dtype:
-        raise InputError(f"x is {x.dtype} but the weights are {params.embed.dtype}: cast x to the weights' dtype "
+    if x.dtype != params.dtype:
+        raise InputError(f"x is {x.dtype} but the model computes in {params.dtype}: cast x to the model's dtype "
                          "(a mixed computation would not be the model's map)")
     n_maps = 1 if layers is None else len(layers)
     if mode == "auto":
@@ -434,11 +435,10 @@ def logit_map(model: Model, lin: Linearization, token_ids=None) -> LogitMap:
     single-output Linearization (the final output or one layer's map, read through the final norm)."""
     if lin.jacobian.ndim != 3:
         raise InputError("logit_map needs a single map; use lin.select(i) on a multi-layer Linearization")
-    W = model.params.unembedding
     if token_ids is None:
-        token_ids = [int(jnp.argmax(W @ lin.output))]
+        token_ids = [int(jnp.argmax(unembed(model.params, model.config, lin.output)))]
     ids = jnp.asarray(np.atleast_1d(np.asarray(token_ids, dtype=np.int32)))
-    rows = W[ids]  # (k, d)
+    rows = widen(model.params.unembedding[ids], model.dtype)  # (k, d)
     hp = jax.lax.Precision.HIGHEST
     J = jnp.einsum("kd,dte->kte", rows, lin.jacobian, precision=hp)
     logits = jnp.einsum("kd,d->k", rows, lin.output, precision=hp)

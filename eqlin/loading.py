@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -11,12 +12,13 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from eqlin.config import BIAS_FAMILIES, ModelConfig
-from eqlin.errors import InputError, PrecisionError, WeightsError, name_list
+from eqlin.errors import InputError, MemoryBudgetError, PrecisionError, WeightsError, name_list
+from eqlin.memory import device_capacity_bytes, format_bytes, widened_layer_bytes
 from eqlin.families import FamilySpec
-from eqlin.params import LayerParams, Params, expected_shapes, param_shardings
+from eqlin.params import EXACT_WIDENING, MODEL_AXIS, LayerParams, Params, expected_shapes, param_shardings, to_storage
 from eqlin.paths import file_kind
 from eqlin.safetensors_io import SafetensorsFile
 
@@ -301,48 +303,130 @@ def check_tensors(files: dict[str, SafetensorsFile], config: ModelConfig, spec: 
     return expected
 
 
-def read_finite(files: dict[str, SafetensorsFile], names, dtype: np.dtype) -> dict[str, np.ndarray]:
-    """The tensors `names` as host arrays of `dtype`; a WeightsError names every one holding NaN or ±inf
-    (after the cast: float64 values beyond float32's range overflow)."""
+WEIGHTS = ("stored", "cast")
+
+
+def check_weights(weights: object) -> str:
+    """`weights` ("stored" or "cast") itself, else an InputError naming both."""
+    if weights not in WEIGHTS:
+        raise InputError(f"weights must be 'stored' (kept at the checkpoint's dtype, widened where used) or 'cast' "
+                         f"(cast to the compute dtype at load), got {weights!r}")
+    return weights
+
+
+def storage_for(stored: np.dtype, shape: tuple[int, ...], dtype: jnp.dtype, weights: str) -> np.dtype:
+    """The dtype a tensor stored as `stored` (one layer's `shape`) is held at for a `dtype` model: its own
+    where `weights` is "stored", it is a matrix (vectors are held at `dtype`: `eqlin.params`) and it
+    widens to `dtype` exactly (`eqlin.params.EXACT_WIDENING`), else `dtype`: cast at load,
+    as always for a tensor stored wider than the compute dtype (float32 weights of a bfloat16 model, float64
+    ones of a float32 model: rounded once here, the model then computes in `dtype` throughout)."""
+    exact = weights == "stored" and len(shape) > 1 and np.dtype(stored).name in EXACT_WIDENING[np.dtype(dtype).name]
+    return np.dtype(stored) if exact else np.dtype(dtype)
+
+
+def read_finite(files: dict[str, SafetensorsFile], names, dtypes: Mapping[str, np.dtype]) -> dict[str, np.ndarray]:
+    """The tensors `names` as host arrays, each of its dtype in `dtypes`; a WeightsError names every one
+    holding NaN or ±inf (after the cast: float64 values beyond float32's range overflow)."""
     arrays, bad = {}, []
     for name in names:
+        dtype = dtypes[name]
         with np.errstate(over="ignore", invalid="ignore"):  # overflows are found and reported right here
             a = np.asarray(files[name].read(name), dtype=dtype)
-            finite = np.isfinite(a.sum()) or np.isfinite(a).all()  # the sum is the fast path
+            fast = dtype.itemsize >= 4 and np.isfinite(a.sum())  # the sum is the fast path (not in 16 bits)
+            finite = fast or np.isfinite(a).all()
         if not finite:
             bad.append(name)
         arrays[name] = a
     if bad:
-        raise WeightsError(f"tensors hold NaN or infinite values (as {np.dtype(dtype).name}): "
-                           f"{name_list(bad)}; the checkpoint is corrupt (or "
-                           "out of this dtype's range): replace it")
+        raise WeightsError(f"tensors hold NaN or infinite values (as {', '.join(sorted({dtypes[n].name for n in bad}))}"
+                           f"): {name_list(bad)}; the checkpoint is corrupt (or out of this dtype's range): replace it")
     return arrays
 
 
-def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.dtype, *, mesh: Mesh | None = None
-                ) -> Params:
-    """Read, check (`check_tensors`, `read_finite`) and stack every weight. With `mesh`, weights are placed
-    tensor-parallel over its "model" axis (`eqlin.params.partition_specs`), never whole on one device."""
+def held_bytes(files: dict[str, SafetensorsFile], expected: Mapping[str, Expected], dtype: jnp.dtype,
+               weights: str) -> int:
+    """Bytes the weights take once loaded (`storage_for` each tensor), from the tensor headers alone."""
+    return sum(math.prod(e.shape) * storage_for(files[n].header[n][0], e.shape, dtype, weights).itemsize
+               for n, e in expected.items())
+
+
+def check_load_fits(files: dict[str, SafetensorsFile], expected: Mapping[str, Expected], config: ModelConfig,
+                    dtype: jnp.dtype, weights: str, n_model: int, limit: int | None, folder: Path) -> None:
+    """Refuse, before reading any weight, a load whose weights (split over `n_model` devices) and widened
+    layers (`eqlin.memory.widened_layer_bytes`) exceed one device's capacity (`device_capacity_bytes`), with a
+    MemoryBudgetError naming what would fit: weights="stored", float32, a mesh of enough devices."""
+    capacity = device_capacity_bytes(limit)
+
+    def need(dt: jnp.dtype, how: str) -> int:
+        return held_bytes(files, expected, dt, how) // n_model + widened_layer_bytes(config, np.dtype(dt).itemsize)
+
+    if need(dtype, weights) <= capacity:
+        return
+    fixes = []
+    if weights == "cast" and need(dtype, "stored") <= capacity:
+        fixes.append(f'weights="stored" ({format_bytes(need(dtype, "stored"))})')
+    if np.dtype(dtype) == np.float64 and need(jnp.float32, "stored") <= capacity:
+        fixes.append(f'dtype="float32" ({format_bytes(need(jnp.float32, "stored"))}; maps rounded to float32)')
+    room = capacity - widened_layer_bytes(config, np.dtype(dtype).itemsize)
+    if room > 0:
+        n = -(-held_bytes(files, expected, dtype, weights) // room)
+        fixes.append(f"a mesh of {n} or more devices (mesh=eqlin.device_mesh(model={n}))")
+    split = f" split {n_model} ways" if n_model > 1 else ""
+    raise MemoryBudgetError(
+        f"loading {folder} in {np.dtype(dtype).name} (weights={weights!r}) needs about "
+        f"{format_bytes(need(dtype, weights))} per device (the weights{split} and three widened layers), more "
+        f"than the {format_bytes(capacity)} one device holds; nothing was read. Use "
+        + (" or ".join(fixes) if fixes else "a device with more memory") + " (memory_limit sets the capacity)")
+
+
+def place(host: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
+    """`host` on this process's devices: whole on the default device, or with `sharding` each device given only
+    its own slice, copied from this process's host array. No cross-process traffic: `jax.device_put` of a host
+    array onto devices of several processes all-gathers it to check that every process holds the same value."""
+    if sharding is None:
+        return jax.device_put(host)
+    return jax.make_array_from_callback(host.shape, sharding, host.__getitem__)
+
+
+def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.dtype, *, mesh: Mesh | None = None,
+                weights: str = "stored", memory_limit: int | None = None) -> Params:
+    """Read, check (`check_tensors`, `read_finite`) and stack every weight for a model computing in `dtype`.
+    `weights="stored"`: each tensor stays at the checkpoint's dtype where it widens to `dtype` exactly
+    (`storage_for`; bfloat16 as bit patterns, `eqlin.params.to_storage`); "cast": every tensor cast to
+    `dtype` here. A field whose layers are stored at different dtypes is cast. Each field goes to its
+    devices as soon as it is stacked, so the host never holds more than one field beyond the memory-mapped
+    files. With `mesh`, weights are placed tensor-parallel over its "model" axis
+    (`eqlin.params.partition_specs`), never whole on one device. A load that cannot fit is refused before
+    any weight is read (`check_load_fits`; `memory_limit`: one device's capacity in bytes)."""
     files = open_weight_files(folder)
     expected = check_tensors(files, config, spec, folder)
-    host_dtype = np.float64 if dtype == jnp.float64 else np.float32
-    arrays = read_finite(files, expected, host_dtype)
+    n_model = 1 if mesh is None else dict(mesh.shape).get(MODEL_AXIS, 1)
+    check_load_fits(files, expected, config, dtype, weights, n_model, memory_limit, folder)
+    dtypes = {name: storage_for(files[name].header[name][0], e.shape, dtype, weights) for name, e in expected.items()}
 
-    by_field: dict[str, list[np.ndarray]] = {}
-    top: dict[str, np.ndarray] = {}
-    for name, (fields, layer, _, transposed) in expected.items():
+    by_field: dict[str, list[str]] = {}
+    top: dict[str, str] = {}
+    for name, (fields, layer, _, _) in expected.items():
         if layer is None:
-            top[fields[0]] = arrays[name].astype(dtype, copy=False)
-            continue
-        rows = np.cumsum(_rows(config, spec, fields))[:-1]
-        for field, part in zip(fields, np.split(arrays[name].T if transposed else arrays[name], rows)):
-            by_field.setdefault(field, [None] * config.num_layers)[layer] = part
-    layers = LayerParams(**{f: np.stack(arrs).astype(dtype, copy=False) for f, arrs in by_field.items()})
-    host = Params(layers=layers, **top)
-    if mesh is None:
-        return jax.device_put(host)
-    # Each device receives only its own slice, copied from this process's host arrays: no cross-process
-    # traffic (`jax.device_put` of a host array onto devices of several processes all-gathers it to check
-    # that every process holds the same value).
-    return jax.tree_util.tree_map(lambda a, s: jax.make_array_from_callback(a.shape, s, a.__getitem__), host,
-                                  param_shardings(host, config, mesh))
+            top[fields[0]] = name
+        for field in fields if layer is not None else ():
+            by_field.setdefault(field, [None] * config.num_layers)[layer] = name
+
+    def host_field(field: str, names: list[str]) -> np.ndarray:
+        common = {dtypes[n] for n in names}
+        field_dtype = common.pop() if len(common) == 1 else np.dtype(dtype)
+        read = read_finite(files, dict.fromkeys(names), dict.fromkeys(names, field_dtype))
+        parts = []
+        for layer, name in enumerate(names):
+            fields, _, _, transposed = expected[name]
+            rows = np.cumsum(_rows(config, spec, fields))[:-1]
+            parts.append(np.split(read[name].T if transposed else read[name], rows)[fields.index(field)])
+        return to_storage(np.stack(parts))
+
+    skeleton = Params(layers=LayerParams(**dict.fromkeys(by_field, 0)), **dict.fromkeys(top, 0))
+    placement = None if mesh is None else param_shardings(skeleton, config, mesh)
+    layers = LayerParams(**{f: place(host_field(f, names), placement and getattr(placement.layers, f))
+                            for f, names in by_field.items()})
+    tops = {f: place(to_storage(read_finite(files, [name], dtypes)[name]), placement and getattr(placement, f))
+            for f, name in top.items()}
+    return Params(layers=layers, **tops, compute_dtype=np.dtype(dtype).name)

@@ -54,6 +54,16 @@ def memory_limit_bytes(limit: int | None = None, *, params=None, weights: int | 
     return default_budget(device.platform, device.memory_stats() or {}, host, resident)
 
 
+def device_capacity_bytes(limit: int | None = None) -> int:
+    """What one device can hold in all, weights included (what a load is planned against): `limit` if
+    given, else JAX's default device's allocator limit (GPU, TPU) or 80 % of physical memory (CPU)."""
+    if limit is not None:
+        return check_int("memory_limit", limit, 1, None, "bytes; None: the device's capacity")
+    host = int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    device = jax.devices()[0]
+    return default_budget(device.platform, device.memory_stats() or {}, host, 0)
+
+
 def budget_basis() -> str:
     """What `memory_limit_bytes(weights=…)` is taken from, in words."""
     if os.environ.get("EQLIN_MEMORY_LIMIT_GB", "").strip():
@@ -99,11 +109,41 @@ def activation_elems(config: ModelConfig, length: int) -> int:
     return length * (8 * d + 3 * F + 3 * qkv + 2 * config.num_heads * length)
 
 
+def layer_matrix_elems(config: ModelConfig) -> int:
+    """Elements of one layer's weight matrices (projections and MLP)."""
+    d, F = config.hidden_size, config.intermediate_size
+    return d * (2 * config.q_size + 2 * config.kv_size) + (3 if config.gated_mlp else 2) * d * F
+
+
+def widened_layer_bytes(config: ModelConfig, itemsize: int) -> int:
+    """Bytes of the weights widened to the compute dtype while a computation runs: three layers' matrices
+    (the scanned body's forward and backward passes and a last layer run alone; `eqlin.params.widen`).
+    Measured with `compiled.memory_analysis()` at Llama-3.2-3B's shapes, T = 64: temporaries of 1.50 GiB
+    (forward) and 2.10 GiB (vjp), one float64 layer being 0.75 GiB."""
+    return 3 * layer_matrix_elems(config) * itemsize
+
+
+def frozen_elems(config: ModelConfig, length: int) -> int:
+    """Elements a linearization keeps per layer (the checkpointed body's saved frozen coefficients): norm
+    scales, the frozen input of q/k, the activated gate, the attention probabilities."""
+    return length * (4 + config.hidden_size + config.intermediate_size) + config.num_heads * length * length
+
+
+def estimate_top_k_bytes(config: ModelConfig, length: int, *, k: int = 10, itemsize: int = 8) -> int:
+    """Peak bytes of the matrix-free top-k (`eqlin.lanczos`, 2k + 20 Golub–Kahan–Lanczos steps): the
+    Lanczos vectors (steps × (d + T·d)), the linearization (`frozen_elems` per layer), one layer's
+    activations for the primal and one tangent, and `widened_layer_bytes`; the weights not counted."""
+    steps = min(2 * k + 20, config.hidden_size)
+    vectors = steps * config.hidden_size + (steps + 1) * length * config.hidden_size
+    stored = config.num_layers * frozen_elems(config, length) + 2 * activation_elems(config, length)
+    return itemsize * (vectors + stored) + widened_layer_bytes(config, itemsize)
+
+
 def estimate_jacobian_bytes(config: ModelConfig, length: int, *, n_maps: int = 1, mode: str = "rev",
                             chunk: int | None = None, itemsize: int = 8, fold: bool = False) -> int:
     """Peak bytes of a Jacobian computation: the result (n·d·T·d), the stored linearization (every
-    layer's activations once per map, with `fold` also the folded MLP's T·d² per layer) and `chunk`
-    basis vectors in flight through one layer."""
+    layer's activations once per map, with `fold` also the folded MLP's T·d² per layer), `chunk`
+    basis vectors in flight through one layer and the widened weights (`widened_layer_bytes`)."""
     d, L = config.hidden_size, config.num_layers
     outputs = n_maps * d
     inputs = length * d
@@ -111,7 +151,8 @@ def estimate_jacobian_bytes(config: ModelConfig, length: int, *, n_maps: int = 1
     in_flight = min(chunk or width, width) * n_maps
     act = activation_elems(config, length)
     stored = n_maps * L * act + (fold_elems(config, length) if fold else 0)
-    return itemsize * (outputs * inputs + stored + in_flight * (act + inputs + outputs))
+    return (itemsize * (outputs * inputs + stored + in_flight * (act + inputs + outputs))
+            + widened_layer_bytes(config, itemsize))
 
 
 def fold_pays(config: ModelConfig, vectors: int) -> bool:

@@ -20,8 +20,9 @@ from eqlin import display
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError
 from eqlin.families import FamilySpec, config_from_hf, read_hf_config, spec_for
-from eqlin.loading import (INDEX_FILE, SINGLE_FILE, check_tensors, expected_tensors, is_gguf, load_params,
-                           open_weight_files, read_index, read_json, resolve_dtype, resolve_folder)
+from eqlin.loading import (INDEX_FILE, SINGLE_FILE, check_tensors, check_weights, expected_tensors, held_bytes,
+                           is_gguf, load_params, open_weight_files, read_index, read_json, resolve_dtype,
+                           resolve_folder)
 from eqlin.params import Params, check_mesh
 from eqlin.tokenizer import Tokenizer
 
@@ -44,7 +45,8 @@ class Model:
 
     @property
     def dtype(self) -> jnp.dtype:
-        return self.params.embed.dtype
+        """The dtype the model computes in (its weights may be stored narrower: `eqlin.params`)."""
+        return self.params.dtype
 
     def __repr__(self) -> str:  # one line: the weights are in .params
         return display.model_repr(self)
@@ -181,6 +183,17 @@ def count_parameters(spec: FamilySpec, config: ModelConfig, folder: Path | None)
     return sum(math.prod(e.shape) for e in expected.values())
 
 
+def held_weight_bytes(spec: FamilySpec, config: ModelConfig, folder: Path | None, dtype: str,
+                      weights: str = "stored") -> int:
+    """Bytes `load(..., dtype=dtype, weights=weights)` would hold, from the tensor headers alone (a GGUF
+    header, no folder: every weight at `dtype`)."""
+    jdtype = resolve_dtype(dtype)
+    if folder is None:
+        return count_parameters(spec, config, None) * jdtype.itemsize
+    files = open_weight_files(folder)
+    return held_bytes(files, check_tensors(files, config, spec, folder), jdtype, check_weights(weights))
+
+
 def load(
     source: str | Path,
     *,
@@ -188,24 +201,32 @@ def load(
     cache_dir: str | Path | None = None,
     download: bool = False,
     mesh: Mesh | None = None,
+    weights: str = "stored",
+    memory_limit: int | None = None,
     allow_keys: Iterable[str] = (),
 ) -> Model:
     """Load a checkpoint: a local folder (config.json, model.safetensors or a sharded index,
     tokenizer.json), a repo id already in the local HF cache, or a .gguf file (dequantized once into
-    an eqlin-ready folder under the user cache, see `eqlin.gguf`). Weights are cast to `dtype`
-    ("float64" needs JAX's x64 mode). Nothing is downloaded unless `download=True`. With a `mesh`
-    (`eqlin.sharding.device_mesh(model=n)`), the weights are split tensor-parallel over its "model" axis
-    as they load, for models whose weights do not fit one device. `allow_keys`: config.json keys eqlin refuses
-    (a key it does not know, or an option at a value it does not support) that you know leave the computation
-    unchanged, e.g. ["full_attn_mod"]; they are loaded, and recorded in `Model.allowed_keys` and every report's
-    model section (docs/config_keys.md). Everything cheap (config, tokenizer,
-    tensor names and shapes) is checked before any weight is read."""
+    an eqlin-ready folder under the user cache, see `eqlin.gguf`). The model computes in `dtype`
+    ("float64" needs JAX's x64 mode). `weights="stored"` keeps each weight at the checkpoint's dtype where
+    that widens to `dtype` exactly (bfloat16, float16, float32 to float64), widened one layer at a time
+    where it is used: the same maps bit for bit, in a quarter (bfloat16) or half (float32) of the float64
+    bytes; `weights="cast"` casts every weight to `dtype` at load. Nothing is downloaded unless
+    `download=True`. With a `mesh` (`eqlin.sharding.device_mesh(model=n)`), the weights are split
+    tensor-parallel over its "model" axis as they load, for models whose weights do not fit one device.
+    Everything cheap (config, tokenizer, tensor names and shapes) is checked before any weight is read, and
+    so is memory: a load whose weights and widened layers do not fit one device (`memory_limit` bytes,
+    default its capacity: 80 % of physical memory on a CPU) is refused with a MemoryBudgetError naming
+    what would fit. `allow_keys`: config.json keys eqlin refuses (a key it does not know, or an option at a
+    value it does not support) that you know leave the computation unchanged, e.g. ["full_attn_mod"]; they are
+    loaded, and recorded in `Model.allowed_keys` and every report's model section (docs/config_keys.md)."""
     jdtype = resolve_dtype(dtype)
+    check_weights(weights)
     if mesh is not None:
         check_mesh(mesh)
     folder = checkpoint_folder(source, cache_dir=cache_dir, download=download)
     hf = read_json(folder / "config.json")
     spec, (config, allowed) = spec_for(hf), read_hf_config(hf, allow_keys)
     tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
-    params = load_params(folder, config, spec, jdtype, mesh=mesh)
+    params = load_params(folder, config, spec, jdtype, mesh=mesh, weights=weights, memory_limit=memory_limit)
     return Model(config=config, params=params, tokenizer=tokenizer, source=str(source), allowed_keys=allowed)

@@ -1,11 +1,28 @@
 """Parameter pytrees. Linear weights keep the HF layout (out_features, in_features); every per-layer
-array is stacked on a leading layer axis L so the forward pass can `lax.scan` over layers."""
+array is stacked on a leading layer axis L so the forward pass can `lax.scan` over layers.
+
+Storage and compute dtypes. A leaf holds a weight at its *storage* dtype, which may be narrower than
+the dtype the model computes in (`Params.dtype`): bfloat16, float16 and float32 widen to float64
+exactly (and bfloat16, float16 to float32), so a weight kept as the checkpoint stored it and widened
+where it is used gives the same bits as one cast at load. `widen` is the one place this happens, and
+every use of a weight goes through it: `eqlin.decoder.decoder_layer` widens one layer's slice inside
+the scanned layer body, the embedding widens the rows it gathers, the unembedding a chunk of the
+vocabulary at a time. Only matrices are held narrower (the projections, the embeddings): vectors
+(norm scales, biases) are few bytes and held at the compute dtype, because XLA's CPU backend fuses a
+conversion into the elementwise code that reads it, which can then round a product-sum differently
+(a fused multiply-add), whereas a matrix product reads its widened operand as it reads any other. A
+uint16 leaf is bfloat16 held as its bit patterns (`to_storage`): XLA's CPU
+backend converts a bfloat16 array that a scan reads to a float32 copy of the whole stack before the
+loop (4 bytes per weight more), which bit patterns never are.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from eqlin.config import ModelConfig
@@ -14,6 +31,62 @@ from eqlin.errors import InputError
 Array = jax.Array
 BASIS_AXIS = "basis"  # the mesh axis that the rows of J (the output's basis vectors) are split over
 MODEL_AXIS = "model"  # the mesh axis that tensor-parallel weights are split over
+BF16_BITS = np.dtype(np.uint16)  # the storage of a bfloat16 weight: its bit patterns
+# Storage dtypes that widen exactly to each compute dtype (every value, so every product, the same).
+EXACT_WIDENING = {"float64": ("bfloat16", "float16", "float32", "float64"),
+                  "float32": ("bfloat16", "float16", "float32"), "bfloat16": ("bfloat16",)}
+
+
+def storage_dtype(a) -> np.dtype:
+    """The dtype a leaf's values have: bfloat16 for bit patterns (uint16), else its own."""
+    return np.dtype(jnp.bfloat16) if a.dtype == BF16_BITS else np.dtype(a.dtype)
+
+
+def to_storage(a: np.ndarray) -> np.ndarray:
+    """A host array as a leaf holds it: bfloat16 as its bit patterns (a view, no copy), else itself."""
+    return a.view(BF16_BITS) if a.dtype == jnp.bfloat16 else a
+
+
+def widen(a: Array | None, dtype) -> Array | None:
+    """The value of a stored leaf `a` (any shape) at the compute `dtype`, exactly for every pair in
+    EXACT_WIDENING (a no-op at the same dtype). None stays None.
+
+    Bit patterns become float32 by a shift (a bfloat16 is the top half of a float32). float32 becomes
+    float64 in integer arithmetic on the bits (`_float32_bits_to_float64`): XLA's CPU backend flushes
+    float32 subnormals (|w| < 2⁻¹²⁶, bfloat16's too) to zero when it converts them."""
+    if a is None:
+        return None
+    dtype = np.dtype(dtype)
+    bits = None
+    if a.dtype == BF16_BITS:
+        bits = a.astype(jnp.uint32) << 16
+    elif a.dtype == jnp.float32 and dtype == jnp.float64:
+        bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    if bits is None:
+        return a.astype(dtype)
+    if dtype == jnp.float64:
+        return _float32_bits_to_float64(bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
+
+
+def _float32_bits_to_float64(bits: Array) -> Array:
+    """float64 values of float32 bit patterns (uint32, any shape), exactly, subnormals and NaN payloads
+    included: sign kept; exponent rebiased (+1023 − 127), or all ones for inf/NaN; fraction shifted up 29
+    bits; a subnormal m·2⁻¹⁴⁹ normalised by its leading bit p (exponent p + 874, fraction m·2^(52−p))."""
+    wide = bits.astype(jnp.uint64)
+    exponent, fraction = (wide >> 23) & 0xFF, wide & 0x7FFFFF
+    lead = 31 - jax.lax.clz(jnp.maximum(bits & 0x7FFFFF, 1)).astype(jnp.uint64)  # top bit of a subnormal's m
+    normal = ((exponent + 896) << 52) | (fraction << 29)
+    special = (jnp.uint64(0x7FF) << 52) | (fraction << 29)
+    subnormal = ((lead + 874) << 52) | ((fraction << (52 - lead)) & ((1 << 52) - 1))
+    magnitude = jnp.where(exponent == 0xFF, special, jnp.where(exponent > 0, normal,
+                                                               jnp.where(fraction > 0, subnormal, 0)))
+    return jax.lax.bitcast_convert_type(((wide >> 31) << 63) | magnitude, jnp.float64)
+
+
+def widen_tree(tree, dtype):
+    """`widen` on every leaf of a pytree (one layer's LayerParams slice, say)."""
+    return jax.tree_util.tree_map(lambda a: widen(a, dtype), tree)
 
 
 @jax.tree_util.register_dataclass
@@ -56,7 +129,12 @@ class LayerParams:
 @dataclasses.dataclass(frozen=True)
 class Params:
     """All weights of one decoder. `lm_head` is None when the unembedding is tied to `embed`;
-    `position_embed` and `final_norm_bias` are GPT-2's (learned positions, LayerNorm bias), else None."""
+    `position_embed` and `final_norm_bias` are GPT-2's (learned positions, LayerNorm bias), else None.
+
+    Every leaf is at its storage dtype (module docstring): a uint16 leaf holds bfloat16 bit patterns,
+    any other leaf its values at its own dtype; `widen(leaf, params.dtype)` is its value as computed.
+    `compute_dtype` (static) names the dtype the model computes in; None: the leaves' own (weights
+    cast at load)."""
 
     embed: Array  # (V, d)
     layers: LayerParams
@@ -64,10 +142,22 @@ class Params:
     lm_head: Array | None = None  # (V, d)
     position_embed: Array | None = None  # (max_position_embeddings, d)
     final_norm_bias: Array | None = None  # (d,)
+    compute_dtype: str | None = dataclasses.field(default=None, metadata={"static": True})
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype the model computes in (and of its input embeddings)."""
+        return np.dtype(self.compute_dtype) if self.compute_dtype else storage_dtype(self.embed)
+
+    @property
+    def weights(self) -> str:
+        """"stored" when some leaf is held narrower than the compute dtype (widened where used), else "cast"."""
+        narrower = {storage_dtype(a) for a in jax.tree_util.tree_leaves(self)} - {self.dtype}
+        return "stored" if narrower else "cast"
 
     @property
     def unembedding(self) -> Array:
-        """W_U, shape (V, d): logits = W_U · y."""
+        """W_U, shape (V, d), stored (`widen` it, or use `eqlin.decoder.unembed`): logits = W_U · y."""
         return self.embed if self.lm_head is None else self.lm_head
 
 

@@ -43,7 +43,7 @@ from eqlin.errors import InputError
 from eqlin.lanczos import Method, matrix_free_svd
 from eqlin.linear_maps import Linearization, relative_error, target_constant, target_map
 from eqlin.model import Model
-from eqlin.params import Params
+from eqlin.params import Params, widen
 from eqlin.progress import steps as steps_bar
 from eqlin.selection import Part, Scope, resolve_selection
 
@@ -310,7 +310,8 @@ class ScoreSummary:
 
 def _scores(table: Array, vectors: Array, space: str) -> Array:
     """(N, V) scores of vectors (N, d) against the rows of `table` (V, d): W v (output space) or cosines
-    (input space)."""
+    (input space). A stored `table` is widened to the vectors' dtype (`eqlin.params.widen`)."""
+    table = widen(table, vectors.dtype)
     scores = jnp.einsum("vd,nd->nv", table, vectors, precision=HIGHEST)
     if space == "output":
         return scores
@@ -348,8 +349,8 @@ def score_summary(model: Model, vectors: Array, space: Literal["output", "input"
     selected on the device (`lax.top_k`) on accelerators, on the host on CPUs."""
     table = model.params.unembedding if space == "output" else model.params.embed
     on_cpu = next(iter(table.devices())).platform == "cpu"
-    batch = max(1, _SCORE_BYTES // (table.shape[0] * table.dtype.itemsize))
-    vectors, parts = vectors.astype(table.dtype), []
+    batch = max(1, _SCORE_BYTES // (table.shape[0] * model.dtype.itemsize))
+    vectors, parts = vectors.astype(model.dtype), []
     for start in range(0, vectors.shape[0], batch):
         out = [np.asarray(a) for a in _summarise(table, vectors[start:start + batch], jnp.asarray(target),
                                                  space=space, top=None if on_cpu else top)]

@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import jax
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ import torch
 import eqlin
 from eqlin.analysis import SCHEMA
 from eqlin.cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, INTERRUPTED, main
-from eqlin.memory import estimate_jacobian_bytes, format_bytes
+from eqlin.memory import estimate_jacobian_bytes, estimate_top_k_bytes, format_bytes
 from eqlin.outputs import MARKER
 from eqlin.report import summary
 from tests.conftest import TEXT
@@ -162,6 +163,14 @@ def test_info(variant, checkpoint, loaded, capsys, monkeypatch):
     assert rows["J at T=16 here"] == "fits, 2 basis vectors per pass"
     longest = largest_fitting(lambda t: peak(t, 1), config.max_position_embeddings, peak(16, 2))
     assert longest >= 16 and rows["longest input whose J fits"] == f"T={longest:,} (one basis vector per pass)"
+    held = sum(a.nbytes for a in jax.tree_util.tree_leaves(loaded(variant).params))  # float32 checkpoints: stored
+    assert rows["weights as loaded"].startswith(f"{format_bytes(held)} (weights='stored'") and held < 8 * parameters
+    top_k = estimate_top_k_bytes(config, 16, itemsize=8)
+    assert rows["peak for top-10 at T=16"].startswith(format_bytes(top_k)) and top_k < peak(16)
+    assert rows["top-10 at T=16 here"] == ("fits" if top_k <= peak(16, 2) else "does not fit")
+    longest = largest_fitting(lambda t: estimate_top_k_bytes(config, t, itemsize=8), config.max_position_embeddings,
+                              peak(16, 2))
+    assert rows["longest input whose top-10 fits"] == f"T={longest:,}"
 
 
 def test_info_says_what_the_default_budget_is(checkpoint, capsys, monkeypatch):
@@ -586,7 +595,7 @@ def test_out_naming_the_current_folder_is_refused_before_any_work(checkpoint, tm
     for args in (["analyze", TEXT], ["analyze", "--prompts", str(checkpoint("qwen3") / "config.json")],
                  ["steer", "--concept", "Golden", "--text", TEXT]):
         err = _bad([*args, "--model", str(checkpoint("qwen3")), "--out", out], capsys)
-        assert f"--out '.' names no folder of its own (it is the current or a parent folder, which eqlin cannot " \
+        assert "--out '.' names no folder of its own (it is the current or a parent folder, which eqlin cannot " \
                "replace); give a new folder's name, e.g. --out eqlin-report" in err
     assert list(tmp_path.iterdir()) == []
 

@@ -186,7 +186,7 @@ def test_the_map_at_embeddings_is_detached_jacobians_under_jit_and_vmap(loaded, 
 @pytest.mark.parametrize("x, kwargs, message", [
     (lambda x: x[None], {}, r"x must be input embeddings of shape \(T, 64\) with 1 <= T <= 64 .*got \(1, 10, 64\)"),
     (lambda x: x[:, :8], {}, r"x must be input embeddings of shape \(T, 64\)"),
-    (lambda x: x.astype(jnp.float32), {}, "x is float32 but the weights are float64: cast x to the weights' dtype"),
+    (lambda x: x.astype(jnp.float32), {}, "x is float32 but the model computes in float64: cast x to the model's dtype"),
     (lambda x: x, {"fold": "auto"}, "fold must be True or False, got 'auto' .*use detached_jacobian"),
     (lambda x: x, {"chunk": 0}, "chunk must be an integer >= 1"),
 ])

@@ -25,7 +25,9 @@ from jax.sharding import AxisType
 
 import eqlin
 from eqlin.convert import convert
+from eqlin.memory import format_bytes
 from eqlin.model import checkpoint_identity, count_parameters, read_config
+from eqlin.params import widen
 from eqlin.safetensors_io import SafetensorsFile, write_safetensors
 from eqlin.tokenizer import Tokenizer
 from eqlin import reference as ref
@@ -62,15 +64,76 @@ def test_sharded_index_loads_the_same_model(checkpoint, loaded, tmp_path):
     np.testing.assert_array_equal(eqlin.load(folder).logits(ids), loaded("qwen3").logits(ids))
 
 
-def test_bf16_checkpoint_is_upcast(tmp_path, loaded):
+def _nbytes(model) -> int:
+    return sum(a.nbytes for a in jax.tree_util.tree_leaves(model.params))
+
+
+@pytest.mark.parametrize("variant, stored, at_most", [
+    *((v, torch.bfloat16, 0.3) for v in ("llama_gqa", "qwen3", "gemma3", "mistral", "phi3", "olmo2", "qwen2", "gpt2")),
+    ("gemma3", torch.float32, 0.55), ("qwen2", torch.float32, 0.55)])
+def test_stored_weights_give_the_float64_maps_bit_for_bit(tmp_path, variant, stored, at_most):
+    """Weights kept at the checkpoint's dtype (bfloat16 as bit patterns) and widened inside the layer body
+    give every value and map of a float64 copy of the same weights exactly (the folded MLP too, on
+    Gemma 3), in a fraction of its bytes (other engines: tests/test_decoder.py)."""
+    folder = make_checkpoint(tmp_path / "ckpt", variant, torch_dtype=stored)
+    kept, cast = eqlin.load(folder), eqlin.load(folder, weights="cast")
+    name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[stored]
+    assert kept.params.weights == "stored" and cast.params.weights == "cast"
+    assert kept.dtype == cast.dtype == jnp.float64 and f"weights stored as {name}" in repr(kept)
+    assert "weights cast at load" in repr(cast)
+    assert {str(a.dtype) for a in jax.tree_util.tree_leaves(cast.params)} == {"float64"}
+    assert {str(a.dtype) for a in jax.tree_util.tree_leaves(kept.params.layers)} >= {
+        "uint16" if stored == torch.bfloat16 else "float32"}
+    assert _nbytes(kept) <= at_most * _nbytes(cast), (_nbytes(kept), _nbytes(cast))
+    ids = kept.encode(TEXT)
+    np.testing.assert_array_equal(kept.forward(ids, collect=True).logits, cast.forward(ids, collect=True).logits)
+    for fold in (False, True) if variant == "gemma3" else (False,):
+        a, b = eqlin.detached_jacobian(kept, ids, fold=fold), eqlin.detached_jacobian(cast, ids, fold=fold)
+        np.testing.assert_array_equal(a.jacobian, b.jacobian)
+        np.testing.assert_array_equal(a.relative_error, b.relative_error)
+        assert float(a.relative_error) <= 1e-14
+
+
+def test_bf16_checkpoint_is_widened_exactly(tmp_path, loaded):
     folder = make_checkpoint(tmp_path / "bf16", "gemma3", torch_dtype=torch.bfloat16)
     header = SafetensorsFile(folder / "model.safetensors").header
     assert {str(dtype) for dtype, _ in header.values()} == {"bfloat16"}
     model = eqlin.load(folder)
-    assert model.dtype == jnp.float64
+    assert model.dtype == jnp.float64 and model.params.embed.dtype == np.uint16  # bfloat16 bit patterns
     reference = loaded("gemma3")  # the same seed in float32: bf16 rounding only
     expected = np.asarray(torch.tensor(np.asarray(reference.params.embed)).to(torch.bfloat16).double())
-    np.testing.assert_array_equal(model.params.embed, expected)
+    np.testing.assert_array_equal(widen(model.params.embed, jnp.float64), expected)
+    np.testing.assert_array_equal(eqlin.load(folder, weights="cast").params.embed, expected)
+
+
+def test_a_load_that_cannot_fit_is_refused_before_reading_naming_what_fits(tmp_path, monkeypatch):
+    from eqlin.memory import widened_layer_bytes
+    from eqlin.safetensors_io import SafetensorsFile as File
+
+    folder = make_checkpoint(tmp_path / "bf16", "llama_gqa", torch_dtype=torch.bfloat16)
+    config = eqlin.load(folder).config
+    stored = _nbytes(eqlin.load(folder)) + widened_layer_bytes(config, 8)
+    cast = _nbytes(eqlin.load(folder, weights="cast")) + widened_layer_bytes(config, 8)
+
+    def no_reads(*args):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(File, "read", no_reads)
+    with pytest.raises(eqlin.MemoryBudgetError, match=rf"loading {folder} in float64 \(weights='cast'\) needs about "
+                       rf"{format_bytes(cast)} per device .* more than the {format_bytes(stored)} one device holds; "
+                       rf"nothing was read. Use weights=\"stored\" \({format_bytes(stored)}\) or dtype=\"float32\" .* "
+                       r"or a mesh of (\d+) or more devices \(mesh=eqlin.device_mesh\(model=\1\)\)"):
+        eqlin.load(folder, weights="cast", memory_limit=stored)
+    with pytest.raises(eqlin.MemoryBudgetError, match=r"\(weights='stored'\) needs about .* Use dtype=\"float32\""):
+        eqlin.load(folder, memory_limit=stored - 1)
+
+
+def test_wider_weights_than_the_compute_dtype_are_cast_at_load(checkpoint):
+    """float32 weights of a float32 model stay as they are; float64 ones of a float32 model are rounded once,
+    at load (the model computes in float32 throughout), as weights="cast" does."""
+    model = eqlin.load(checkpoint("llama_mha"), dtype="float32")
+    assert model.dtype == jnp.float32 and model.params.weights == "cast"
+    assert {str(a.dtype) for a in jax.tree_util.tree_leaves(model.params)} == {"float32"}
 
 
 def test_repo_id_from_local_hf_cache(checkpoint, loaded, tmp_path):
@@ -433,7 +496,7 @@ def test_non_finite_and_integer_weights_are_refused(checkpoint, tmp_path):
     tensors = _tensors(folder)
     tensors["model.layers.1.mlp.down_proj.weight"][3, 4] = np.nan
     write_safetensors(folder / "model.safetensors", tensors)
-    with pytest.raises(eqlin.WeightsError, match=r"tensors hold NaN or infinite values \(as float64\): "
+    with pytest.raises(eqlin.WeightsError, match=r"tensors hold NaN or infinite values \(as float32\): "
                                                  r"model.layers.1.mlp.down_proj.weight; the checkpoint is corrupt"):
         eqlin.load(folder)
     tensors = {k: v.astype(np.float64) for k, v in tensors.items()}
@@ -457,6 +520,7 @@ def test_non_finite_and_integer_weights_are_refused(checkpoint, tmp_path):
      "of type AxisType.Auto, got Mesh.*Explicit.*eqlin.device_mesh"),
     (lambda folder: eqlin.load(folder, dtype="float16"), "unsupported dtype 'float16'; choose one of float64"),
     (lambda folder: eqlin.load(folder, dtype=object()), "unsupported dtype"),
+    (lambda folder: eqlin.load(folder, weights="bf16"), "weights must be 'stored' .* or 'cast' .*, got 'bf16'"),
 ])
 def test_bad_load_arguments(checkpoint, call, message):
     with pytest.raises(eqlin.InputError, match=message):

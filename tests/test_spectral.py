@@ -16,6 +16,7 @@ import torch
 
 import eqlin
 from eqlin.linear_maps import Linearization, detached_jacobian
+from eqlin.params import widen
 from eqlin.spectral import (
     decode_spectrum,
     effective_dimension,
@@ -113,7 +114,7 @@ def test_matrix_free_top_k_equals_numpys_svd_of_the_pytorch_map(layer, scope, pa
 def _known_tokens(model) -> tuple[int, np.ndarray, int, np.ndarray]:
     """(j, u, i, v): u the unit unembedding row of the largest norm (so W_U u peaks at j), v the input
     embedding of token i as the model consumes it (Gemma: × √d, which does not change cosines)."""
-    W = np.asarray(model.params.unembedding)
+    W = np.asarray(widen(model.params.unembedding, model.dtype))  # stored (float32 here), widened
     j = int(np.argmax(np.linalg.norm(W, axis=1)))
     i = 17
     return j, W[j] / np.linalg.norm(W[j]), i, np.asarray(model.embed([i])[0])
