@@ -44,8 +44,10 @@ def test_detach_of_the_plain_forward_is_the_hand_written_split(variant, loaded):
     assert relative(J, jax.jit(jax.jacrev(hand))(x)) <= EXACT
     sites = found.sites(x)
     assert _layout(sites) == _layout(detach(hand).sites(x))
-    body = [s for s in sites if s.path == "scan"]  # one layer of the scanned stack: every norm's scale,
-    norms = sum(getattr(model.params.layers, n) is not None  # the probabilities and the gate
+    # One layer of the scanned stack (its body is checkpointed: path "scan/remat2"): every norm's scale, the
+    # probabilities and the gate.
+    body = [s for s in sites if s.path.split("/")[0] == "scan"]
+    norms = sum(getattr(model.params.layers, n) is not None
                 for n in ("attn_in_norm", "attn_out_norm", "mlp_in_norm", "mlp_out_norm"))
     assert sum(s.primitive == "rsqrt" for s in body) == norms and len(body) == norms + 2
     assert {s.rule for s in sites} == {"coefficient"}
