@@ -56,11 +56,11 @@ def memory_limit_bytes(limit: int | None = None, *, params=None, weights: int | 
 
 def device_capacity_bytes(limit: int | None = None) -> int:
     """What one device can hold in all, weights included (what a load is planned against): `limit` if
-    given, else JAX's default device's allocator limit (GPU, TPU) or 80 % of physical memory (CPU)."""
+    given, else this process's first device's allocator limit (GPU, TPU) or 80 % of physical memory (CPU)."""
     if limit is not None:
         return check_int("memory_limit", limit, 1, None, "bytes; None: the device's capacity")
     host = int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # one of this process's (another process's devices report no memory)
     return default_budget(device.platform, device.memory_stats() or {}, host, 0)
 
 

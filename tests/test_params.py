@@ -17,7 +17,7 @@ from jax.ad_checkpoint import print_saved_residuals
 import eqlin
 from eqlin.linear_maps import cumulative_fn
 from eqlin.params import BF16_BITS, storage_dtype, to_storage, widen
-from tests.conftest import TEXT
+from tests.conftest import TEXT, relative
 from tests.fixtures import make_checkpoint
 
 
@@ -73,9 +73,16 @@ def test_every_engine_gives_the_maps_of_cast_weights_bit_for_bit(bf16_pair):
     kept, cast = bf16_pair
     ids = kept.encode(TEXT)
 
-    def same(a, b):
+    def same(a, b, exact=True):
         for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+            if exact:
+                np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+            else:
+                assert relative(u, v) <= 1e-14
+
+    # JAX 0.8 (the floor) compiles the vmapped batch and the generation loop of the two differently: last-bit
+    # differences there (1.8e-15 absolute measured), so the same maps to float64 rounding; bit for bit on 0.10.
+    newer = jax.__version_info__ >= (0, 10)
 
     for kwargs in ({"layer": [0, 1], "scope": "single", "mode": "rev"}, {"layer": "all", "part": "mlp", "mode": "fwd"}):
         a, b = eqlin.detached_jacobian(kept, ids, **kwargs), eqlin.detached_jacobian(cast, ids, **kwargs)
@@ -86,6 +93,6 @@ def test_every_engine_gives_the_maps_of_cast_weights_bit_for_bit(bf16_pair):
     same(eqlin.top_singular(kept, ids, 3).singular_values, eqlin.top_singular(cast, ids, 3).singular_values)
     prompts = [TEXT, TEXT.split()[0]]
     a, b = eqlin.detached_jacobians(kept, prompts), eqlin.detached_jacobians(cast, prompts)
-    same((a.jacobian, a.constant), (b.jacobian, b.constant))
+    same((a.jacobian, a.constant), (b.jacobian, b.constant), exact=newer)
     a, b = (eqlin.steer(m, "Paris", TEXT, layer=1, strength=4.0, max_new_tokens=4) for m in (kept, cast))
-    same((a.steered_logits, a.baseline_logits), (b.steered_logits, b.baseline_logits))
+    same((a.steered_logits, a.baseline_logits), (b.steered_logits, b.baseline_logits), exact=newer)
