@@ -22,6 +22,11 @@ from eqlin.errors import InputError, MemoryBudgetError
 _MAX_LIMIT_GIB = 2**20  # 1 PiB: beyond any one machine's memory, and far inside what an int of bytes can count
 
 
+def host_share() -> int:
+    """80 % of this machine's physical memory, in bytes: what eqlin plans against on a CPU."""
+    return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def memory_limit_bytes(limit: int | None = None, *, params=None, weights: int | None = None) -> int:
     """The budget in bytes: `limit` if given (a positive integer), else $EQLIN_MEMORY_LIMIT_GB if set (a
     positive number of GiB), else `default_budget` for the device holding `params` (a pytree of arrays), or
@@ -43,7 +48,7 @@ def memory_limit_bytes(limit: int | None = None, *, params=None, weights: int | 
                              f"{_MAX_LIMIT_GIB} GiB, 1 PiB, is accepted); set it to the memory eqlin may use, e.g. 16, "
                              "or unset it to use 80 % of physical memory")
         return int(gib * 2**30)
-    host = int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    host = host_share()
     if params is not None:
         device = jax.tree_util.tree_leaves(params)[0].addressable_shards[0].device  # one of this process's
         resident = resident_bytes(params, device)
@@ -59,7 +64,7 @@ def device_capacity_bytes(limit: int | None = None) -> int:
     given, else this process's first device's allocator limit (GPU, TPU) or 80 % of physical memory (CPU)."""
     if limit is not None:
         return check_int("memory_limit", limit, 1, None, "bytes; None: the device's capacity")
-    host = int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    host = host_share()
     device = jax.local_devices()[0]  # one of this process's (another process's devices report no memory)
     return default_budget(device.platform, device.memory_stats() or {}, host, 0)
 
