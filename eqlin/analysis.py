@@ -173,7 +173,7 @@ class Plan:
 
     def note(self) -> str:
         """One line for stderr: why the matrix-free analysis runs, with the estimates."""
-        took = (f", about {_duration(self.full_seconds)} at the {self.flops_per_second / 1e9:.0f} GFLOP/s measured "
+        took = (f", about {duration_text(self.full_seconds)} at the {self.flops_per_second / 1e9:.0f} GFLOP/s measured "
                 "here" if self.full_seconds is not None else "")
         longest = f"T={self.longest_full:,}" if self.longest_full else "none, not even T=1"
         return (f"eqlin: {self.reason}: the full J at T={self.length} needs about {format_bytes(self.full_bytes)}"
@@ -182,9 +182,9 @@ class Plan:
                 f"{format_bytes(self.top_k_bytes)}; J never built)")
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     """seconds as s, min or h, whichever reads best."""
-    return (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200
+    return (f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200
             else f"{seconds / 3600:.1f} h")
 
 
@@ -219,8 +219,9 @@ def plan_analysis(model: Model, length: int, *, k: int, analysis: str = "auto", 
             raise MemoryBudgetError(
                 f"the full analysis at T={length} needs about {format_bytes(plan.full_bytes)} (J one basis vector "
                 f"at a time, and its per-token SVDs), over the {format_bytes(limit)} budget ({plan.basis}); use the "
-                f"matrix-free analysis (--analysis auto or matrix-free: top-{k} of the map without building J, about "
-                f"{format_bytes(plan.top_k_bytes)}), {fixes}or a higher limit (memory_limit or EQLIN_MEMORY_LIMIT_GB)")
+                f"matrix-free analysis (analysis='auto' or 'matrix-free', eqlin analyze --analysis: top-{k} of the map "
+                f"without building J, about {format_bytes(plan.top_k_bytes)}), {fixes}or a higher limit (memory_limit "
+                "or EQLIN_MEMORY_LIMIT_GB)")
         reason = "asked (analysis='full')" if analysis == "full" else "the full J fits the memory budget"
         return dataclasses.replace(plan, reason=reason)
     if plan.top_k_bytes > limit:
