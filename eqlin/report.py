@@ -287,6 +287,7 @@ def _combined_spectrum(result: Analysis):
         names = [f"{t}: {_drawable(tokens[t])}" for t in ticks]
         right.set_xticks(list(ticks), names, rotation=30, ha="right", fontsize=8, **literal(*names))
         right.set_yticks(range(k), [f"v_{i + 1}" for i in range(k)], fontsize=8)
+        right.set_ylabel("right singular vector")
         right.set_xlabel(f"input position t\n{font_note(labels + names)}")
         right.set_title("‖v_i[t]‖²: each right singular vector's share on each input token", fontsize=10)
         fig.colorbar(image, ax=right, fraction=0.04).set_label("share (each row sums to 1)", fontsize=8)
