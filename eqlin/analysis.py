@@ -9,7 +9,14 @@ report.json:
     model             {source, family, num_layers, hidden_size, vocab_size, parameters, checkpoint: the identity of
                         the checkpoint's content (`eqlin.model.checkpoint_identity`; null where not given)}
     dtype             compute dtype, e.g. "float64"
-    options           {layers: [l…] analysed, top_k, branch_tap, layer_engine}: the options that shape the report
+    options           {layers: [l…] analysed, top_k, branch_tap, layer_engine, analysis ("auto", "full" or
+                        "matrix-free": as asked)}: the options that shape the report
+    analysis          "full" (J built: everything below) or "matrix-free" (J never built: `eqlin.top_singular` of
+                        the token-combined map; per_token, spectrum and layer_analysis as marked below)
+    plan              why: {analysis, asked, reason (in words), length T, k, limit (the budget in bytes), basis (what
+                        the budget is taken from), full_bytes, top_k_bytes (estimated peaks), longest_full (the
+                        longest T whose full analysis fits; 0: none), full_flops (J's), flops_per_second (a float64
+                        GEMM rate measured here) and full_seconds (their quotient): both null for a full analysis}
     text              the input text
     tokens            [{position, id, text}] as the model sees them (BOS included where added)
     next_token        {id, text, probability, logit}: the greedy next token
@@ -29,7 +36,12 @@ report.json:
                         singular_values (top_k), effective_dimension {stable_rank, participation_ratio,
                         rank_90, rank_99}, left_tokens (top_k × top_k strings: tokens of each left
                         singular vector through the unembedding), right_tokens (the same for right
-                        singular vectors, nearest input embeddings)}]
+                        singular vectors, nearest input embeddings)}]; matrix-free: [{position, token,
+                        right_weight (k: ‖v_i[t]‖², token t's share of each right singular vector v_i of the
+                        token-combined map; each v_i's shares sum to 1), right_tokens (k × top_k: v_i's block at t
+                        by cosine nearest input embeddings)}] (J_t x_t needs J or one JVP per token: absent)
+    spectrum          matrix-free only: {map "token-combined", method "lanczos", k, singular_values (k), left_tokens
+                        (k × top_k: u_i through the unembedding), relative_error of the map's linearization}
     layer_maps        {layers: [l…], scope: "cumulative", input → each layer's output read through the final
                         norm; residual / attn / mlp: {stable_rank, participation_ratio, rank_90, rank_99,
                         relative_error}, one value per layer} (empty layers: not computed); the cumulative
@@ -46,7 +58,8 @@ report.json:
                         token's rank in u_1's unembedding scores: 0 = u_1 decodes to it)}
     layer_analysis    {layers, tap ("post" or "pre": attention / MLP branches read after or before the
                         family's branch post-norms), tap_meaning, engines {scope: "fwd" or "rev"},
-                        max_relative_error over every layer map}
+                        max_relative_error over every layer map, skipped: why no layer map was computed although
+                        layers were asked (a matrix-free analysis), else null}
     timings_s         seconds per stage
 """
 
