@@ -69,7 +69,7 @@ import contextlib
 import dataclasses
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -238,15 +238,15 @@ def plan_analysis(model: Model, length: int, *, k: int, analysis: str = "auto", 
         reason = "asked (analysis='full')" if analysis == "full" else "the full J fits the memory budget"
         return dataclasses.replace(plan, reason=reason)
     if plan.top_k_bytes > limit:
-        fixes = [f"a shorter text (the top-{k} fits up to T={largest_fitting(top, length - 1, limit):,})"
-                 if length > 1 and top(1) <= limit else ""]
+        fixes = ([f"a shorter text (the top-{k} fits up to T={largest_fitting(top, length - 1, limit):,})"]
+                 if length > 1 and top(1) <= limit else [])
         if itemsize > 4:
             fixes.append(f"--dtype float32 (about {format_bytes(top(length, 4))}, float32's larger error)")
         fixes.append("a higher limit (memory_limit or EQLIN_MEMORY_LIMIT_GB) on a machine or GPU with more memory")
         raise MemoryBudgetError(
             f"neither analysis fits the {format_bytes(limit)} budget ({plan.basis}) at T={length}: the full J needs "
             f"about {format_bytes(plan.full_bytes)}, the matrix-free top-{k} about {format_bytes(plan.top_k_bytes)}; "
-            f"use {' or '.join(f for f in fixes if f)}")
+            f"use {' or '.join(fixes)}")
     reason = ("matrix-free analysis as asked (analysis='matrix-free')" if analysis == "matrix-free"
               else "the full J does not fit the memory budget")
     return dataclasses.replace(plan, analysis="matrix-free", reason=reason,
@@ -370,8 +370,8 @@ LAYERS_SKIPPED = ("not computed in a matrix-free analysis: each cumulative layer
 
 
 def _matrix_free_analysis(model: Model, ids: np.ndarray, strings: list[str], report: dict[str, Any], *, k: int,
-                          layers: tuple[int, ...], tap: Tap, timed, quiet: bool, timings: dict[str, float]
-                          ) -> Analysis:
+                          layers: tuple[int, ...], tap: Tap, timed: Callable[[str], ContextManager[None]],
+                          quiet: bool, timings: dict[str, float]) -> Analysis:
     """`analyze`'s matrix-free half: the top-k triplets of the token-combined map (`top_singular`), decoded;
     y = J x + c and the plain map's J x from one JVP each; the next token's logit through W_U[next]."""
     with timed(f"matrix-free top-{k} (Lanczos)"):
