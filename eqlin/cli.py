@@ -77,7 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--save-jacobian", action="store_true",
                          help="also write the detached Jacobian (the Linearization: J, x, y, contributions, constant, "
                               "error, token strings, model and checkpoint) to jacobian.safetensors in --out, bit for "
-                              "bit; read it with eqlin.Linearization.load")
+                              "bit; read it with eqlin.Linearization.load (needs the full analysis)")
+    analyze.add_argument("--analysis", choices=("auto", "full", "matrix-free"), default="auto",
+                         help="how the final map is taken apart: full (build J: per-token spectra, contributions, "
+                              "layer maps; refused when J does not fit the memory budget), matrix-free (the top-K "
+                              "singular triplets of the token-combined map by Lanczos, J never built; no per-token "
+                              "spectra or layer maps), or auto: full where J fits, else matrix-free, said on stderr "
+                              "with the estimates (default: auto; one text only: a prompt set is always full)")
 
     study = sub.add_parser(
         "study", help="the paper's statistics over a prompt set",
@@ -287,7 +293,13 @@ def _analyze(args: argparse.Namespace) -> int:
         if args.save_jacobian:
             raise InputError("--save-jacobian saves one text's map; with --prompts, save maps from Python "
                              "(eqlin.detached_jacobian(model, text).save(path, model))")
+        if args.analysis == "matrix-free":
+            raise InputError("--analysis matrix-free takes one text apart; a prompt set is analysed in full, prompt "
+                             "by prompt (those whose J does not fit are skipped and listed); run eqlin analyze TEXT "
+                             "--analysis matrix-free for one of them")
         return _prompt_set(args, study=False)
+    if args.save_jacobian and args.analysis == "matrix-free":
+        raise InputError("--save-jacobian saves J, which --analysis matrix-free never builds; leave out one of them")
     if args.text_file is not None:
         text = read_text_file(args.text_file)
     else:
@@ -304,7 +316,7 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.layers.strip().lower() == "auto":  # every layer for short inputs (analysis.auto_layers)
         layers = auto_layers(config.num_layers, len(model.encode(text)))
     result = analyze(model, text, layers=layers, top_k=args.top_k, tap=args.branch_tap, engine=args.layer_engine,
-                     checkpoint=checkpoint, quiet=args.quiet)
+                     checkpoint=checkpoint, analysis="full" if args.save_jacobian else args.analysis, quiet=args.quiet)
     extra = {}
     if args.save_jacobian:
         from eqlin.persistence import linearization_bytes

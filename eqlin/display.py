@@ -166,9 +166,32 @@ def token_heatmap(tokens: Sequence[str], values: Sequence[float], *, signed: boo
     return f'<div style="line-height:1.3">{"".join(spans)}</div>{legend}'
 
 
+def matrix_free(report: dict[str, Any]) -> bool:
+    """Whether an analysis report comes from the matrix-free analysis (no J built; reports before it was
+    added are all full)."""
+    return report.get("analysis") == "matrix-free"
+
+
+NO_J = ("This is a matrix-free analysis: J was not built ({reason}), so what needs J itself is absent: each "
+        "token's contribution J_t x_t, the per-token maps J_t and their spectra, the picture of J and the layer "
+        "maps. Everything below comes from the token-combined map [J_0 … J_{{T−1}}] through products with J and "
+        "Jᵀ.")
+
+
 def contribution_heatmaps(report: dict[str, Any]) -> str:
     """Both heat maps of an analysis report: each input token's exact share of the predicted logit,
-    W_U[next] · J_t x_t (signed; they sum to the logit), and ‖J_t x_t‖, with what they mean."""
+    W_U[next] · J_t x_t (signed; they sum to the logit), and ‖J_t x_t‖, with what they mean. A matrix-free
+    report has neither: its heat map is each token's share of the top right singular vector v_1."""
+    if matrix_free(report):
+        tokens = [p["token"] for p in report["per_token"]]
+        return (f"<p>{html.escape(NO_J.format(reason=report['plan']['reason']))} The logit of the next token is "
+                f"reconstructed from one JVP: W_U[next] · J x{' + W_U[next] · c' if report['constant']['norm'] else ''}"
+                f" = {report['logit']['reconstructed']:.6f}, the logit itself is {report['logit']['value']:.6f} "
+                f"(relative difference {report['logit']['relative_error']:.1e}).</p><p><b>Where the map's top "
+                "direction reads</b>: ‖v_1[t]‖², token t's share of the top right singular vector v_1 (they sum to "
+                "1).</p>"
+                + token_heatmap(tokens, [p["right_weight"][0] for p in report["per_token"]], signed=False,
+                                label="‖v_1[t]‖²", number="{:.3g}"))
     per_token, logit, nt = report["per_token"], report["logit"], report["next_token"]
     tokens = [p["token"] for p in per_token]
     shares = [p["logit_contribution"] for p in per_token]
@@ -308,8 +331,10 @@ def layer_spectra_html(story: Any) -> str:
 
 def analysis_repr(result: Any) -> str:
     r = result.report
+    what = (f"matrix-free top-{len(result.singular_values)}" if result.jacobian is None
+            else f"J {shape_text(result.jacobian)}")
     return (f"Analysis({r['text']!r} → {r['next_token']['text']!r} (p = {r['next_token']['probability']:.3f}); "
-            f"{r['model']['family']}, {r['dtype']}; J {shape_text(result.jacobian)}; relative error "
+            f"{r['model']['family']}, {r['dtype']}; {what}; relative error "
             f"{r['relative_error']:.1e}, plain Jacobian {r['plain_relative_error']:.1e}; "
             f"{len(r['layers'])} layers analysed)")
 
@@ -320,16 +345,24 @@ def analysis_html(result: Any) -> str:
     rows = [("model", html.escape(f"{r['model']['source']} ({r['model']['family']}, {r['dtype']})")),
             ("input", tokens_html([t["text"] for t in r["tokens"]])),
             ("next token", f"{token_html(nt['text'])} p = {nt['probability']:.4f} (top: {top})"),
-            ("J", f"{shape_text(result.jacobian)}: y = Σ_t J_t x_t"),
+            ("J", "not built (matrix-free analysis)" if result.jacobian is None
+             else f"{shape_text(result.jacobian)}: y = Σ_t J_t x_t"),
             ("relative reconstruction error", f"detached {r['relative_error']:.2e}, plain Jacobian "
                                               f"{r['plain_relative_error']:.2e}, matrix-free homogeneity "
                                               f"{r['homogeneity_error']:.2e}")]
-    table = [[str(p["position"]), token_html(p["token"]), f"{p['singular_values'][0]:.3g}",
-              token_html(p["left_tokens"][0][0]), token_html(p["right_tokens"][0][0]),
-              f"{p['effective_dimension']['stable_rank']:.2f}"] for p in r["per_token"][:MAX_ROWS]]
-    body = (_fields(rows) + contribution_heatmaps(r)
-            + _table(table, ["t", "token", "σ_1 of J_t", "u_1 → top token", "v_1 → top token", "stable rank"])
-            + _rows_note(len(r["per_token"])))
+    if matrix_free(r):
+        spec = r["spectrum"]
+        table = [[str(i + 1), f"{s:.3g}", tokens_html(u)]
+                 for i, (s, u) in enumerate(zip(spec["singular_values"], spec["left_tokens"]))]
+        body = (_fields(rows) + contribution_heatmaps(r)
+                + _table(table, ["i", "σ_i of [J_0 … J_{T−1}]", "u_i → top tokens"]))
+    else:
+        table = [[str(p["position"]), token_html(p["token"]), f"{p['singular_values'][0]:.3g}",
+                  token_html(p["left_tokens"][0][0]), token_html(p["right_tokens"][0][0]),
+                  f"{p['effective_dimension']['stable_rank']:.2f}"] for p in r["per_token"][:MAX_ROWS]]
+        body = (_fields(rows) + contribution_heatmaps(r)
+                + _table(table, ["t", "token", "σ_1 of J_t", "u_1 → top token", "v_1 → top token", "stable rank"])
+                + _rows_note(len(r["per_token"])))
     if r["layers"]:
         info = r["layer_analysis"]
         hits = [row["layer"] for row in r["layers"] if row["cumulative"]["residual"]["u1_next_token_rank"] == 0]

@@ -488,30 +488,36 @@ class MatrixFreeCheck:
     for a bias-free, homogeneous one); contributions: (T, d) with row t = jvp(f, x; e_t ⊙ x) = J_t x_t;
     constant: c (d,), the frozen map at zero input (`eqlin.linear_maps`; 0 without biases);
     homogeneity_error: ‖y − (jvp(f, x; x) + c)‖ / ‖y‖; relative_error: ‖y − (Σ_t rows + c)‖ / ‖y‖.
+    contributions and relative_error are None from a check without per-token rows (one JVP).
     """
 
     output: Array
     homogeneity: Array
-    contributions: Array
+    contributions: Array | None
     homogeneity_error: Array
-    relative_error: Array
+    relative_error: Array | None
     constant: Array | None = None
 
 
 def matrix_free_check(model: Model, inputs, *, layer: int | None = None, part: Part = "residual",
-                      scope: Scope = "cumulative", detach: bool = True) -> MatrixFreeCheck:
+                      scope: Scope = "cumulative", detach: bool = True, per_token: bool = True) -> MatrixFreeCheck:
     """Check y = J x + c and per-token contributions with T + 1 Jacobian-vector products, never forming J
-    (c: one paired forward, only for models with biases)."""
+    (c: one paired forward, only for models with biases); `per_token=False`: y = J x + c alone, one JVP."""
     layers = resolve_selection(model.config, layer, part, scope, one_layer="matrix_free_check")
     layer = None if layers is None else layers[0]
     x = embed(model.params, model.config, jnp.asarray(model.ids(inputs)))
-    return _matrix_free(model.params, model.config, x, layer=layer, part=part, scope=scope, detach=detach)
+    return _matrix_free(model.params, model.config, x, layer=layer, part=part, scope=scope, detach=detach,
+                        per_token=per_token)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layer", "part", "scope", "detach"))
+@functools.partial(jax.jit, static_argnames=("config", "layer", "part", "scope", "detach", "per_token"))
 def _matrix_free(params: Params, config: ModelConfig, x: Array, *, layer: int | None, part: Part,
-                 scope: Scope, detach: bool) -> MatrixFreeCheck:
+                 scope: Scope, detach: bool, per_token: bool) -> MatrixFreeCheck:
     f, x = target_map(params, config, x, layer, part, scope, detach)
+    if not per_token:
+        y, hom = jax.jvp(f, (x,), (x,))
+        c = target_constant(params, config, x, y, layer, part, scope, detach)
+        return MatrixFreeCheck(y, hom, None, relative_error(y, hom + c), None, c)
     y, jvp = jax.linearize(f, x)
     masks = jnp.eye(x.shape[0], dtype=x.dtype)[:, :, None] * x[None]  # (T, T, d): row t is e_t ⊙ x
     rows = jax.lax.map(jvp, masks)  # (T, d)

@@ -160,6 +160,24 @@ def estimate_jacobian_bytes(config: ModelConfig, length: int, *, n_maps: int = 1
             + widened_layer_bytes(config, itemsize))
 
 
+def estimate_analysis_bytes(config: ModelConfig, length: int, *, itemsize: int = 8) -> int:
+    """Peak bytes of the full analysis's final map (`eqlin.analyze`): the larger of J's computation one
+    basis vector at a time (`estimate_jacobian_bytes`, chunk 1: the least it can take) and its per-token
+    SVDs, which hold J, its per-token copy, U and Vᵀ (4·T·d² elements) and one d × d workspace."""
+    d = config.hidden_size
+    svd = itemsize * (4 * length * d * d + d * d)
+    return max(estimate_jacobian_bytes(config, length, chunk=1, itemsize=itemsize), svd)
+
+
+def jacobian_flops(config: ModelConfig, length: int) -> int:
+    """Flops of the final map's J in reverse mode: d cotangents through every layer's linear path,
+    2 · N_linear · T · d with N_linear = L · d · (kv + q + 2F) (docs/method.md §3; a lower bound:
+    attention's value mixing and the linearization itself are left out)."""
+    d, F = config.hidden_size, config.intermediate_size
+    n_linear = config.num_layers * d * (config.kv_size + config.q_size + 2 * F)
+    return 2 * n_linear * length * d
+
+
 def fold_pays(config: ModelConfig, vectors: int) -> bool:
     """Whether the folded MLP (`eqlin.blocks.folded_mlp`) saves flops when `vectors` tangents or
     cotangents share one linearization: 2·d²·F + 2·m·d² < 4·m·d·F, i.e. m·(2F − d) > d·F."""

@@ -363,7 +363,7 @@ def run_prompt_set(prompts: PromptFile, out: Path, request: SetRequest, *, confi
                     try:
                         result = analyze(model, p.text, layers=request.layers_for(config.num_layers, lengths[p.line]),
                                          top_k=request.top_k, tap=request.tap, engine=request.engine,
-                                         checkpoint=request.checkpoint, lin=lin, quiet=True)
+                                         checkpoint=request.checkpoint, lin=lin, analysis="full", quiet=True)
                         if lin is not None:
                             result.report["timings_s"][f"detached Jacobian (vmapped over {len(group)} prompts; "
                                                        "this prompt's share)"] = round(shared / len(group), 3)

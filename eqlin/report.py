@@ -12,9 +12,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from eqlin.analysis import Analysis
-from eqlin.display import contribution_heatmaps, token_html
+from eqlin.analysis import Analysis, duration_text
+from eqlin.display import contribution_heatmaps, matrix_free, token_html
 from eqlin.figure_text import drawable as _drawable, font_note, literal, literal_legend
+from eqlin.memory import format_bytes
 from eqlin.outputs import json_text, write_folder_atomic
 from eqlin.progress import stage
 
@@ -27,6 +28,9 @@ FIGURES = {
                     "(the colour bar says where and how much)",
     "spectra.png": "Top singular values of each per-token map J_t, with the token that each J_t's top left singular "
                    "vector u_1 decodes to (legend)",
+    "spectrum.png": "Matrix-free analysis: the top singular values of the token-combined map [J_0 … J_{T−1}], each "
+                    "labelled with the token its left singular vector u_i decodes to, and where each right singular "
+                    "vector v_i reads (its share on each input token)",
     "emergence.png": "Where the prediction emerges: u_1 of every layer map decoded through the unembedding, boxed "
                      "where it decodes to the next token",
     "dimensionality.png": "Effective dimension of every layer map (stable rank and participation ratio), both scopes "
@@ -152,8 +156,6 @@ def _spectra(result: Analysis):
         from matplotlib import colormaps
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
         s = result.singular_values  # (T, k)
         T, k = s.shape
         ax = fig.add_subplot(1, 1, 1)
@@ -165,10 +167,7 @@ def _spectra(result: Analysis):
         for t, label in enumerate(labels):
             ax.plot(range(1, k + 1), s[t], marker="o", ms=3, color=colors[t], lw=1,
                     linestyle="-" if many else styles[t // 10 % len(styles)], label=label)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.2, 0.5, 1, 2, 5, …: readable values
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        _log_y(ax)
         ax.set_xticks(range(1, k + 1))
         ax.set_xlabel("i, index of the singular value (largest first)")
         ax.set_ylabel("singular value σ_i of J_t (log scale)")
@@ -182,6 +181,16 @@ def _spectra(result: Analysis):
             literal_legend(legend)
         ax.set_title(f"Top {k} singular values of each per-token map J_t (y = Σ_t J_t x_t)", fontsize=10)
     return draw
+
+
+def _log_y(ax) -> None:
+    """A log y scale labelled with readable values (0.2, 0.5, 1, 2, 5, …), no minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _emergence(result: Analysis):
@@ -253,11 +262,49 @@ def _dimensionality(result: Analysis):
     return draw
 
 
+def _combined_spectrum(result: Analysis):
+    report = result.report
+    spec, tokens = report["spectrum"], [p["token"] for p in report["per_token"]]
+
+    def draw(fig):
+        s = np.asarray(spec["singular_values"])
+        k, T = s.size, len(tokens)
+        left, right = fig.subplots(1, 2, width_ratios=(1, 1.6))
+        left.plot(range(1, k + 1), s, marker="o", color="tab:blue")
+        labels = [_drawable(u[0]) for u in spec["left_tokens"]]
+        for i, label in enumerate(labels):
+            left.annotate(label, (i + 1, s[i]), textcoords="offset points", xytext=(4, 4), fontsize=8,
+                          **literal(label))
+        _log_y(left)
+        left.set_xticks(range(1, k + 1))
+        left.set_xlabel("i, index of the singular value (largest first)")
+        left.set_ylabel("σ_i (log scale)")
+        left.set_title(f"Top {k} singular values, labelled with u_i's top token", fontsize=10)
+        left.grid(alpha=0.3, which="both")
+        weights = np.array([p["right_weight"] for p in report["per_token"]]).T  # (k, T)
+        image = right.imshow(weights, cmap="Purples", aspect="auto", vmin=0, interpolation="nearest")
+        ticks = _tick_positions(T)
+        names = [f"{t}: {_drawable(tokens[t])}" for t in ticks]
+        right.set_xticks(list(ticks), names, rotation=30, ha="right", fontsize=8, **literal(*names))
+        right.set_yticks(range(k), [f"v_{i + 1}" for i in range(k)], fontsize=8)
+        right.set_ylabel("right singular vector")
+        right.set_xlabel(f"input position t\n{font_note(labels + names)}")
+        right.set_title("‖v_i[t]‖²: each right singular vector's share on each input token", fontsize=10)
+        fig.colorbar(image, ax=right, fraction=0.04).set_label("share (each row sums to 1)", fontsize=8)
+        fig.suptitle(f"The token-combined map [J_0 … J_{T - 1}] (d × T·d), matrix-free ({spec['method']}): J never "
+                     "built", fontsize=11)
+    return draw
+
+
 def figures(result: Analysis) -> dict[str, bytes]:
-    """PNG bytes by file name (the layer figures only when layer maps were computed)."""
-    out = {"reconstruction.png": render_png(_reconstruction(result), (10, 4.5)),
-           "jacobian.png": render_png(_jacobian(result), (11, 6)),
-           "spectra.png": render_png(_spectra(result), (10, 5))}
+    """PNG bytes by file name (the layer figures only when layer maps were computed; a matrix-free analysis
+    has no J to draw, and its spectrum is the token-combined map's)."""
+    out = {"reconstruction.png": render_png(_reconstruction(result), (10, 4.5))}
+    if matrix_free(result.report):
+        out["spectrum.png"] = render_png(_combined_spectrum(result), (12, 4.8))
+    else:
+        out["jacobian.png"] = render_png(_jacobian(result), (11, 6))
+        out["spectra.png"] = render_png(_spectra(result), (10, 5))
     if result.layer_spectra is not None:
         n = len(result.layer_spectra.layers)
         out["emergence.png"] = render_png(_emergence(result), (10, 0.32 * n + 1.8))
@@ -308,10 +355,48 @@ tokens, best first. Tokens are shown with their spaces as ␣.</p>
 {_table(header, rows, raw=True)}"""
 
 
+def _combined_section(report: dict[str, Any]) -> str:
+    """A matrix-free report's token-combined spectrum: what is absent and why, then one row per triplet."""
+    spec = report["spectrum"]
+    k, T = spec["k"], len(report["per_token"])
+    rows = []
+    for i, (s, u) in enumerate(zip(spec["singular_values"], spec["left_tokens"])):
+        weights = np.array([p["right_weight"][i] for p in report["per_token"]])
+        reads = ", ".join(f"{t}: {token_html(report['per_token'][t]['token'])} {weights[t]:.2f} → "
+                          f"{token_html(report['per_token'][t]['right_tokens'][i][0])}"
+                          for t in np.argsort(-weights)[:min(3, T)])
+        rows.append([str(i + 1), f"<b>{s:.4g}</b>", " ".join(token_html(t) for t in u), reads])
+    return f"""<p>The top {k} singular triplets of the token-combined map [J_0 … J_{{T−1}}] (d × T·d), y = Σ_i σ_i u_i (v_i · x),
+computed by {html.escape(spec['method'])} from products with J and Jᵀ (relative reconstruction error of the map:
+{spec['relative_error']:.1e}). <b>u_i</b>: its top {k} tokens through the unembedding (what the map writes);
+<b>v_i reads</b>: the input positions holding most of v_i (‖v_i[t]‖², the shares sum to 1), each with the input
+token whose embedding is nearest to v_i's block there by cosine.</p>
+{_table(["i", "σ_i", f"u_i → top {k} tokens", "v_i reads (t: token share → nearest embedding)"], rows, raw=True)}"""
+
+
 def _constant(report: dict[str, Any]) -> dict[str, Any] | None:
     """report.json's "constant" for a model with biases (y = Σ_t J_t x_t + c, c ≠ 0), else None."""
     c = report.get("constant") or {}
     return c if c.get("norm") else None
+
+
+def _final_map_section(report: dict[str, Any]) -> str:
+    """The per-token maps J_t taken apart (full analysis) or the token-combined spectrum (matrix-free)."""
+    if matrix_free(report):
+        return f"<h2>The token-combined map's top singular triplets</h2>{_combined_section(report)}"
+    return f"<h2>Per input token: the map J_t taken apart</h2>{_per_token_section(report)}"
+
+
+def _analysis_text(report: dict[str, Any]) -> str:
+    """Which analysis ran and why, in one line (reports from before the choice existed are full)."""
+    plan = report.get("plan")
+    if plan is None:
+        return "full (J built)"
+    if report["analysis"] == "full":
+        return f"full (J built): {plan['reason']}"
+    took = f", about {duration_text(plan['full_seconds'])} here" if plan.get("full_seconds") is not None else ""
+    return (f"matrix-free (J never built): {plan['reason']}; the full J at T={plan['length']} needs about "
+            f"{format_bytes(plan['full_bytes'])}{took}, the budget is {format_bytes(plan['limit'])}")
 
 
 def _reconstructed_as(report: dict[str, Any]) -> str:
@@ -337,6 +422,7 @@ def render_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
         ("input tokens", " ".join(token_html(t["text"]) for t in report["tokens"])),
         ("next token", f"{token_html(nt['text'])} p = {nt['probability']:.4f} (top {len(report['top_predictions'])}: "
                        f"{top})"),
+        ("analysis", html.escape(_analysis_text(report))),
         (f"detached reconstruction error ‖y − {_reconstructed_as(report)}‖ / ‖y‖",
          f"{report['relative_error']:.2e} (exact up to rounding)"),
         ("plain Jacobian reconstruction error", f"{report['plain_relative_error']:.2e} (the ordinary Jacobian does "
@@ -357,7 +443,7 @@ exactly a linear function of the input embeddings x_t: y = Σ_t J_t x_t, where y
 the last position and J_t its detached Jacobian with respect to token t (nonlinear coefficients frozen).</p>
 {_fields(summary_rows)}
 <h2>What each input token contributes</h2>{contribution_heatmaps(report)}
-<h2>Per input token: the map J_t taken apart</h2>{_per_token_section(report)}
+{_final_map_section(report)}
 <h2>The layer story: every layer's maps</h2>{_layer_section(report)}
 <h2>Figures</h2>{images}
 </body></html>
@@ -367,6 +453,9 @@ the last position and J_t its detached Jacobian with respect to token t (nonline
 def _layer_section(report: dict[str, Any]) -> str:
     """The layer story's explanation and table (or a note that no layer was analysed)."""
     rows = report["layers"]
+    skipped = report["layer_analysis"].get("skipped")
+    if skipped:
+        return f"<p>No layer maps: {html.escape(skipped)}.</p>"
     if not rows:
         return "<p>No layer maps were computed (<code>--layers none</code>).</p>"
     info, nt = report["layer_analysis"], report["next_token"]
@@ -459,14 +548,30 @@ def summary(report: dict[str, Any], out: Path) -> str:
         f"matrix-free homogeneity error ‖y − jvp(f, x; x)‖/‖y‖: {report['homogeneity_error']:.2e}",
         *([f"constant c (biases; y = Σ_t J_t x_t + c): ‖c‖/‖y‖ = {c['relative_norm']:.3g}, "
            f"through the unembedding {c['tokens'][:3]!r}"] if c else []),
+        f"analysis: {_analysis_text(report)}",
         "",
-        "per input token: top singular values of J_t, top-1 token of u_i (unembedding) / v_i (nearest embedding)",
     ]
-    for p in report["per_token"]:
-        pairs = ", ".join(f"{s:.3g} [{u[0]!r} / {v[0]!r}]"
-                          for s, u, v in zip(p["singular_values"], p["left_tokens"], p["right_tokens"]))
-        lines.append(f"  {p['position']:>3} {_rjust(repr(p['token']), 14)}  {pairs}")
-    if report["layers"]:
+    if matrix_free(report):
+        spec = report["spectrum"]
+        lines += ["token-combined map [J_0 … J_{T−1}]: top singular values, top-1 token of u_i (unembedding) / the "
+                  "position v_i reads most (its share, nearest embedding)"]
+        for i, (s, u) in enumerate(zip(spec["singular_values"], spec["left_tokens"])):
+            t = max(range(len(report["per_token"])), key=lambda t: report["per_token"][t]["right_weight"][i])
+            p = report["per_token"][t]
+            lines.append(f"  {i + 1:>3} {s:>10.4g} [{u[0]!r} / t={t} {p['token']!r} {p['right_weight'][i]:.2f} "
+                         f"{p['right_tokens'][i][0]!r}]")
+        lines.append("  (no J built: per-token contributions and spectra, J's picture and layer maps are absent)")
+    else:
+        lines += ["per input token: top singular values of J_t, top-1 token of u_i (unembedding) / v_i (nearest "
+                  "embedding)"]
+        for p in report["per_token"]:
+            pairs = ", ".join(f"{s:.3g} [{u[0]!r} / {v[0]!r}]"
+                              for s, u, v in zip(p["singular_values"], p["left_tokens"], p["right_tokens"]))
+            lines.append(f"  {p['position']:>3} {_rjust(repr(p['token']), 14)}  {pairs}")
+    skipped = report["layer_analysis"].get("skipped")
+    if skipped:
+        lines += ["", f"layer maps: {skipped}"]
+    elif report["layers"]:
         lines += [""] + _layer_lines(report)
     lines += ["", f"report: {out / 'report.html'} (and report.json, figures)"]
     return "\n".join(lines)

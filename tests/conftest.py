@@ -12,6 +12,8 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
 import pathlib  # noqa: E402
 import tempfile  # noqa: E402
 from typing import Callable  # noqa: E402
@@ -132,6 +134,23 @@ def tiny_report(checkpoint, tmp_path_factory):
     code = main(["analyze", TEXT, "--model", str(checkpoint("gemma3")), "--out", str(out), "--layers", "all",
                  "--top-k", "3", "-q", "--no-compile-cache"])
     return code, out
+
+
+@pytest.fixture(scope="session")
+def matrix_free_report(loaded, checkpoint, tmp_path_factory):
+    """(exit code, output folder, stdout, stderr, budget in bytes) of `eqlin analyze` on the tiny Gemma 3 under an
+    EQLIN_MEMORY_LIMIT_GB where its top-3 fits and the full analysis does not: the matrix-free analysis."""
+    from eqlin.cli import main
+    from eqlin.memory import estimate_analysis_bytes, estimate_top_k_bytes
+
+    config, length = loaded("gemma3").config, len(loaded("gemma3").encode(TEXT))
+    limit = (estimate_top_k_bytes(config, length, k=3) + estimate_analysis_bytes(config, length)) // 2
+    out, stdout, stderr = tmp_path_factory.mktemp("matrix-free") / "report", io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        mp.setenv("EQLIN_MEMORY_LIMIT_GB", repr(limit / 2**30))
+        code = main(["analyze", TEXT, "--model", str(checkpoint("gemma3")), "--out", str(out), "--top-k", "3", "-q",
+                     "--no-compile-cache"])
+    return code, out, stdout.getvalue(), stderr.getvalue(), limit
 
 
 # --- slow tests: the README's examples on the embedded model ------------------------------------------------

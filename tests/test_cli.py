@@ -85,6 +85,46 @@ def test_analyze_on_a_tiny_model(tiny_report, checkpoint, capsys):
     assert report["constant"] == {"norm": 0.0, "relative_norm": 0.0, "logit": 0.0, "tokens": []}  # no biases
 
 
+def test_analyze_falls_back_to_the_matrix_free_analysis_and_says_so(matrix_free_report, tiny_report):
+    code, out, stdout, stderr, limit = matrix_free_report
+    assert code == EXIT_OK
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "reconstruction.png", "report.html", "report.json",
+                                                     "spectrum.png"]
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report) and report["analysis"] == "matrix-free"
+    plan = report["plan"]
+    assert plan["full_bytes"] > plan["limit"] >= plan["top_k_bytes"] and plan["basis"] == "EQLIN_MEMORY_LIMIT_GB"
+    assert stderr.count("\n") == 1 and stderr.startswith("eqlin: the full J does not fit the memory budget: the full J")
+    assert "(EQLIN_MEMORY_LIMIT_GB); longest input whose full J fits: T=" in stderr
+    assert report["relative_error"] <= 1e-14 and report["homogeneity_error"] <= 1e-14  # measured 4.2e-17, 0
+    full = json.loads((tiny_report[1] / "report.json").read_text())  # the same text, analysed in full
+    assert full["analysis"] == "full" and full["plan"]["reason"] == "the full J fits the memory budget"
+    assert report["logit"]["value"] == pytest.approx(full["logit"]["value"], rel=1e-14)
+    lines = stdout.splitlines()
+    at = next(i for i, l in enumerate(lines) if l.startswith("analysis: "))
+    assert lines[at].startswith("analysis: matrix-free (J never built): the full J does not fit the memory budget; "
+                                f"the full J at T={plan['length']} needs about {format_bytes(plan['full_bytes'])}")
+    assert lines[at + 2].startswith("token-combined map [J_0 … J_{T−1}]: top singular values")
+    assert len([l for l in lines if re.match(r"  +\d \s+[\d.]+ \[", l)]) == 3
+    assert "  (no J built: per-token contributions and spectra, J's picture and layer maps are absent)" in lines
+    assert any(l.startswith("layer maps: layers [0, 1, 2, 3] asked, not computed in a matrix-free analysis") for l in lines)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--analysis", "full"], "the full analysis at T=10 needs about"),
+    (["--layers", "none"], "neither analysis fits the 1.0 KiB budget (EQLIN_MEMORY_LIMIT_GB) at T=10"),
+])
+def test_analyze_refuses_what_does_not_fit(matrix_free_report, checkpoint, tmp_path, capsys, monkeypatch, args,
+                                           message):
+    """--analysis full where J does not fit, and a budget where nothing fits: exit 2, nothing written."""
+    limit = matrix_free_report[4] if args[0] == "--analysis" else 1024
+    monkeypatch.setenv("EQLIN_MEMORY_LIMIT_GB", repr(limit / 2**30))
+    err = _bad(["analyze", TEXT, "--model", str(checkpoint("gemma3")), "--out", str(tmp_path / "o"), *args], capsys)
+    assert message in err and not (tmp_path / "o").exists()
+    assert ("or a higher limit (memory_limit or EQLIN_MEMORY_LIMIT_GB)" in err
+            and ("use the matrix-free analysis" in err if args[0] == "--analysis" else "--dtype float32" in err))
+
+
 def test_json_flag_prints_the_report_and_the_constant_of_a_model_with_biases(checkpoint, tmp_path, capsys):
     """Qwen 2: y = Σ_t J_t x_t + c, with ‖c‖/‖y‖, c's share of the next token's logit and c decoded through
     the unembedding in report.json, its own row in report.html and a line of the summary."""
@@ -374,6 +414,10 @@ CONCEPT = "The bridge out of Marin is the Golden"
     (["analyze", TEXT, "--layers", "-1"], "layer indices are 0-based and non-negative"),
     (["analyze", "abc\udcff def"], "text is not valid UTF-8 \\(an undecodable byte at character 3\\); pass UTF-8"),
     (["info", "--tokens", "-5"], "--tokens must be at least 1"),
+    (["analyze", TEXT, "--analysis", "matrix-free", "--save-jacobian"],
+     "--save-jacobian saves J, which --analysis matrix-free never builds; leave out one of them"),
+    (["analyze", "--prompts", "p.txt", "--analysis", "matrix-free"],
+     "--analysis matrix-free takes one text apart; a prompt set is analysed in full"),
     (["steer", "--concept", CONCEPT, "--text", TEXT, "--strengths", "nan,inf"], "--strengths must be finite numbers"),
     (["steer", "--concept", CONCEPT, "--text", TEXT, "--seed", "-1"], "--seed must be in 0..4294967295"),
     (["steer", "--concept", CONCEPT, "--text", TEXT, "--layers", "none"], "--layers none: give at least one layer"),

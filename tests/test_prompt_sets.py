@@ -71,7 +71,8 @@ def test_one_report_per_prompt_and_skips_recorded(prompt_set):
     reports = _lines(out)
     assert [r["text"] for r in reports] == PROMPTS
     assert all(r["relative_error"] <= 1e-13 and r["dtype"] == "float64" for r in reports)
-    assert all(r["options"] == {"layers": [], "top_k": 3, "branch_tap": "post", "layer_engine": "auto"} for r in reports)
+    assert all(r["options"] == {"layers": [], "top_k": 3, "branch_tap": "post", "layer_engine": "auto",
+                                 "analysis": "full"} for r in reports)
     record = json.loads((out / "set.json").read_text())
     assert record["prompts"] == 4 and record["reports"] == 3 and record["runs"][-1]["analysed"] == 3
     assert [(s["line"], s["reason"]) for s in record["skipped"]] == [
@@ -83,7 +84,8 @@ def test_one_report_per_prompt_and_skips_recorded(prompt_set):
 def test_a_line_is_exactly_the_prompts_report_json(prompt_set, checkpoint, tmp_path):
     _, _, out = prompt_set
     single = tmp_path / "single"
-    assert main(["analyze", PROMPTS[1], "--model", str(checkpoint("gemma3")), "--out", str(single), *OPTIONS]) == EXIT_OK
+    assert main(["analyze", PROMPTS[1], "--model", str(checkpoint("gemma3")), "--out", str(single), *OPTIONS,
+                 "--analysis", "full"]) == EXIT_OK  # a set is analysed in full
     report = json.loads((single / "report.json").read_text())
     line = _lines(out)[1]
     assert report.pop("timings_s").keys() == line.pop("timings_s").keys()

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -84,12 +86,37 @@ def analysis(loaded):
     return analyze(loaded("gemma3"), TEXT, layers=(0, 1, 2, 3), top_k=3)
 
 
+@pytest.fixture(scope="module")
+def free_analysis(loaded):
+    from eqlin.analysis import analyze
+
+    return analyze(loaded("gemma3"), TEXT, top_k=3, analysis="matrix-free", quiet=True)
+
+
 @pytest.mark.parametrize("name", list(report.FIGURES))
-def test_every_figure_is_labelled_and_its_text_does_not_overlap(analysis, name):
+def test_every_figure_is_labelled_and_its_text_does_not_overlap(analysis, free_analysis, name):
     draw = {"reconstruction.png": report._reconstruction, "jacobian.png": report._jacobian,
             "spectra.png": report._spectra, "emergence.png": report._emergence,
-            "dimensionality.png": report._dimensionality}[name]
-    assert_readable(report.figure(draw(analysis), (11, 6)))
+            "dimensionality.png": report._dimensionality, "spectrum.png": report._combined_spectrum}[name]
+    assert_readable(report.figure(draw(free_analysis if name == "spectrum.png" else analysis), (11, 6)))
+
+
+def test_a_matrix_free_report_says_what_is_absent_and_why(matrix_free_report, tmp_path):
+    """No J: report.html shows the token-combined spectrum, says plainly why the per-token sections are absent,
+    is self-contained and opens with both figures loaded."""
+    _, out, *_ = matrix_free_report
+    page, data = (out / "report.html").read_text(), json.loads((out / "report.json").read_text())
+    assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page)
+    assert page.count("data:image/png;base64,") == 2 and page.count("<figcaption>") == 2
+    assert "This is a matrix-free analysis: J was not built (the full J does not fit the memory budget)" in page
+    assert "Contribution to the logit" not in page and "The token-combined map&#x27;s top singular triplets" not in page
+    assert "The token-combined map's top singular triplets" in page and "v_i reads" in page
+    for s in data["spectrum"]["singular_values"]:
+        assert f"<b>{s:.4g}</b>" in page
+    assert "No layer maps: layers [0, 1, 2, 3] asked, not computed in a matrix-free analysis" in page
+    assert "matrix-free (J never built): the full J does not fit the memory budget; the full J at T=10" in page
+    if shutil.which("chromium") or os.environ.get("EQLIN_REQUIRE_CHROMIUM"):
+        assert opened(out / "report.html", tmp_path) == {"images": 2, "loaded": 2, "errors": []}
 
 
 def test_long_inputs_thin_their_labels(analysis):
