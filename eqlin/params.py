@@ -27,6 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError
+from eqlin.quantized import QuantizedTensor
 
 Array = jax.Array
 BASIS_AXIS = "basis"  # the mesh axis that the rows of J (the output's basis vectors) are split over
@@ -53,9 +54,12 @@ def widen(a: Array | None, dtype) -> Array | None:
 
     Bit patterns become float32 by a shift (a bfloat16 is the top half of a float32). float32 becomes
     float64 in integer arithmetic on the bits (`_float32_bits_to_float64`): XLA's CPU backend flushes
-    float32 subnormals (|w| < 2⁻¹²⁶, bfloat16's too) to zero when it converts them."""
+    float32 subnormals (|w| < 2⁻¹²⁶, bfloat16's too) to zero when it converts them. A `QuantizedTensor`
+    (GGUF blocks) is dequantized to gguf-py's float32 values first (`eqlin.quantized`)."""
     if a is None:
         return None
+    if isinstance(a, QuantizedTensor):
+        a = a.dequantize()
     dtype = np.dtype(dtype)
     bits = None
     if a.dtype == BF16_BITS:
@@ -86,7 +90,17 @@ def _float32_bits_to_float64(bits: Array) -> Array:
 
 def widen_tree(tree, dtype):
     """`widen` on every leaf of a pytree (one layer's LayerParams slice, say)."""
-    return jax.tree_util.tree_map(lambda a: widen(a, dtype), tree)
+    return jax.tree_util.tree_map(lambda a: widen(a, dtype), tree, is_leaf=is_quantized)
+
+
+def is_quantized(a) -> bool:
+    """Whether `a` is a `QuantizedTensor` (a weight as a pytree's leaf, though it holds two arrays)."""
+    return isinstance(a, QuantizedTensor)
+
+
+def weight_leaves(tree) -> list:
+    """The weights of a pytree, a `QuantizedTensor` as one (its `shape` the dequantized shape)."""
+    return jax.tree_util.tree_leaves(tree, is_leaf=is_quantized)
 
 
 @jax.tree_util.register_dataclass
@@ -151,7 +165,10 @@ class Params:
 
     @property
     def weights(self) -> str:
-        """"stored" when some leaf is held narrower than the compute dtype (widened where used), else "cast"."""
+        """"quantized" when some weight is held in GGUF blocks (`eqlin.quantized`), "stored" when some leaf is
+        held narrower than the compute dtype (widened where used), else "cast"."""
+        if any(map(is_quantized, weight_leaves(self))):
+            return "quantized"
         narrower = {storage_dtype(a) for a in jax.tree_util.tree_leaves(self)} - {self.dtype}
         return "stored" if narrower else "cast"
 
