@@ -553,6 +553,14 @@ def read_quantized(path: Path, dtype: np.dtype, memory_limit: int | None = None
     return hf_config, tokenizer, Params(layers=LayerParams(**layers), **tops, compute_dtype=np.dtype(dtype).name)
 
 
+def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's Llama q/k row permutation. w (heads·hd, d), or its quantized block rows (heads·hd,
+    row_bytes): within each head, llama.cpp stores the rows as interleaved (even, odd) pairs; HF keeps the
+    two rotary halves contiguous."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 # --- cache ------------------------------------------------------------------------------------------
 
 
