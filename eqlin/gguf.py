@@ -17,6 +17,10 @@ llama.cpp conventions undone here (each mirrors its converter, convert_hf_to_ggu
 - Gemma 3 facts llama.cpp hard-codes rather than stores: every 6th layer global, local RoPE base 10k,
   query scale 1/sqrt(head_dim) (1/sqrt(d/heads) for the 62-layer 27B).
 The tokenizer is rebuilt from the vocabulary in the metadata (`eqlin.gguf_tokenizer`).
+
+`read_quantized(path, dtype)` (`eqlin.load(path, weights="quantized")`) reads the same file without
+converting it: config and tokenizer as a conversion writes them, the quantized matrices kept in their
+blocks (`eqlin.quantized`), dequantized to the same float32 values where they are used.
 """
 
 from __future__ import annotations

@@ -213,9 +213,10 @@ def load(
     where it is used: the same maps bit for bit, in a quarter (bfloat16) or half (float32) of the float64
     bytes; `weights="cast"` casts every weight to `dtype` at load; `weights="quantized"` (a .gguf file only)
     keeps the file's quantized matrices in their blocks, dequantized to gguf-py's float32 values one layer at
-    a time where they are used (`eqlin.quantized`): the same maps bit for bit, in the file's bytes. Nothing is downloaded unless
-    `download=True`. With a `mesh` (`eqlin.sharding.device_mesh(model=n)`), the weights are split
-    tensor-parallel over its "model" axis as they load, for models whose weights do not fit one device.
+    a time where they are used (`eqlin.quantized`): the same maps bit for bit, in the file's bytes. Nothing
+    is downloaded unless `download=True`. With a `mesh` (`eqlin.sharding.device_mesh(model=n)`), the weights
+    are split tensor-parallel over its "model" axis as they load, for models whose weights do not fit one
+    device.
     Everything cheap (config, tokenizer, tensor names and shapes) is checked before any weight is read, and
     so is memory: a load whose weights and widened layers do not fit one device (`memory_limit` bytes,
     default its capacity: 80 % of physical memory on a CPU) is refused with a MemoryBudgetError naming

@@ -13,9 +13,10 @@ hold), in the same float32 operations in the same order:
 - Q5_K (176 per 256): as Q4_K with a fifth bit per weight;
 - Q6_K (210 per 256): (d·sc)·(q − 32), q 6-bit, sc int8 per 16 weights.
 
-Every product of a float16 scale and an integer of at most 8 bits is exact in float32, so the only
-roundings are Q4_K/Q5_K's subtraction and Q6_K's second product: a fused multiply-add (of an exact
-product) rounds the same, and the product order is kept. float32 widens exactly to the compute dtype
+Every product of a float16 scale (11 significant bits) and integers of at most 8 + 6 bits is exact in
+float32, so each value is rounded once: Q4_K/Q5_K's subtraction of two exact products (a fused
+multiply-add rounds it the same), Q6_K's product of three factors (in any order); the others are exact.
+So XLA's contraction or reordering cannot change a bit, and float32 widens exactly to the compute dtype
 (`eqlin.params.widen`). A field whose layers use different types (Q4_K_M puts attn_v in Q5_0 or Q8_0,
 ffn_down in Q4_K or Q6_K) holds every layer's rows padded to the longest and the layer's type as data
 (`QuantizedTensor.kind`), and `lax.switch` picks the dequantizer inside the scanned layer body.

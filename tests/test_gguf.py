@@ -424,8 +424,8 @@ def test_quantized_weights_need_a_gguf_file_and_no_mesh(tiny, tmp_path):
         eqlin.load(hf_folder, weights="quantized")
     with pytest.raises(InputError, match=r"does not split weights over a mesh yet; pass mesh=None"):
         eqlin.load(path, weights="quantized", mesh=eqlin.device_mesh(jax.devices()[:1]))
-    with pytest.raises(MemoryBudgetError, match=r"weights='quantized'\) needs about .* more than the 1000 bytes one device "
-                                               r"holds; nothing was read"):
+    with pytest.raises(MemoryBudgetError, match=r"weights='quantized'\) needs about .* more than the 1000 bytes "
+                                               r"one device holds; nothing was read"):
         eqlin.load(path, weights="quantized", memory_limit=1000)
 
 
