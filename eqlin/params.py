@@ -212,7 +212,8 @@ def partition_specs(params: Params, config: ModelConfig, n_model: int) -> Params
     o_proj and down_proj on their input axis, so each device's heads and F-slice stay local and one
     all-reduce per block joins them. The embedding and lm_head split the vocabulary. A weight whose split
     axis does not divide by `n_model` (e.g. one kv head over 2 devices) is replicated; norms, the biases of
-    row-parallel products and position embeddings are replicated.
+    row-parallel products and position embeddings are replicated, and so are GGUF weights held quantized
+    (`eqlin.quantized.QuantizedTensor`).
     """
     def split(ok: bool, axis: int, ndim: int) -> P:
         return P(*(MODEL_AXIS if i == axis else None for i in range(ndim))) if ok and n_model > 1 else P()
@@ -225,10 +226,13 @@ def partition_specs(params: Params, config: ModelConfig, n_model: int) -> Params
     splits = {"q_proj": (heads, 1, 3), "k_proj": (kv, 1, 3), "v_proj": (kv, 1, 3), "o_proj": (heads, 2, 3),
               "gate_proj": (ff, 1, 3), "up_proj": (ff, 1, 3), "down_proj": (ff, 2, 3), "q_bias": (heads, 1, 2),
               "k_bias": (kv, 1, 2), "v_bias": (kv, 1, 2), "up_bias": (ff, 1, 2)}
+    def splittable(a) -> bool:
+        return a is not None and not is_quantized(a)
+
     layers = dataclasses.replace(replicated.layers, **{name: split(*how) for name, how in splits.items()
-                                                       if getattr(params.layers, name) is not None})
-    return dataclasses.replace(replicated, layers=layers, embed=split(vocab, 0, 2),
-                               lm_head=None if params.lm_head is None else split(vocab, 0, 2))
+                                                       if splittable(getattr(params.layers, name))})
+    return dataclasses.replace(replicated, layers=layers, **{name: split(vocab, 0, 2) for name in ("embed", "lm_head")
+                                                             if splittable(getattr(params, name))})
 
 
 def check_mesh(mesh: object) -> Mesh:

@@ -412,6 +412,9 @@ def test_quantized_weights_give_the_maps_of_the_float32_conversion_bit_for_bit(b
     for kwargs in ({}, {"layer": [0, 1], "scope": "single", "mode": "rev"}):
         a, b = eqlin.detached_jacobian(quantized, ids, **kwargs), eqlin.detached_jacobian(converted, ids, **kwargs)
         same((a.jacobian, a.relative_error), (b.jacobian, b.relative_error))
+    mesh = eqlin.device_mesh(jax.devices()[:1])  # quantized weights stay replicated (partition_specs)
+    same(eqlin.detached_jacobian_sharded(quantized, ids, mesh=mesh).jacobian,
+         eqlin.detached_jacobian_sharded(converted, ids, mesh=mesh).jacobian)
     a, b = (eqlin.decode_spectrum(m, eqlin.top_singular(m, ids, 3, quiet=True), 3) for m in (quantized, converted))
     same((a.singular_values, a.left_tokens.ids, a.right_tokens.scores), (b.singular_values, b.left_tokens.ids,
                                                                           b.right_tokens.scores))
