@@ -391,7 +391,7 @@ def model_repr(model: Any) -> str:
 
 def weights_text(params: Any) -> str:
     """How the weights are held: "weights stored as bfloat16" (widened where used), "weights quantized as
-    Q4_K/Q5_0/…, float32" (GGUF blocks dequantized where used, the other weights stored) or "weights cast at
+    Q4_K/Q5_0/…" (GGUF blocks dequantized where used; ", stored as float32" for other matrices held so) or "weights cast at
     load"."""
     from eqlin.params import is_quantized, storage_dtype, weight_leaves
 

@@ -249,5 +249,5 @@ def _load_quantized(source: str | Path, dtype: jnp.dtype, mesh: Mesh | None, mem
     from eqlin.gguf import read_quantized
 
     hf, tokenizer, params = read_quantized(Path(source), dtype, memory_limit)
-    spec, (config, allowed) = spec_for(hf), read_hf_config(hf, allow_keys)
+    config, allowed = read_hf_config(hf, allow_keys)
     return Model(config=config, params=params, tokenizer=tokenizer, source=str(source), allowed_keys=allowed)

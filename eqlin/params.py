@@ -226,6 +226,7 @@ def partition_specs(params: Params, config: ModelConfig, n_model: int) -> Params
     splits = {"q_proj": (heads, 1, 3), "k_proj": (kv, 1, 3), "v_proj": (kv, 1, 3), "o_proj": (heads, 2, 3),
               "gate_proj": (ff, 1, 3), "up_proj": (ff, 1, 3), "down_proj": (ff, 2, 3), "q_bias": (heads, 1, 2),
               "k_bias": (kv, 1, 2), "v_bias": (kv, 1, 2), "up_bias": (ff, 1, 2)}
+
     def splittable(a) -> bool:
         return a is not None and not is_quantized(a)
 
