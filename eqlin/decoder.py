@@ -16,7 +16,7 @@ import numpy as np
 
 from eqlin.blocks import FOLD_NAME, FROZEN_NAME, Detach, attention, einsum, glu_mlp, layer_norm, rms_norm, rope_tables
 from eqlin.config import ModelConfig
-from eqlin.params import LayerParams, Params, widen, widen_tree
+from eqlin.params import LayerParams, Params, weight_leaves, widen, widen_tree
 
 Array = jax.Array
 # Rows a last-position readout keeps in its last layer: 2, not 1, because XLA CPU's matrix-vector kernel
@@ -296,4 +296,4 @@ def layer_slice(layers: LayerParams, start: int, stop: int) -> LayerParams:
 
 def num_params(params: Params) -> int:
     """Total number of weights."""
-    return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(params)))
+    return int(sum(np.prod(a.shape) for a in weight_leaves(params)))

@@ -415,22 +415,24 @@ def sweep_html(table: dict[str, Any]) -> str:
 
 def model_repr(model: Any) -> str:
     c = model.config
-    params = sum(int(np.prod(a.shape)) for a in _leaves(model.params))
+    from eqlin.params import weight_leaves
+
+    params = sum(int(np.prod(a.shape)) for a in weight_leaves(model.params))
     return (f"Model({c.family}, {c.num_layers} layers, d = {c.hidden_size}, vocabulary {c.vocab_size:,}, "
             f"{params:,} parameters, {model.dtype}, {weights_text(model.params)}; from {model.source!r})")
 
 
 def weights_text(params: Any) -> str:
-    """How the weights are held: "weights stored as bfloat16" (widened where used) or "weights cast at load"."""
-    from eqlin.params import storage_dtype
+    """How the weights are held: "weights stored as bfloat16" (widened where used), "weights quantized as
+    Q4_K/Q5_0/…" (GGUF blocks dequantized where used; ", stored as float32" for other matrices held so) or "weights cast at
+    load"."""
+    from eqlin.params import is_quantized, storage_dtype, weight_leaves
 
     if params.weights == "cast":
         return "weights cast at load"
-    stored = sorted({storage_dtype(a).name for a in _leaves(params)} - {params.dtype.name})
+    held = weight_leaves(params)
+    stored = sorted({storage_dtype(a).name for a in held if not is_quantized(a)} - {params.dtype.name})
+    if params.weights == "quantized":
+        qtypes = sorted({q for a in held if is_quantized(a) for q in a.qtypes})
+        return f"weights quantized as {'/'.join(qtypes)}" + (f", stored as {'/'.join(stored)}" if stored else "")
     return f"weights stored as {'/'.join(stored)}"
-
-
-def _leaves(tree: Any) -> list:
-    import jax
-
-    return jax.tree_util.tree_leaves(tree)

@@ -17,10 +17,15 @@ llama.cpp conventions undone here (each mirrors its converter, convert_hf_to_ggu
 - Gemma 3 facts llama.cpp hard-codes rather than stores: every 6th layer global, local RoPE base 10k,
   query scale 1/sqrt(head_dim) (1/sqrt(d/heads) for the 62-layer 27B).
 The tokenizer is rebuilt from the vocabulary in the metadata (`eqlin.gguf_tokenizer`).
+
+`read_quantized(path, dtype)` (`eqlin.load(path, weights="quantized")`) reads the same file without
+converting it: config and tokenizer as a conversion writes them, the quantized matrices kept in their
+blocks (`eqlin.quantized`), dequantized to the same float32 values where they are used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -32,18 +37,22 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import gguf
+import jax
 import numpy as np
 
 from eqlin import userdirs
-from eqlin.config import FULL_ATTENTION, SLIDING_ATTENTION, RopeSpec
-from eqlin.errors import ConfigError, OutputError, WeightsError
+from eqlin.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig, RopeSpec
+from eqlin.errors import ConfigError, MemoryBudgetError, OutputError, WeightsError
 from eqlin.families import config_from_hf, gemma3, spec_for
 from eqlin.gguf_tokenizer import tokenizer_from_metadata
-from eqlin.loading import expected_tensors, layer_modules, mismatch_text, refuse_bias_tensors
-from eqlin.memory import format_bytes
+from eqlin.loading import Expected, expected_tensors, layer_modules, mismatch_text, refuse_bias_tensors
+from eqlin.memory import device_capacity_bytes, format_bytes, widened_layer_bytes
+from eqlin.params import LayerParams, Params
+from eqlin.quantized import DEQUANTIZERS, QuantizedTensor, stack_quantized
 from eqlin.outputs import clean_temps, fsync_dir, json_text, remove, replace_folder, temp_path, write_file_durable
 from eqlin.paths import file_kind
 from eqlin.safetensors_io import SafetensorsFile, write_safetensors
+from eqlin.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +60,7 @@ logger = logging.getLogger(__name__)
 _ARCHITECTURES = {"gemma3": ("gemma3_text", "Gemma3ForCausalLM"), "llama": ("llama", "LlamaForCausalLM"),
                   "qwen2": ("qwen2", "Qwen2ForCausalLM"), "qwen3": ("qwen3", "Qwen3ForCausalLM")}
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
+LAYER_FIELDS = frozenset(f.name for f in dataclasses.fields(LayerParams))
 # Bump when the converted folder's content changes: the cache folder's name carries it, so a new
 # version converts into a new folder and never replaces one that an older eqlin may be reading.
 CONVERTER_VERSION = 2
@@ -155,12 +165,7 @@ def convert_gguf(path: Path, out: Path) -> Path:
     _check_gguf_file(path)
     reader = _open_reader(path)
     meta = _metadata(reader, path)
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ConfigError(
-            f"{path.name}: GGUF architecture {arch!r} is not supported; "
-            f"eqlin converts {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    arch = _architecture(meta, path)
     _check_dequantizable(reader, path)
     tensors = {t.name: t for t in reader.tensors}
     try:
@@ -282,16 +287,27 @@ def header_config(path: Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     _check_gguf_file(path)
     reader = _open_reader(path)
-    meta = {name: _field_value(field, path) for name, field in reader.fields.items()  # the vocabulary left out
-            if not name.startswith("tokenizer.ggml.") or name.endswith("_token_id")}
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ConfigError(f"{path.name}: GGUF architecture {arch!r} is not supported; eqlin converts "
-                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    meta = _header_metadata(reader, path)
+    arch = _architecture(meta, path)
     try:
         return _hf_config(arch, meta, {t.name: t for t in reader.tensors}, path)
     except (TypeError, KeyError, IndexError, AttributeError) as e:
         raise WeightsError(f"{path}: malformed metadata ({type(e).__name__}: {e}); the file is corrupt") from None
+
+
+def _header_metadata(reader: gguf.GGUFReader, path: Path) -> dict[str, Any]:
+    """The metadata but the vocabulary (cheap)."""
+    return {name: _field_value(field, path) for name, field in reader.fields.items()
+            if not name.startswith("tokenizer.ggml.") or name.endswith("_token_id")}
+
+
+def _architecture(meta: dict[str, Any], path: Path) -> str:
+    """The file's llama.cpp architecture, refused unless eqlin converts it."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(f"{path.name}: GGUF architecture {arch!r} is not supported; eqlin converts "
+                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
 
 
 def _hf_config(arch: str, meta: dict[str, Any], tensors: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -413,8 +429,9 @@ def _hf_name(modules: Mapping[str, str], gguf_name: str) -> str | None:
     return f"model.layers.{layer}.{module}.{kind}" if module else None
 
 
-def _hf_weights(arch: str, tensors: dict[str, Any], hf_config: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
-    """Every tensor dequantized to float32 under its HF name, llama.cpp's conventions undone."""
+def _layout(arch: str, tensors: dict[str, Any], hf_config: dict[str, Any], path: Path
+            ) -> tuple[dict[str, str], dict[str, Expected], ModelConfig]:
+    """(GGUF name -> HF name, `expected_tensors`, ModelConfig) of the file's tensors, every name checked."""
     spec = spec_for(hf_config)
     config = config_from_hf(hf_config)
     expected = expected_tensors(config, spec, "model.", "lm_head.")
@@ -427,15 +444,25 @@ def _hf_weights(arch: str, tensors: dict[str, Any], hf_config: dict[str, Any], p
     if unknown or missing:
         raise WeightsError(f"{path.name} does not hold a {arch} model eqlin understands; "
                            + mismatch_text({"unexpected tensors": unknown, "missing tensors": missing}))
+    return names, expected, config
 
+
+def _undo_conventions(arch: str, gguf_name: str, w: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """A tensor's float32 values, or its rows of quantized blocks (rows, row_bytes), with llama.cpp's
+    conventions undone: Gemma's norms stored as 1 + w, Llama's permuted q/k rows."""
+    if arch == "gemma3" and gguf_name.endswith("norm.weight"):
+        return w - np.float32(1.0)  # stored as 1 + w, in float32 as transformers undoes it
+    if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+        return _unpermute_rope_rows(w, config.num_heads if "attn_q" in gguf_name else config.num_kv_heads)
+    return w
+
+
+def _hf_weights(arch: str, tensors: dict[str, Any], hf_config: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
+    """Every tensor dequantized to float32 under its HF name, llama.cpp's conventions undone."""
+    names, expected, config = _layout(arch, tensors, hf_config, path)
     weights = {}
     for gguf_name, hf_name in names.items():
-        w = _dequantize(tensors[gguf_name])
-        if arch == "gemma3" and gguf_name.endswith("norm.weight"):
-            w = w - np.float32(1.0)  # stored as 1 + w, in float32 as transformers undoes it
-        elif arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = config.num_heads if "attn_q" in gguf_name else config.num_kv_heads
-            w = _unpermute_rope_rows(w, heads)
+        w = _undo_conventions(arch, gguf_name, _dequantize(tensors[gguf_name]), config)
         shape = expected[hf_name][2]
         if w.shape != shape:
             raise WeightsError(f"{path.name}: tensor {gguf_name} has shape {w.shape}, expected {shape} for {hf_name}")
@@ -443,9 +470,97 @@ def _hf_weights(arch: str, tensors: dict[str, Any], hf_config: dict[str, Any], p
     return weights
 
 
+# --- weights kept quantized (load(..., weights="quantized")) -----------------------------------------
+
+
+def _quantized_plan(reader: gguf.GGUFReader, meta: dict[str, Any], path: Path
+                    ) -> tuple[str, dict[str, Any], ModelConfig, dict[str, list[Any]], dict[str, bool]]:
+    """(architecture, HF config, config, eqlin field -> its GGUF tensors (one per layer, or one), field ->
+    whether it is held in quantized blocks: a matrix whose every tensor has a type in
+    `eqlin.quantized.DEQUANTIZERS`)."""
+    arch = _architecture(meta, path)
+    _check_dequantizable(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    try:
+        hf_config = _hf_config(arch, meta, tensors, path)
+    except (TypeError, KeyError, IndexError, AttributeError) as e:
+        raise WeightsError(f"{path}: malformed metadata ({type(e).__name__}: {e}); the file is corrupt") from None
+    names, expected, config = _layout(arch, tensors, hf_config, path)
+    fields: dict[str, list[Any]] = {}
+    for gguf_name, hf_name in names.items():
+        (field,), layer, shape, _ = expected[hf_name]
+        tensor = tensors[gguf_name]
+        if tuple(int(n) for n in reversed(tensor.shape)) != shape:
+            raise WeightsError(f"{path.name}: tensor {gguf_name} has shape {tuple(reversed(tensor.shape))}, expected "
+                               f"{shape} for {hf_name}")
+        fields.setdefault(field, [None] * (config.num_layers if layer is not None else 1))[layer or 0] = tensor
+    quantized = {f: len(ts[0].shape) == 2 and all(t.tensor_type.name in DEQUANTIZERS for t in ts)
+                 for f, ts in fields.items()}
+    return arch, hf_config, config, fields, quantized
+
+
+def _held_bytes(tensors: list[Any], quantized: bool, dtype: np.dtype) -> int:
+    """Bytes a field's tensors take once loaded: padded block rows and a type per matrix, or float32
+    matrices (exact widening) and vectors at `dtype`."""
+    if quantized:
+        return len(tensors) * (int(tensors[0].shape[1]) * max(int(t.data.shape[-1]) for t in tensors) + 4)
+    itemsize = 4 if len(tensors[0].shape) == 2 else np.dtype(dtype).itemsize
+    return sum(int(t.n_elements) for t in tensors) * itemsize
+
+
+def quantized_bytes(path: Path, dtype: str | np.dtype) -> int:
+    """Bytes `eqlin.load(path, dtype=dtype, weights="quantized")` holds, from the GGUF header alone."""
+    path = Path(path).expanduser()
+    _check_gguf_file(path)
+    reader = _open_reader(path)
+    *_, fields, quantized = _quantized_plan(reader, _header_metadata(reader, path), path)
+    return sum(_held_bytes(ts, quantized[f], np.dtype(dtype)) for f, ts in fields.items())
+
+
+def read_quantized(path: Path, dtype: np.dtype, memory_limit: int | None = None
+                   ) -> tuple[dict[str, Any], Tokenizer | None, Params]:
+    """(HF config, tokenizer, weights) of the GGUF file `path` for a model computing in `dtype`, read once.
+
+    The config and tokenizer are those `convert_gguf` writes. Each matrix whose type `eqlin.quantized`
+    dequantizes is held in its quantized blocks (`QuantizedTensor`, stacked per layer; the embedding and
+    unembedding too), every other tensor as `eqlin.load` holds the float32 conversion's (matrices float32,
+    vectors at `dtype`). The values are gguf-py's, so every map equals the float32 conversion's bit for bit.
+    A load that cannot fit one device (`memory_limit` bytes, default its capacity) is refused before any
+    weight is read."""
+    path = Path(path).expanduser()
+    _check_gguf_file(path)
+    reader = _open_reader(path)
+    meta = _metadata(reader, path)
+    arch, hf_config, config, fields, quantized = _quantized_plan(reader, meta, path)
+    need = sum(_held_bytes(ts, quantized[f], dtype) for f, ts in fields.items())
+    need += widened_layer_bytes(config, np.dtype(dtype).itemsize)
+    if need > (capacity := device_capacity_bytes(memory_limit)):
+        raise MemoryBudgetError(f"loading {path} in {np.dtype(dtype).name} (weights='quantized') needs about "
+                                f"{format_bytes(need)} (the quantized weights and three widened layers), more than "
+                                f"the {format_bytes(capacity)} one device holds; nothing was read. Use "
+                                "dtype='float32' or a device with more memory (memory_limit sets the capacity)")
+    try:
+        parts = tokenizer_from_metadata(arch, meta, path)
+    except (TypeError, KeyError, IndexError, AttributeError) as e:
+        raise WeightsError(f"{path}: malformed metadata ({type(e).__name__}: {e}); the file is corrupt") from None
+    tokenizer = None if parts is None else Tokenizer.from_parts(*parts, path)
+
+    def held(field: str, tensors: list[Any]) -> QuantizedTensor | np.ndarray:
+        if quantized[field]:
+            return stack_quantized([(t.tensor_type.name, _undo_conventions(arch, t.name, np.asarray(t.data), config))
+                                    for t in tensors], int(tensors[0].shape[0]))
+        values = np.stack([_undo_conventions(arch, t.name, _dequantize(t), config) for t in tensors])
+        return values if values.ndim == 3 else values.astype(dtype)
+
+    layers = {f: jax.device_put(held(f, ts)) for f, ts in fields.items() if f in LAYER_FIELDS}
+    tops = {f: jax.device_put(held(f, ts)[0]) for f, ts in fields.items() if f not in LAYER_FIELDS}
+    return hf_config, tokenizer, Params(layers=LayerParams(**layers), **tops, compute_dtype=np.dtype(dtype).name)
+
+
 def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's Llama q/k row permutation. w (heads·hd, d): within each head, llama.cpp stores
-    the rows as interleaved (even, odd) pairs; HF keeps the two rotary halves contiguous."""
+    """Undo llama.cpp's Llama q/k row permutation. w (heads·hd, d), or its quantized block rows (heads·hd,
+    row_bytes): within each head, llama.cpp stores the rows as interleaved (even, odd) pairs; HF keeps the
+    two rotary halves contiguous."""
     rows = w.shape[0]
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 

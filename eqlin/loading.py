@@ -303,14 +303,15 @@ def check_tensors(files: dict[str, SafetensorsFile], config: ModelConfig, spec: 
     return expected
 
 
-WEIGHTS = ("stored", "cast")
+WEIGHTS = ("stored", "cast", "quantized")
 
 
 def check_weights(weights: object) -> str:
-    """`weights` ("stored" or "cast") itself, else an InputError naming both."""
+    """`weights` ("stored", "cast" or "quantized") itself, else an InputError naming them."""
     if weights not in WEIGHTS:
-        raise InputError(f"weights must be 'stored' (kept at the checkpoint's dtype, widened where used) or 'cast' "
-                         f"(cast to the compute dtype at load), got {weights!r}")
+        raise InputError(f"weights must be 'stored' (kept at the checkpoint's dtype, widened where used), 'cast' "
+                         f"(cast to the compute dtype at load) or 'quantized' (a GGUF file's blocks, dequantized "
+                         f"where used), got {weights!r}")
     return weights
 
 

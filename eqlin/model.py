@@ -211,9 +211,12 @@ def load(
     ("float64" needs JAX's x64 mode). `weights="stored"` keeps each weight at the checkpoint's dtype where
     that widens to `dtype` exactly (bfloat16, float16, float32 to float64), widened one layer at a time
     where it is used: the same maps bit for bit, in a quarter (bfloat16) or half (float32) of the float64
-    bytes; `weights="cast"` casts every weight to `dtype` at load. Nothing is downloaded unless
-    `download=True`. With a `mesh` (`eqlin.sharding.device_mesh(model=n)`), the weights are split
-    tensor-parallel over its "model" axis as they load, for models whose weights do not fit one device.
+    bytes; `weights="cast"` casts every weight to `dtype` at load; `weights="quantized"` (a .gguf file only)
+    keeps the file's quantized matrices in their blocks, dequantized to gguf-py's float32 values one layer at
+    a time where they are used (`eqlin.quantized`): the same maps bit for bit, in the file's bytes. Nothing
+    is downloaded unless `download=True`. With a `mesh` (`eqlin.sharding.device_mesh(model=n)`), the weights
+    are split tensor-parallel over its "model" axis as they load, for models whose weights do not fit one
+    device.
     Everything cheap (config, tokenizer, tensor names and shapes) is checked before any weight is read, and
     so is memory: a load whose weights and widened layers do not fit one device (`memory_limit` bytes,
     default its capacity: 80 % of physical memory on a CPU) is refused with a MemoryBudgetError naming
@@ -224,9 +227,27 @@ def load(
     check_weights(weights)
     if mesh is not None:
         check_mesh(mesh)
+    if weights == "quantized":
+        return _load_quantized(source, jdtype, mesh, memory_limit, allow_keys)
     folder = checkpoint_folder(source, cache_dir=cache_dir, download=download)
     hf = read_json(folder / "config.json")
     spec, (config, allowed) = spec_for(hf), read_hf_config(hf, allow_keys)
     tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
     params = load_params(folder, config, spec, jdtype, mesh=mesh, weights=weights, memory_limit=memory_limit)
+    return Model(config=config, params=params, tokenizer=tokenizer, source=str(source), allowed_keys=allowed)
+
+
+def _load_quantized(source: str | Path, dtype: jnp.dtype, mesh: Mesh | None, memory_limit: int | None,
+                    allow_keys: Iterable[str]) -> Model:
+    """`load(source, weights="quantized")`: a GGUF file read directly, no float32 conversion written."""
+    if not isinstance(source, (str, os.PathLike)) or not is_gguf(source):
+        raise InputError(f'weights="quantized" keeps a GGUF file\'s quantized blocks; {source!r} is not a .gguf '
+                         'file: pass one, or weights="stored"')
+    if mesh is not None:
+        raise InputError('weights="quantized" does not split weights over a mesh yet; pass mesh=None, or '
+                         'weights="stored" with a mesh')
+    from eqlin.gguf import read_quantized
+
+    hf, tokenizer, params = read_quantized(Path(source), dtype, memory_limit)
+    config, allowed = read_hf_config(hf, allow_keys)
     return Model(config=config, params=params, tokenizer=tokenizer, source=str(source), allowed_keys=allowed)

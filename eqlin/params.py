@@ -27,6 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from eqlin.config import ModelConfig
 from eqlin.errors import InputError
+from eqlin.quantized import QuantizedTensor
 
 Array = jax.Array
 BASIS_AXIS = "basis"  # the mesh axis that the rows of J (the output's basis vectors) are split over
@@ -53,9 +54,12 @@ def widen(a: Array | None, dtype) -> Array | None:
 
     Bit patterns become float32 by a shift (a bfloat16 is the top half of a float32). float32 becomes
     float64 in integer arithmetic on the bits (`_float32_bits_to_float64`): XLA's CPU backend flushes
-    float32 subnormals (|w| < 2⁻¹²⁶, bfloat16's too) to zero when it converts them."""
+    float32 subnormals (|w| < 2⁻¹²⁶, bfloat16's too) to zero when it converts them. A `QuantizedTensor`
+    (GGUF blocks) is dequantized to gguf-py's float32 values first (`eqlin.quantized`)."""
     if a is None:
         return None
+    if isinstance(a, QuantizedTensor):
+        a = a.dequantize()
     dtype = np.dtype(dtype)
     bits = None
     if a.dtype == BF16_BITS:
@@ -86,7 +90,17 @@ def _float32_bits_to_float64(bits: Array) -> Array:
 
 def widen_tree(tree, dtype):
     """`widen` on every leaf of a pytree (one layer's LayerParams slice, say)."""
-    return jax.tree_util.tree_map(lambda a: widen(a, dtype), tree)
+    return jax.tree_util.tree_map(lambda a: widen(a, dtype), tree, is_leaf=is_quantized)
+
+
+def is_quantized(a) -> bool:
+    """Whether `a` is a `QuantizedTensor` (a weight as a pytree's leaf, though it holds two arrays)."""
+    return isinstance(a, QuantizedTensor)
+
+
+def weight_leaves(tree) -> list:
+    """The weights of a pytree, a `QuantizedTensor` as one (its `shape` the dequantized shape)."""
+    return jax.tree_util.tree_leaves(tree, is_leaf=is_quantized)
 
 
 @jax.tree_util.register_dataclass
@@ -151,7 +165,10 @@ class Params:
 
     @property
     def weights(self) -> str:
-        """"stored" when some leaf is held narrower than the compute dtype (widened where used), else "cast"."""
+        """"quantized" when some weight is held in GGUF blocks (`eqlin.quantized`), "stored" when some leaf is
+        held narrower than the compute dtype (widened where used), else "cast"."""
+        if any(map(is_quantized, weight_leaves(self))):
+            return "quantized"
         narrower = {storage_dtype(a) for a in jax.tree_util.tree_leaves(self)} - {self.dtype}
         return "stored" if narrower else "cast"
 
@@ -195,7 +212,8 @@ def partition_specs(params: Params, config: ModelConfig, n_model: int) -> Params
     o_proj and down_proj on their input axis, so each device's heads and F-slice stay local and one
     all-reduce per block joins them. The embedding and lm_head split the vocabulary. A weight whose split
     axis does not divide by `n_model` (e.g. one kv head over 2 devices) is replicated; norms, the biases of
-    row-parallel products and position embeddings are replicated.
+    row-parallel products and position embeddings are replicated, and so are GGUF weights held quantized
+    (`eqlin.quantized.QuantizedTensor`).
     """
     def split(ok: bool, axis: int, ndim: int) -> P:
         return P(*(MODEL_AXIS if i == axis else None for i in range(ndim))) if ok and n_model > 1 else P()
@@ -208,10 +226,14 @@ def partition_specs(params: Params, config: ModelConfig, n_model: int) -> Params
     splits = {"q_proj": (heads, 1, 3), "k_proj": (kv, 1, 3), "v_proj": (kv, 1, 3), "o_proj": (heads, 2, 3),
               "gate_proj": (ff, 1, 3), "up_proj": (ff, 1, 3), "down_proj": (ff, 2, 3), "q_bias": (heads, 1, 2),
               "k_bias": (kv, 1, 2), "v_bias": (kv, 1, 2), "up_bias": (ff, 1, 2)}
+
+    def splittable(a) -> bool:
+        return a is not None and not is_quantized(a)
+
     layers = dataclasses.replace(replicated.layers, **{name: split(*how) for name, how in splits.items()
-                                                       if getattr(params.layers, name) is not None})
-    return dataclasses.replace(replicated, layers=layers, embed=split(vocab, 0, 2),
-                               lm_head=None if params.lm_head is None else split(vocab, 0, 2))
+                                                       if splittable(getattr(params.layers, name))})
+    return dataclasses.replace(replicated, layers=layers, **{name: split(vocab, 0, 2) for name in ("embed", "lm_head")
+                                                             if splittable(getattr(params, name))})
 
 
 def check_mesh(mesh: object) -> Mesh:

@@ -348,7 +348,7 @@ def score_summary(model: Model, vectors: Array, space: Literal["output", "input"
     input embeddings (input space), in batches of at most `_SCORE_BYTES` of scores. The best tokens are
     selected on the device (`lax.top_k`) on accelerators, on the host on CPUs."""
     table = model.params.unembedding if space == "output" else model.params.embed
-    on_cpu = next(iter(table.devices())).platform == "cpu"
+    on_cpu = next(iter(jax.tree_util.tree_leaves(table)[0].devices())).platform == "cpu"  # a QuantizedTensor too
     batch = max(1, _SCORE_BYTES // (table.shape[0] * model.dtype.itemsize))
     vectors, parts = vectors.astype(model.dtype), []
     for start in range(0, vectors.shape[0], batch):

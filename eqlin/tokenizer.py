@@ -59,7 +59,12 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises a bare Exception for unreadable files
             raise WeightsError(f"{path} could not be read as a tokenizer ({e}); replace it") from None
         config_path = folder / "tokenizer_config.json"
-        cfg = read_json(config_path) if config_path.is_file() else {}
+        return cls.from_parts(inner, read_json(config_path) if config_path.is_file() else {}, config_path)
+
+    @classmethod
+    def from_parts(cls, inner: tokenizers.Tokenizer, cfg: dict, config_path: Path) -> Tokenizer:
+        """A Tokenizer from the library's tokenizer and tokenizer_config.json's content `cfg` (read from
+        `config_path`, named in errors)."""
         bos = _token(cfg, "bos_token", config_path)
         add_bos = cfg.get("add_bos_token", False)
         if not isinstance(add_bos, bool):

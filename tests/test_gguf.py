@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import gguf
+import jax
 import numpy as np
 import pytest
 import torch
@@ -36,8 +37,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 import eqlin
 import eqlin.gguf as eqlin_gguf
 from eqlin.cli import EXIT_BAD_INPUT, main
-from eqlin.errors import ConfigError, OutputError, WeightsError
+from eqlin.errors import ConfigError, InputError, MemoryBudgetError, OutputError, WeightsError
 from eqlin.outputs import temp_path
+from eqlin.quantized import dequantize_rows
 from tests.fixtures import small_filesystem
 
 TEXTS = (
@@ -138,6 +140,32 @@ def test_gemma_tokenizer_json_identical_to_transformers(gemma_folder, hf_gemma_t
     assert ours == hf_gemma_tokenizer.backend_tokenizer.to_str(pretty=True)
 
 
+def test_gemma_tensors_dequantize_in_jax_as_gguf_py(gemma_path):
+    """One tensor of each of the file's types (and the embedding's first rows): eqlin.quantized's values are
+    gguf-py's bit for bit. (All 127 quantized tensors, the whole embedding included, were checked by hand.)"""
+    tensors = {t.name: t for t in gguf.GGUFReader(gemma_path).tensors}
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight",
+                 "blk.1.ffn_down.weight", "token_embd.weight"):
+        t = tensors[name]
+        rows = np.asarray(t.data)[:4096]
+        ours = jax.jit(dequantize_rows, static_argnums=(1, 2))(rows, t.tensor_type.name, int(t.shape[0]))
+        theirs = gguf.quants.dequantize(rows, t.tensor_type)
+        np.testing.assert_array_equal(np.asarray(ours).view(np.uint32), theirs.view(np.uint32), err_msg=name)
+
+
+def test_gemma_quantized_weights_give_the_same_logits(gemma, gemma_path):
+    """weights="quantized": the file's bytes (250 MB, a quarter of the float32 conversion's), the same logits
+    bit for bit."""
+    quantized = eqlin.load(gemma_path, weights="quantized")
+    assert "weights quantized as Q4_K/Q5_0/Q6_K/Q8_0" in repr(quantized)
+    held = sum(a.nbytes for a in jax.tree_util.tree_leaves(quantized.params))
+    assert held == eqlin_gguf.quantized_bytes(gemma_path, "float64") < 0.25 * sum(
+        a.nbytes for a in jax.tree_util.tree_leaves(gemma.params))
+    ids = gemma.encode("The bridge out of Marin is the")
+    np.testing.assert_array_equal(quantized.encode("The bridge out of Marin is the"), ids)
+    np.testing.assert_array_equal(quantized.logits(ids), gemma.logits(ids))
+
+
 def test_second_call_reuses_the_conversion(gemma_path, gemma_folder, monkeypatch, eqlin_cache_dir):
     assert gemma_folder.parent == Path(os.environ["EQLIN_CACHE_DIR"]) / "gguf" == eqlin_cache_dir / "gguf"
     stamps = {f.name: f.stat().st_mtime_ns for f in gemma_folder.iterdir()}
@@ -227,8 +255,9 @@ def _llama3_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
 
 
 def _write_gguf(model: transformers.PreTrainedModel, arch: str, path: Path, *, vocab=None,
-                override_type: tuple[str, gguf.GGMLQuantizationType] | None = None) -> Path:
-    """A GGUF of `model` with every tensor in F32, laid out as convert_hf_to_gguf.py lays it out."""
+                override_type: tuple[str, gguf.GGMLQuantizationType] | None = None, quantize=None) -> Path:
+    """A GGUF of `model` with every tensor in F32, laid out as convert_hf_to_gguf.py lays it out; with
+    `quantize` (GGUF name -> a GGMLQuantizationType, or None for F32), matrices quantized by gguf-py."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
@@ -272,6 +301,9 @@ def _write_gguf(model: transformers.PreTrainedModel, arch: str, path: Path, *, v
         if override_type is not None and name == override_type[0]:
             block, size = gguf.GGML_QUANT_SIZES[override_type[1]]
             w.add_tensor(name, np.zeros((t.shape[0], t.shape[1] // block * size), np.uint8), raw_dtype=override_type[1])
+            continue
+        if quantize is not None and t.ndim == 2 and (qtype := quantize(name)) is not None:
+            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(t), qtype), raw_dtype=qtype)
             continue
         w.add_tensor(name, np.ascontiguousarray(t))
     if rope.get("rope_type") == "llama3":
@@ -348,6 +380,56 @@ def test_tiny_matches_transformers_gguf_loading(tiny, arch):
     for text in TEXTS:
         assert tokenizer.encode(text).tolist() == hf_tokenizer(text).input_ids, text
     assert (tokenizer.encode("Hi")[0] == tokenizer.bos_token_id) == (arch == "llama")
+
+
+def _q4_k_m_like(name: str) -> gguf.GGMLQuantizationType | None:
+    """Types that differ between layers (as Q4_K_M's attn_v and ffn_down), and by tensor."""
+    Q = gguf.GGMLQuantizationType
+    if name.endswith(("attn_v.weight", "ffn_down.weight")):
+        return Q.Q8_0 if name.startswith("blk.0.") else Q.Q5_0
+    return Q.Q8_0 if name in ("token_embd.weight", "output.weight") else Q.Q4_0
+
+
+def test_quantized_weights_give_the_maps_of_the_float32_conversion_bit_for_bit(byte_level_vocab, tmp_path):
+    """A tiny Llama (q/k rows permuted in the file) with Q4_0/Q5_0/Q8_0 matrices, two types across layers:
+    every engine's map from the quantized blocks equals the map from the float32 conversion, bit for bit."""
+    path = _write_gguf(_tiny_model("llama", len(byte_level_vocab[0])), "llama", tmp_path / "q.gguf",
+                       vocab=byte_level_vocab, quantize=_q4_k_m_like)
+    quantized, converted = eqlin.load(path, weights="quantized"), eqlin.load(path)
+    assert quantized.params.weights == "quantized" and converted.params.weights == "stored"
+    assert "float64, weights quantized as Q4_0/Q5_0/Q8_0;" in repr(quantized)
+    assert quantized.params.layers.v_proj.qtypes == ("Q5_0", "Q8_0")
+    assert quantized.config == converted.config
+    text = "The bridge out of Marin is the"
+    ids = converted.encode(text)
+    np.testing.assert_array_equal(quantized.encode(text), ids)
+
+    def same(a, b):
+        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+    same(quantized.logits(ids), converted.logits(ids))
+    for kwargs in ({}, {"layer": [0, 1], "scope": "single", "mode": "rev"}):
+        a, b = eqlin.detached_jacobian(quantized, ids, **kwargs), eqlin.detached_jacobian(converted, ids, **kwargs)
+        same((a.jacobian, a.relative_error), (b.jacobian, b.relative_error))
+    mesh = eqlin.device_mesh(jax.devices()[:1])  # quantized weights stay replicated (partition_specs)
+    same(eqlin.detached_jacobian_sharded(quantized, ids, mesh=mesh).jacobian,
+         eqlin.detached_jacobian_sharded(converted, ids, mesh=mesh).jacobian)
+    a, b = (eqlin.decode_spectrum(m, eqlin.top_singular(m, ids, 3, quiet=True), 3) for m in (quantized, converted))
+    same((a.singular_values, a.left_tokens.ids, a.right_tokens.scores), (b.singular_values, b.left_tokens.ids,
+                                                                          b.right_tokens.scores))
+
+
+def test_quantized_weights_need_a_gguf_file_and_no_mesh(tiny, tmp_path):
+    hf_folder, path = tiny("llama")
+    with pytest.raises(InputError, match=r"weights=\"quantized\" keeps a GGUF file's quantized blocks; .* is not a "
+                                         r"\.gguf file: pass one, or weights=\"stored\""):
+        eqlin.load(hf_folder, weights="quantized")
+    with pytest.raises(InputError, match=r"does not split weights over a mesh yet; pass mesh=None"):
+        eqlin.load(path, weights="quantized", mesh=eqlin.device_mesh(jax.devices()[:1]))
+    with pytest.raises(MemoryBudgetError, match=r"weights='quantized'\) needs about .* more than the 1000 bytes "
+                                               r"one device holds; nothing was read"):
+        eqlin.load(path, weights="quantized", memory_limit=1000)
 
 
 # --- the cache and bad input ----------------------------------------------------------------------------

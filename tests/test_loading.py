@@ -520,7 +520,8 @@ def test_non_finite_and_integer_weights_are_refused(checkpoint, tmp_path):
      "of type AxisType.Auto, got Mesh.*Explicit.*eqlin.device_mesh"),
     (lambda folder: eqlin.load(folder, dtype="float16"), "unsupported dtype 'float16'; choose one of float64"),
     (lambda folder: eqlin.load(folder, dtype=object()), "unsupported dtype"),
-    (lambda folder: eqlin.load(folder, weights="bf16"), "weights must be 'stored' .* or 'cast' .*, got 'bf16'"),
+    (lambda folder: eqlin.load(folder, weights="bf16"),
+     "weights must be 'stored' .*, 'cast' .* or 'quantized' .*, got 'bf16'"),
 ])
 def test_bad_load_arguments(checkpoint, call, message):
     with pytest.raises(eqlin.InputError, match=message):
