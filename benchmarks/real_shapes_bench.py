@@ -41,7 +41,8 @@ def status_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def run_case(checkpoint: str, engine: str, weights: str, tokens: int, k: int, seed: int) -> dict:
+def run_case(checkpoint: str, engine: str, weights: str, tokens: int, k: int, seed: int, decode: bool = False
+             ) -> dict:
     """One case in this process (the child): load, compute, measure."""
     import jax
 
@@ -65,13 +66,19 @@ def run_case(checkpoint: str, engine: str, weights: str, tokens: int, k: int, se
         result.jacobian.block_until_ready()
     error = float(result.relative_error)
     compute_s = time.perf_counter() - start
+    decoded = {}
+    if decode and engine == "topk":
+        before, start = status_bytes("VmHWM"), time.perf_counter()
+        result = eqlin.decode_spectrum(model, result)
+        decoded = {"decode_s": time.perf_counter() - start, "peak_rss_before_decode": before,
+                   "top_tokens": result.left_tokens.ids[:, 0].tolist()}
     device = jax.local_devices()[0]
     stats = (device.memory_stats() or {}) if device.platform != "cpu" else {}
     return {"engine": engine, "weights": weights, "tokens": tokens, "k": k if engine == "topk" else None,
             "model": repr(model), "load_s": load_s, "compute_s": compute_s, "rss_after_load": loaded_rss,
             "peak_rss": status_bytes("VmHWM"), "device": str(device),
             "device_peak": stats.get("peak_bytes_in_use"), "relative_error": error,
-            "singular_values": values}
+            "singular_values": values, **decoded}
 
 
 def parameter_count(checkpoint: Path) -> int:
@@ -103,11 +110,14 @@ def main() -> None:
                         help="skip a case whose weights alone exceed this (default: 80 %% of physical memory)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per case before it is killed")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decode", action="store_true",
+                        help="topk: also decode the singular vectors into tokens (eqlin.decode_spectrum), timed "
+                             "and with the peak before it recorded")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--case", nargs=2, metavar=("ENGINE", "WEIGHTS"), help=argparse.SUPPRESS)  # the child
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(str(args.checkpoint), *args.case, args.tokens, args.k, args.seed)))
+        print(json.dumps(run_case(str(args.checkpoint), *args.case, args.tokens, args.k, args.seed, args.decode)))
         return
     engines, weights = args.engines.split(","), args.weights.split(",")
     for value, allowed in ((engines, ENGINES), (weights, WEIGHTS)):
@@ -137,7 +147,7 @@ def main() -> None:
                               "skipped": f"weights need {gib(need)} GiB, over {gib(budget)} GiB"})
                 continue
             command = [sys.executable, __file__, str(args.checkpoint), "--case", engine, w, "--tokens",
-                       str(args.tokens), "--k", str(args.k), "--seed", str(args.seed)]
+                       str(args.tokens), "--k", str(args.k), "--seed", str(args.seed)] + ["--decode"] * args.decode
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=child_env)
             except subprocess.TimeoutExpired:  # subprocess.run kills the child
