@@ -10,7 +10,9 @@ weights=...)` (weights kept at their stored dtype and upcast in the layer body, 
 load seconds, compute seconds (compilation included), the process's peak resident memory (VmHWM, loading
 included), the device's peak where it reports one (GPU), the relative reconstruction error. A case whose
 weights alone exceed `--memory-gib` (float64: 8 bytes per parameter with `cast`) is recorded as skipped, not
-run. The input is `--tokens` random token ids (seeded). The run prints the CPU model and a measured float64
+run. `--decode` also decodes the top-k singular vectors into tokens (`eqlin.decode_spectrum`: U through the
+unembedding, each token's block of V by cosines with the embeddings), recording its seconds and the peak
+before it. The input is `--tokens` random token ids (seeded). The run prints the CPU model and a measured float64
 GEMM rate of the CPU (this process never touches a GPU, whose memory JAX would otherwise preallocate), and
 writes everything to `--results` (default benchmarks/results/) as JSON.
 """
