@@ -12,7 +12,9 @@ included), the device's peak where it reports one (GPU), the relative reconstruc
 weights alone exceed `--memory-gib` (float64: 8 bytes per parameter with `cast`) is recorded as skipped, not
 run. `--decode` also decodes the top-k singular vectors into tokens (`eqlin.decode_spectrum`: U through the
 unembedding, each token's block of V by cosines with the embeddings), recording its seconds and the peak
-before it. The input is `--tokens` random token ids (seeded). The run prints the CPU model and a measured float64
+before it. `--rss-limit-gib` stops a case whose resident memory goes above it and records the stage it
+reached and its peak (where it stops, measured before the machine's OOM killer acts); it is also the
+`memory_limit` that `eqlin.load` plans against. The input is `--tokens` random token ids (seeded). The run prints the CPU model and a measured float64
 GEMM rate of the CPU (this process never touches a GPU, whose memory JAX would otherwise preallocate), and
 writes everything to `--results` (default benchmarks/results/) as JSON.
 """
