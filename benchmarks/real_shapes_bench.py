@@ -10,7 +10,11 @@ weights=...)` (weights kept at their stored dtype and upcast in the layer body, 
 load seconds, compute seconds (compilation included), the process's peak resident memory (VmHWM, loading
 included), the device's peak where it reports one (GPU), the relative reconstruction error. A case whose
 weights alone exceed `--memory-gib` (float64: 8 bytes per parameter with `cast`) is recorded as skipped, not
-run. The input is `--tokens` random token ids (seeded). The run prints the CPU model and a measured float64
+run. `--decode` also decodes the top-k singular vectors into tokens (`eqlin.decode_spectrum`: U through the
+unembedding, each token's block of V by cosines with the embeddings), recording its seconds and the peak
+before it. `--rss-limit-gib` stops a case whose resident memory goes above it and records the stage it
+reached and its peak (where it stops, measured before the machine's OOM killer acts); it is also the
+`memory_limit` that `eqlin.load` plans against. The input is `--tokens` random token ids (seeded). The run prints the CPU model and a measured float64
 GEMM rate of the CPU (this process never touches a GPU, whose memory JAX would otherwise preallocate), and
 writes everything to `--results` (default benchmarks/results/) as JSON.
 """
@@ -24,6 +28,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,8 +46,26 @@ def status_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def run_case(checkpoint: str, engine: str, weights: str, tokens: int, k: int, seed: int) -> dict:
+def stop_above(limit: float, stage: dict) -> None:
+    """Watch this process's resident memory (every 0.1 s, in a daemon thread); above `limit` bytes, print the
+    case's record (`stopped`, the stage reached, VmHWM) as the last line and exit at once (status 3): where a
+    case stops is measured without the machine's OOM killer, which would take other processes' memory too."""
+    def watch() -> None:
+        while status_bytes("VmRSS") <= limit:
+            time.sleep(0.1)
+        print(json.dumps({**stage, "stopped": f"resident above --rss-limit-gib {limit / 2**30:.1f}",
+                          "peak_rss": status_bytes("VmHWM")}), flush=True)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def run_case(checkpoint: str, engine: str, weights: str, tokens: int, k: int, seed: int, decode: bool = False,
+             rss_limit: float | None = None) -> dict:
     """One case in this process (the child): load, compute, measure."""
+    stage = {"engine": engine, "weights": weights, "tokens": tokens, "stage": "load"}
+    if rss_limit:
+        stop_above(rss_limit, stage)
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -51,13 +74,16 @@ def run_case(checkpoint: str, engine: str, weights: str, tokens: int, k: int, se
     import eqlin
 
     start = time.perf_counter()
-    model = eqlin.load(checkpoint, dtype="float64", **({} if weights == "default" else {"weights": weights}))
+    model = eqlin.load(checkpoint, dtype="float64", **({} if weights == "default" else {"weights": weights}),
+                       **({"memory_limit": int(rss_limit)} if rss_limit else {}))
     jax.block_until_ready(model.params)
     load_s, loaded_rss = time.perf_counter() - start, status_bytes("VmRSS")
+    stage.update(stage="compute", load_s=load_s, rss_after_load=loaded_rss)
     ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, tokens)
     start = time.perf_counter()
     if engine == "topk":
-        result = eqlin.top_singular(model, ids, k)
+        result = eqlin.top_singular(model, ids, k, progress=lambda done, total: stage.update(
+            stage=f"compute, {done} of {total} products with J or Jᵀ done", peak_rss_so_far=status_bytes("VmHWM")))
         values = [float(s) for s in result.singular_values]
     else:
         result = eqlin.detached_jacobian(model, ids)
@@ -65,13 +91,20 @@ def run_case(checkpoint: str, engine: str, weights: str, tokens: int, k: int, se
         result.jacobian.block_until_ready()
     error = float(result.relative_error)
     compute_s = time.perf_counter() - start
+    decoded = {}
+    if decode and engine == "topk":
+        stage.update(stage="decode")
+        before, start = status_bytes("VmHWM"), time.perf_counter()
+        result = eqlin.decode_spectrum(model, result)
+        decoded = {"decode_s": time.perf_counter() - start, "peak_rss_before_decode": before,
+                   "top_tokens": result.left_tokens.ids[:, 0].tolist()}
     device = jax.local_devices()[0]
     stats = (device.memory_stats() or {}) if device.platform != "cpu" else {}
     return {"engine": engine, "weights": weights, "tokens": tokens, "k": k if engine == "topk" else None,
             "model": repr(model), "load_s": load_s, "compute_s": compute_s, "rss_after_load": loaded_rss,
             "peak_rss": status_bytes("VmHWM"), "device": str(device),
             "device_peak": stats.get("peak_bytes_in_use"), "relative_error": error,
-            "singular_values": values}
+            "singular_values": values, **decoded}
 
 
 def parameter_count(checkpoint: Path) -> int:
@@ -103,11 +136,18 @@ def main() -> None:
                         help="skip a case whose weights alone exceed this (default: 80 %% of physical memory)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per case before it is killed")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rss-limit-gib", type=float, default=None,
+                        help="stop a case whose resident memory exceeds this, recording where it stopped; also "
+                             "eqlin.load's memory_limit (the capacity its load plan checks)")
+    parser.add_argument("--decode", action="store_true",
+                        help="topk: also decode the singular vectors into tokens (eqlin.decode_spectrum), timed "
+                             "and with the peak before it recorded")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--case", nargs=2, metavar=("ENGINE", "WEIGHTS"), help=argparse.SUPPRESS)  # the child
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(str(args.checkpoint), *args.case, args.tokens, args.k, args.seed)))
+        limit = args.rss_limit_gib and args.rss_limit_gib * 2**30
+        print(json.dumps(run_case(str(args.checkpoint), *args.case, args.tokens, args.k, args.seed, args.decode, limit)))
         return
     engines, weights = args.engines.split(","), args.weights.split(",")
     for value, allowed in ((engines, ENGINES), (weights, WEIGHTS)):
@@ -137,14 +177,18 @@ def main() -> None:
                               "skipped": f"weights need {gib(need)} GiB, over {gib(budget)} GiB"})
                 continue
             command = [sys.executable, __file__, str(args.checkpoint), "--case", engine, w, "--tokens",
-                       str(args.tokens), "--k", str(args.k), "--seed", str(args.seed)]
+                       str(args.tokens), "--k", str(args.k), "--seed", str(args.seed)] + ["--decode"] * args.decode
+            command += ["--rss-limit-gib", str(args.rss_limit_gib)] if args.rss_limit_gib else []
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=child_env)
             except subprocess.TimeoutExpired:  # subprocess.run kills the child
                 cases.append({"engine": engine, "weights": w, "tokens": args.tokens,
                               "failed": f"killed after {args.timeout:.0f} s"})
                 continue
-            if done.returncode:
+            last = (done.stdout.strip().splitlines() or [""])[-1]
+            if done.returncode == 3 and last.startswith("{"):  # stopped above --rss-limit-gib: where, recorded
+                cases.append(json.loads(last))
+            elif done.returncode:
                 cases.append({"engine": engine, "weights": w, "tokens": args.tokens,
                               "failed": f"exit {done.returncode}: {done.stderr.strip()[-2000:]}"})
             else:
@@ -156,7 +200,8 @@ def main() -> None:
             print(f"{c['engine']:>6} {c['weights']:>8} {c['tokens']:>4} {c['load_s']:7.1f} {c['compute_s']:9.1f} "
                   f"{gib(c['peak_rss']):>8} {gib(c['device_peak']):>10} {c['relative_error']:10.1e}")
         else:
-            print(f"{c['engine']:>6} {c['weights']:>8} {c['tokens']:>4}  {c.get('skipped') or c['failed']}")
+            why = c.get("skipped") or c.get("failed") or f"{c['stopped']} in {c['stage']}, peak {gib(c['peak_rss'])} GiB"
+            print(f"{c['engine']:>6} {c['weights']:>8} {c['tokens']:>4}  {why}")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%S+0000")
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"{stamp}-real-shapes-{args.checkpoint.name}.json"

@@ -236,10 +236,14 @@ def run_layers_last(
     full = h if prefix is None else jnp.concatenate([prefix[n - 1], h])
     cos_all, sin_all = rope_stack(config, full.shape[0], h.dtype)
     r, window = config.layer_rope_index()[n - 1], config.layer_windows()[n - 1]
-    p = jax.tree_util.tree_map(lambda a: a[n - 1], layers)
-    last = remat(lambda full: decoder_layer(full, p, cos_all[r], sin_all[r], jnp.asarray(window), config,
-                                            detach=detach, queries=min(LAST_ROWS, full.shape[0]), fold=fold,
-                                            tap=tap))(full)  # each (Q, d)
+
+    @remat
+    def last_layer(full: Array) -> tuple[Array, Array, Array]:  # each (Q, d)
+        p = jax.tree_util.tree_map(lambda a: a[n - 1], layers)  # sliced inside: a derivative keeps the stack
+        return decoder_layer(full, p, cos_all[r], sin_all[r], jnp.asarray(window), config, detach=detach,
+                             queries=min(LAST_ROWS, full.shape[0]), fold=fold, tap=tap)
+
+    last = last_layer(full)
     if not collect:
         return last[0][-1], None
     return last[0][-1], tuple(jnp.concatenate([s, l[-1:]]) for s, l in zip(stacked, last))

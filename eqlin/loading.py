@@ -330,18 +330,32 @@ def read_finite(files: dict[str, SafetensorsFile], names, dtypes: Mapping[str, n
     holding NaN or ±inf (after the cast: float64 values beyond float32's range overflow)."""
     arrays, bad = {}, []
     for name in names:
-        dtype = dtypes[name]
-        with np.errstate(over="ignore", invalid="ignore"):  # overflows are found and reported right here
-            a = np.asarray(files[name].read(name), dtype=dtype)
-            fast = dtype.itemsize >= 4 and np.isfinite(a.sum())  # the sum is the fast path (not in 16 bits)
-            finite = fast or np.isfinite(a).all()
-        if not finite:
-            bad.append(name)
-        arrays[name] = a
+        arrays[name], finite = read_checked(files, name, dtypes[name])
+        bad += [] if finite else [name]
+    refuse_not_finite(bad, dtypes)
+    return arrays
+
+
+def read_checked(files: dict[str, SafetensorsFile], name: str, dtype: np.dtype) -> tuple[np.ndarray, bool]:
+    """(the tensor `name` as a host array of `dtype`: memory-mapped where it is stored so, whether every value
+    is finite)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflows are found and reported by the caller
+        a = np.asarray(files[name].read(name), dtype=dtype)
+        fast = dtype.itemsize >= 4 and np.isfinite(a.sum())  # the sum is the fast path (not in 16 bits)
+        return a, bool(fast or all_finite(a))
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether every value of `a` is finite, checked 2**24 values at a time (no mask as large as `a`)."""
+    flat = a.reshape(-1)
+    return all(np.isfinite(flat[i:i + 2**24]).all() for i in range(0, flat.size, 2**24))
+
+
+def refuse_not_finite(bad: Sequence[str], dtypes: Mapping[str, np.dtype]) -> None:
+    """A WeightsError naming the tensors `bad` that hold NaN or ±inf (as their dtypes in `dtypes`), if any."""
     if bad:
         raise WeightsError(f"tensors hold NaN or infinite values (as {', '.join(sorted({dtypes[n].name for n in bad}))}"
                            f"): {name_list(bad)}; the checkpoint is corrupt (or out of this dtype's range): replace it")
-    return arrays
 
 
 def held_bytes(files: dict[str, SafetensorsFile], expected: Mapping[str, Expected], dtype: jnp.dtype,
@@ -380,6 +394,20 @@ def check_load_fits(files: dict[str, SafetensorsFile], expected: Mapping[str, Ex
         + (" or ".join(fixes) if fixes else "a device with more memory") + " (memory_limit sets the capacity)")
 
 
+HOST_ALIGNMENT = 64  # bytes: JAX's CPU client adopts a host array this aligned without copying it
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised host array whose data start at a multiple of `HOST_ALIGNMENT` bytes, so that placing
+    it on a CPU device (`place`) aliases it instead of copying it: the load then holds every weight once
+    (numpy's own large arrays are 16-byte aligned, and JAX frees the host array it copied from only at its
+    next garbage collection: one more copy of the largest weights until then)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def place(host: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
     """`host` on this process's devices: whole on the default device, or with `sharding` each device given only
     its own slice, copied from this process's host array. No cross-process traffic: `jax.device_put` of a host
@@ -394,9 +422,10 @@ def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.
     """Read, check (`check_tensors`, `read_finite`) and stack every weight for a model computing in `dtype`.
     `weights="stored"`: each tensor stays at the checkpoint's dtype where it widens to `dtype` exactly
     (`storage_for`; bfloat16 as bit patterns, `eqlin.params.to_storage`); "cast": every tensor cast to
-    `dtype` here. A field whose layers are stored at different dtypes is cast. Each field goes to its
-    devices as soon as it is stacked, so the host never holds more than one field beyond the memory-mapped
-    files. With `mesh`, weights are placed tensor-parallel over its "model" axis
+    `dtype` here. A field whose layers are stored at different dtypes is cast. Each field is stacked
+    one layer at a time into a host array that a CPU device adopts without a copy (`aligned_empty`) and goes
+    to its devices as soon as it is stacked, so the host never holds more than one field beyond the placed
+    weights, and one tensor's memory map. With `mesh`, weights are placed tensor-parallel over its "model" axis
     (`eqlin.params.partition_specs`), never whole on one device. A load that cannot fit is refused before
     any weight is read (`check_load_fits`; `memory_limit`: one device's capacity in bytes)."""
     files = open_weight_files(folder)
@@ -414,20 +443,38 @@ def load_params(folder: Path, config: ModelConfig, spec: FamilySpec, dtype: jnp.
             by_field.setdefault(field, [None] * config.num_layers)[layer] = name
 
     def host_field(field: str, names: list[str]) -> np.ndarray:
+        """The field's layers stacked (L, ...) at their common storage dtype, read one layer at a time: the
+        memory map of one layer's tensor is released before the next is read."""
         common = {dtypes[n] for n in names}
         field_dtype = common.pop() if len(common) == 1 else np.dtype(dtype)
-        read = read_finite(files, dict.fromkeys(names), dict.fromkeys(names, field_dtype))
-        parts = []
+        stacked, bad = None, []
         for layer, name in enumerate(names):
             fields, _, _, transposed = expected[name]
+            tensor, finite = read_checked(files, name, field_dtype)
+            bad += [] if finite else [name]
             rows = np.cumsum(_rows(config, spec, fields))[:-1]
-            parts.append(np.split(read[name].T if transposed else read[name], rows)[fields.index(field)])
-        return to_storage(np.stack(parts))
+            part = to_storage(np.split(tensor.T if transposed else tensor, rows)[fields.index(field)])
+            if stacked is None:
+                stacked = aligned_empty((len(names), *part.shape), part.dtype)
+            stacked[layer] = part
+        refuse_not_finite(bad, dict.fromkeys(bad, field_dtype))
+        return stacked
+
+    def host_top(name: str) -> np.ndarray:
+        """A top-level tensor (the embedding, the final norm...), read into a fresh host array: not mapped
+        (a memory-mapped embedding and its copy would both be resident)."""
+        stored, shape = files[name].header[name]
+        if dtypes[name] != stored:  # cast at load
+            return to_storage(read_finite(files, [name], dtypes)[name])
+        out = aligned_empty(shape, stored)
+        files[name].read_into(name, out)
+        refuse_not_finite([] if all_finite(out) else [name], dtypes)
+        return to_storage(out)
 
     skeleton = Params(layers=LayerParams(**dict.fromkeys(by_field, 0)), **dict.fromkeys(top, 0))
     placement = None if mesh is None else param_shardings(skeleton, config, mesh)
     layers = LayerParams(**{f: place(host_field(f, names), placement and getattr(placement.layers, f))
                             for f, names in by_field.items()})
-    tops = {f: place(to_storage(read_finite(files, [name], dtypes)[name]), placement and getattr(placement, f))
+    tops = {f: place(host_top(name), placement and getattr(placement, f))
             for f, name in top.items()}
     return Params(layers=layers, **tops, compute_dtype=np.dtype(dtype).name)

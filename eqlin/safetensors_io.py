@@ -135,6 +135,21 @@ class SafetensorsFile:
             return np.zeros(shape, dtype)
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
 
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Read the tensor `name` into `out` (C-contiguous, its shape, its dtype or one of the same item size)
+        with plain reads, no memory map: nothing of the file stays mapped into this process."""
+        dtype, shape, begin, end = self._entries[name]
+        if out.shape != shape or out.dtype.itemsize != dtype.itemsize or not out.flags.c_contiguous:
+            raise ValueError(f"read_into: {name!r} is {dtype} {shape}, got an array {out.dtype} {out.shape}")
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            while done < end - begin:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise WeightsError(f"{self.path} ended while reading {name!r}; re-download or re-convert it")
+                done += n
+
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Write tensors to `path` atomically and durably (a temporary file in the same folder, fsynced, then

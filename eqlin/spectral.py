@@ -38,10 +38,10 @@ import numpy as np
 from eqlin import display
 from eqlin.checks import check_int
 from eqlin.config import ModelConfig
-from eqlin.decoder import embed
+from eqlin.decoder import VOCAB_CHUNK, embed
 from eqlin.errors import InputError
 from eqlin.lanczos import Method, matrix_free_svd
-from eqlin.linear_maps import Linearization, relative_error, target_constant, target_map
+from eqlin.linear_maps import Linearization, relative_error, target_constant, target_fn, target_map
 from eqlin.model import Model
 from eqlin.params import Params, widen
 from eqlin.progress import steps as steps_bar
@@ -321,12 +321,16 @@ def _scores(table: Array, vectors: Array, space: str) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("space", "top"))
-def _summarise(table: Array, vectors: Array, target: Array, *, space: str, top: int | None) -> tuple[Array, ...]:
-    """(scores or top-k values and ids, target score, target rank, log-partition) for one batch; with
-    `top` None the scores themselves come back for a selection on the host (XLA's CPU TopK sorts the
-    whole vocabulary, far slower than a partial selection)."""
-    scores = _scores(table, vectors, space)
-    target_score = scores[:, target]
+def _summarise(rows: Array, vectors: Array, target: Array, target_score: Array, *, space: str, top: int | None
+               ) -> tuple[Array, ...]:
+    """Scores of vectors (N, d) against one chunk of table rows (C, d), summarised: (scores (N, C), or with
+    `top` the chunk's top-k values and indices; the target's score (N,); how many scores exceed it (N,);
+    logsumexp (N,)). The target's score is read from these scores where `target` (an index into the
+    chunk, or −1) is in the chunk, else `target_score` is given. With `top` None the scores themselves come
+    back for a selection on the host (XLA's CPU TopK sorts the whole row, far slower than a partial
+    selection)."""
+    scores = _scores(rows, vectors, space)
+    target_score = jnp.where(target >= 0, scores[:, jnp.maximum(target, 0)], target_score)
     stats = (target_score, (scores > target_score[:, None]).sum(-1), jax.scipy.special.logsumexp(scores, axis=-1))
     return ((scores,) if top is None else tuple(jax.lax.top_k(scores, top))) + stats
 
@@ -342,19 +346,41 @@ def top_of_rows(scores: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(scores, ids, axis=-1), ids
 
 
-def score_summary(model: Model, vectors: Array, space: Literal["output", "input"], top: int, target: int = 0
-                  ) -> ScoreSummary:
+def score_summary(model: Model, vectors: Array, space: Literal["output", "input"], top: int, target: int = 0, *,
+                  chunk: int = VOCAB_CHUNK) -> ScoreSummary:
     """`ScoreSummary` of vectors (N, d) through the unembedding (output space) or by cosines with the
-    input embeddings (input space), in batches of at most `_SCORE_BYTES` of scores. The best tokens are
-    selected on the device (`lax.top_k`) on accelerators, on the host on CPUs."""
+    input embeddings (input space).
+
+    The stored table is widened `chunk` rows at a time (never whole: 3 GiB at Llama-3.2-3B's
+    vocabulary in float64), the chunk holding the target first, for batches of vectors whose scores against
+    one chunk take at most `_SCORE_BYTES`. Each chunk's best tokens (selected on the device with
+    `lax.top_k` on accelerators, on the host on CPUs) are merged by score, ties by lower id; the counts
+    above the target add up; the chunks' log-partitions combine as m + log Σ_c exp(lse_c − m), m their
+    maximum: equal to one logsumexp over the vocabulary to float64 rounding, not bit for bit."""
     table = model.params.unembedding if space == "output" else model.params.embed
     on_cpu = next(iter(jax.tree_util.tree_leaves(table)[0].devices())).platform == "cpu"  # a QuantizedTensor too
-    batch = max(1, _SCORE_BYTES // (table.shape[0] * model.dtype.itemsize))
+    vocab = table.shape[0]
+    first = target // chunk * chunk
+    starts = [first] + [s for s in range(0, vocab, chunk) if s != first]
+    batch = max(1, _SCORE_BYTES // (min(vocab, chunk) * model.dtype.itemsize))
     vectors, parts = vectors.astype(model.dtype), []
-    for start in range(0, vectors.shape[0], batch):
-        out = [np.asarray(a) for a in _summarise(table, vectors[start:start + batch], jnp.asarray(target),
-                                                 space=space, top=None if on_cpu else top)]
-        parts.append((*top_of_rows(out[0], top), *out[1:]) if on_cpu else out)
+    for b in range(0, vectors.shape[0], batch):
+        v = vectors[b:b + batch]
+        target_score, best, above, lse = jnp.zeros(v.shape[0], v.dtype), [], 0, []
+        for start in starts:
+            rows = table if len(starts) == 1 else table[start:start + chunk]  # one chunk copied at a time
+            local = target - start if start == first else -1
+            k = min(top, rows.shape[0])
+            out = _summarise(rows, v, jnp.asarray(local), target_score, space=space, top=None if on_cpu else k)
+            values, ids = top_of_rows(np.asarray(out[0]), k) if on_cpu else (np.asarray(out[0]), np.asarray(out[1]))
+            best.append((values, ids + start))
+            target_score, above, lse = out[-3], above + np.asarray(out[-2]), lse + [np.asarray(out[-1])]
+        order = np.argsort(starts)  # the chunks' candidates in id order: ties between chunks go to lower ids
+        values, picked = top_of_rows(np.concatenate([best[i][0] for i in order], axis=-1), top)
+        ids = np.take_along_axis(np.concatenate([best[i][1] for i in order], axis=-1), picked, axis=-1)
+        lse = np.stack(lse, axis=-1)
+        m = lse.max(-1)
+        parts.append((values, ids, np.asarray(target_score), above, m + np.log(np.exp(lse - m[:, None]).sum(-1))))
     return ScoreSummary(*(np.concatenate(column) for column in zip(*parts)))
 
 
@@ -396,14 +422,42 @@ def norm_analysis(model: Model, lin: Linearization, count: int = 5, top: int = 5
 # Matrix-free top singular triplets of a model's map.
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layer", "part", "scope", "detach"))
+_MAP_STATIC = ("config", "layer", "part", "scope", "detach")
+
+
+@functools.partial(jax.jit, static_argnames=_MAP_STATIC)
+def _map_input(params: Params, config: ModelConfig, x: Array, *, layer: int | None, part: Part, scope: Scope,
+               detach: bool) -> Array:
+    """The input (T, d) of the map selected by (layer, part, scope) for input embeddings x."""
+    return target_map(params, config, x, layer, part, scope, detach)[1]
+
+
+@functools.partial(jax.jit, static_argnames=_MAP_STATIC)
+def _map_apply(params: Params, config: ModelConfig, v: Array, *, layer: int | None, part: Part, scope: Scope,
+               detach: bool) -> Array:
+    """The selected map f at its input v (T, d): (d,)."""
+    return target_fn(params, config, v.shape[0], layer, part, scope, detach)(v)
+
+
+@functools.partial(jax.jit, static_argnames=_MAP_STATIC)
+def _map_error(params: Params, config: ModelConfig, v: Array, y: Array, jvp: Callable[[Array], Array], *,
+               layer: int | None, part: Part, scope: Scope, detach: bool) -> Array:
+    """‖y − (J v + c)‖ / ‖y‖ of the selected map at its input v, output y."""
+    return relative_error(y, jvp(v) + target_constant(params, config, v, y, layer, part, scope, detach))
+
+
 def _map_jvp(params: Params, config: ModelConfig, x: Array, *, layer: int | None, part: Part, scope: Scope,
              detach: bool) -> tuple[Array, Callable[[Array], Array], Array, Array]:
-    """(y, v ↦ J v, the map's input, ‖y − (J x + c)‖ / ‖y‖) for the map selected by (layer, part, scope)."""
-    f, x_in = target_map(params, config, x, layer, part, scope, detach)
-    y, jvp = jax.linearize(f, x_in)
-    c = target_constant(params, config, x_in, y, layer, part, scope, detach)
-    return y, jvp, x_in, relative_error(y, jvp(x_in) + c)
+    """(y, v ↦ J v, the map's input, ‖y − (J x + c)‖ / ‖y‖) for the map selected by (layer, part, scope).
+
+    `jax.linearize` runs outside jit, around the jitted map (`_map_apply`, the weights its argument): the
+    linearization then holds the weight leaves it needs as the very buffers of `params` (a jit's partial
+    evaluation forwards an input that is a residual), where a jit returning the linearization would return
+    copies of them (every jit output is a new buffer): at Llama-3.2-3B's shapes 3.5 GB of stored weights."""
+    where = dict(layer=layer, part=part, scope=scope, detach=detach)
+    v = _map_input(params, config, x, **where)
+    y, jvp = jax.linearize(lambda v: _map_apply(params, config, v, **where), v)
+    return y, jvp, v, _map_error(params, config, v, y, jvp, **where)
 
 
 def top_singular(model: Model, inputs, k: int, *, layer: int | None = None, part: Part = "residual",

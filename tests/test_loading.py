@@ -25,6 +25,7 @@ from jax.sharding import AxisType
 
 import eqlin
 from eqlin.convert import convert
+from eqlin.loading import HOST_ALIGNMENT, aligned_empty, place
 from eqlin.memory import format_bytes
 from eqlin.model import checkpoint_identity, count_parameters, read_config
 from eqlin.params import widen
@@ -92,6 +93,16 @@ def test_stored_weights_give_the_float64_maps_bit_for_bit(tmp_path, variant, sto
         np.testing.assert_array_equal(a.jacobian, b.jacobian)
         np.testing.assert_array_equal(a.relative_error, b.relative_error)
         assert float(a.relative_error) <= 1e-14
+
+
+def test_a_host_array_from_aligned_empty_is_placed_without_a_copy():
+    """The load holds each weight once: a CPU device adopts an `aligned_empty` array (JAX's zero-copy rule,
+    which numpy's own 16-byte-aligned arrays miss)."""
+    host = aligned_empty((3, 40, 24), np.dtype(np.uint16))
+    host[...] = np.arange(host.size).reshape(host.shape)
+    placed = place(host, None)
+    assert host.ctypes.data % HOST_ALIGNMENT == 0 and placed.unsafe_buffer_pointer() == host.ctypes.data
+    np.testing.assert_array_equal(placed, host)
 
 
 def test_bf16_checkpoint_is_widened_exactly(tmp_path, loaded):

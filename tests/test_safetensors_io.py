@@ -121,3 +121,9 @@ def test_round_trip_with_an_empty_tensor_and_no_debris(tmp_path):
     np.testing.assert_array_equal(f.read("w"), tensors["w"])
     assert f.read("empty").shape == (0, 4)
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    into = np.full((2, 3), 7, np.uint32)  # read_into: plain reads into an array of the same item size
+    f.read_into("w", into)
+    np.testing.assert_array_equal(into.view(np.float32), tensors["w"])
+    f.read_into("empty", np.zeros((0, 4), np.float32))
+    with pytest.raises(ValueError, match=r"'w' is float32 \(2, 3\), got an array float64 \(2, 3\)"):
+        f.read_into("w", np.zeros((2, 3)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,9 +19,11 @@ import eqlin
 from eqlin.linear_maps import Linearization, detached_jacobian
 from eqlin.params import widen
 from eqlin.spectral import (
+    _map_jvp,
     decode_spectrum,
     effective_dimension,
     norm_analysis,
+    score_summary,
     spectrum,
     top_singular,
 )
@@ -141,6 +144,35 @@ def test_decoding_a_rank_one_map_returns_its_tokens_and_sign_alignment_flips_bac
     assert np.all(flipped.left_tokens.ids[..., 0, 0] == anti) and anti != j
 
 
+@pytest.mark.parametrize("space", ["output", "input"])
+def test_score_summary_over_vocabulary_chunks_is_numpys_over_the_whole_table(space, model):
+    """Chunks of 7 and 64 rows (the target in a later chunk than the first) give the ids and target rank of
+    one chunk holding the whole vocabulary, the scores bit for bit in output space (cosines, whose row
+    norms XLA sums per chunk, and the log-partition to float64 rounding); all equal NumPy's over the whole
+    table (cosines with the embeddings in input space)."""
+    table = np.asarray(widen(model.params.unembedding if space == "output" else model.params.embed, jnp.float64))
+    vectors = np.random.default_rng(0).standard_normal((5, table.shape[1]))
+    target, top = table.shape[0] - 10, 4
+    whole = score_summary(model, jnp.asarray(vectors), space, top, target, chunk=table.shape[0])
+    scores = vectors @ table.T
+    if space == "input":
+        scores /= np.linalg.norm(vectors, axis=1)[:, None] * np.linalg.norm(table, axis=1)[None]
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+    np.testing.assert_array_equal(whole.ids, ids)
+    np.testing.assert_allclose(whole.values, np.take_along_axis(scores, ids, axis=1), rtol=1e-13)
+    np.testing.assert_array_equal(whole.target_rank, (scores > scores[:, target:target + 1]).sum(1))
+    lse = np.log(np.exp(scores - scores.max(1, keepdims=True)).sum(1)) + scores.max(1)
+    np.testing.assert_allclose(whole.log_partition, lse, rtol=1e-14)
+    for chunk in (7, 64):
+        part = score_summary(model, jnp.asarray(vectors), space, top, target, chunk=chunk)
+        np.testing.assert_array_equal(part.ids, whole.ids)
+        np.testing.assert_array_equal(part.target_rank, whole.target_rank)
+        exact = 0 if space == "output" else 1e-15
+        for field in ("values", "target_score", "log_partition"):
+            np.testing.assert_allclose(getattr(part, field), getattr(whole, field), rtol=exact if field != "log_partition"
+                                       else 1e-15, atol=0, err_msg=f"{field}, chunk {chunk}")
+
+
 def test_norm_analysis_finds_and_decodes_the_largest_column_and_row(model):
     j, u, i, v = _known_tokens(model)
     d, c, r = model.config.hidden_size, 5, 11
@@ -199,6 +231,23 @@ def test_spectra_survive_a_json_round_trip(model, lin):
     assert isinstance(data["left_tokens"]["tokens"][0][0][0], str)
     assert set(data["effective_dimension"]) == {"stable_rank", "participation_ratio", "rank_90", "rank_99"}
     assert len(data["effective_dimension"]["rank_90"]) == T
+
+
+def test_the_matrix_free_linearization_holds_the_models_weights_not_copies(model):
+    """The residuals shaped like a weight stack are the model's own buffers (a jit returning the
+    linearization would return copies), and none is one layer's matrix sliced out of a stack."""
+    x = model.embed(model.encode(TEXT))
+    _, jvp, _, _ = _map_jvp(model.params, model.config, x, layer=None, part="residual", scope="cumulative",
+                            detach=True)
+    leaves = jax.tree_util.tree_leaves(model.params.layers)
+    stacks = {(a.shape, a.dtype) for a in leaves}
+    buffers = {a.unsafe_buffer_pointer() for a in leaves}
+    matrices = {(a.shape[1:], a.dtype) for a in leaves if a.ndim == 3}
+    residuals = jax.tree_util.tree_leaves(jvp)
+    held = [r for r in residuals if (r.shape, r.dtype) in stacks]
+    assert len(held) >= 4  # v, o, up, down at least
+    assert all(r.unsafe_buffer_pointer() in buffers for r in held)
+    assert not [r.shape for r in residuals if (r.shape, r.dtype) in matrices]
 
 
 def test_top_singular_at_moderate_length_reports_progress_and_matches_dense(model):
