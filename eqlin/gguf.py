@@ -533,10 +533,10 @@ def read_quantized(path: Path, dtype: np.dtype, memory_limit: int | None = None
     meta = _metadata(reader, path)
     arch, hf_config, config, fields, quantized = _quantized_plan(reader, meta, path)
     need = sum(_held_bytes(ts, quantized[f], dtype) for f, ts in fields.items())
-    need += widened_layer_bytes(config, np.dtype(dtype).itemsize)
+    need += widened_layer_bytes(config, np.dtype(dtype).itemsize, 1)
     if need > (capacity := device_capacity_bytes(memory_limit)):
         raise MemoryBudgetError(f"loading {path} in {np.dtype(dtype).name} (weights='quantized') needs about "
-                                f"{format_bytes(need)} (the quantized weights and three widened layers), more than "
+                                f"{format_bytes(need)} (the quantized weights and one widened layer), more than "
                                 f"the {format_bytes(capacity)} one device holds; nothing was read. Use "
                                 "dtype='float32' or a device with more memory (memory_limit sets the capacity)")
     try:

@@ -373,7 +373,7 @@ def check_load_fits(files: dict[str, SafetensorsFile], expected: Mapping[str, Ex
     capacity = device_capacity_bytes(limit)
 
     def need(dt: jnp.dtype, how: str) -> int:
-        return held_bytes(files, expected, dt, how) // n_model + widened_layer_bytes(config, np.dtype(dt).itemsize)
+        return held_bytes(files, expected, dt, how) // n_model + widened_layer_bytes(config, np.dtype(dt).itemsize, 1)
 
     if need(dtype, weights) <= capacity:
         return
@@ -382,14 +382,14 @@ def check_load_fits(files: dict[str, SafetensorsFile], expected: Mapping[str, Ex
         fixes.append(f'weights="stored" ({format_bytes(need(dtype, "stored"))})')
     if np.dtype(dtype) == np.float64 and need(jnp.float32, "stored") <= capacity:
         fixes.append(f'dtype="float32" ({format_bytes(need(jnp.float32, "stored"))}; maps rounded to float32)')
-    room = capacity - widened_layer_bytes(config, np.dtype(dtype).itemsize)
+    room = capacity - widened_layer_bytes(config, np.dtype(dtype).itemsize, 1)
     if room > 0:
         n = -(-held_bytes(files, expected, dtype, weights) // room)
         fixes.append(f"a mesh of {n} or more devices (mesh=eqlin.device_mesh(model={n}))")
     split = f" split {n_model} ways" if n_model > 1 else ""
     raise MemoryBudgetError(
         f"loading {folder} in {np.dtype(dtype).name} (weights={weights!r}) needs about "
-        f"{format_bytes(need(dtype, weights))} per device (the weights{split} and three widened layers), more "
+        f"{format_bytes(need(dtype, weights))} per device (the weights{split} and one widened layer), more "
         f"than the {format_bytes(capacity)} one device holds; nothing was read. Use "
         + (" or ".join(fixes) if fixes else "a device with more memory") + " (memory_limit sets the capacity)")
 

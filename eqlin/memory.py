@@ -127,12 +127,13 @@ def layer_matrix_elems(config: ModelConfig) -> int:
     return d * (2 * config.q_size + 2 * config.kv_size) + (3 if config.gated_mlp else 2) * d * F
 
 
-def widened_layer_bytes(config: ModelConfig, itemsize: int) -> int:
-    """Bytes of the weights widened to the compute dtype while a computation runs: three layers' matrices
-    (the scanned body's forward and backward passes and a last layer run alone; `eqlin.params.widen`).
-    Measured with `compiled.memory_analysis()` at Llama-3.2-3B's shapes, T = 64: temporaries of 1.50 GiB
-    (forward) and 2.10 GiB (vjp), one float64 layer being 0.75 GiB."""
-    return 3 * layer_matrix_elems(config) * itemsize
+def widened_layer_bytes(config: ModelConfig, itemsize: int, layers: int = 3) -> int:
+    """Bytes of `layers` layers' matrices widened to the compute dtype (`eqlin.params.widen`). A computation
+    is charged three (the scanned body's forward and backward passes and a last layer run alone: measured
+    with `compiled.memory_analysis()` at Llama-3.2-3B's shapes, T = 64, temporaries of 1.50 GiB (forward)
+    and 2.10 GiB (vjp), one float64 layer being 0.75 GiB); a load one, the least any computation needs
+    (what it computes is planned when it runs)."""
+    return layers * layer_matrix_elems(config) * itemsize
 
 
 def frozen_elems(config: ModelConfig, length: int) -> int:

@@ -123,8 +123,8 @@ def test_a_load_that_cannot_fit_is_refused_before_reading_naming_what_fits(tmp_p
 
     folder = make_checkpoint(tmp_path / "bf16", "llama_gqa", torch_dtype=torch.bfloat16)
     config = eqlin.load(folder).config
-    stored = _nbytes(eqlin.load(folder)) + widened_layer_bytes(config, 8)
-    cast = _nbytes(eqlin.load(folder, weights="cast")) + widened_layer_bytes(config, 8)
+    stored = _nbytes(eqlin.load(folder)) + widened_layer_bytes(config, 8, 1)
+    cast = _nbytes(eqlin.load(folder, weights="cast")) + widened_layer_bytes(config, 8, 1)
 
     def no_reads(*args):
         raise AssertionError("a weight was read")
