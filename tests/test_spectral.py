@@ -147,8 +147,8 @@ def test_decoding_a_rank_one_map_returns_its_tokens_and_sign_alignment_flips_bac
 @pytest.mark.parametrize("space", ["output", "input"])
 def test_score_summary_over_vocabulary_chunks_is_numpys_over_the_whole_table(space, model):
     """Chunks of 7 and 64 rows (the target in a later chunk than the first) give the ids and target rank of
-    one chunk holding the whole vocabulary, the scores bit for bit in output space (cosines, whose row
-    norms XLA sums per chunk, and the log-partition to float64 rounding); all equal NumPy's over the whole
+    one chunk holding the whole vocabulary, the scores bit for bit in output space on JAX 0.10 (cosines,
+    whose row norms XLA sums per chunk, and the log-partition to float64 rounding); all equal NumPy's over the whole
     table (cosines with the embeddings in input space)."""
     table = np.asarray(widen(model.params.unembedding if space == "output" else model.params.embed, jnp.float64))
     vectors = np.random.default_rng(0).standard_normal((5, table.shape[1]))
@@ -167,7 +167,9 @@ def test_score_summary_over_vocabulary_chunks_is_numpys_over_the_whole_table(spa
         part = score_summary(model, jnp.asarray(vectors), space, top, target, chunk=chunk)
         np.testing.assert_array_equal(part.ids, whole.ids)
         np.testing.assert_array_equal(part.target_rank, whole.target_rank)
-        exact = 0 if space == "output" else 1e-15
+        # Output space: bit for bit on JAX 0.10; the 0.8 floor's XLA blocks a chunk's dot product differently
+        # (a last-bit difference, measured). Cosines: the row norms are summed per chunk.
+        exact = 0 if space == "output" and jax.__version_info__ >= (0, 10) else 1e-14
         for field in ("values", "target_score", "log_partition"):
             np.testing.assert_allclose(getattr(part, field), getattr(whole, field), rtol=exact if field != "log_partition"
                                        else 1e-15, atol=0, err_msg=f"{field}, chunk {chunk}")
