@@ -197,8 +197,13 @@ class Plan:
 
 def duration_text(seconds: float) -> str:
     """seconds as s, min or h, whichever reads best."""
-    return (f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200
-            else f"{seconds / 3600:.1f} h")
+    if seconds < 10:
+        return f"{seconds:.2g} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def plan_analysis(model: Model, length: int, *, k: int, analysis: str = "auto", memory_limit: int | None = None,
